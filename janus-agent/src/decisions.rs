@@ -1,0 +1,109 @@
+//! The decision log: one line per decision on stdout, written by its own thread after the
+//! kernel has its answer. On a node stdout is a file the kubelet writes, so the answering
+//! thread only hands lines over and never waits for them.
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use janus_api::logformat::Specifier;
+use janus_api::{Event, GuardPolicy, LogRecord, Verdict};
+use prometheus::IntCounter;
+
+use crate::resolve;
+
+/// Lines waiting to be written before new ones are dropped and counted.
+const BACKLOG: usize = 64 * 1024;
+
+/// What every line of one guard on one target shares.
+pub struct LogContext {
+    pub guard: Arc<GuardPolicy>,
+    pub pod: String,
+    pub node: String,
+}
+
+pub struct Entry {
+    pub ctx: Arc<LogContext>,
+    pub verdict: Verdict,
+    pub event: Event,
+    pub path: Vec<u8>,
+    pub is_dir: bool,
+    /// Index of the deciding subject, for its tags; `None` for internal errors.
+    pub subject: Option<usize>,
+    pub pid: i32,
+}
+
+#[derive(Clone)]
+pub struct LogSender {
+    tx: SyncSender<Entry>,
+    dropped: IntCounter,
+}
+
+impl LogSender {
+    pub fn send(&self, entry: Entry) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(entry)
+        {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// Starts the writer; it ends once every [`LogSender`] is gone and the backlog is written.
+pub fn start(out: Box<dyn Write + Send>, dropped: IntCounter) -> (LogSender, JoinHandle<()>) {
+    let (tx, rx) = sync_channel(BACKLOG);
+    let writer = std::thread::Builder::new()
+        .name("decision-log".into())
+        .spawn(move || write_loop(rx, out))
+        .expect("spawning the log thread");
+    (LogSender { tx, dropped }, writer)
+}
+
+fn write_loop(rx: Receiver<Entry>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut line = String::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(e) = next {
+            line.clear();
+            render(&e, &mut line);
+            line.push('\n');
+            if out.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        // Flushed whenever the backlog is empty: lines appear promptly, written in batches.
+        if out.flush().is_err() {
+            return;
+        }
+    }
+}
+
+fn render(e: &Entry, out: &mut String) {
+    let template = &e.ctx.guard.log_format;
+    let comm = if template.uses(Specifier::Comm) {
+        resolve::comm(e.pid)
+    } else {
+        Vec::new()
+    };
+    let tags = e
+        .subject
+        .and_then(|i| e.ctx.guard.subjects.get(i))
+        .map_or("", |s| s.tags.as_str());
+    template.render(
+        &LogRecord {
+            pod: &e.ctx.pod,
+            node: &e.ctx.node,
+            guard: &e.ctx.guard.name,
+            verdict: e.verdict,
+            event: e.event,
+            path: &e.path,
+            is_dir: e.is_dir,
+            tags,
+            pid: e.pid,
+            comm: &comm,
+        },
+        out,
+    );
+}

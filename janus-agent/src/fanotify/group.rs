@@ -1,0 +1,352 @@
+//! fanotify groups through `nix::sys::fanotify` (typed flags), with our own event reader:
+//! nix's reader allocates per call and hides the info records that directory events carry,
+//! and `fanotify-rs` turns paths into `String`s, which panics on names that are not UTF-8.
+
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::fanotify::{
+    EventFFlags, Fanotify, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response,
+};
+
+use janus_api::{Event, EventSet};
+
+/// The size we read events in; one read then takes up to ~2,700 permission events.
+pub const READ_BUFFER: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FanotifyError {
+    #[error(
+        "fanotify permission events need CAP_SYS_ADMIN in the initial user namespace \
+         (a rootless node cannot run the fanotify backend): fanotify_init: {0}"
+    )]
+    NotPermitted(nix::Error),
+    #[error("fanotify_init: {0}")]
+    Init(nix::Error),
+    #[error("fanotify_mark: {0}")]
+    Mark(nix::Error),
+}
+
+/// Maps guard events to the permission-event mask that enforces them. `modify` has no
+/// fanotify equivalent and is left out; callers report it.
+pub fn perm_mask(events: EventSet) -> MaskFlags {
+    let mut mask = MaskFlags::empty();
+    if events.contains(Event::Open) {
+        mask |= MaskFlags::FAN_OPEN_PERM;
+    }
+    if events.contains(Event::Access) {
+        mask |= MaskFlags::FAN_ACCESS_PERM;
+    }
+    if events.contains(Event::Exec) {
+        mask |= MaskFlags::FAN_OPEN_EXEC_PERM;
+    }
+    mask
+}
+
+/// The guard event a permission event answers, if it is one.
+pub fn event_of(mask: u64) -> Option<Event> {
+    let mask = MaskFlags::from_bits_truncate(mask);
+    if mask.contains(MaskFlags::FAN_OPEN_EXEC_PERM) {
+        Some(Event::Exec)
+    } else if mask.contains(MaskFlags::FAN_OPEN_PERM) {
+        Some(Event::Open)
+    } else if mask.contains(MaskFlags::FAN_ACCESS_PERM) {
+        Some(Event::Access)
+    } else {
+        None
+    }
+}
+
+/// A group that receives permission events and answers them.
+pub struct PermGroup {
+    fan: Fanotify,
+    audit: bool,
+}
+
+impl PermGroup {
+    pub fn new() -> Result<PermGroup, FanotifyError> {
+        // An unlimited queue: a full bounded queue would drop events, and the kernel allows
+        // what it drops. O_NONBLOCK on event fds: the kernel opening a FIFO for us must not
+        // wait for a writer.
+        let flags = InitFlags::FAN_CLASS_CONTENT
+            | InitFlags::FAN_CLOEXEC
+            | InitFlags::FAN_NONBLOCK
+            | InitFlags::FAN_UNLIMITED_QUEUE
+            | InitFlags::FAN_UNLIMITED_MARKS;
+        let fd_flags = EventFFlags::O_RDONLY
+            | EventFFlags::O_LARGEFILE
+            | EventFFlags::O_CLOEXEC
+            | EventFFlags::O_NONBLOCK;
+        // FAN_ENABLE_AUDIT needs CAP_AUDIT_WRITE; without it guards still work, unaudited.
+        match Fanotify::init(
+            flags | InitFlags::from_bits_retain(libc::FAN_ENABLE_AUDIT),
+            fd_flags,
+        ) {
+            Ok(fan) => Ok(PermGroup { fan, audit: true }),
+            Err(nix::Error::EPERM | nix::Error::EINVAL) => Fanotify::init(flags, fd_flags)
+                .map(|fan| PermGroup { fan, audit: false })
+                .map_err(init_error),
+            Err(e) => Err(init_error(e)),
+        }
+    }
+
+    pub fn audit_enabled(&self) -> bool {
+        self.audit
+    }
+
+    /// Marks `fd`'s inode; a directory mask also covers its direct children.
+    pub fn mark(
+        &self,
+        fd: BorrowedFd<'_>,
+        mask: MaskFlags,
+        dir: bool,
+    ) -> Result<(), FanotifyError> {
+        let (mask, flags) = if dir {
+            (
+                mask | MaskFlags::FAN_EVENT_ON_CHILD | MaskFlags::FAN_ONDIR,
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_ONLYDIR,
+            )
+        } else {
+            (mask, MarkFlags::FAN_MARK_ADD)
+        };
+        self.fan
+            .mark(flags, mask, fd, None::<&std::path::Path>)
+            .map_err(FanotifyError::Mark)
+    }
+
+    pub fn read<'b>(&self, buf: &'b mut AlignedBuf) -> io::Result<EventIter<'b>> {
+        read_into(self.fan.as_fd(), buf)
+    }
+
+    /// Answers one event. Called before anything that could block.
+    pub fn respond(&self, fd: BorrowedFd<'_>, allow: bool, audit: bool) -> nix::Result<()> {
+        let mut bits = if allow {
+            libc::FAN_ALLOW
+        } else {
+            libc::FAN_DENY
+        };
+        if audit && self.audit {
+            bits |= libc::FAN_AUDIT;
+        }
+        self.fan
+            .write_response(FanotifyResponse::new(fd, Response::from_bits_retain(bits)))
+    }
+}
+
+impl AsFd for PermGroup {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fan.as_fd()
+    }
+}
+
+fn init_error(e: nix::Error) -> FanotifyError {
+    if e == nix::Error::EPERM {
+        FanotifyError::NotPermitted(e)
+    } else {
+        FanotifyError::Init(e)
+    }
+}
+
+/// A group that reports directory entries created or moved in, so that new directories
+/// under a guarded one are marked too (FAN_EVENT_ON_CHILD reaches one level only).
+pub struct CreateGroup {
+    fan: Fanotify,
+}
+
+impl CreateGroup {
+    pub fn new() -> Result<CreateGroup, FanotifyError> {
+        let fan = Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF
+                | InitFlags::from_bits_retain(libc::FAN_REPORT_DFID_NAME)
+                | InitFlags::FAN_CLOEXEC
+                | InitFlags::FAN_NONBLOCK
+                | InitFlags::FAN_UNLIMITED_QUEUE
+                | InitFlags::FAN_UNLIMITED_MARKS,
+            EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC,
+        )
+        .map_err(init_error)?;
+        Ok(CreateGroup { fan })
+    }
+
+    pub fn watch(&self, dir: BorrowedFd<'_>) -> Result<(), FanotifyError> {
+        self.fan
+            .mark(
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_ONLYDIR,
+                MaskFlags::FAN_CREATE | MaskFlags::FAN_MOVED_TO | MaskFlags::FAN_ONDIR,
+                dir,
+                None::<&std::path::Path>,
+            )
+            .map_err(FanotifyError::Mark)
+    }
+
+    pub fn read<'b>(&self, buf: &'b mut AlignedBuf) -> io::Result<EventIter<'b>> {
+        read_into(self.fan.as_fd(), buf)
+    }
+}
+
+impl AsFd for CreateGroup {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fan.as_fd()
+    }
+}
+
+/// A read buffer aligned for `fanotify_event_metadata`.
+#[repr(C, align(8))]
+pub struct AlignedBuf(pub [u8; READ_BUFFER]);
+
+impl AlignedBuf {
+    pub fn boxed() -> Box<AlignedBuf> {
+        Box::new(AlignedBuf([0; READ_BUFFER]))
+    }
+}
+
+fn read_into<'b>(fd: BorrowedFd<'_>, buf: &'b mut AlignedBuf) -> io::Result<EventIter<'b>> {
+    // SAFETY: reading into a buffer we own, of the length we pass.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.0.as_mut_ptr().cast(), buf.0.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(EventIter {
+        buf: &buf.0[..n as usize],
+    })
+}
+
+/// One event. Its file descriptor, if any, is owned and closed on drop, whatever happens.
+pub struct RawEvent<'b> {
+    pub mask: u64,
+    pub pid: i32,
+    pub fd: Option<OwnedFd>,
+    /// The info records after the metadata (directory events carry a handle and name).
+    pub info: &'b [u8],
+}
+
+impl RawEvent<'_> {
+    pub fn is_overflow(&self) -> bool {
+        self.mask & libc::FAN_Q_OVERFLOW != 0
+    }
+
+    /// For a FAN_REPORT_DFID_NAME event: the parent directory's handle and the entry name.
+    pub fn dir_entry(&self) -> Option<(HandleKey, &[u8])> {
+        const HEADER: usize = 4; // info_type, pad, len
+        const FSID: usize = 8;
+        const FH_HEAD: usize = 8; // handle_bytes, handle_type
+        let info = self.info;
+        let info_type = *info.first()?;
+        let len = u16::from_ne_bytes([*info.get(2)?, *info.get(3)?]) as usize;
+        if info_type != libc::FAN_EVENT_INFO_TYPE_DFID_NAME || len > info.len() {
+            return None;
+        }
+        let rec = &info[..len];
+        let fsid = rec.get(HEADER..HEADER + FSID)?;
+        let fh = rec.get(HEADER + FSID..)?;
+        let handle_bytes = u32::from_ne_bytes(fh.get(0..4)?.try_into().ok()?) as usize;
+        let handle_type = i32::from_ne_bytes(fh.get(4..8)?.try_into().ok()?);
+        let handle = fh.get(FH_HEAD..FH_HEAD + handle_bytes)?;
+        let name = fh.get(FH_HEAD + handle_bytes..)?;
+        let name = &name[..name.iter().position(|b| *b == 0)?];
+        Some((
+            HandleKey {
+                fsid: fsid.try_into().ok()?,
+                handle_type,
+                handle: handle.to_vec(),
+            },
+            name,
+        ))
+    }
+}
+
+/// Events in one read, parsed without copying.
+pub struct EventIter<'b> {
+    buf: &'b [u8],
+}
+
+impl<'b> Iterator for EventIter<'b> {
+    type Item = RawEvent<'b>;
+
+    fn next(&mut self) -> Option<RawEvent<'b>> {
+        const META: usize = size_of::<libc::fanotify_event_metadata>();
+        if self.buf.len() < META {
+            return None;
+        }
+        // SAFETY: at least META bytes remain; the struct is plain data, read unaligned.
+        let meta: libc::fanotify_event_metadata =
+            unsafe { std::ptr::read_unaligned(self.buf.as_ptr().cast()) };
+        let len = (meta.event_len as usize).clamp(META, self.buf.len());
+        let info = &self.buf[(meta.metadata_len as usize).clamp(META, len)..len];
+        self.buf = &self.buf[len..];
+        let fd = (meta.fd >= 0).then(|| {
+            // SAFETY: the kernel installed this descriptor for us; nobody else owns it.
+            unsafe { OwnedFd::from_raw_fd(meta.fd as RawFd) }
+        });
+        Some(RawEvent {
+            mask: meta.mask,
+            pid: meta.pid,
+            fd,
+            info,
+        })
+    }
+}
+
+impl Drop for EventIter<'_> {
+    // Closes the descriptors of events nobody took, e.g. when answering stopped early.
+    fn drop(&mut self) {
+        for _ in self.by_ref() {}
+    }
+}
+
+/// Identifies a directory by file handle, as fanotify reports parents.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HandleKey {
+    pub fsid: [u8; 8],
+    pub handle_type: i32,
+    pub handle: Vec<u8>,
+}
+
+impl HandleKey {
+    /// The handle fanotify uses for `fd`'s inode (AT_HANDLE_FID: need not be decodable,
+    /// which overlayfs handles usually are not).
+    pub fn of(fd: BorrowedFd<'_>) -> io::Result<HandleKey> {
+        const MAX_HANDLE: usize = 128;
+        const AT_HANDLE_FID: libc::c_int = 0x200;
+        #[repr(C)]
+        struct Fh {
+            handle_bytes: u32,
+            handle_type: i32,
+            f_handle: [u8; MAX_HANDLE],
+        }
+        let mut fh = Fh {
+            handle_bytes: MAX_HANDLE as u32,
+            handle_type: 0,
+            f_handle: [0; MAX_HANDLE],
+        };
+        let mut mount_id: libc::c_int = 0;
+        // SAFETY: fh is large enough for the size we announce; the path is a C string.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_name_to_handle_at,
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                &mut fh as *mut Fh,
+                &mut mount_id as *mut libc::c_int,
+                libc::AT_EMPTY_PATH | AT_HANDLE_FID,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: statfs is plain data the kernel fills in.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid descriptor and a buffer of the right type.
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fsid_t is `struct { int val[2]; }`, 8 bytes, as fanotify reports it.
+        let fsid_bytes: [u8; 8] = unsafe { std::mem::transmute(st.f_fsid) };
+        Ok(HandleKey {
+            fsid: fsid_bytes,
+            handle_type: fh.handle_type,
+            handle: fh.f_handle[..fh.handle_bytes as usize].to_vec(),
+        })
+    }
+}

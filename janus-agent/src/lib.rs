@@ -1,0 +1,10 @@
+//! The Janus node agent: resolves a target's file system and enforces JanusGuards on it.
+
+pub mod agent;
+pub mod decisions;
+pub mod fanotify;
+pub mod http;
+pub mod metrics;
+pub mod resolve;
+pub mod standalone;
+pub mod state;

@@ -1,0 +1,57 @@
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "janus-agent",
+    version,
+    about = "Janus node agent: guards file access in containers"
+)]
+struct Cli {
+    /// Diagnostics on stderr as text or JSON. Decision lines on stdout follow each guard's logFormat.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enforce the guards in a file on the given processes until SIGINT or SIGTERM.
+    Guard(janus_agent::standalone::GuardArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("building the runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Guard(args) => janus_agent::standalone::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("janus-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

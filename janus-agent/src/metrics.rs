@@ -1,0 +1,160 @@
+//! Prometheus metrics of the agent. Handles for hot paths are resolved once per target so
+//! that counting a decision is an atomic add, not a label lookup.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use janus_api::{Event, Verdict};
+
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: IntCounterVec,
+    pub internal_errors: IntCounterVec,
+    pub overflows: IntCounterVec,
+    pub response_errors: IntCounterVec,
+    pub marks: IntGaugeVec,
+    pub targets: IntGaugeVec,
+    pub latency: HistogramVec,
+    pub log_dropped: IntCounter,
+    pub new_dirs: IntCounterVec,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let decisions = counter(
+            "janus_decisions_total",
+            "Guard decisions, by guard, namespace, response (allow|deny), event and backend.",
+            &["guard", "namespace", "response", "event", "backend"],
+        );
+        let internal_errors = counter(
+            "janus_internal_errors_total",
+            "Events answered without a full decision because of an internal error (answered deny if the guard has deny paths, else allow).",
+            &["backend", "kind"],
+        );
+        let overflows = counter(
+            "janus_queue_overflows_total",
+            "Event queue overflows reported by the kernel (group: perm|create).",
+            &["group"],
+        );
+        let response_errors = counter(
+            "janus_response_errors_total",
+            "Permission events whose answer the kernel refused: the event stays unanswered until its group closes.",
+            &["backend"],
+        );
+        let marks = gauge(
+            "janus_marks",
+            "Inodes marked, by guard and namespace.",
+            &["guard", "namespace"],
+        );
+        let targets = gauge(
+            "janus_targets",
+            "Processes guarded, by state (enforcing|exited|failed).",
+            &["state"],
+        );
+        let latency = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "janus_decision_latency_seconds",
+                    "Time from reading a permission event to answering it.",
+                )
+                .buckets(vec![
+                    1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3, 1e-2,
+                ]),
+                &["backend"],
+            )
+            .expect("valid metric"),
+        );
+        let log_dropped = register(
+            &r,
+            IntCounter::new(
+                "janus_log_lines_dropped_total",
+                "Decision log lines dropped because stdout could not keep up (answers never wait for logging).",
+            )
+            .expect("valid metric"),
+        );
+        let new_dirs = counter(
+            "janus_new_directories_total",
+            "Directories created or moved under a guarded directory and marked after the guard started.",
+            &["guard", "namespace"],
+        );
+        Metrics {
+            registry: r,
+            decisions,
+            internal_errors,
+            overflows,
+            response_errors,
+            marks,
+            targets,
+            latency,
+            log_dropped,
+            new_dirs,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding does not fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    /// The decision counters of one guard, one per (response, event).
+    pub fn decision_counters(
+        &self,
+        guard: &str,
+        namespace: &str,
+        backend: &str,
+    ) -> DecisionCounters {
+        let c = |v: Verdict, e: Event| {
+            self.decisions.with_label_values(&[
+                guard,
+                namespace,
+                v.as_lower(),
+                e.kernel_name(),
+                backend,
+            ])
+        };
+        DecisionCounters {
+            by: Event::ALL.map(|e| [c(Verdict::Allow, e), c(Verdict::Deny, e)]),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+pub struct DecisionCounters {
+    by: [[IntCounter; 2]; 4],
+}
+
+impl DecisionCounters {
+    pub fn inc(&self, verdict: Verdict, event: Event) {
+        self.by[event as usize][(verdict == Verdict::Deny) as usize].inc();
+    }
+}

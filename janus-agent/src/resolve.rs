@@ -1,0 +1,216 @@
+//! Finding a target's file system and the guarded paths in it, without ever leaving it: a
+//! symlink in a container that points at `/etc/shadow` means the container's, not the host's.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use janus_api::GuardPath;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("pid {pid}: cannot open /proc/{pid}/root: {source}")]
+    Root { pid: i32, source: io::Error },
+    #[error("pid {pid}: cannot read /proc/{pid}/stat: {source}")]
+    Stat { pid: i32, source: io::Error },
+    #[error("{path}: {source}")]
+    Path { path: GuardPath, source: io::Error },
+    #[error("{path}: resolves outside the container's root as the agent sees it")]
+    Outside { path: GuardPath },
+}
+
+/// A target process's root directory, held open.
+pub struct ContainerRoot {
+    pub pid: i32,
+    root: OwnedFd,
+    /// How the kernel renders this root in our paths: empty when the target has a mount
+    /// namespace of its own (its root then renders as `/`), else the host path of a chroot.
+    prefix: Vec<u8>,
+    /// Inode of the target's mount namespace, to tell containers apart in diagnostics.
+    pub mnt_ns: u64,
+}
+
+impl ContainerRoot {
+    pub fn open(pid: i32) -> Result<ContainerRoot, ResolveError> {
+        let root = open_path(
+            None,
+            format!("/proc/{pid}/root").as_bytes(),
+            libc::O_DIRECTORY,
+        )
+        .map_err(|source| ResolveError::Root { pid, source })?;
+        let mut prefix =
+            fd_path(root.as_fd()).map_err(|source| ResolveError::Root { pid, source })?;
+        if prefix == b"/" {
+            prefix.clear();
+        }
+        let mnt_ns = std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0);
+        Ok(ContainerRoot {
+            pid,
+            root,
+            prefix,
+            mnt_ns,
+        })
+    }
+
+    /// Opens `path` (O_PATH) inside the root; symlinks resolve as they would in the
+    /// container. Returns the descriptor and the canonical path the kernel will report.
+    pub fn resolve(&self, path: &GuardPath) -> Result<(OwnedFd, GuardPath), ResolveError> {
+        let err = |source| ResolveError::Path {
+            path: path.clone(),
+            source,
+        };
+        let rel = match path.relative() {
+            b"" => &b"."[..],
+            rel => rel,
+        };
+        let fd = openat2(
+            self.root.as_fd(),
+            rel,
+            libc::O_PATH,
+            libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        )
+        .map_err(err)?;
+        let rendered = fd_path(fd.as_fd()).map_err(err)?;
+        let canonical = self
+            .to_container(&rendered)
+            .and_then(|p| GuardPath::from_kernel(p.to_vec()))
+            .ok_or_else(|| ResolveError::Outside { path: path.clone() })?;
+        Ok((fd, canonical))
+    }
+
+    /// Turns a path as the kernel renders it to us into the path the container sees, or
+    /// `None` when it lies outside this root (a host process reaching the file another way).
+    pub fn to_container<'a>(&self, rendered: &'a [u8]) -> Option<&'a [u8]> {
+        if self.prefix.is_empty() {
+            return rendered.starts_with(b"/").then_some(rendered);
+        }
+        let rest = rendered.strip_prefix(self.prefix.as_slice())?;
+        match rest {
+            b"" => Some(b"/"),
+            r if r.starts_with(b"/") => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Reads what `/proc/self/fd/N` links to: the kernel's path for an open file.
+pub fn fd_path(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = [0u8; libc::PATH_MAX as usize * 2];
+    let n = fd_path_into(fd, &mut buf)?;
+    Ok(buf[..n].to_vec())
+}
+
+/// [`fd_path`] into a caller's buffer, allocating nothing (the answering path uses it).
+pub fn fd_path_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let mut link = [0u8; 32];
+    let link = {
+        use std::io::Write;
+        let mut w = &mut link[..];
+        write!(w, "/proc/self/fd/{}\0", fd.as_raw_fd())?;
+        let len = 32 - w.len();
+        &link[..len]
+    };
+    // SAFETY: `link` is NUL-terminated; `buf` is writable for its length.
+    let n = unsafe { libc::readlink(link.as_ptr().cast(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n == buf.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "path too long"));
+    }
+    Ok(n)
+}
+
+/// `openat2` with the given resolve flags; `dir` None means the current directory.
+pub fn openat2(
+    dir: BorrowedFd<'_>,
+    path: &[u8],
+    flags: libc::c_int,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain data; zero is valid for every field.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
+    loop {
+        // SAFETY: a NUL-terminated path and an open_how of the size we pass.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: the kernel just gave us this descriptor.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        }
+        let e = io::Error::last_os_error();
+        // openat2 asks callers to retry RESOLVE_IN_ROOT lookups that raced a rename.
+        if e.raw_os_error() != Some(libc::EAGAIN) && e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Opens an absolute host path, or one relative to `dir`, with O_PATH and `extra` flags.
+pub fn open_path(
+    dir: Option<BorrowedFd<'_>>,
+    path: &[u8],
+    extra: libc::c_int,
+) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC | extra) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A target process and its parent: the owner that `autoAllowOwner` lets through.
+pub fn parent_pid(pid: i32) -> Result<i32, ResolveError> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat"))
+        .map_err(|source| ResolveError::Stat { pid, source })?;
+    // The command name may contain anything, ')' included: the fields start after the last.
+    let after = stat
+        .iter()
+        .rposition(|b| *b == b')')
+        .map(|i| &stat[i + 1..])
+        .unwrap_or_default();
+    std::str::from_utf8(after)
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ResolveError::Stat {
+            pid,
+            source: io::Error::new(io::ErrorKind::InvalidData, "no ppid field"),
+        })
+}
+
+/// A process's command name, for `{comm}`; `?` once it is gone.
+pub fn comm(pid: i32) -> Vec<u8> {
+    match std::fs::read(format!("/proc/{pid}/comm")) {
+        Ok(mut c) => {
+            if c.last() == Some(&b'\n') {
+                c.pop();
+            }
+            c
+        }
+        Err(_) => b"?".to_vec(),
+    }
+}
+
+/// The bytes of an OS path, for callers holding `Path`s.
+pub fn path_bytes(p: &std::path::Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}

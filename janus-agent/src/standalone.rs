@@ -1,0 +1,114 @@
+//! `janus-agent guard`: enforce the guards of a file on given processes, no cluster needed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use janus_api::guard::parse_documents;
+use janus_api::GuardPolicy;
+
+use crate::agent::Agent;
+use crate::{decisions, fanotify, http, metrics::Metrics};
+
+#[derive(Debug, clap::Args)]
+pub struct GuardArgs {
+    /// A YAML file of one or more JanusGuard documents.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// A process to guard; its parent and itself are the owner for autoAllowOwner.
+    #[arg(long = "pid", required = true)]
+    pub pids: Vec<i32>,
+    /// What {pod} prints.
+    #[arg(long, default_value = "-")]
+    pub pod: String,
+    /// What {node} prints; the host name by default.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Serve /metrics, /healthz, /readyz and /state here.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Reads and validates every guard in `file`, naming the file, document and field of
+/// each problem.
+pub fn load_guards(file: &std::path::Path) -> anyhow::Result<Vec<Arc<GuardPolicy>>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let guards = parse_documents(&text).with_context(|| format!("{}", file.display()))?;
+    let mut problems = Vec::new();
+    let mut policies = Vec::new();
+    for g in &guards {
+        match GuardPolicy::from_guard(g) {
+            Ok(p) => policies.push(Arc::new(p)),
+            Err(errors) => problems.extend(errors.0.iter().map(|e| {
+                format!(
+                    "{}: guard {:?}: {}: {}",
+                    file.display(),
+                    g.metadata.name,
+                    e.field,
+                    e.message
+                )
+            })),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("invalid guard, nothing guarded:\n{}", problems.join("\n"));
+    }
+    Ok(policies)
+}
+
+pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
+    let policies = load_guards(&args.file)?;
+    // Fail in one clear line before anything is marked if the kernel will not let us.
+    fanotify::PermGroup::new()?;
+    let metrics = Arc::new(Metrics::new());
+    let (log, writer) = decisions::start(Box::new(std::io::stdout()), metrics.log_dropped.clone());
+    let node = args.node.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "-".into())
+    });
+    let agent = Arc::new(Agent::new(metrics, log, node));
+    let result = guard_all(&agent, &policies, &args.pids, &args.pod, args.metrics_addr).await;
+    agent.shutdown();
+    drop(agent);
+    let _ = writer.join();
+    result
+}
+
+async fn guard_all(
+    agent: &Arc<Agent>,
+    policies: &[Arc<GuardPolicy>],
+    pids: &[i32],
+    pod: &str,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    for policy in policies {
+        for &pid in pids {
+            agent
+                .guard(policy.clone(), pid, pod.to_owned())
+                .with_context(|| format!("guard {:?} on pid {pid}", policy.name))?;
+            tracing::info!(guard = %policy.name, pid, backend = fanotify::target::BACKEND, "guarding");
+        }
+    }
+    if let Some(addr) = metrics_addr {
+        let bound = http::serve(addr, agent.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%bound, "serving /metrics, /healthz, /readyz, /state");
+    }
+    shutdown_signal().await;
+    tracing::info!("signal received; lifting guards");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

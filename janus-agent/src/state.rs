@@ -1,0 +1,56 @@
+//! What the agent reports about each guarded target: `/state`, readiness, and (through the
+//! API) the controller.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Marks are being placed.
+    Pending,
+    Enforcing,
+    /// The process exited; its marks are gone.
+    Exited,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", content = "reason", rename_all = "lowercase")]
+pub enum PathStatus {
+    Enforced,
+    /// Does not exist (yet): retried every second.
+    Missing(String),
+    /// Not enforced by design, e.g. `onlyDir` on a file.
+    Skipped(String),
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathState {
+    pub subject: usize,
+    /// As the guard wrote it.
+    pub path: String,
+    /// As the kernel reports it inside the container, symlinks resolved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
+    pub verdict: &'static str,
+    #[serde(flatten)]
+    pub status: PathStatus,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetState {
+    pub guard: String,
+    pub namespace: String,
+    pub pid: i32,
+    pub pod: String,
+    pub backend: &'static str,
+    pub phase: Phase,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Things the guard asks for that this backend does not enforce, said loudly.
+    pub warnings: Vec<String>,
+    pub marks: usize,
+    pub audit: bool,
+    pub paths: Vec<PathState>,
+}

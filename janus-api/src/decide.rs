@@ -1,0 +1,112 @@
+//! The decision rule every backend implements: among the guarded paths that contain the
+//! file and guard the event, the longest wins; at equal length deny wins; `autoAllowOwner`
+//! turns the owner's deny into an allow.
+
+use crate::policy::{Event, EventSet, GuardPath, GuardPolicy};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    /// As `{response}` prints it.
+    pub fn as_upper(self) -> &'static str {
+        match self {
+            Verdict::Allow => "ALLOW",
+            Verdict::Deny => "DENY",
+        }
+    }
+    /// As the `response` metric label carries it.
+    pub fn as_lower(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        }
+    }
+}
+
+/// One guarded path of one subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub path: GuardPath,
+    pub verdict: Verdict,
+    /// Index into [`GuardPolicy::subjects`].
+    pub subject: usize,
+    pub events: EventSet,
+    pub auto_allow_owner: bool,
+}
+
+/// The outcome for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub subject: usize,
+    /// The rule said deny but the owner asked, and the subject has `autoAllowOwner`.
+    pub by_owner: bool,
+}
+
+/// The rules of one guard in match order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    pub fn new(mut rules: Vec<Rule>) -> RuleSet {
+        // Longest first, deny before allow: the first covering rule is then the winner.
+        rules.sort_by(|a, b| {
+            b.path
+                .as_bytes()
+                .len()
+                .cmp(&a.path.as_bytes().len())
+                .then_with(|| (b.verdict == Verdict::Deny).cmp(&(a.verdict == Verdict::Deny)))
+        });
+        RuleSet { rules }
+    }
+
+    /// The rules as written, before any backend resolved them inside a container.
+    pub fn from_policy(policy: &GuardPolicy) -> RuleSet {
+        let mut rules = Vec::new();
+        for (i, s) in policy.subjects.iter().enumerate() {
+            for (paths, verdict) in [(&s.allow, Verdict::Allow), (&s.deny, Verdict::Deny)] {
+                rules.extend(paths.iter().map(|p| Rule {
+                    path: p.clone(),
+                    verdict,
+                    subject: i,
+                    events: s.events,
+                    auto_allow_owner: s.auto_allow_owner,
+                }));
+            }
+        }
+        RuleSet::new(rules)
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The decision for `event` on the file at `path` (as the container sees it), or `None`
+    /// when no rule guards it.
+    pub fn decide(&self, path: &[u8], event: Event, is_owner: bool) -> Option<Decision> {
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| r.events.contains(event) && r.path.covers(path))?;
+        let by_owner = rule.verdict == Verdict::Deny && is_owner && rule.auto_allow_owner;
+        Some(Decision {
+            verdict: if by_owner {
+                Verdict::Allow
+            } else {
+                rule.verdict
+            },
+            subject: rule.subject,
+            by_owner,
+        })
+    }
+}

@@ -1,0 +1,178 @@
+//! `logFormat` templates: parsed once at validation, rendered per decision.
+
+use std::fmt::Write as _;
+
+use crate::decide::Verdict;
+use crate::policy::Event;
+
+pub const DEFAULT_LOG_FORMAT: &str = "<{response}> {event} {ftype} '{path}' ({pod}:{node}) {tags}";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Specifier {
+    Pod,
+    Node,
+    /// `ALLOW` or `DENY`.
+    Response,
+    /// The seed's own logFormat example prints the response as `{allow}`: an alias.
+    Allow,
+    Event,
+    Path,
+    /// The last component of the path.
+    File,
+    Ftype,
+    Tags,
+    Pid,
+    Comm,
+    Guard,
+}
+
+const SPECIFIERS: [(&str, Specifier); 12] = [
+    ("pod", Specifier::Pod),
+    ("node", Specifier::Node),
+    ("response", Specifier::Response),
+    ("allow", Specifier::Allow),
+    ("event", Specifier::Event),
+    ("path", Specifier::Path),
+    ("file", Specifier::File),
+    ("ftype", Specifier::Ftype),
+    ("tags", Specifier::Tags),
+    ("pid", Specifier::Pid),
+    ("comm", Specifier::Comm),
+    ("guard", Specifier::Guard),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Literal(String),
+    Spec(Specifier),
+}
+
+/// A parsed `logFormat`. `{{` and `}}` stand for literal braces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogTemplate {
+    pieces: Vec<Piece>,
+}
+
+impl Default for LogTemplate {
+    fn default() -> Self {
+        LogTemplate::parse(DEFAULT_LOG_FORMAT).expect("the default format parses")
+    }
+}
+
+/// What a decision line is made of.
+#[derive(Debug, Clone, Copy)]
+pub struct LogRecord<'a> {
+    pub pod: &'a str,
+    pub node: &'a str,
+    pub guard: &'a str,
+    pub verdict: Verdict,
+    pub event: Event,
+    /// As the container sees it; not necessarily UTF-8.
+    pub path: &'a [u8],
+    pub is_dir: bool,
+    pub tags: &'a str,
+    pub pid: i32,
+    pub comm: &'a [u8],
+}
+
+impl LogTemplate {
+    pub fn parse(format: &str) -> Result<LogTemplate, String> {
+        if format.chars().any(|c| c == '\n' || c == '\r') {
+            return Err("must be a single line".into());
+        }
+        let mut pieces = Vec::new();
+        let mut literal = String::new();
+        let mut rest = format;
+        while let Some(c) = rest.chars().next() {
+            if rest.starts_with("{{") || rest.starts_with("}}") {
+                literal.push(c);
+                rest = &rest[2..];
+            } else if c == '{' {
+                let end = rest
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed '{{' in {format:?}"))?;
+                let name = &rest[1..end];
+                let spec = SPECIFIERS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, s)| *s)
+                    .ok_or_else(|| {
+                        let known: Vec<&str> = SPECIFIERS.iter().map(|(n, _)| *n).collect();
+                        format!(
+                            "unknown specifier {{{name}}}; known specifiers: {}",
+                            known.join(", ")
+                        )
+                    })?;
+                if !literal.is_empty() {
+                    pieces.push(Piece::Literal(std::mem::take(&mut literal)));
+                }
+                pieces.push(Piece::Spec(spec));
+                rest = &rest[end + 1..];
+            } else if c == '}' {
+                return Err(format!(
+                    "unmatched '}}' in {format:?}; write '}}}}' for a brace"
+                ));
+            } else {
+                literal.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        if !literal.is_empty() {
+            pieces.push(Piece::Literal(literal));
+        }
+        Ok(LogTemplate { pieces })
+    }
+
+    pub fn uses(&self, spec: Specifier) -> bool {
+        self.pieces.contains(&Piece::Spec(spec))
+    }
+
+    /// Appends the line for `r` to `out`, without a newline.
+    pub fn render(&self, r: &LogRecord<'_>, out: &mut String) {
+        for piece in &self.pieces {
+            match piece {
+                Piece::Literal(s) => out.push_str(s),
+                Piece::Spec(spec) => match spec {
+                    Specifier::Pod => escape_into(r.pod.as_bytes(), out),
+                    Specifier::Node => escape_into(r.node.as_bytes(), out),
+                    Specifier::Response | Specifier::Allow => out.push_str(r.verdict.as_upper()),
+                    Specifier::Event => out.push_str(r.event.kernel_name()),
+                    Specifier::Path => escape_into(r.path, out),
+                    Specifier::File => {
+                        let name = r.path.rsplit(|b| *b == b'/').next().unwrap_or(r.path);
+                        escape_into(if name.is_empty() { r.path } else { name }, out)
+                    }
+                    Specifier::Ftype => out.push_str(if r.is_dir { "directory" } else { "file" }),
+                    Specifier::Tags => out.push_str(r.tags),
+                    Specifier::Pid => {
+                        let _ = write!(out, "{}", r.pid);
+                    }
+                    Specifier::Comm => escape_into(r.comm, out),
+                    Specifier::Guard => escape_into(r.guard.as_bytes(), out),
+                },
+            }
+        }
+    }
+}
+
+/// Writes `bytes` so that any byte string yields one printable line: invalid UTF-8 and
+/// control characters become `\xNN`, a backslash becomes `\\`.
+pub fn escape_into(bytes: &[u8], out: &mut String) {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        let _ = write!(out, "\\x{b:02x}");
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+}

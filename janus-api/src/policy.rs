@@ -1,0 +1,437 @@
+//! Validation of a [`JanusGuard`](crate::JanusGuard) into a typed [`GuardPolicy`]. Every
+//! string the user wrote is checked here, once; nothing downstream looks at strings again.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::guard::{JanusGuard, JanusGuardSpec, LabelSelector};
+use crate::logformat::{LogTemplate, DEFAULT_LOG_FORMAT};
+
+/// A file-system event a guard can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Event {
+    /// `open`: FAN_OPEN_PERM, or `file_open` under BPF.
+    Open,
+    /// `access`: a read (FAN_ACCESS_PERM, or `file_permission` for read under BPF).
+    Access,
+    /// `exec`: FAN_OPEN_EXEC_PERM, or an open for execution under BPF.
+    Exec,
+    /// `modify`: an open for writing or a write. fanotify cannot tell these apart from reads.
+    Modify,
+}
+
+impl Event {
+    pub const ALL: [Event; 4] = [Event::Open, Event::Access, Event::Exec, Event::Modify];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::Open => "open",
+            Event::Access => "access",
+            Event::Exec => "exec",
+            Event::Modify => "modify",
+        }
+    }
+
+    /// The name the kernel gives the permission event, as logged by `{event}`.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            Event::Open => "OPEN_PERM",
+            Event::Access => "ACCESS_PERM",
+            Event::Exec => "OPEN_EXEC_PERM",
+            Event::Modify => "MODIFY_PERM",
+        }
+    }
+
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A set of [`Event`]s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct EventSet(u8);
+
+impl EventSet {
+    pub const EMPTY: EventSet = EventSet(0);
+    /// What `all` means: every event the original Janus listed.
+    pub const ALL_KEYWORD: EventSet = EventSet(Event::Open.bit() | Event::Access.bit());
+
+    pub fn contains(self, e: Event) -> bool {
+        self.0 & e.bit() != 0
+    }
+    pub fn insert(&mut self, e: Event) {
+        self.0 |= e.bit();
+    }
+    pub fn remove(&mut self, e: Event) {
+        self.0 &= !e.bit();
+    }
+    pub fn union(self, other: EventSet) -> EventSet {
+        EventSet(self.0 | other.0)
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub fn iter(self) -> impl Iterator<Item = Event> {
+        Event::ALL.into_iter().filter(move |e| self.contains(*e))
+    }
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+}
+
+impl FromIterator<Event> for EventSet {
+    fn from_iter<I: IntoIterator<Item = Event>>(iter: I) -> Self {
+        let mut set = EventSet::EMPTY;
+        for e in iter {
+            set.insert(e);
+        }
+        set
+    }
+}
+
+/// An absolute path inside a container, normalised: no `.`, `..`, empty components or
+/// trailing slash. Stored as bytes because the kernel's paths need not be UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GuardPath(Vec<u8>);
+
+impl GuardPath {
+    pub fn parse(raw: &str) -> Result<GuardPath, String> {
+        if raw.contains('\0') {
+            return Err(format!("path must not contain NUL: {raw:?}"));
+        }
+        if !raw.starts_with('/') {
+            return Err(format!("path must be absolute: {raw:?}"));
+        }
+        let mut normal = Vec::with_capacity(raw.len());
+        for component in raw.split('/') {
+            match component {
+                "" | "." => {}
+                ".." => return Err(format!("path must not contain '..': {raw:?}")),
+                c => {
+                    normal.push(b'/');
+                    normal.extend_from_slice(c.as_bytes());
+                }
+            }
+        }
+        if normal.is_empty() {
+            normal.push(b'/');
+        }
+        Ok(GuardPath(normal))
+    }
+
+    /// A path already in kernel form (absolute, normalised), e.g. from resolving a symlink.
+    pub fn from_kernel(bytes: Vec<u8>) -> Option<GuardPath> {
+        let ok = bytes.first() == Some(&b'/')
+            && !bytes.contains(&0)
+            && (bytes.len() == 1
+                || (!bytes.ends_with(b"/")
+                    && bytes[1..]
+                        .split(|b| *b == b'/')
+                        .all(|c| !c.is_empty() && c != b"." && c != b"..")));
+        ok.then_some(GuardPath(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Whether `path` is this path or lies below it.
+    pub fn covers(&self, path: &[u8]) -> bool {
+        let me = self.0.as_slice();
+        me == b"/"
+            || path == me
+            || (path.len() > me.len() && path.starts_with(me) && path[me.len()] == b'/')
+    }
+
+    /// Depth in components; `/` is 0. Longer paths win, so this orders rules.
+    pub fn depth(&self) -> usize {
+        if self.0 == b"/" {
+            0
+        } else {
+            self.0.iter().filter(|b| **b == b'/').count()
+        }
+    }
+
+    /// The path relative to `/`, for resolving inside a container root.
+    pub fn relative(&self) -> &[u8] {
+        &self.0[1..]
+    }
+}
+
+impl fmt::Display for GuardPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// A validated subject.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectPolicy {
+    pub allow: Vec<GuardPath>,
+    pub deny: Vec<GuardPath>,
+    /// Every event the subject asks for, including ones a backend may not support.
+    pub events: EventSet,
+    pub only_dir: bool,
+    pub auto_allow_owner: bool,
+    pub audit: bool,
+    /// `key=value` pairs joined by commas, sorted by key, as `{tags}` prints them.
+    pub tags: String,
+}
+
+/// A validated label selector.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Selector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl Selector {
+    /// Kubernetes semantics: every label and every expression must match; an empty selector
+    /// matches everything.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| match r {
+                Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+                Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+                Requirement::Exists(k) => labels.contains_key(k),
+                Requirement::DoesNotExist(k) => !labels.contains_key(k),
+            })
+    }
+}
+
+/// A guard ready to enforce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardPolicy {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Selector,
+    pub subjects: Vec<SubjectPolicy>,
+    pub log_format: LogTemplate,
+}
+
+impl GuardPolicy {
+    pub fn from_guard(guard: &JanusGuard) -> Result<GuardPolicy, ValidationErrors> {
+        let namespace = guard.metadata.namespace.as_deref().unwrap_or("default");
+        let mut errors = ValidationErrors::default();
+        if guard.metadata.name.is_empty() {
+            errors.push("metadata.name", "must not be empty".into());
+        }
+        match GuardPolicy::from_spec(&guard.metadata.name, namespace, &guard.spec) {
+            Ok(policy) if errors.is_empty() => Ok(policy),
+            Ok(_) => Err(errors),
+            Err(more) => {
+                errors.0.extend(more.0);
+                Err(errors)
+            }
+        }
+    }
+
+    pub fn from_spec(
+        name: &str,
+        namespace: &str,
+        spec: &JanusGuardSpec,
+    ) -> Result<GuardPolicy, ValidationErrors> {
+        let mut errors = ValidationErrors::default();
+        let selector = validate_selector(&spec.selector, &mut errors);
+        if spec.subjects.is_empty() {
+            errors.push("spec.subjects", "at least one subject is required".into());
+        }
+        let subjects = spec
+            .subjects
+            .iter()
+            .enumerate()
+            .map(|(i, s)| validate_subject(i, s, &mut errors))
+            .collect();
+        let log_format =
+            match LogTemplate::parse(spec.log_format.as_deref().unwrap_or(DEFAULT_LOG_FORMAT)) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push("spec.logFormat", e);
+                    LogTemplate::default()
+                }
+            };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(GuardPolicy {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            selector,
+            subjects,
+            log_format,
+        })
+    }
+
+    /// Whether any subject can answer "deny": what an internal error answers for this guard.
+    pub fn has_deny(&self) -> bool {
+        self.subjects.iter().any(|s| !s.deny.is_empty())
+    }
+}
+
+fn parse_events(raw: &[String], field: &str, errors: &mut ValidationErrors) -> EventSet {
+    if raw.is_empty() {
+        return EventSet::ALL_KEYWORD;
+    }
+    let mut set = EventSet::EMPTY;
+    for (j, name) in raw.iter().enumerate() {
+        match name.as_str() {
+            "all" => set = set.union(EventSet::ALL_KEYWORD),
+            "open" => set.insert(Event::Open),
+            "access" => set.insert(Event::Access),
+            "exec" => set.insert(Event::Exec),
+            "modify" => set.insert(Event::Modify),
+            other => errors.push(
+                format!("{field}[{j}]"),
+                format!("unknown event {other:?}; expected one of open, access, exec, modify, all"),
+            ),
+        }
+    }
+    set
+}
+
+fn validate_subject(
+    i: usize,
+    subject: &crate::guard::Subject,
+    errors: &mut ValidationErrors,
+) -> SubjectPolicy {
+    let field = format!("spec.subjects[{i}]");
+    let mut paths = |list: &[String], which: &str| -> Vec<GuardPath> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(j, raw)| {
+                GuardPath::parse(raw)
+                    .map_err(|e| errors.push(format!("{field}.{which}[{j}]"), e))
+                    .ok()
+            })
+            .collect()
+    };
+    let allow = paths(&subject.allow, "allow");
+    let deny = paths(&subject.deny, "deny");
+    if subject.allow.is_empty() && subject.deny.is_empty() {
+        errors.push(
+            field.clone(),
+            "at least one allow or deny path is required".into(),
+        );
+    }
+    for (j, d) in deny.iter().enumerate() {
+        if allow.contains(d) {
+            errors.push(
+                format!("{field}.deny[{j}]"),
+                format!("path {:?} is also listed in allow", d.to_string()),
+            );
+        }
+    }
+    let events = parse_events(&subject.events, &format!("{field}.events"), errors);
+    let mut tags = String::new();
+    for (k, v) in &subject.tags {
+        // Tags end up inside log lines: a newline would let a guard author forge lines.
+        if k.chars().chain(v.chars()).any(char::is_control) || k.is_empty() {
+            errors.push(
+                format!("{field}.tags.{k}"),
+                "tag keys must be non-empty and tags must not contain control characters".into(),
+            );
+        }
+        if !tags.is_empty() {
+            tags.push(',');
+        }
+        tags.push_str(k);
+        tags.push('=');
+        tags.push_str(v);
+    }
+    SubjectPolicy {
+        allow,
+        deny,
+        events,
+        only_dir: subject.only_dir,
+        auto_allow_owner: subject.auto_allow_owner,
+        audit: subject.audit,
+        tags,
+    }
+}
+
+fn validate_selector(raw: &LabelSelector, errors: &mut ValidationErrors) -> Selector {
+    let mut match_expressions = Vec::new();
+    for (i, e) in raw.match_expressions.iter().enumerate() {
+        let field = format!("spec.selector.matchExpressions[{i}]");
+        let needs_values = matches!(e.operator.as_str(), "In" | "NotIn");
+        if needs_values && e.values.is_empty() {
+            errors.push(
+                format!("{field}.values"),
+                format!("operator {} needs at least one value", e.operator),
+            );
+        }
+        if !needs_values && !e.values.is_empty() {
+            errors.push(
+                format!("{field}.values"),
+                format!("operator {} takes no values", e.operator),
+            );
+        }
+        let (k, vs) = (e.key.clone(), e.values.clone());
+        match e.operator.as_str() {
+            "In" => match_expressions.push(Requirement::In(k, vs)),
+            "NotIn" => match_expressions.push(Requirement::NotIn(k, vs)),
+            "Exists" => match_expressions.push(Requirement::Exists(k)),
+            "DoesNotExist" => match_expressions.push(Requirement::DoesNotExist(k)),
+            other => errors.push(
+                format!("{field}.operator"),
+                format!("unknown operator {other:?}; expected In, NotIn, Exists or DoesNotExist"),
+            ),
+        }
+    }
+    Selector {
+        match_labels: raw.match_labels.clone(),
+        match_expressions,
+    }
+}
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Where, e.g. `spec.subjects[0].deny[0]`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found in a guard, so a user fixes them all in one go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl ValidationErrors {
+    fn push(&mut self, field: impl Into<String>, message: String) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message,
+        });
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}

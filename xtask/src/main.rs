@@ -1,0 +1,44 @@
+//! Developer tasks for Janus: `cargo xtask <command>`.
+//!
+//! - `build-ebpf`: builds the BPF LSM object (nightly, bpfel-unknown-none).
+//! - `vm-test`: boots a Debian kernel with the BPF LSM enabled in QEMU and
+//!   runs test binaries inside it (the host kernel refuses BPF LSM programs).
+
+mod cpio;
+mod ebpf;
+mod util;
+mod vm;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Janus developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build janus-ebpf and copy the object to target/bpf/janus-ebpf.o.
+    BuildEbpf(ebpf::BuildOptions),
+    /// Run test binaries inside a QEMU VM whose kernel has the BPF LSM on.
+    VmTest(vm::VmTestOptions),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::BuildEbpf(opts) => ebpf::build(&opts).map(|obj| println!("{}", obj.display())),
+        Command::VmTest(opts) => vm::run(opts),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
