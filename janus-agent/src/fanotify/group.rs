@@ -111,7 +111,7 @@ impl PermGroup {
             (mask, MarkFlags::FAN_MARK_ADD)
         };
         self.fan
-            .mark(flags, mask, fd, None::<&std::path::Path>)
+            .mark(flags, mask, fd, Some(held(fd).as_str()))
             .map_err(FanotifyError::Mark)
     }
 
@@ -138,6 +138,14 @@ impl AsFd for PermGroup {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fan.as_fd()
     }
+}
+
+/// The path that names exactly the object `fd` holds. fanotify_mark refuses O_PATH
+/// descriptors as its object (EBADF), and O_PATH is how we hold guarded files: opening them
+/// for reading could block (a FIFO) or wait on a permission event. The magic link jumps to
+/// the held object, so no name in the container is looked up again.
+fn held(fd: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
 fn init_error(e: nix::Error) -> FanotifyError {
@@ -175,7 +183,7 @@ impl CreateGroup {
                 MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_ONLYDIR,
                 MaskFlags::FAN_CREATE | MaskFlags::FAN_MOVED_TO | MaskFlags::FAN_ONDIR,
                 dir,
-                None::<&std::path::Path>,
+                Some(held(dir).as_str()),
             )
             .map_err(FanotifyError::Mark)
     }
