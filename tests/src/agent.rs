@@ -122,22 +122,22 @@ impl Agent {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().expect("running");
+        let child = self.child.as_mut().expect("running");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         )?;
-        wait::until("the agent to exit after SIGTERM", STARTUP, || {
-            child.try_wait().ok().flatten()
-        })
+        self.wait_exit()
     }
 
-    /// Waits for an agent that should exit by itself (a bad guard file, say).
+    /// Waits for the agent to exit (by itself: a bad guard file, say).
     pub fn wait_exit(mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().expect("running");
-        wait::until("the agent to exit", STARTUP, || {
+        let child = self.child.as_mut().expect("running");
+        let status = wait::until("the agent to exit", STARTUP, || {
             child.try_wait().ok().flatten()
-        })
+        })?;
+        self.child = None;
+        Ok(status)
     }
 }
 

@@ -99,9 +99,10 @@ pub const TABLE: &[Scenario] = &[
         name: "deny-directory-recursively",
         subjects: "  - deny: [/data]\n    events: [open]\n",
         needs: Needs::Any,
-        later: &[],
+        later: &["/data/fresh"],
         checks: &[
             check(Other, Read, "/data/sub/deep/file", Denied),
+            check(Other, Read, "/data/fresh", Denied),
             check(Other, Read, "/data/secret", Denied),
             check(Other, Read, "/srv/plain", Allowed),
         ],

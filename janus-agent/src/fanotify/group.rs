@@ -119,6 +119,18 @@ impl PermGroup {
         read_into(self.fan.as_fd(), buf)
     }
 
+    /// Removes every inode mark of the group.
+    pub fn flush(&self) -> Result<(), FanotifyError> {
+        self.fan
+            .mark(
+                MarkFlags::FAN_MARK_FLUSH,
+                MaskFlags::empty(),
+                self.fan.as_fd(),
+                None::<&std::path::Path>,
+            )
+            .map_err(FanotifyError::Mark)
+    }
+
     /// Answers one event. Called before anything that could block.
     pub fn respond(&self, fd: BorrowedFd<'_>, allow: bool, audit: bool) -> nix::Result<()> {
         let mut bits = if allow {

@@ -216,13 +216,20 @@ fn answer_loop(s: &Shared) {
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
     let mut logs = Vec::with_capacity(256);
     let me = std::process::id() as i32;
+    let mut stopping = false;
     loop {
         let ready = wait(&[s.perm.as_fd(), s.stop.as_fd()], PollTimeout::NONE);
-        if ready[1] {
-            return;
+        if ready[1] && !stopping {
+            // No new events once the marks are gone; those already queued are answered
+            // below, since nobody else would answer them while the group stays open.
+            stopping = true;
+            if let Err(e) = s.perm.flush() {
+                tracing::error!(error = %e, "removing the marks of a stopped target");
+            }
         }
         let events = match s.perm.read(&mut buf) {
             Ok(events) => events,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && stopping => return,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => continue,
             Err(e) => {
                 tracing::error!(error = %e, "reading permission events");
@@ -476,7 +483,7 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
         ));
         s.metrics.targets.with_label_values(&["exited"]).inc();
         tracing::info!(pid = s.root.pid, guard = %s.ctx.guard.name, "target exited; guard lifted");
-        // The answering thread ends too; the groups close with the last reference.
+        // The answering thread removes the marks, answers what is queued and ends.
         let _ = s.stop.write(1);
     }
 }
@@ -485,7 +492,7 @@ fn on_create_events(
     s: &Shared,
     create: &CreateGroup,
     tree: &mut Tree<'_>,
-    slots: &mut Vec<PathSlot>,
+    slots: &mut [PathSlot],
     buf: &mut AlignedBuf,
     marks: &mut usize,
 ) {
