@@ -8,6 +8,7 @@
 //! - [`wait`]: waiting on a condition with a deadline, never a bare sleep.
 
 pub mod agent;
+pub mod containerd;
 pub mod scenarios;
 pub mod target;
 pub mod wait;
