@@ -31,8 +31,10 @@ pub enum StartError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Fanotify(#[from] FanotifyError),
-    #[error("pid {pid}: pidfd_open: {source}")]
-    Pidfd { pid: i32, source: std::io::Error },
+    #[error("pid {pid}: pidfd_open: {error}")]
+    Pidfd { pid: i32, error: std::io::Error },
+    #[error("eventfd: {0}")]
+    EventFd(nix::Error),
 }
 
 /// What the answering thread needs to decide, swapped whole when paths re-resolve.
@@ -95,7 +97,7 @@ pub fn start(
     let pid = spec.pid;
     let root = ContainerRoot::open(pid)?;
     let owners = [pid, resolve::parent_pid(pid)?];
-    let pidfd = pidfd_open(pid).map_err(|source| StartError::Pidfd { pid, source })?;
+    let pidfd = pidfd_open(pid).map_err(|error| StartError::Pidfd { pid, error })?;
     let perm = PermGroup::new()?;
     let create = CreateGroup::new()?;
     let guard = spec.guard;
@@ -135,12 +137,8 @@ pub fn start(
             rules: RuleSet::default(),
             mounts: Vec::new(),
         })),
-        stop: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| {
-            StartError::Pidfd {
-                pid,
-                source: e.into(),
-            }
-        })?,
+        stop: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(StartError::EventFd)?,
         metrics,
         log,
         state: Arc::new(Mutex::new(state)),
@@ -560,8 +558,8 @@ fn resolve_all(s: &Shared, tree: &mut Tree<'_>, slots: &mut [PathSlot]) -> bool 
                 slot.identity = None;
                 slot.state.resolved = None;
                 slot.state.status = match &e {
-                    ResolveError::Path { source, .. }
-                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    ResolveError::Path { error, .. }
+                        if error.kind() == std::io::ErrorKind::NotFound =>
                     {
                         PathStatus::Missing("does not exist".into())
                     }
