@@ -327,7 +327,7 @@ fn agent_service_is_headless_and_selects_the_agents() {
     }
 }
 
-/// The TLS flags and files of CONTRACTS: secure variants pass them to both sides from the
+/// The agent's and controller's TLS flags and files: secure variants pass them to both sides from the
 /// Secret janus-tls or the ConfigMap janus-config; plain ones say --insecure-plaintext.
 #[test]
 fn tls_in_secure_variants_only() {
@@ -658,4 +658,54 @@ fn examples_validate() {
         seen, 4,
         "three seed examples and the service-account token guard"
     );
+}
+
+/// Helm itself is not installable here (no Debian package), so the chart is checked as far
+/// as it can be without it: what its templates read exists, and the image references its
+/// `replace` calls rewrite occur in every rendering it includes.
+#[test]
+fn helm_chart_includes_the_renderings() {
+    let chart = render::deploy_dir().join("helm/janus");
+    let template = std::fs::read_to_string(chart.join("templates/janus.yaml")).unwrap();
+    let quoted_after = |text: &str, marker: &str| -> Vec<String> {
+        text.match_indices(marker)
+            .map(|(i, _)| {
+                let rest = &text[i + marker.len()..];
+                let start = rest.find('"').unwrap() + 1;
+                let end = start + rest[start..].find('"').unwrap();
+                rest[start..end].to_owned()
+            })
+            .collect()
+    };
+    let mut included = Vec::new();
+    for f in ["files/janus-k8s-secure.yaml", "files/janus-k8s.yaml"] {
+        assert!(
+            template.contains(&format!("\"{f}\"")),
+            "the template no longer includes {f}"
+        );
+        included.push(std::fs::read_to_string(chart.join(f)).unwrap());
+    }
+    let images = quoted_after(&template, "replace ");
+    assert_eq!(images.len(), 2, "{images:?}");
+    for image in &images {
+        for text in &included {
+            assert!(
+                text.contains(&format!("image: {image}\n")),
+                "{image} is not in the rendering"
+            );
+        }
+    }
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart.join("values.yaml")).unwrap()).unwrap();
+    assert_eq!(values["tls"], false);
+    let meta: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart.join("Chart.yaml")).unwrap()).unwrap();
+    assert_eq!(meta["name"], "janus");
+    for image in &images {
+        let tag = image.rsplit(':').next().unwrap();
+        assert_eq!(
+            meta["appVersion"], tag,
+            "the chart's appVersion is the image tag it replaces"
+        );
+    }
 }

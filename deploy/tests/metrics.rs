@@ -1,6 +1,6 @@
 //! Every metric the alerts and the dashboard query exists, with the labels they use: on a
 //! real agent guarding a real process during allowed and denied opens (as root), and for the
-//! controller against its contracted metrics.
+//! controller against its metric names (`janus_deploy::controller`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 use janus_agent::agent::Agent;
 use janus_agent::metrics::Metrics;
 use janus_agent::{decisions, http};
-use janus_deploy::contract::CONTROLLER_METRICS;
+use janus_deploy::controller::CONTROLLER_METRICS;
 use janus_deploy::promql::{check_queries, families};
 use janus_deploy::render::{self, documents, find, monitoring_queries};
 
-/// Contracted agent metrics that the agent in this tree does not expose yet: the BPF
-/// backend's (`janus_bpf_events_dropped_total`, `janus_backend_info`), `serve`'s
-/// (`janus_guards`), and label vectors with no series until their first error, though the
-/// contract wants them registered at zero. The test fails as soon as one of them is exposed,
-/// so this list only shrinks.
+/// Agent metrics the alerts and dashboard use that the agent in this tree does not expose
+/// yet: the BPF backend's (`janus_bpf_events_dropped_total`, `janus_backend_info`),
+/// `serve`'s (`janus_guards`), and label vectors that have no series until their first error
+/// (they should be set to zero at start, so that `increase()` sees the first one). The test
+/// fails as soon as one of them is exposed, so this list only shrinks.
 const NOT_YET_EXPOSED: [&str; 6] = [
     "janus_bpf_events_dropped_total",
     "janus_backend_info",

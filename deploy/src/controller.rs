@@ -1,8 +1,8 @@
-//! The controller's metrics as the agent-controller contract names them, in the text format,
-//! for checking queries where the controller itself is not at hand. Where it is, pass its
+//! The controller's metrics, names and labels as janus-controller registers them, in the text
+//! format, for checking queries where the controller itself is not at hand. Where it is, pass its
 //! registry's rendering to [`crate::promql::check_queries`] instead: the check is the same.
 
-/// Every controller metric with every label the contract gives it.
+/// Every controller metric with every label it carries.
 pub const CONTROLLER_METRICS: &str = "\
 # TYPE janus_controller_reconciliations_total counter
 janus_controller_reconciliations_total{result=\"ok\"} 0
