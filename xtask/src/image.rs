@@ -50,7 +50,7 @@ pub fn build(opts: &ImageOptions) -> Result<()> {
         .args(["build", "--release", "--target", TARGET])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         // The workspace keeps line tables in release builds for profiling; an image does
-        // not need them (33.6 MB with, a fraction without).
+        // not need them (the agent's image: 33.6 MB with, 5.7 MB without).
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
     for b in &binaries {
