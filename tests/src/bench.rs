@@ -112,6 +112,9 @@ struct RoundFigures {
     latency: Vec<(Case, f64, f64)>,
     /// (threads, opens per second) on the guarded-allowed file.
     rate: Vec<(usize, f64)>,
+    /// CPU time the listener spent per decision over the latency and rate measurements,
+    /// in ns: a figure that the noise of a shared machine hardly moves.
+    cpu_per_decision: Option<f64>,
 }
 
 /// Everything measured, over all rounds.
@@ -168,8 +171,10 @@ pub fn run(opts: &Options) -> Result<Report> {
                 Setup::None => measure(&inside, setup, opts)?,
                 Setup::Floor => {
                     let floor = Floor::start(&floor_marks, libc::FAN_OPEN_PERM)?;
-                    let f = measure(&inside, setup, opts)?;
-                    floor.stop()?;
+                    let mut f = measure(&inside, setup, opts)?;
+                    let answered = floor.stop()?;
+                    f.cpu_per_decision =
+                        Some(answered.cpu.as_nanos() as f64 / answered.events.max(1) as f64);
                     f
                 }
                 Setup::Agent => {
@@ -186,7 +191,13 @@ pub fn run(opts: &Options) -> Result<Report> {
                         &dir,
                     )?;
                     backend = agent_backend(&agent);
-                    let f = measure(&inside, setup, opts)?;
+                    let before = agent_usage(&agent)?;
+                    let mut f = measure(&inside, setup, opts)?;
+                    let after = agent_usage(&agent)?;
+                    f.cpu_per_decision = Some(
+                        after.0.saturating_sub(before.0).as_nanos() as f64
+                            / (after.1 - before.1).max(1.0),
+                    );
                     for i in 0..opts.window_runs {
                         let name = format!("/data/new-{round}-{i}");
                         windows.push(
@@ -236,6 +247,20 @@ fn agent_backend(agent: &Agent) -> String {
             Some(rest[..rest.find('"')?].to_owned())
         })
         .unwrap_or_else(|| "fanotify".into())
+}
+
+/// The agent's CPU time so far (all its threads) and its decisions so far.
+fn agent_usage(agent: &Agent) -> Result<(Duration, f64)> {
+    let tasks = format!("/proc/{}/task", agent.pid());
+    let mut cpu = Duration::ZERO;
+    for task in fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+        // The first field of schedstat: time on a CPU, in ns.
+        let stat = fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        if let Some(ns) = stat.split(' ').next().and_then(|n| n.parse().ok()) {
+            cpu += Duration::from_nanos(ns);
+        }
+    }
+    Ok((cpu, agent.metric("janus_decisions_total")?))
 }
 
 fn measure(inside: &Inside, setup: Setup, opts: &Options) -> Result<RoundFigures> {
@@ -643,6 +668,24 @@ impl Report {
                         "-"
                     );
                 }
+            }
+        }
+        for setup in [Setup::Floor, Setup::Agent] {
+            let v: Vec<f64> = self.figures[k_index(setup)]
+                .iter()
+                .filter_map(|f| f.cpu_per_decision)
+                .collect();
+            if !v.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "{:<42} {:<16} {:<9} {:<9} {:>12.0} {:>12}",
+                    "listener CPU ns per decision",
+                    "guarded",
+                    setup.name(),
+                    backend_of(setup),
+                    median(v),
+                    "-"
+                );
             }
         }
         let mut w = self.windows.clone();

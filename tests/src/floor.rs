@@ -9,6 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -20,10 +21,18 @@ pub struct FloorMark {
     pub dir: bool,
 }
 
+/// What the floor did while it ran.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Answered {
+    pub events: u64,
+    /// CPU time of the answering thread.
+    pub cpu: Duration,
+}
+
 /// A running floor listener: one thread answering, stopped on drop.
 pub struct Floor {
     stop: Arc<EventFd>,
-    thread: Option<JoinHandle<u64>>,
+    thread: Option<JoinHandle<Answered>>,
 }
 
 impl Floor {
@@ -81,14 +90,14 @@ impl Floor {
         })
     }
 
-    /// Stops answering (queued events are answered first) and returns how many were.
-    pub fn stop(mut self) -> Result<u64> {
+    /// Stops answering (queued events are answered first) and says what it answered.
+    pub fn stop(mut self) -> Result<Answered> {
         self.finish()
     }
 
-    fn finish(&mut self) -> Result<u64> {
+    fn finish(&mut self) -> Result<Answered> {
         let Some(t) = self.thread.take() else {
-            return Ok(0);
+            return Ok(Answered::default());
         };
         self.stop.write(1)?;
         match t.join() {
@@ -104,7 +113,7 @@ impl Drop for Floor {
     }
 }
 
-fn answer(fan: &OwnedFd, stop: &EventFd) -> u64 {
+fn answer(fan: &OwnedFd, stop: &EventFd) -> Answered {
     #[repr(C, align(8))]
     struct Buf([u8; 64 * 1024]);
     const META: usize = std::mem::size_of::<libc::fanotify_event_metadata>();
@@ -137,7 +146,10 @@ fn answer(fan: &OwnedFd, stop: &EventFd) -> u64 {
         let n = unsafe { libc::read(fan.as_raw_fd(), buf.0.as_mut_ptr().cast(), buf.0.len()) };
         if n <= 0 {
             if stopping {
-                return answered;
+                return Answered {
+                    events: answered,
+                    cpu: thread_cpu(),
+                };
             }
             continue;
         }
@@ -167,4 +179,13 @@ fn answer(fan: &OwnedFd, stop: &EventFd) -> u64 {
             answered += 1;
         }
     }
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    // SAFETY: timespec is plain data the kernel fills in.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
