@@ -216,7 +216,7 @@ fn wait(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> Vec<bool> {
 fn answer_loop(s: &Shared) {
     let mut buf = AlignedBuf::boxed();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
-    let mut logs = Vec::with_capacity(256);
+    let mut batch = Batch::default();
     let me = std::process::id() as i32;
     let links = FdLinks::open();
     let mut stopping = false;
@@ -245,11 +245,40 @@ fn answer_loop(s: &Shared) {
         };
         let view = s.view.read().expect("view lock").clone();
         for event in events {
-            s.answer(event, me, &view, &links, &mut path, &mut logs);
+            s.answer(event, me, &view, &links, &mut path, &mut batch);
+        }
+        s.answer_batch(&mut batch);
+    }
+}
+
+/// The answers to one read's events, written together once every event in it is
+/// decided, and what follows them.
+#[derive(Default)]
+struct Batch {
+    responses: Vec<libc::fanotify_response>,
+    /// Each event's descriptor, closed once answered, and when the event was taken up.
+    held: Vec<(OwnedFd, Instant)>,
+    logs: Vec<Entry>,
+}
+
+impl Shared {
+    /// Answers the batch in one system call, then closes, measures and logs.
+    fn answer_batch(&self, batch: &mut Batch) {
+        let failed = self.perm.respond_all(&batch.responses);
+        batch.responses.clear();
+        if failed > 0 {
+            self.metrics
+                .response_errors
+                .with_label_values(&[BACKEND])
+                .inc_by(failed as u64);
+        }
+        for (fd, started) in batch.held.drain(..) {
+            drop(fd);
+            self.latency.observe(started.elapsed().as_secs_f64());
         }
         // Only now, with every event of the batch answered, does anything go to the log.
-        for entry in logs.drain(..) {
-            s.log.send(entry);
+        for entry in batch.logs.drain(..) {
+            self.log.send(entry);
         }
     }
 }
@@ -276,7 +305,7 @@ impl Shared {
         view: &View,
         links: &FdLinks,
         path: &mut [u8],
-        logs: &mut Vec<Entry>,
+        batch: &mut Batch,
     ) {
         let started = Instant::now();
         if ev.is_overflow() {
@@ -302,18 +331,11 @@ impl Shared {
             Outcome::Unguarded | Outcome::Foreign => (Verdict::Allow, false),
             Outcome::Error(_) => (self.on_error, false),
         };
-        if self
-            .perm
-            .respond(fd.as_fd(), verdict == Verdict::Allow, audit)
-            .is_err()
-        {
-            self.metrics
-                .response_errors
-                .with_label_values(&[BACKEND])
-                .inc();
-        }
-        drop(fd);
-        self.latency.observe(started.elapsed().as_secs_f64());
+        batch.responses.push(
+            self.perm
+                .response(fd.as_fd(), verdict == Verdict::Allow, audit),
+        );
+        batch.held.push((fd, started));
         let (Some(event), subject) = (
             event,
             match outcome {
@@ -331,7 +353,7 @@ impl Shared {
             return;
         };
         self.counters.inc(verdict, event);
-        logs.push(Entry {
+        batch.logs.push(Entry {
             ctx: self.ctx.clone(),
             verdict,
             event,
