@@ -119,7 +119,7 @@ struct RoundFigures {
 
 /// Everything measured, over all rounds.
 pub struct Report {
-    opts_rounds: usize,
+    rounds: usize,
     iterations: usize,
     backend: String,
     /// [setup][round]
@@ -214,12 +214,12 @@ pub fn run(opts: &Options) -> Result<Report> {
                     f
                 }
             };
-            figures[k_index(setup)].push(f);
+            figures[index_of(setup)].push(f);
         }
     }
     drop(target);
     Ok(Report {
-        opts_rounds: opts.rounds,
+        rounds: opts.rounds,
         iterations: opts.iterations,
         backend,
         figures,
@@ -228,7 +228,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     })
 }
 
-fn k_index(setup: Setup) -> usize {
+fn index_of(setup: Setup) -> usize {
     Setup::ALL
         .iter()
         .position(|s| *s == setup)
@@ -531,7 +531,7 @@ impl Drop for Scratch {
 impl Report {
     /// The median over rounds of one latency figure (`p99` picks the 99th percentile).
     fn latency(&self, setup: Setup, case: Case, p99: bool) -> Option<f64> {
-        let v: Vec<f64> = self.figures[k_index(setup)]
+        let v: Vec<f64> = self.figures[index_of(setup)]
             .iter()
             .filter_map(|f| lookup_latency(f, case).map(|(m, p)| if p99 { p } else { m }))
             .collect();
@@ -539,7 +539,7 @@ impl Report {
     }
 
     fn rate(&self, setup: Setup, threads: usize) -> Option<f64> {
-        let v: Vec<f64> = self.figures[k_index(setup)]
+        let v: Vec<f64> = self.figures[index_of(setup)]
             .iter()
             .filter_map(|f| lookup_rate(f, threads))
             .collect();
@@ -554,9 +554,9 @@ impl Report {
         b: Setup,
     ) -> f64 {
         median(
-            self.figures[k_index(a)]
+            self.figures[index_of(a)]
                 .iter()
-                .zip(&self.figures[k_index(b)])
+                .zip(&self.figures[index_of(b)])
                 .filter_map(|(fa, fb)| per_round(fa, fb))
                 .collect(),
         )
@@ -617,7 +617,7 @@ impl Report {
             out,
             "janus-bench: {} rounds, {} timed opens per file and setup per round; \
              figures are medians over rounds",
-            self.opts_rounds, self.iterations
+            self.rounds, self.iterations
         );
         let _ = writeln!(
             out,
@@ -671,7 +671,7 @@ impl Report {
             }
         }
         for setup in [Setup::Floor, Setup::Agent] {
-            let v: Vec<f64> = self.figures[k_index(setup)]
+            let v: Vec<f64> = self.figures[index_of(setup)]
                 .iter()
                 .filter_map(|f| f.cpu_per_decision)
                 .collect();
