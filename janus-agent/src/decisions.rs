@@ -15,6 +15,10 @@ use crate::resolve;
 
 /// Lines waiting to be written before new ones are dropped and counted.
 const BACKLOG: usize = 64 * 1024;
+/// How long the writer lets lines gather after a flush before it waits on the channel
+/// again. A sender wakes the writer only while it waits, and that wake (a futex call and a
+/// context switch) cost the answering thread more than the decision itself under load.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What every line of one guard on one target shares.
 pub struct LogContext {
@@ -106,6 +110,7 @@ fn write_loop(rx: Receiver<Message>, out: Box<dyn Write + Send>) {
         if out.flush().is_err() {
             return;
         }
+        std::thread::sleep(GATHER);
     }
 }
 

@@ -5,10 +5,14 @@
 //!   and ways to act inside it as its owner or as someone who entered it (`kubectl exec`).
 //! - [`agent`]: `janus-agent guard` as a real process, its decision lines and metrics.
 //! - [`scenarios`]: the table of guards, files and expected answers every backend passes.
+//! - [`bench`] and [`floor`]: the benchmark, and the minimal fanotify listener it compares
+//!   the agent with.
 //! - [`wait`]: waiting on a condition with a deadline, never a bare sleep.
 
 pub mod agent;
+pub mod bench;
 pub mod containerd;
+pub mod floor;
 pub mod scenarios;
 pub mod target;
 pub mod wait;

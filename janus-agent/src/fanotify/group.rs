@@ -6,9 +6,7 @@ use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::fanotify::{
-    EventFFlags, Fanotify, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response,
-};
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 
 use janus_api::{Event, EventSet};
 
@@ -131,8 +129,13 @@ impl PermGroup {
             .map_err(FanotifyError::Mark)
     }
 
-    /// Answers one event. Called before anything that could block.
-    pub fn respond(&self, fd: BorrowedFd<'_>, allow: bool, audit: bool) -> nix::Result<()> {
+    /// The answer to the event whose descriptor is `fd`, for [`PermGroup::respond_all`].
+    pub fn response(
+        &self,
+        fd: BorrowedFd<'_>,
+        allow: bool,
+        audit: bool,
+    ) -> libc::fanotify_response {
         let mut bits = if allow {
             libc::FAN_ALLOW
         } else {
@@ -141,8 +144,46 @@ impl PermGroup {
         if audit && self.audit {
             bits |= libc::FAN_AUDIT;
         }
-        self.fan
-            .write_response(FanotifyResponse::new(fd, Response::from_bits_retain(bits)))
+        libc::fanotify_response {
+            fd: fd.as_raw_fd(),
+            response: bits,
+        }
+    }
+
+    /// Writes every response, their descriptors still open; returns how many the kernel
+    /// refused. fanotify takes one response per write, but the group has no write_iter,
+    /// so writev hands it each record in turn: one system call answers a whole read,
+    /// and every waiting opener is woken before any of them can take the CPU from us.
+    /// A refused record ends the writev there; it is counted and the rest written again.
+    pub fn respond_all(&self, responses: &[libc::fanotify_response]) -> usize {
+        const CHUNK: usize = 64;
+        const RECORD: usize = size_of::<libc::fanotify_response>();
+        let mut failed = 0;
+        let mut rest = responses;
+        while !rest.is_empty() {
+            let n = rest.len().min(CHUNK);
+            let iov: [libc::iovec; CHUNK] = std::array::from_fn(|i| libc::iovec {
+                iov_base: rest.get(i).map_or(std::ptr::null_mut(), |r| {
+                    (r as *const libc::fanotify_response).cast_mut().cast()
+                }),
+                iov_len: RECORD,
+            });
+            // SAFETY: the first `n` iovecs point at records in `rest`, alive for the call.
+            let written = unsafe { libc::writev(self.fan.as_raw_fd(), iov.as_ptr(), n as i32) };
+            let done = if written > 0 {
+                written as usize / RECORD
+            } else {
+                0
+            };
+            if done == 0 {
+                // The first record was refused (its event is gone, say): skip it.
+                failed += 1;
+                rest = &rest[1..];
+            } else {
+                rest = &rest[done.min(rest.len())..];
+            }
+        }
+        failed
     }
 }
 
