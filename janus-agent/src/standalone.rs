@@ -72,8 +72,7 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(metrics, log, node));
     let result = guard_all(&agent, &policies, &args.pids, &args.pod, args.metrics_addr).await;
     agent.shutdown();
-    drop(agent);
-    let _ = writer.join();
+    writer.finish();
     result
 }
 
