@@ -416,8 +416,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let result = serve(&args, tls, agent.clone(), guards).await;
     agent.shutdown();
-    drop(agent);
-    let _ = writer.join();
+    writer.finish();
     result
 }
 

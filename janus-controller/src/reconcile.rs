@@ -335,12 +335,10 @@ impl Core {
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
         self.metrics.agents.set(endpoints.len() as i64);
         let listed: Vec<(String, Result<Vec<GuardStatus>, String>)> =
-            stream::iter(endpoints.iter())
+            stream::iter(endpoints.clone())
                 .map(|(node, addr)| async move {
-                    (
-                        node.clone(),
-                        self.agents.list(addr).await.map_err(|e| e.to_string()),
-                    )
+                    let listed = self.agents.list(&addr).await.map_err(|e| e.to_string());
+                    (node, listed)
                 })
                 .buffer_unordered(CONCURRENCY)
                 .collect()
