@@ -64,6 +64,9 @@ struct Wanted {
     request: ApplyGuardRequest,
 }
 
+/// What one pod's agent answered, or why it did not: (Degraded reason, message).
+type Outcome = Result<GuardStatus, (&'static str, String)>;
+
 /// What went wrong for a guard, by reason, for its Degraded condition and Events.
 #[derive(Debug, Default)]
 struct Problems(BTreeMap<&'static str, Vec<String>>);
@@ -203,7 +206,7 @@ impl Core {
             })
             .collect();
 
-        let results: Vec<(String, Key, Result<GuardStatus, String>)> = stream::iter(wanted)
+        let results: Vec<(String, Key, Outcome)> = stream::iter(wanted)
             .map(|w| {
                 let (endpoints, ns, name) = (&endpoints, &ns, &name);
                 async move {
@@ -213,7 +216,10 @@ impl Core {
                         return (
                             w.node.clone(),
                             key,
-                            Err(format!("no agent found on node {}", w.node)),
+                            Err((
+                                "AgentUnreachable",
+                                format!("no agent found on node {}", w.node),
+                            )),
                         );
                     };
                     if let Some(held) = self.held(&w.node, &key) {
@@ -236,15 +242,14 @@ impl Core {
                             (w.node, key, Ok(status))
                         }
                         Err(e) => {
-                            self.metrics
-                                .errors
-                                .with_label_values(&[if e.unreachable() {
-                                    "agent_unreachable"
-                                } else {
-                                    "apply"
-                                }])
-                                .inc();
-                            (w.node, key, Err(e.to_string()))
+                            let (kind, reason) = if e.unreachable() {
+                                ("agent_unreachable", "AgentUnreachable")
+                            } else {
+                                ("apply", "ApplyFailed")
+                            };
+                            self.metrics.errors.with_label_values(&[kind]).inc();
+                            let message = format!("pod {}: {e}", pod.name);
+                            (w.node, key, Err((reason, message)))
                         }
                     }
                 }
@@ -269,12 +274,9 @@ impl Core {
 
         let mut guarded = 0;
         let mut pending = 0;
-        for (node, key, result) in &results {
+        for (node, _, result) in &results {
             match result {
-                Err(e) if e.contains("unreachable") || e.starts_with("no agent") => {
-                    problems.add("AgentUnreachable", e.clone())
-                }
-                Err(e) => problems.add("ApplyFailed", format!("pod {}: {e}", key.2)),
+                Err((reason, message)) => problems.add(reason, message.clone()),
                 Ok(status) => {
                     for w in &status.warnings {
                         problems.add("UnsupportedEvent", format!("{w} on node {node}"));
