@@ -159,7 +159,13 @@ async fn a_guard_reaches_a_real_container_over_mutual_tls() {
         let c = container.clone();
         move || c.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap()
     };
-    assert_eq!(cat(), Access::Ok("secret".into()));
+    let c = cat.clone();
+    eventually(
+        "the container to read its file",
+        Duration::from_secs(20),
+        move || c() == Access::Ok("secret".into()),
+    )
+    .await;
 
     let bin = agent_bin();
     let addr = free_port();
