@@ -24,6 +24,9 @@ enum LogFormat {
 enum Command {
     /// Enforce the guards in a file on the given processes until SIGINT or SIGTERM.
     Guard(janus_agent::standalone::GuardArgs),
+    /// Serve the gRPC API (janus.agent.v1) through which the controller places guards on
+    /// this node's pods.
+    Serve(janus_agent::serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +48,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Guard(args) => janus_agent::standalone::run(args).await,
+            Command::Serve(args) => janus_agent::serve::run(args).await,
         }
     });
     match result {

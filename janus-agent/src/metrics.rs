@@ -19,6 +19,7 @@ pub struct Metrics {
     pub latency: HistogramVec,
     pub log_dropped: IntCounter,
     pub new_dirs: IntCounterVec,
+    pub guards: IntGaugeVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -99,6 +100,14 @@ impl Metrics {
             "Directories created or moved under a guarded directory and marked after the guard started.",
             &["guard", "namespace"],
         );
+        let guards = gauge(
+            "janus_guards",
+            "Guards held by `serve` (one per guard and pod), by state (enforced|pending|failed).",
+            &["state"],
+        );
+        for state in ["enforced", "pending", "failed"] {
+            guards.with_label_values(&[state]).set(0);
+        }
         Metrics {
             registry: r,
             decisions,
@@ -110,6 +119,7 @@ impl Metrics {
             latency,
             log_dropped,
             new_dirs,
+            guards,
         }
     }
 

@@ -11,3 +11,10 @@ pub use decide::{Decision, RuleSet, Verdict};
 pub use guard::{JanusGuard, JanusGuardSpec, LabelSelector, Subject};
 pub use logformat::{LogRecord, LogTemplate};
 pub use policy::{Event, EventSet, GuardPath, GuardPolicy, SubjectPolicy, ValidationErrors};
+
+/// The agent's gRPC API, `janus.agent.v1`, generated from `proto/janus/agent/v1/agent.proto`.
+#[cfg(feature = "grpc")]
+pub mod agent_v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("janus.agent.v1");
+}

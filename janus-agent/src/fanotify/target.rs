@@ -173,7 +173,7 @@ pub fn start(
     })
 }
 
-fn unsupported_warnings(guard: &GuardPolicy) -> Vec<String> {
+pub fn unsupported_warnings(guard: &GuardPolicy) -> Vec<String> {
     guard
         .subjects
         .iter()

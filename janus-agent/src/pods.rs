@@ -1,0 +1,342 @@
+//! Finding a pod's containers on this node from cgroup membership.
+//!
+//! Every process names its cgroups in `/proc/PID/cgroup` (one line per v1 hierarchy, `0::`
+//! for v2). A container's cgroup ends in its ID, whatever the layout:
+//! - kubelet, cgroupfs driver: `/kubepods[/burstable|/besteffort]/pod<uid>/<id>`
+//! - kubelet, systemd driver: `/kubepods.slice/kubepods-burstable.slice/
+//!   kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope`
+//!   (`crio-<id>.scope`, `docker-<id>.scope`)
+//! - plain containerd (`ctr run`): `/<namespace>/<id>`
+//!
+//! Membership alone does not make a process the container's: runc, `kubectl exec` and
+//! `ctr task exec` enter the cgroup too. The container's own process is its init, the one
+//! that is PID 1 in its own PID namespace (the last `NSpid` entry). That process is also the
+//! owner that `autoAllowOwner` allows.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// A container ID as the kubelet reports it, `<runtime>://<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerId {
+    pub runtime: Runtime,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Runtime {
+    Containerd,
+    CriO,
+    Docker,
+}
+
+impl Runtime {
+    fn prefix(self) -> &'static str {
+        match self {
+            Runtime::Containerd => "containerd",
+            Runtime::CriO => "cri-o",
+            Runtime::Docker => "docker",
+        }
+    }
+
+    /// The prefix a systemd scope of this runtime's containers carries.
+    fn scope_prefix(self) -> &'static str {
+        match self {
+            Runtime::Containerd => "cri-containerd-",
+            Runtime::CriO => "crio-",
+            Runtime::Docker => "docker-",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ContainerIdError {
+    #[error("container ID {0:?} lacks a runtime prefix (containerd://, cri-o://, docker://)")]
+    NoPrefix(String),
+    #[error("container ID {0:?}: unknown runtime {1:?}")]
+    UnknownRuntime(String, String),
+    #[error("container ID {0:?}: the ID must be non-empty and contain no '/'")]
+    BadId(String),
+}
+
+impl std::str::FromStr for ContainerId {
+    type Err = ContainerIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (runtime, id) = s
+            .split_once("://")
+            .ok_or_else(|| ContainerIdError::NoPrefix(s.into()))?;
+        let runtime = match runtime {
+            "containerd" => Runtime::Containerd,
+            "cri-o" => Runtime::CriO,
+            "docker" => Runtime::Docker,
+            other => return Err(ContainerIdError::UnknownRuntime(s.into(), other.into())),
+        };
+        if id.is_empty() || id.contains('/') || id.contains('\0') {
+            return Err(ContainerIdError::BadId(s.into()));
+        }
+        Ok(ContainerId {
+            runtime,
+            id: id.into(),
+        })
+    }
+}
+
+impl fmt::Display for ContainerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.runtime.prefix(), self.id)
+    }
+}
+
+impl ContainerId {
+    /// Whether a cgroup path's last component is this container's cgroup.
+    fn is_leaf(&self, leaf: &str) -> bool {
+        if leaf == self.id {
+            return true;
+        }
+        leaf.strip_prefix(self.runtime.scope_prefix())
+            .and_then(|l| l.strip_suffix(".scope"))
+            == Some(self.id.as_str())
+    }
+}
+
+/// The pod UID a cgroup path names, in either kubelet layout.
+fn pod_uid_of(path: &str) -> Option<String> {
+    let mut in_kubepods = false;
+    for component in path.split('/') {
+        if component.starts_with("kubepods") {
+            in_kubepods = true;
+        }
+        if !in_kubepods {
+            continue;
+        }
+        if let Some(slice) = component.strip_suffix(".slice") {
+            if let Some((_, uid)) = slice.rsplit_once("-pod") {
+                return Some(uid.replace('_', "-"));
+            }
+        } else if let Some(uid) = component.strip_prefix("pod") {
+            return Some(uid.to_owned());
+        }
+    }
+    None
+}
+
+/// One process as the scan saw it.
+#[derive(Debug, Clone)]
+struct Proc {
+    pid: i32,
+    /// Cgroup paths, one per hierarchy.
+    cgroups: Vec<String>,
+    /// Whether the process is PID 1 of its own PID namespace.
+    ns_init: bool,
+    /// Start time in clock ticks since boot: the tie-break for containers sharing the host's
+    /// PID namespace, where no process is a namespace's PID 1.
+    start: u64,
+}
+
+/// What one pass over /proc found for the containers and pods asked about.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// The init process of each container found.
+    pub inits: BTreeMap<ContainerId, i32>,
+    /// Pods with at least one process on this node, by their pod cgroup or a container.
+    pub pods_present: BTreeSet<String>,
+}
+
+/// Scans /proc once for the given containers (each with its pod UID).
+pub fn scan(wanted: &[(String, ContainerId)]) -> Scan {
+    let procs = read_procs("/proc");
+    scan_procs(&procs, wanted)
+}
+
+fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
+    let mut out = Scan::default();
+    let pod_uids: BTreeSet<&str> = wanted.iter().map(|(p, _)| p.as_str()).collect();
+    let mut members: BTreeMap<&ContainerId, Vec<&Proc>> = BTreeMap::new();
+    for p in procs {
+        for path in &p.cgroups {
+            if let Some(uid) = pod_uid_of(path) {
+                if pod_uids.contains(uid.as_str()) {
+                    out.pods_present.insert(uid);
+                }
+            }
+            let leaf = path.rsplit('/').next().unwrap_or_default();
+            for (pod, cid) in wanted {
+                if cid.is_leaf(leaf) {
+                    out.pods_present.insert(pod.clone());
+                    let m = members.entry(cid).or_default();
+                    if !m.iter().any(|q| q.pid == p.pid) {
+                        m.push(p);
+                    }
+                }
+            }
+        }
+    }
+    for (cid, m) in members {
+        let init = m
+            .iter()
+            .find(|p| p.ns_init)
+            .or_else(|| m.iter().min_by_key(|p| (p.start, p.pid)));
+        if let Some(p) = init {
+            out.inits.insert(cid.clone(), p.pid);
+        }
+    }
+    out
+}
+
+fn read_procs(proc_root: &str) -> Vec<Proc> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| read_proc(proc_root, pid))
+        .collect()
+}
+
+/// None when the process vanished mid-read: it is simply not there.
+fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
+    let cgroup = std::fs::read(format!("{proc_root}/{pid}/cgroup")).ok()?;
+    let cgroups = String::from_utf8_lossy(&cgroup)
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_owned))
+        .collect();
+    let status = std::fs::read(format!("{proc_root}/{pid}/status")).ok()?;
+    let ns_init = String::from_utf8_lossy(&status)
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|ids| {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            ids.len() > 1 && ids.last() == Some(&"1")
+        })
+        .unwrap_or(false);
+    let stat = std::fs::read(format!("{proc_root}/{pid}/stat")).ok()?;
+    // Fields after the command name, which may itself contain ')'.
+    let after = stat
+        .iter()
+        .rposition(|b| *b == b')')
+        .map(|i| &stat[i + 1..])?;
+    let start = std::str::from_utf8(after)
+        .ok()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    Some(Proc {
+        pid,
+        cgroups,
+        ns_init,
+        start,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cid(s: &str) -> ContainerId {
+        s.parse().unwrap()
+    }
+
+    fn proc(pid: i32, cgroups: &[&str], ns_init: bool, start: u64) -> Proc {
+        Proc {
+            pid,
+            cgroups: cgroups.iter().map(|s| s.to_string()).collect(),
+            ns_init,
+            start,
+        }
+    }
+
+    #[test]
+    fn container_ids_need_a_known_runtime() {
+        assert_eq!(cid("containerd://abc").runtime, Runtime::Containerd);
+        assert_eq!(cid("cri-o://abc").runtime, Runtime::CriO);
+        assert_eq!(cid("docker://abc").to_string(), "docker://abc");
+        assert!(matches!(
+            "abc".parse::<ContainerId>(),
+            Err(ContainerIdError::NoPrefix(_))
+        ));
+        assert!(matches!(
+            "rkt://abc".parse::<ContainerId>(),
+            Err(ContainerIdError::UnknownRuntime(..))
+        ));
+        assert!(matches!(
+            "containerd://a/../b".parse::<ContainerId>(),
+            Err(ContainerIdError::BadId(_))
+        ));
+    }
+
+    #[test]
+    fn every_layout_is_recognised() {
+        let id = "0123abcd";
+        let uid = "1111-2222";
+        let layouts = [
+            ("containerd", format!("12:memory:/kubepods/burstable/pod{uid}/{id}")),
+            ("containerd", format!("0::/kubepods/pod{uid}/{id}")),
+            (
+                "containerd",
+                format!("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1111_2222.slice/cri-containerd-{id}.scope"),
+            ),
+            (
+                "cri-o",
+                format!("0::/kubepods.slice/kubepods-pod1111_2222.slice/crio-{id}.scope"),
+            ),
+            (
+                "docker",
+                format!("4:cpu,cpuacct:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1111_2222.slice/docker-{id}.scope"),
+            ),
+        ];
+        for (runtime, path) in layouts {
+            let c = cid(&format!("{runtime}://{id}"));
+            let procs = [proc(40, &[path.splitn(3, ':').nth(2).unwrap()], true, 5)];
+            let s = scan_procs(&procs, &[(uid.into(), c.clone())]);
+            assert_eq!(s.inits.get(&c), Some(&40), "{path}");
+            assert!(s.pods_present.contains(uid), "{path}");
+        }
+        // Plain containerd, as `ctr run` makes it: no pod in the path.
+        let c = cid("containerd://e2e-1");
+        let s = scan_procs(
+            &[proc(7, &["/default/e2e-1"], true, 1)],
+            &[("p".into(), c.clone())],
+        );
+        assert_eq!(s.inits.get(&c), Some(&7));
+    }
+
+    #[test]
+    fn the_namespace_init_wins_over_runc_and_exec() {
+        let c = cid("containerd://x");
+        let procs = [
+            proc(10, &["/default/x"], false, 1), // runc, earliest
+            proc(11, &["/default/x"], true, 2),  // the container's init
+            proc(12, &["/default/x"], false, 3), // an exec'd shell
+            proc(13, &["/default/conmon-x"], true, 0),
+        ];
+        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        assert_eq!(s.inits.get(&c), Some(&11));
+        // Sharing the host's PID namespace: the earliest process.
+        let procs = [
+            proc(21, &["/default/x"], false, 9),
+            proc(20, &["/default/x"], false, 4),
+        ];
+        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        assert_eq!(s.inits.get(&c), Some(&20));
+    }
+
+    #[test]
+    fn a_pod_is_present_through_its_sandbox_while_a_container_restarts() {
+        let c = cid("containerd://gone");
+        let procs = [proc(5, &["/kubepods/podu-1/pause"], true, 1)];
+        let s = scan_procs(&procs, &[("u-1".into(), c.clone())]);
+        assert!(s.inits.is_empty());
+        assert!(s.pods_present.contains("u-1"));
+        let s = scan_procs(&procs, &[("u-2".into(), c)]);
+        assert!(s.pods_present.is_empty());
+    }
+
+    #[test]
+    fn this_process_is_found_in_the_real_proc() {
+        let me = std::process::id() as i32;
+        let procs = read_procs("/proc");
+        assert!(procs.iter().any(|p| p.pid == me && !p.cgroups.is_empty()));
+    }
+}

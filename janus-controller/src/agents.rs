@@ -1,0 +1,219 @@
+//! Reaching the agents: each node's agent is found through the headless Service's
+//! EndpointSlices (an endpoint's `nodeName` and the port named `grpc`), and called over gRPC
+//! with the controller's client certificate.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use janus_api::agent_v1::agent_client::AgentClient;
+use janus_api::agent_v1::{
+    ApplyGuardRequest, GuardKey, GuardStatus, ListGuardsRequest, RemoveGuardRequest,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The name of the port the agent's Service gives its gRPC API.
+pub const GRPC_PORT_NAME: &str = "grpc";
+
+/// Node name -> the agent's address (`host:port`), from the Service's EndpointSlices.
+/// Terminating endpoints are left out; an agent that is not ready yet is still called, since
+/// it becomes ready only once it enforces what it was given.
+pub fn discover<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for slice in slices {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(GRPC_PORT_NAME))
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let terminating = ep
+                .conditions
+                .as_ref()
+                .and_then(|c| c.terminating)
+                .unwrap_or(false);
+            let (Some(node), Some(addr), false) =
+                (&ep.node_name, ep.addresses.first(), terminating)
+            else {
+                continue;
+            };
+            let host = if addr.contains(':') {
+                format!("[{addr}]")
+            } else {
+                addr.clone()
+            };
+            out.insert(node.clone(), format!("{host}:{port}"));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// CA that signed the agents' certificates.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// The controller's client certificate (PEM).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The controller's client key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// The name the agents' certificates carry (they are reached by IP address).
+    #[arg(long, default_value = "janus-agent")]
+    pub tls_server_name: String,
+    /// Call the agents without TLS. For tests only.
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    pub fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        if self.insecure_plaintext {
+            return Ok(None);
+        }
+        let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key)
+        else {
+            anyhow::bail!(
+                "--tls-ca, --tls-cert and --tls-key are required (or --insecure-plaintext)"
+            );
+        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        Ok(Some(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .identity(Identity::from_pem(read(cert)?, read(key)?))
+                .domain_name(self.tls_server_name.clone()),
+        ))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent {addr} unreachable: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("agent {addr}: {}", .status.message())]
+    Call { addr: String, status: tonic::Status },
+}
+
+impl AgentError {
+    /// True when the agent was not reached at all, as opposed to refusing a request.
+    pub fn unreachable(&self) -> bool {
+        match self {
+            AgentError::Connect { .. } => true,
+            AgentError::Call { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ),
+        }
+    }
+}
+
+/// gRPC clients of the agents, one channel per address, reused across reconciliations.
+pub struct AgentPool {
+    tls: Option<ClientTlsConfig>,
+    timeout: Duration,
+    channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+impl AgentPool {
+    pub fn new(tls: Option<ClientTlsConfig>, timeout: Duration) -> AgentPool {
+        AgentPool {
+            tls,
+            timeout,
+            channels: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    async fn client(&self, addr: &str) -> Result<AgentClient<Channel>, AgentError> {
+        if let Some(ch) = self.channels.lock().expect("channels lock").get(addr) {
+            return Ok(AgentClient::new(ch.clone()));
+        }
+        let connect = |source| AgentError::Connect {
+            addr: addr.to_owned(),
+            source,
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(connect)?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            ep = ep.tls_config(tls.clone()).map_err(connect)?;
+        }
+        let ch = ep.connect().await.map_err(connect)?;
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .insert(addr.to_owned(), ch.clone());
+        Ok(AgentClient::new(ch))
+    }
+
+    /// Forgets a channel after a failure so the next call reconnects (the agent may have
+    /// restarted with a new address or certificate).
+    fn forget(&self, addr: &str, e: &AgentError) {
+        if e.unreachable() {
+            self.channels.lock().expect("channels lock").remove(addr);
+        }
+    }
+
+    async fn call<T, F, Fut>(&self, addr: &str, f: F) -> Result<T, AgentError>
+    where
+        F: FnOnce(AgentClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let result = match self.client(addr).await {
+            Ok(c) => f(c)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| AgentError::Call {
+                    addr: addr.to_owned(),
+                    status,
+                }),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.forget(addr, e);
+        }
+        result
+    }
+
+    pub async fn list(&self, addr: &str) -> Result<Vec<GuardStatus>, AgentError> {
+        self.call(addr, |mut c| async move {
+            c.list_guards(ListGuardsRequest {}).await
+        })
+        .await
+        .map(|r| r.guards)
+    }
+
+    pub async fn apply(
+        &self,
+        addr: &str,
+        req: ApplyGuardRequest,
+    ) -> Result<GuardStatus, AgentError> {
+        self.call(addr, |mut c| async move { c.apply_guard(req).await })
+            .await
+            .map(|r| r.status.unwrap_or_default())
+    }
+
+    pub async fn remove(&self, addr: &str, key: GuardKey) -> Result<bool, AgentError> {
+        self.call(addr, |mut c| async move {
+            c.remove_guard(RemoveGuardRequest { key: Some(key) }).await
+        })
+        .await
+        .map(|r| r.removed)
+    }
+}

@@ -1,0 +1,140 @@
+//! The JanusGuard custom resource as the API server sees it: the same fields as
+//! [`janus_api::JanusGuardSpec`] (every manifest of the original Janus deserializes into
+//! both), plus a schema that refuses at admission what the agent would refuse later:
+//! relative paths or `..` components, unknown events, no subjects.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// An absolute path with no `..` component (RE2, as the API server evaluates it).
+pub const PATH_PATTERN: &str = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+|\.?))+$";
+
+/// A guard on files in the pods its selector picks: which paths to allow or deny, for which
+/// events.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "januscontroller.clustergarage.io",
+    version = "v1alpha1",
+    kind = "JanusGuard",
+    namespaced,
+    status = "JanusGuardStatus",
+    shortname = "jg",
+    doc = "Guards files in the pods its selector picks: paths to allow or deny, for which events",
+    printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.podsGuarded"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Degraded","type":"string","jsonPath":".status.conditions[?(@.type==\"Degraded\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct JanusGuardSpec {
+    #[serde(default)]
+    pub selector: LabelSelector,
+    #[schemars(length(min = 1))]
+    pub subjects: Vec<Subject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Subject {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATH_PATTERN)))]
+    pub allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATH_PATTERN)))]
+    pub deny: Vec<String>,
+    /// Omitted means `all` (open and access).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventName>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub only_dir: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub auto_allow_owner: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub audit: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EventName {
+    All,
+    Open,
+    Access,
+    Exec,
+    Modify,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    pub operator: Operator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JanusGuardStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Selected pods whose every container is enforced.
+    #[serde(default)]
+    pub pods_guarded: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    /// RFC 3339.
+    pub last_transition_time: String,
+}
+
+impl JanusGuardSpec {
+    /// The spec in the agent's own types, through its JSON form (the wire format of
+    /// `ApplyGuard`), so both sides read exactly the same document.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a spec serializes")
+    }
+}
+
+/// The CustomResourceDefinition, as YAML.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&JanusGuard::crd()).expect("the CRD serializes")
+}

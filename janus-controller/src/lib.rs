@@ -1,0 +1,164 @@
+//! The Janus controller: watches JanusGuards, Pods and the agents' EndpointSlices, and keeps
+//! every node's agent holding exactly the guards for the pods running there.
+
+pub mod agents;
+pub mod crd;
+pub mod metrics;
+pub mod reconcile;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, ResourceExt};
+
+use crate::crd::JanusGuard;
+use crate::reconcile::Core;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Namespace of the agents' headless Service.
+    #[arg(long, default_value = "janus")]
+    pub agent_namespace: String,
+    /// The agents' headless Service; its EndpointSlices say which agent runs on which node.
+    #[arg(long, default_value = "janus-agent")]
+    pub agent_service: String,
+    /// Seconds between reconciliations that list every agent and fix drift both ways.
+    #[arg(long, default_value_t = 30)]
+    pub reconcile_period_secs: u64,
+    /// Timeout of one call to an agent, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub agent_timeout_secs: u64,
+    /// Serve /metrics and /healthz here.
+    #[arg(long, default_value = "0.0.0.0:9702")]
+    pub metrics_addr: SocketAddr,
+    #[command(flatten)]
+    pub tls: agents::TlsArgs,
+}
+
+/// Per-guard reconciliation, driven by kube's Controller (guard and pod changes).
+async fn reconcile(guard: Arc<JanusGuard>, core: Arc<Core>) -> Result<Action, reconcile::Error> {
+    let result = core.sync_guard(&guard).await;
+    let label = if result.is_ok() { "ok" } else { "error" };
+    core.metrics
+        .reconciliations
+        .with_label_values(&[label])
+        .inc();
+    result.map(|()| Action::await_change())
+}
+
+fn error_policy(_: Arc<JanusGuard>, e: &reconcile::Error, core: Arc<Core>) -> Action {
+    core.metrics.errors.with_label_values(&["status"]).inc();
+    tracing::warn!(error = %e, "reconciliation failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The guards of a pod's namespace: a pod starting, stopping or changing labels may change
+/// what any of them selects.
+fn guards_of_namespace(
+    guards: &reflector::Store<JanusGuard>,
+    ns: Option<String>,
+) -> Vec<ObjectRef<JanusGuard>> {
+    guards
+        .state()
+        .iter()
+        .filter(|g| g.namespace() == ns)
+        .map(|g| ObjectRef::from_obj(&**g))
+        .collect()
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let tls = args.tls.client_config()?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    serve_metrics(args.metrics_addr, metrics.clone()).await?;
+
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_api: Api<Pod> = Api::all(client.clone());
+    let pod_events = reflector::reflector(pod_writer, watcher(pod_api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let slice_api: Api<EndpointSlice> = Api::namespaced(client.clone(), &args.agent_namespace);
+    let slice_cfg = watcher::Config::default().labels(&format!(
+        "kubernetes.io/service-name={}",
+        args.agent_service
+    ));
+    let slice_events = reflector::reflector(slice_writer, watcher(slice_api, slice_cfg))
+        .default_backoff()
+        .touched_objects();
+
+    let guard_api: Api<JanusGuard> = Api::all(client.clone());
+    let controller = Controller::new(guard_api, watcher::Config::default());
+    let guards = controller.store();
+    let core = Arc::new(Core::new(
+        client,
+        guards.clone(),
+        pods,
+        slices,
+        agents::AgentPool::new(tls, Duration::from_secs(args.agent_timeout_secs)),
+        metrics,
+    ));
+
+    let period = Duration::from_secs(args.reconcile_period_secs.max(1));
+    let periodic = {
+        let core = core.clone();
+        async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let result = core.sync_all().await;
+                let label = if result.is_ok() { "ok" } else { "error" };
+                core.metrics
+                    .reconciliations
+                    .with_label_values(&[label])
+                    .inc();
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "periodic reconciliation");
+                }
+            }
+        }
+    };
+    let store = guards.clone();
+    let controller = controller
+        .watches_stream(pod_events, move |pod: Pod| {
+            guards_of_namespace(&store, pod.namespace())
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, core)
+        .for_each(|_| async {});
+    // Agents coming and going are handled by the periodic pass, which lists them all.
+    let slices = slice_events.for_each(|_| async {});
+    tokio::select! {
+        _ = controller => {}
+        _ = slices => {}
+        _ = periodic => {}
+    }
+    Ok(())
+}
+
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<metrics::Metrics>) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/healthz", get(|| async { "ok\n" }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}

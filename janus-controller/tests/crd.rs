@@ -1,0 +1,106 @@
+//! The CRD: deploy/base/crd.yaml is what `janus-controller crd` prints, its schema refuses
+//! what the agent refuses, and every manifest of the original Janus still fits it.
+
+use std::path::PathBuf;
+
+use janus_controller::crd::{crd_yaml, JanusGuard, JanusGuardSpec, PATH_PATTERN};
+use kube::CustomResourceExt;
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+#[test]
+fn deploy_copy_is_generated_from_the_types() {
+    let path = repo("deploy/base/crd.yaml");
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == crd_yaml(),
+        "{} is stale: run `cargo run -p janus-controller -- crd > deploy/base/crd.yaml`",
+        path.display()
+    );
+}
+
+#[test]
+fn crd_is_namespaced_with_status_and_printer_columns() {
+    let crd = serde_json::to_value(JanusGuard::crd()).unwrap();
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert_eq!(crd["spec"]["group"], "januscontroller.clustergarage.io");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert!(version["subresources"]["status"].is_object());
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Pods", "Ready", "Degraded", "Age"]);
+    let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(spec["properties"]["subjects"]["minItems"], 1);
+    let subject = &spec["properties"]["subjects"]["items"]["properties"];
+    for field in ["allow", "deny"] {
+        assert_eq!(subject[field]["items"]["pattern"], PATH_PATTERN, "{field}");
+    }
+    let events: Vec<&str> = subject["events"]["items"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["all", "open", "access", "exec", "modify"]);
+}
+
+#[test]
+fn path_pattern_refuses_what_the_agent_refuses() {
+    let re = regex::Regex::new(PATH_PATTERN).unwrap();
+    for ok in [
+        "/",
+        "/a",
+        "/a/b/",
+        "/a/.hidden",
+        "/a/..b",
+        "/a/b..",
+        "/./a",
+        "/a//b",
+    ] {
+        assert!(re.is_match(ok), "{ok} should be accepted");
+        assert!(janus_api::GuardPath::parse(ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "a", "data/secret", "/a/../b", "/..", "/a/..", "../a"] {
+        assert!(!re.is_match(bad), "{bad} should be refused");
+        assert!(janus_api::GuardPath::parse(bad).is_err(), "{bad}");
+    }
+}
+
+/// Every seed manifest deserializes into the CRD's types unchanged, and what the controller
+/// sends the agent is the same spec the agent would read from the manifest itself.
+#[test]
+fn seed_manifests_fit_unchanged() {
+    let dir = repo("tests/fixtures/seed");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (ours, theirs): (JanusGuardSpec, janus_api::JanusGuardSpec) = if text
+            .contains("kind: JanusGuard")
+        {
+            let g: JanusGuard =
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let api = janus_api::guard::parse_documents(&text).unwrap().remove(0);
+            (g.spec, api.spec)
+        } else {
+            // A `subjects:` fragment, as the seed shows some examples.
+            (
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+                serde_yaml::from_str(&text).unwrap(),
+            )
+        };
+        let sent: janus_api::JanusGuardSpec = serde_json::from_str(&ours.to_json()).unwrap();
+        assert_eq!(sent, theirs, "{}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 6, "only {seen} fixtures in {}", dir.display());
+}

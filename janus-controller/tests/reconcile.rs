@@ -1,0 +1,293 @@
+//! The reconcile core against kube's mock API (status patches, Events) and in-memory agents
+//! over loopback gRPC: selection, label changes, pod and guard deletion, drift, status.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use janus_controller::agents::AgentPool;
+use janus_controller::metrics::Metrics;
+use janus_controller::reconcile::Core;
+use serde_json::json;
+use support::{guard, pod, FakeAgent, MockApi, Stores};
+
+struct World {
+    stores: Stores,
+    api: MockApi,
+    core: Core,
+    a: FakeAgent,
+    b: FakeAgent,
+}
+
+async fn world() -> World {
+    let (client, api) = MockApi::start();
+    let mut stores = Stores::new();
+    let (a, b) = (FakeAgent::default(), FakeAgent::default());
+    let (addr_a, addr_b) = (a.serve().await, b.serve().await);
+    stores.agents(&[("node-a", addr_a), ("node-b", addr_b)]);
+    let core = Core::new(
+        client,
+        stores.guards.0.clone(),
+        stores.pods.0.clone(),
+        stores.slices.0.clone(),
+        AgentPool::new(None, Duration::from_secs(2)),
+        Arc::new(Metrics::new()),
+    );
+    World {
+        stores,
+        api,
+        core,
+        a,
+        b,
+    }
+}
+
+fn web_guard(generation: i64) -> janus_controller::crd::JanusGuard {
+    guard(
+        "web",
+        generation,
+        json!({
+            "selector": {"matchLabels": {"app": "web"},
+                         "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["canary"]}]},
+            "subjects": [{"deny": ["/etc/secret"], "events": ["open"]}],
+        }),
+    )
+}
+
+fn populate(w: &mut World) {
+    w.stores.guard(web_guard(1));
+    w.stores.pod(pod(
+        "web-1",
+        "node-a",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c1"],
+    ));
+    w.stores.pod(pod(
+        "web-2",
+        "node-b",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c2", "containerd://c3"],
+    ));
+    w.stores.pod(pod(
+        "web-canary",
+        "node-b",
+        json!({"app": "web", "tier": "canary"}),
+        "Running",
+        &["containerd://c4"],
+    ));
+    w.stores.pod(pod(
+        "web-pending",
+        "node-a",
+        json!({"app": "web"}),
+        "Pending",
+        &[],
+    ));
+    w.stores.pod(pod(
+        "db-1",
+        "node-a",
+        json!({"app": "db"}),
+        "Running",
+        &["containerd://c5"],
+    ));
+}
+
+#[tokio::test]
+async fn a_guard_reaches_exactly_the_running_pods_it_selects() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    assert_eq!(w.b.pods(), ["web/pod-web-2"]);
+    let status = w.api.status("web").expect("a status patch");
+    assert_eq!(status["podsGuarded"], 2);
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(w.api.condition("web", "Ready").unwrap()["status"], "True");
+    assert_eq!(
+        w.api.condition("web", "Degraded").unwrap()["status"],
+        "False"
+    );
+    // Idempotent: nothing is pushed again, nothing patched again.
+    let applies = w.a.applies.load(Ordering::SeqCst) + w.b.applies.load(Ordering::SeqCst);
+    let patches = w.api.seen.lock().unwrap().len();
+    // As the watch would deliver it: with the status just written.
+    let mut current = web_guard(1);
+    current.status = Some(serde_json::from_value(status).unwrap());
+    w.core.sync_guard(&current).await.unwrap();
+    assert_eq!(
+        w.a.applies.load(Ordering::SeqCst) + w.b.applies.load(Ordering::SeqCst),
+        applies
+    );
+    assert_eq!(w.api.seen.lock().unwrap().len(), patches);
+}
+
+#[tokio::test]
+async fn label_changes_and_pod_deletion_change_the_set() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    // web-2 leaves the selection; db-1 joins it.
+    w.stores.pod(pod(
+        "web-2",
+        "node-b",
+        json!({"app": "other"}),
+        "Running",
+        &["containerd://c2"],
+    ));
+    w.stores.pod(pod(
+        "db-1",
+        "node-a",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c5"],
+    ));
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-db-1", "web/pod-web-1"]);
+    assert!(w.b.pods().is_empty());
+    w.stores.delete_pod(pod(
+        "web-1",
+        "node-a",
+        json!({"app": "web"}),
+        "Running",
+        &[],
+    ));
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-db-1"]);
+    assert_eq!(w.api.status("web").unwrap()["podsGuarded"], 1);
+}
+
+#[tokio::test]
+async fn a_new_generation_is_pushed_again() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    w.stores.guard(web_guard(2));
+    w.core.sync_guard(&web_guard(2)).await.unwrap();
+    let held = w.a.held.lock().unwrap();
+    assert!(held.values().all(|s| s.generation == 2));
+    drop(held);
+    assert_eq!(w.api.status("web").unwrap()["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn periodic_sync_lifts_deleted_guards_and_restores_restarted_agents() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    // The agent on node-b restarts and forgets; an agent holds a guard nobody wants.
+    w.b.held.lock().unwrap().clear();
+    w.a.held.lock().unwrap().insert(
+        ("default".into(), "deleted-guard".into(), "pod-x".into()),
+        janus_api::agent_v1::GuardStatus {
+            key: Some(janus_api::agent_v1::GuardKey {
+                guard_namespace: "default".into(),
+                guard_name: "deleted-guard".into(),
+                pod_uid: "pod-x".into(),
+            }),
+            ..Default::default()
+        },
+    );
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    assert_eq!(w.b.pods(), ["web/pod-web-2"]);
+    // The guard is deleted: the next pass lifts it everywhere.
+    w.stores.delete_guard(web_guard(1));
+    w.core.sync_all().await.unwrap();
+    assert!(w.a.pods().is_empty() && w.b.pods().is_empty());
+}
+
+#[tokio::test]
+async fn unsupported_events_failures_and_unreachable_agents_degrade_the_guard() {
+    let mut w = world().await;
+    let modify = guard(
+        "mod",
+        1,
+        json!({"selector": {"matchLabels": {"app": "web"}},
+               "subjects": [{"allow": ["/data"], "events": ["modify"]}]}),
+    );
+    w.stores.guard(modify.clone());
+    w.stores.pod(pod(
+        "web-1",
+        "node-a",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c1"],
+    ));
+    w.core.sync_guard(&modify).await.unwrap();
+    let degraded = w.api.condition("mod", "Degraded").unwrap();
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "UnsupportedEvent");
+    let msg = degraded["message"].as_str().unwrap();
+    assert!(
+        msg.contains("event modify not supported by the fanotify backend on node node-a"),
+        "{msg}"
+    );
+    assert!(w
+        .api
+        .events()
+        .iter()
+        .any(|(r, n)| r == "UnsupportedEvent" && n.contains("node-a")));
+
+    // A pod on a node whose agent does not answer.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let addr_a = w.stores.slices.0.state().iter().find_map(|s| {
+        let ep = &s.endpoints[0];
+        (ep.node_name.as_deref() == Some("node-a")).then(|| {
+            format!(
+                "{}:{}",
+                ep.addresses[0],
+                s.ports.as_ref().unwrap()[0].port.unwrap()
+            )
+        })
+    });
+    let addr_a: std::net::SocketAddr = addr_a.unwrap().parse().unwrap();
+    w.stores.agents(&[("node-a", addr_a), ("node-c", dead)]);
+    w.stores.pod(pod(
+        "web-3",
+        "node-c",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c9"],
+    ));
+    w.a.fail.store(true, Ordering::SeqCst);
+    w.a.held.lock().unwrap().clear();
+    w.core.sync_all().await.unwrap();
+    let degraded = w.api.condition("mod", "Degraded").unwrap();
+    let msg = degraded["message"].as_str().unwrap();
+    assert!(msg.contains("unreachable"), "{msg}");
+    assert!(
+        msg.contains("container containerd://c1 on node node-a: no such process"),
+        "{msg}"
+    );
+    assert_eq!(w.api.condition("mod", "Ready").unwrap()["status"], "False");
+    assert_eq!(w.api.status("mod").unwrap()["podsGuarded"], 0);
+}
+
+#[tokio::test]
+async fn an_invalid_guard_is_reported_and_pushed_nowhere() {
+    let mut w = world().await;
+    let bad = guard("bad", 1, json!({"subjects": [{"events": ["open"]}]}));
+    w.stores.guard(bad.clone());
+    w.stores.pod(pod(
+        "web-1",
+        "node-a",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c1"],
+    ));
+    w.core.sync_guard(&bad).await.unwrap();
+    assert!(w.a.pods().is_empty());
+    let degraded = w.api.condition("bad", "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(degraded["message"]
+        .as_str()
+        .unwrap()
+        .contains("spec.subjects[0]"));
+}
