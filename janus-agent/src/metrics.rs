@@ -19,6 +19,8 @@ pub struct Metrics {
     pub latency: HistogramVec,
     pub log_dropped: IntCounter,
     pub new_dirs: IntCounterVec,
+    pub bpf_events_dropped: IntCounter,
+    pub backend_info: IntGaugeVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -99,8 +101,23 @@ impl Metrics {
             "Directories created or moved under a guarded directory and marked after the guard started.",
             &["guard", "namespace"],
         );
+        let bpf_events_dropped = register(
+            &r,
+            IntCounter::new(
+                "janus_bpf_events_dropped_total",
+                "BPF decisions not reported because the ring buffer was full (the decision itself stood).",
+            )
+            .expect("valid metric"),
+        );
+        let backend_info = gauge(
+            "janus_backend_info",
+            "1 for the enforcement backend in use (bpf|fanotify).",
+            &["backend"],
+        );
         Metrics {
             registry: r,
+            bpf_events_dropped,
+            backend_info,
             decisions,
             internal_errors,
             overflows,
