@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Ancestors visited above the opened file before the walk gives up and denies.
-pub const MAX_DEPTH: usize = 48;
+pub const MAX_DEPTH: usize = 32;
 /// Path components (nearest the file) a decision record carries for the log line.
 pub const MAX_NAMES: usize = 8;
 /// Bytes kept of each component name (NUL-terminated).

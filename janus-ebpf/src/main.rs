@@ -26,10 +26,10 @@ use aya_ebpf::{
     programs::LsmContext,
 };
 use janus_common::{
-    Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER,
-    DECISION_IS_DIR, DECISION_TOO_DEEP, EVENTS, EV_ACCESS, EV_EXEC, EV_MODIFY, EV_OPEN,
-    MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT,
-    RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
+    DECISION_TOO_DEEP, EV_ACCESS, EV_EXEC, EV_MODIFY, EV_OPEN, MAX_DEPTH, MAX_NAMES, MAX_RULES,
+    MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW,
+    VERDICT_DENY, VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -85,15 +85,22 @@ pub fn file_open(ctx: LsmContext) -> i32 {
         return retval;
     }
     let file: *const u8 = ctx.arg(0);
-    let off = offsets();
-    let Ok(mode) = read::<u32>(file, off.file_f_mode) else {
+    let Some((c, mode)) = prepare(file) else {
         return 0;
     };
-    let mut wanted = [false; EVENTS];
-    wanted[EV_OPEN] = true;
-    wanted[EV_EXEC] = mode & FMODE_EXEC != 0;
-    wanted[EV_MODIFY] = mode & FMODE_WRITE != 0;
-    decide(&off, file, mode, wanted)
+    // The order of fanotify's permission events: exec, then open; a write-open is also
+    // a modify.
+    if mode & FMODE_EXEC != 0 {
+        let r = check(&c, EV_EXEC);
+        if r != 0 {
+            return r;
+        }
+    }
+    let r = check(&c, EV_OPEN);
+    if r != 0 || mode & FMODE_WRITE == 0 {
+        return r;
+    }
+    check(&c, EV_MODIFY)
 }
 
 #[lsm(hook = "file_permission")]
@@ -103,16 +110,24 @@ pub fn file_permission(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval;
     }
-    let file: *const u8 = ctx.arg(0);
     let mask: i32 = ctx.arg(1);
-    let off = offsets();
-    let Ok(mode) = read::<u32>(file, off.file_f_mode) else {
+    if mask & (MAY_READ | MAY_WRITE) == 0 {
+        return 0;
+    }
+    let file: *const u8 = ctx.arg(0);
+    let Some((c, _)) = prepare(file) else {
         return 0;
     };
-    let mut wanted = [false; EVENTS];
-    wanted[EV_ACCESS] = mask & MAY_READ != 0;
-    wanted[EV_MODIFY] = mask & MAY_WRITE != 0;
-    decide(&off, file, mode, wanted)
+    if mask & MAY_READ != 0 {
+        let r = check(&c, EV_ACCESS);
+        if r != 0 {
+            return r;
+        }
+    }
+    if mask & MAY_WRITE != 0 {
+        return check(&c, EV_MODIFY);
+    }
+    0
 }
 
 fn offsets() -> Offsets {
@@ -125,166 +140,140 @@ fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T) }
 }
 
-/// The mount namespace of the current task.
-#[inline(always)]
-fn current_mnt_ns(off: &Offsets) -> Result<u32, i32> {
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let nsproxy: *const u8 = read(task, off.task_nsproxy)?;
-    if nsproxy.is_null() {
-        // An exiting task.
-        return Err(0);
-    }
-    let mnt_ns: *const u8 = read(nsproxy, off.nsproxy_mnt_ns)?;
-    read(mnt_ns, off.mnt_ns_inum)
+/// What every event of one hook call shares.
+struct Call {
+    off: Offsets,
+    scope: u32,
+    guard_id: u32,
+    tgid: u32,
+    owner: bool,
+    is_dir: bool,
+    leaf: *const u8,
 }
 
+/// `None` when the call is none of our business: no guarded scope, overlayfs' backing
+/// file, or the loader did not configure us.
 #[inline(always)]
-fn decide(off: &Offsets, file: *const u8, mode: u32, wanted: [bool; EVENTS]) -> i32 {
-    if !off.is_set() || !(wanted[0] | wanted[1] | wanted[2] | wanted[3]) {
-        return 0;
+fn prepare(file: *const u8) -> Option<(Call, u32)> {
+    let off = offsets();
+    if !off.is_set() {
+        return None;
     }
+    let mode: u32 = read(file, off.file_f_mode).ok()?;
     // overlayfs opens (and reads) a backing file behind each overlay file: the overlay
     // file was decided already, and the backing inode is not the guarded one.
     if off.fmode_backing != 0 && mode & off.fmode_backing != 0 {
-        return 0;
+        return None;
     }
-    let Ok(ns) = current_mnt_ns(off) else {
-        return 0;
-    };
-    let Some(scope) = (unsafe { SCOPES.get(&ns) }) else {
-        return 0;
-    };
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let nsproxy: *const u8 = read(task, off.task_nsproxy).ok()?;
+    if nsproxy.is_null() {
+        // An exiting task.
+        return None;
+    }
+    let mnt_ns: *const u8 = read(nsproxy, off.nsproxy_mnt_ns).ok()?;
+    let ns: u32 = read(mnt_ns, off.mnt_ns_inum).ok()?;
+    let scope = unsafe { SCOPES.get(&ns) }?;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let leaf: *const u8 = read(file, off.file_dentry).ok()?;
+    let inode: *const u8 = read(file, off.file_f_inode).ok()?;
+    let imode: u16 = read(inode, off.inode_mode).ok()?;
+    Some((
+        Call {
+            off,
+            scope: ns,
+            guard_id: scope.guard_id,
+            tgid,
+            owner: tgid == scope.owners[0] || tgid == scope.owners[1],
+            is_dir: imode & S_IFMT == S_IFDIR,
+            leaf,
+        },
+        mode,
+    ))
+}
+
+/// Decides one event: walks up from the file to the nearest ancestor with a rule for it.
+#[inline(always)]
+fn check(c: &Call, ev: usize) -> i32 {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     let rec = unsafe { &mut *rec };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let owner = tgid == scope.owners[0] || tgid == scope.owners[1];
-    rec.guard_id = scope.guard_id;
-    rec.scope = ns;
-    rec.tgid = tgid;
-    rec.flags = 0;
-
-    // Nearest rule per event: (rule, depth, key).
-    let mut found: [Option<(janus_common::EventRule, u8, InodeKey)>; EVENTS] = [None; EVENTS];
-    let mut pending = wanted;
-    let mut reached_root = false;
-    let Ok(mut dentry) = read::<*const u8>(file, off.file_dentry) else {
-        return 0;
-    };
-    let mut is_dir = false;
-    for depth in 0..MAX_DEPTH {
-        if dentry.is_null() {
-            reached_root = true;
-            break;
-        }
+    let off = &c.off;
+    let mut dentry = c.leaf;
+    let mut hit = None;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
         if depth < MAX_NAMES {
             if let Ok(name) = read::<*const u8>(dentry, off.dentry_name) {
-                let dst = &mut rec.names[depth];
                 unsafe {
                     generated::bpf_probe_read_kernel_str(
-                        dst.as_mut_ptr() as *mut c_void,
+                        rec.names[depth].as_mut_ptr() as *mut c_void,
                         NAME_LEN as u32,
                         name as *const c_void,
                     )
                 };
             }
         }
-        if let Some(key) = inode_key(off, dentry, ns, depth == 0, &mut is_dir) {
+        if let Some(key) = inode_key(off, dentry, c.scope) {
             if let Some(rule) = unsafe { RULES.get(&key) } {
-                for ev in 0..EVENTS {
-                    let r = rule.events[ev];
-                    if pending[ev] && r.verdict != VERDICT_NONE {
-                        found[ev] = Some((r, depth as u8, key));
-                        pending[ev] = false;
-                    }
-                }
-                if !(pending[0] | pending[1] | pending[2] | pending[3]) {
-                    reached_root = true;
+                let r = rule.events[ev];
+                if r.verdict != VERDICT_NONE {
+                    hit = Some((r, key));
                     break;
                 }
             }
         }
         let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {
-            break;
+            return 0;
         };
-        if parent == dentry {
-            reached_root = true;
-            break;
+        if parent == dentry || parent.is_null() {
+            // The root: nothing guards this file for this event.
+            return 0;
         }
         dentry = parent;
+        depth += 1;
     }
-    if is_dir {
-        rec.flags |= DECISION_IS_DIR;
-    }
-    if !reached_root {
-        // Fail closed: an unknown ancestor might have denied.
+    rec.guard_id = c.guard_id;
+    rec.scope = c.scope;
+    rec.tgid = c.tgid;
+    rec.event = ev as u8;
+    rec.flags = if c.is_dir { DECISION_IS_DIR } else { 0 };
+    let Some((rule, key)) = hit else {
+        // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
         rec.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
         rec.verdict = VERDICT_DENY;
         rec.subject = 0;
         rec.depth = MAX_DEPTH as u8;
         rec.rule = InodeKey::default();
-        rec.event = first_wanted(wanted);
         emit(rec);
         return -EPERM;
+    };
+    let mut verdict = rule.verdict;
+    if verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
+        verdict = VERDICT_ALLOW;
+        rec.flags |= DECISION_BY_OWNER;
     }
-    let mut ret = 0;
-    for ev in [EV_EXEC, EV_OPEN, EV_MODIFY, EV_ACCESS] {
-        let Some((rule, depth, key)) = found[ev] else {
-            continue;
-        };
-        let mut flags = rec.flags & DECISION_IS_DIR;
-        let mut verdict = rule.verdict;
-        if verdict == VERDICT_DENY && owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
-            verdict = VERDICT_ALLOW;
-            flags |= DECISION_BY_OWNER;
-        }
-        if rule.flags & RULE_AUDIT != 0 {
-            flags |= DECISION_AUDIT;
-        }
-        rec.flags = flags;
-        rec.verdict = verdict;
-        rec.subject = rule.subject;
-        rec.event = ev as u8;
-        rec.depth = depth;
-        rec.rule = key;
-        emit(rec);
-        if verdict == VERDICT_DENY {
-            // Like fanotify's sequence of permission events: the first deny ends the open.
-            ret = -EPERM;
-            break;
-        }
+    if rule.flags & RULE_AUDIT != 0 {
+        rec.flags |= DECISION_AUDIT;
     }
-    ret
-}
-
-fn first_wanted(wanted: [bool; EVENTS]) -> u8 {
-    if wanted[EV_EXEC] {
-        EV_EXEC as u8
-    } else if wanted[EV_OPEN] {
-        EV_OPEN as u8
-    } else if wanted[EV_ACCESS] {
-        EV_ACCESS as u8
+    rec.verdict = verdict;
+    rec.subject = rule.subject;
+    rec.depth = depth as u8;
+    rec.rule = key;
+    emit(rec);
+    if verdict == VERDICT_DENY {
+        -EPERM
     } else {
-        EV_MODIFY as u8
+        0
     }
 }
 
 #[inline(always)]
-fn inode_key(
-    off: &Offsets,
-    dentry: *const u8,
-    scope: u32,
-    leaf: bool,
-    is_dir: &mut bool,
-) -> Option<InodeKey> {
+fn inode_key(off: &Offsets, dentry: *const u8, scope: u32) -> Option<InodeKey> {
     let inode: *const u8 = read(dentry, off.dentry_inode).ok()?;
     if inode.is_null() {
         return None;
-    }
-    if leaf {
-        let mode: u16 = read(inode, off.inode_mode).ok()?;
-        *is_dir = mode & S_IFMT == S_IFDIR;
     }
     let ino: u64 = read(inode, off.inode_ino).ok()?;
     let sb: *const u8 = read(inode, off.inode_sb).ok()?;

@@ -218,8 +218,10 @@ impl Enforcer {
             return Err(StartError::NotCompiledIn);
         }
         lsm_active()?;
+        let t0 = std::time::Instant::now();
         let offsets = kernel_offsets().map_err(StartError::Btf)?;
         let kernel_btf = Btf::from_sys_fs().map_err(|e| StartError::Btf(e.into()))?;
+        tracing::debug!(elapsed = ?t0.elapsed(), ?offsets, "read the kernel's BTF");
         let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&kernel_btf))
@@ -238,6 +240,7 @@ impl Enforcer {
             program
                 .attach()
                 .map_err(|e| StartError::Load(format!("attaching {name}: {e:#}")))?;
+            tracing::debug!(program = name, elapsed = ?t0.elapsed(), "attached");
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
