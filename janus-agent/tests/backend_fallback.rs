@@ -76,13 +76,18 @@ fn auto_falls_back_to_fanotify_and_bpf_alone_refuses() {
         "logged once; stderr:\n{text}"
     );
     // The target shares our mounts and the subject has no autoAllowOwner, so the guard
-    // applies to this process too.
-    let denied = std::fs::File::open(dir.join("secret/f"));
-    assert_eq!(
-        denied.map(|_| ()).unwrap_err().raw_os_error(),
-        Some(libc::EPERM),
-        "fanotify must enforce the guard after the fallback"
-    );
+    // applies to this process too, once fanotify has placed its marks.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::File::open(dir.join("secret/f")) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "fanotify must enforce the guard after the fallback (got {other:?})"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(auto.id() as i32, libc::SIGTERM) };
     assert!(auto.wait().unwrap().success());
