@@ -10,12 +10,12 @@ use janus_api::GuardPath;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("pid {pid}: cannot open /proc/{pid}/root: {source}")]
-    Root { pid: i32, source: io::Error },
-    #[error("pid {pid}: cannot read /proc/{pid}/stat: {source}")]
-    Stat { pid: i32, source: io::Error },
-    #[error("{path}: {source}")]
-    Path { path: GuardPath, source: io::Error },
+    #[error("pid {pid}: cannot open /proc/{pid}/root: {error}")]
+    Root { pid: i32, error: io::Error },
+    #[error("pid {pid}: cannot read /proc/{pid}/stat: {error}")]
+    Stat { pid: i32, error: io::Error },
+    #[error("{path}: {error}")]
+    Path { path: GuardPath, error: io::Error },
     #[error("{path}: resolves outside the container's root as the agent sees it")]
     Outside { path: GuardPath },
 }
@@ -38,9 +38,9 @@ impl ContainerRoot {
             format!("/proc/{pid}/root").as_bytes(),
             libc::O_DIRECTORY,
         )
-        .map_err(|source| ResolveError::Root { pid, source })?;
+        .map_err(|error| ResolveError::Root { pid, error })?;
         let mut prefix =
-            fd_path(root.as_fd()).map_err(|source| ResolveError::Root { pid, source })?;
+            fd_path(root.as_fd()).map_err(|error| ResolveError::Root { pid, error })?;
         if prefix == b"/" {
             prefix.clear();
         }
@@ -58,9 +58,9 @@ impl ContainerRoot {
     /// Opens `path` (O_PATH) inside the root; symlinks resolve as they would in the
     /// container. Returns the descriptor and the canonical path the kernel will report.
     pub fn resolve(&self, path: &GuardPath) -> Result<(OwnedFd, GuardPath), ResolveError> {
-        let err = |source| ResolveError::Path {
+        let err = |error| ResolveError::Path {
             path: path.clone(),
-            source,
+            error,
         };
         let rel = match path.relative() {
             b"" => &b"."[..],
@@ -180,7 +180,7 @@ pub fn open_path(
 /// A target process and its parent: the owner that `autoAllowOwner` lets through.
 pub fn parent_pid(pid: i32) -> Result<i32, ResolveError> {
     let stat = std::fs::read(format!("/proc/{pid}/stat"))
-        .map_err(|source| ResolveError::Stat { pid, source })?;
+        .map_err(|error| ResolveError::Stat { pid, error })?;
     // The command name may contain anything, ')' included: the fields start after the last.
     let after = stat
         .iter()
@@ -193,7 +193,7 @@ pub fn parent_pid(pid: i32) -> Result<i32, ResolveError> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| ResolveError::Stat {
             pid,
-            source: io::Error::new(io::ErrorKind::InvalidData, "no ppid field"),
+            error: io::Error::new(io::ErrorKind::InvalidData, "no ppid field"),
         })
 }
 

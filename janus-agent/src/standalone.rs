@@ -85,8 +85,7 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
     .await;
     agent.shutdown();
     drop(enforcer);
-    drop(agent);
-    let _ = writer.join();
+    writer.finish();
     result
 }
 

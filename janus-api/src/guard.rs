@@ -87,11 +87,10 @@ pub struct LabelSelectorRequirement {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("document {index}: {source}")]
+    #[error("document {index}: {error}")]
     Yaml {
         index: usize,
-        #[source]
-        source: serde_yaml::Error,
+        error: serde_yaml::Error,
     },
     #[error("document {index}: kind is {kind:?}, expected {KIND:?}")]
     Kind { index: usize, kind: String },
@@ -106,12 +105,12 @@ pub fn parse_documents(text: &str) -> Result<Vec<JanusGuard>, ParseError> {
     let mut guards = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| ParseError::Yaml { index, source })?;
+            .map_err(|error| ParseError::Yaml { index, error })?;
         if value.is_null() {
             continue;
         }
         let guard: JanusGuard =
-            serde_yaml::from_value(value).map_err(|source| ParseError::Yaml { index, source })?;
+            serde_yaml::from_value(value).map_err(|error| ParseError::Yaml { index, error })?;
         if guard.kind != KIND {
             return Err(ParseError::Kind {
                 index,

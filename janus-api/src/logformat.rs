@@ -127,8 +127,10 @@ impl LogTemplate {
         self.pieces.contains(&Piece::Spec(spec))
     }
 
-    /// Appends the line for `r` to `out`, without a newline.
+    /// Appends the line for `r` to `out`, without a newline or trailing blanks (the
+    /// default format ends in `{tags}`, which is often empty).
     pub fn render(&self, r: &LogRecord<'_>, out: &mut String) {
+        let start = out.len();
         for piece in &self.pieces {
             match piece {
                 Piece::Literal(s) => out.push_str(s),
@@ -152,6 +154,8 @@ impl LogTemplate {
                 },
             }
         }
+        let kept = out[start..].trim_end_matches(' ').len();
+        out.truncate(start + kept);
     }
 }
 

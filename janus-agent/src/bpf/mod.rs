@@ -291,8 +291,8 @@ impl Enforcer {
         let mut table = rules::Table::default();
         for rule in RuleSet::from_policy(&guard).rules() {
             let (fd, canonical) = root.resolve(&rule.path).map_err(|e| match e {
-                resolve::ResolveError::Path { ref source, .. }
-                    if source.kind() == std::io::ErrorKind::NotFound =>
+                resolve::ResolveError::Path { ref error, .. }
+                    if error.kind() == std::io::ErrorKind::NotFound =>
                 {
                     GuardError::Unsupported(format!(
                         "{e} (BPF keys rules by inode, so guarded paths must exist)"
@@ -303,7 +303,7 @@ impl Enforcer {
             let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| {
                 GuardError::Resolve(resolve::ResolveError::Path {
                     path: rule.path.clone(),
-                    source: e.into(),
+                    error: e.into(),
                 })
             })?;
             let dev = st.st_dev;

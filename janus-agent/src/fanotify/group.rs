@@ -6,9 +6,7 @@ use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::fanotify::{
-    EventFFlags, Fanotify, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response,
-};
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 
 use janus_api::{Event, EventSet};
 
@@ -111,7 +109,7 @@ impl PermGroup {
             (mask, MarkFlags::FAN_MARK_ADD)
         };
         self.fan
-            .mark(flags, mask, fd, None::<&std::path::Path>)
+            .mark(flags, mask, fd, Some(held(fd).as_str()))
             .map_err(FanotifyError::Mark)
     }
 
@@ -119,8 +117,25 @@ impl PermGroup {
         read_into(self.fan.as_fd(), buf)
     }
 
-    /// Answers one event. Called before anything that could block.
-    pub fn respond(&self, fd: BorrowedFd<'_>, allow: bool, audit: bool) -> nix::Result<()> {
+    /// Removes every inode mark of the group.
+    pub fn flush(&self) -> Result<(), FanotifyError> {
+        self.fan
+            .mark(
+                MarkFlags::FAN_MARK_FLUSH,
+                MaskFlags::empty(),
+                self.fan.as_fd(),
+                None::<&std::path::Path>,
+            )
+            .map_err(FanotifyError::Mark)
+    }
+
+    /// The answer to the event whose descriptor is `fd`, for [`PermGroup::respond_all`].
+    pub fn response(
+        &self,
+        fd: BorrowedFd<'_>,
+        allow: bool,
+        audit: bool,
+    ) -> libc::fanotify_response {
         let mut bits = if allow {
             libc::FAN_ALLOW
         } else {
@@ -129,8 +144,46 @@ impl PermGroup {
         if audit && self.audit {
             bits |= libc::FAN_AUDIT;
         }
-        self.fan
-            .write_response(FanotifyResponse::new(fd, Response::from_bits_retain(bits)))
+        libc::fanotify_response {
+            fd: fd.as_raw_fd(),
+            response: bits,
+        }
+    }
+
+    /// Writes every response, their descriptors still open; returns how many the kernel
+    /// refused. fanotify takes one response per write, but the group has no write_iter,
+    /// so writev hands it each record in turn: one system call answers a whole read,
+    /// and every waiting opener is woken before any of them can take the CPU from us.
+    /// A refused record ends the writev there; it is counted and the rest written again.
+    pub fn respond_all(&self, responses: &[libc::fanotify_response]) -> usize {
+        const CHUNK: usize = 64;
+        const RECORD: usize = size_of::<libc::fanotify_response>();
+        let mut failed = 0;
+        let mut rest = responses;
+        while !rest.is_empty() {
+            let n = rest.len().min(CHUNK);
+            let iov: [libc::iovec; CHUNK] = std::array::from_fn(|i| libc::iovec {
+                iov_base: rest.get(i).map_or(std::ptr::null_mut(), |r| {
+                    (r as *const libc::fanotify_response).cast_mut().cast()
+                }),
+                iov_len: RECORD,
+            });
+            // SAFETY: the first `n` iovecs point at records in `rest`, alive for the call.
+            let written = unsafe { libc::writev(self.fan.as_raw_fd(), iov.as_ptr(), n as i32) };
+            let done = if written > 0 {
+                written as usize / RECORD
+            } else {
+                0
+            };
+            if done == 0 {
+                // The first record was refused (its event is gone, say): skip it.
+                failed += 1;
+                rest = &rest[1..];
+            } else {
+                rest = &rest[done.min(rest.len())..];
+            }
+        }
+        failed
     }
 }
 
@@ -138,6 +191,14 @@ impl AsFd for PermGroup {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fan.as_fd()
     }
+}
+
+/// The path that names exactly the object `fd` holds. fanotify_mark refuses O_PATH
+/// descriptors as its object (EBADF), and O_PATH is how we hold guarded files: opening them
+/// for reading could block (a FIFO) or wait on a permission event. The magic link jumps to
+/// the held object, so no name in the container is looked up again.
+fn held(fd: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
 fn init_error(e: nix::Error) -> FanotifyError {
@@ -175,7 +236,7 @@ impl CreateGroup {
                 MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_ONLYDIR,
                 MaskFlags::FAN_CREATE | MaskFlags::FAN_MOVED_TO | MaskFlags::FAN_ONDIR,
                 dir,
-                None::<&std::path::Path>,
+                Some(held(dir).as_str()),
             )
             .map_err(FanotifyError::Mark)
     }

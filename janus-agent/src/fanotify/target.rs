@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use prometheus::Histogram;
 
 use janus_api::decide::Rule;
 use janus_api::{Event, GuardPolicy, RuleSet, Verdict};
@@ -31,8 +32,10 @@ pub enum StartError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Fanotify(#[from] FanotifyError),
-    #[error("pid {pid}: pidfd_open: {source}")]
-    Pidfd { pid: i32, source: std::io::Error },
+    #[error("pid {pid}: pidfd_open: {error}")]
+    Pidfd { pid: i32, error: std::io::Error },
+    #[error("eventfd: {0}")]
+    EventFd(nix::Error),
 }
 
 /// What the answering thread needs to decide, swapped whole when paths re-resolve.
@@ -51,6 +54,8 @@ struct Shared {
     stop: EventFd,
     ctx: Arc<LogContext>,
     counters: DecisionCounters,
+    /// `janus_decision_latency_seconds{backend="fanotify"}`, looked up once.
+    latency: Histogram,
     metrics: Arc<Metrics>,
     log: LogSender,
     /// The answer for an event the agent could not decide: the strictest the guard can give.
@@ -95,7 +100,7 @@ pub fn start(
     let pid = spec.pid;
     let root = ContainerRoot::open(pid)?;
     let owners = [pid, resolve::parent_pid(pid)?];
-    let pidfd = pidfd_open(pid).map_err(|source| StartError::Pidfd { pid, source })?;
+    let pidfd = pidfd_open(pid).map_err(|error| StartError::Pidfd { pid, error })?;
     let perm = PermGroup::new()?;
     let create = CreateGroup::new()?;
     let guard = spec.guard;
@@ -118,6 +123,7 @@ pub fn start(
     };
     let shared = Arc::new(Shared {
         counters: metrics.decision_counters(&guard.name, &guard.namespace, BACKEND),
+        latency: metrics.latency.with_label_values(&[BACKEND]),
         on_error: if guard.has_deny() {
             Verdict::Deny
         } else {
@@ -135,12 +141,8 @@ pub fn start(
             rules: RuleSet::default(),
             mounts: Vec::new(),
         })),
-        stop: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| {
-            StartError::Pidfd {
-                pid,
-                source: e.into(),
-            }
-        })?,
+        stop: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(StartError::EventFd)?,
         metrics,
         log,
         state: Arc::new(Mutex::new(state)),
@@ -214,15 +216,23 @@ fn wait(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> Vec<bool> {
 fn answer_loop(s: &Shared) {
     let mut buf = AlignedBuf::boxed();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
-    let mut logs = Vec::with_capacity(256);
+    let mut batch = Batch::default();
     let me = std::process::id() as i32;
+    let links = FdLinks::open();
+    let mut stopping = false;
     loop {
         let ready = wait(&[s.perm.as_fd(), s.stop.as_fd()], PollTimeout::NONE);
-        if ready[1] {
-            return;
+        if ready[1] && !stopping {
+            // No new events once the marks are gone; those already queued are answered
+            // below, since nobody else would answer them while the group stays open.
+            stopping = true;
+            if let Err(e) = s.perm.flush() {
+                tracing::error!(error = %e, "removing the marks of a stopped target");
+            }
         }
         let events = match s.perm.read(&mut buf) {
             Ok(events) => events,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && stopping => return,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => continue,
             Err(e) => {
                 tracing::error!(error = %e, "reading permission events");
@@ -235,11 +245,40 @@ fn answer_loop(s: &Shared) {
         };
         let view = s.view.read().expect("view lock").clone();
         for event in events {
-            s.answer(event, me, &view, &mut path, &mut logs);
+            s.answer(event, me, &view, &links, &mut path, &mut batch);
+        }
+        s.answer_batch(&mut batch);
+    }
+}
+
+/// The answers to one read's events, written together once every event in it is
+/// decided, and what follows them.
+#[derive(Default)]
+struct Batch {
+    responses: Vec<libc::fanotify_response>,
+    /// Each event's descriptor, closed once answered, and when the event was taken up.
+    held: Vec<(OwnedFd, Instant)>,
+    logs: Vec<Entry>,
+}
+
+impl Shared {
+    /// Answers the batch in one system call, then closes, measures and logs.
+    fn answer_batch(&self, batch: &mut Batch) {
+        let failed = self.perm.respond_all(&batch.responses);
+        batch.responses.clear();
+        if failed > 0 {
+            self.metrics
+                .response_errors
+                .with_label_values(&[BACKEND])
+                .inc_by(failed as u64);
+        }
+        for (fd, started) in batch.held.drain(..) {
+            drop(fd);
+            self.latency.observe(started.elapsed().as_secs_f64());
         }
         // Only now, with every event of the batch answered, does anything go to the log.
-        for entry in logs.drain(..) {
-            s.log.send(entry);
+        for entry in batch.logs.drain(..) {
+            self.log.send(entry);
         }
     }
 }
@@ -264,8 +303,9 @@ impl Shared {
         ev: RawEvent<'_>,
         me: i32,
         view: &View,
+        links: &FdLinks,
         path: &mut [u8],
-        logs: &mut Vec<Entry>,
+        batch: &mut Batch,
     ) {
         let started = Instant::now();
         if ev.is_overflow() {
@@ -284,28 +324,18 @@ impl Shared {
             // The agent's own opens are its marking walks.
             _ if ev.pid == me => (Outcome::Unguarded, false, 0),
             None => (Outcome::Unguarded, false, 0),
-            Some(event) => self.classify(fd.as_fd(), event, ev.pid, view, path),
+            Some(event) => self.classify(fd.as_fd(), event, ev.pid, view, links, path),
         };
         let (verdict, audit) = match outcome {
             Outcome::Guarded { verdict, audit, .. } => (verdict, audit),
             Outcome::Unguarded | Outcome::Foreign => (Verdict::Allow, false),
             Outcome::Error(_) => (self.on_error, false),
         };
-        if self
-            .perm
-            .respond(fd.as_fd(), verdict == Verdict::Allow, audit)
-            .is_err()
-        {
-            self.metrics
-                .response_errors
-                .with_label_values(&[BACKEND])
-                .inc();
-        }
-        drop(fd);
-        self.metrics
-            .latency
-            .with_label_values(&[BACKEND])
-            .observe(started.elapsed().as_secs_f64());
+        batch.responses.push(
+            self.perm
+                .response(fd.as_fd(), verdict == Verdict::Allow, audit),
+        );
+        batch.held.push((fd, started));
         let (Some(event), subject) = (
             event,
             match outcome {
@@ -323,7 +353,7 @@ impl Shared {
             return;
         };
         self.counters.inc(verdict, event);
-        logs.push(Entry {
+        batch.logs.push(Entry {
             ctx: self.ctx.clone(),
             verdict,
             event,
@@ -342,13 +372,14 @@ impl Shared {
         event: Event,
         pid: i32,
         view: &View,
+        links: &FdLinks,
         path: &mut [u8],
     ) -> (Outcome, bool, usize) {
         let Ok(st) = statx(fd) else {
             return (Outcome::Error("statx"), false, 0);
         };
         let is_dir = u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR;
-        let Ok(n) = resolve::fd_path_into(fd, path) else {
+        let Ok(n) = links.path_into(fd, path) else {
             return (Outcome::Error("readlink"), is_dir, 0);
         };
         let mut rendered = &path[..n];
@@ -379,6 +410,61 @@ impl Shared {
         };
         path.copy_within(start..start + len, 0);
         (outcome, is_dir, len)
+    }
+}
+
+/// The agent's `/proc/self/fd`, held open: an event descriptor's path is then one
+/// readlinkat of its number, not a walk of `/proc/self/fd/N` from `/` on every event.
+struct FdLinks(Option<OwnedFd>);
+
+impl FdLinks {
+    fn open() -> FdLinks {
+        match resolve::open_path(None, b"/proc/self/fd", libc::O_DIRECTORY) {
+            Ok(fd) => FdLinks(Some(fd)),
+            Err(e) => {
+                tracing::warn!(error = %e, "opening /proc/self/fd; reading each event's path from /");
+                FdLinks(None)
+            }
+        }
+    }
+
+    /// Like [`resolve::fd_path_into`].
+    fn path_into(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(dir) = &self.0 else {
+            return resolve::fd_path_into(fd, buf);
+        };
+        // The descriptor's number as a C string, without allocating.
+        let mut name = [0u8; 12];
+        let mut at = name.len() - 1;
+        let mut n = fd.as_raw_fd().unsigned_abs();
+        loop {
+            at -= 1;
+            name[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        // SAFETY: `name[at..]` is NUL-terminated; `buf` is writable for its length.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name[at..].as_ptr().cast(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n == buf.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "path too long",
+            ));
+        }
+        Ok(n)
     }
 }
 
@@ -476,7 +562,7 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
         ));
         s.metrics.targets.with_label_values(&["exited"]).inc();
         tracing::info!(pid = s.root.pid, guard = %s.ctx.guard.name, "target exited; guard lifted");
-        // The answering thread ends too; the groups close with the last reference.
+        // The answering thread removes the marks, answers what is queued and ends.
         let _ = s.stop.write(1);
     }
 }
@@ -485,7 +571,7 @@ fn on_create_events(
     s: &Shared,
     create: &CreateGroup,
     tree: &mut Tree<'_>,
-    slots: &mut Vec<PathSlot>,
+    slots: &mut [PathSlot],
     buf: &mut AlignedBuf,
     marks: &mut usize,
 ) {
@@ -553,8 +639,8 @@ fn resolve_all(s: &Shared, tree: &mut Tree<'_>, slots: &mut [PathSlot]) -> bool 
                 slot.identity = None;
                 slot.state.resolved = None;
                 slot.state.status = match &e {
-                    ResolveError::Path { source, .. }
-                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    ResolveError::Path { error, .. }
+                        if error.kind() == std::io::ErrorKind::NotFound =>
                     {
                         PathStatus::Missing("does not exist".into())
                     }

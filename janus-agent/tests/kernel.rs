@@ -1,0 +1,353 @@
+//! The fanotify agent against this machine's real kernel: targets in their own mount
+//! namespace and root, the agent as a real process. Run as root.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use janus_tests::agent::{Agent, AgentConfig};
+use janus_tests::scenarios::{guard_yaml, populate, Runner};
+use janus_tests::target::{Access, Root, Target, BUSYBOX};
+use janus_tests::wait;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_janus-agent");
+/// linux/capability.h
+const CAP_SYS_ADMIN: libc::c_ulong = 21;
+
+fn workdir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join("janus-kernel-tests").join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn config<'a>(name: &'a str, guard: &'a str, pids: &'a [i32]) -> AgentConfig<'a> {
+    AgentConfig {
+        bin: Path::new(AGENT),
+        guard,
+        pids,
+        pod: if name.is_empty() { "p" } else { "web-1" },
+        node: "node-a",
+        extra: &[],
+    }
+}
+
+/// A populated root, a target in it, and an agent guarding the target with `subjects`.
+fn guarded(test: &str, subjects: &str) -> (Root, Target, Agent) {
+    let dir = workdir(test);
+    let root = Root::new(&dir, "root").unwrap();
+    populate(&root).unwrap();
+    let target = Target::start(&root).unwrap();
+    let guard = guard_yaml(test, subjects);
+    let agent = Agent::start(&config(test, &guard, &[target.pid()]), &dir.join("agent")).unwrap();
+    (root, target, agent)
+}
+
+fn decisions(agent: &Agent, guard: &str, response: &str) -> f64 {
+    agent
+        .metric(&format!(
+            "janus_decisions_total{{backend=\"fanotify\",event=\"OPEN_PERM\",guard=\"{guard}\",namespace=\"tests\",response=\"{response}\"}}"
+        ))
+        .unwrap()
+}
+
+#[test]
+fn scenario_table() {
+    let dir = workdir("scenario-table");
+    let results = Runner {
+        agent_bin: Path::new(AGENT),
+        agent_args: &[],
+        bpf: false,
+        workdir: &dir,
+    }
+    .run_all();
+    let failures: Vec<String> = results
+        .iter()
+        .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e:#}")))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert!(results.len() >= 12, "the table shrank: {}", results.len());
+}
+
+#[test]
+fn decision_lines_and_metrics() {
+    let (_root, target, agent) = guarded(
+        "decision-lines",
+        "  - deny: [/data]\n    allow: [/data/public]\n    events: [open]\n    tags: {team: payments, tier: gold}\n",
+    );
+    assert_eq!(target.cat("/data/secret").unwrap(), Access::Denied);
+    assert_eq!(
+        target.cat("/data/public").unwrap(),
+        Access::Ok("public".into())
+    );
+    assert_eq!(
+        target.exec(&[BUSYBOX, "ls", "/data/sub"]).unwrap(),
+        Access::Denied
+    );
+    agent
+        .wait_line("the deny line", |l| {
+            l == "<DENY> OPEN_PERM file '/data/secret' (web-1:node-a) team=payments,tier=gold"
+        })
+        .unwrap();
+    agent
+        .wait_line("the allow line", |l| {
+            l == "<ALLOW> OPEN_PERM file '/data/public' (web-1:node-a) team=payments,tier=gold"
+        })
+        .unwrap();
+    agent
+        .wait_line("the directory line", |l| {
+            l.starts_with("<DENY> OPEN_PERM directory '/data/sub' ")
+        })
+        .unwrap();
+    assert!(decisions(&agent, "decision-lines", "deny") >= 2.0);
+    assert!(decisions(&agent, "decision-lines", "allow") >= 1.0);
+    assert!(
+        agent.metric("janus_marks{").unwrap() >= 3.0,
+        "dirs below /data are marked"
+    );
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn names_that_are_not_utf8() {
+    let (root, target, agent) = guarded("non-utf8", "  - deny: [/data]\n    events: [open]\n");
+    let name = OsStr::from_bytes(b"/data/\xff\xfe-name");
+    std::fs::write(root.host(name.as_bytes()), b"x").unwrap();
+    let out = target
+        .command(&[BUSYBOX, "cat"])
+        .unwrap()
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
+    agent
+        .wait_line("an escaped deny line", |l| {
+            l.starts_with("<DENY> OPEN_PERM file '/data/\\xff\\xfe-name' ")
+        })
+        .unwrap();
+    assert!(agent.stop().unwrap().success());
+}
+
+/// Inodes the agent's fanotify groups hold marks on, as the kernel lists them.
+fn marked_inodes(pid: i32) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return inodes;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.starts_with("fanotify ino:")) {
+            let hex = line["fanotify ino:".len()..].split(' ').next().unwrap();
+            inodes.push(u64::from_str_radix(hex, 16).unwrap());
+        }
+    }
+    inodes
+}
+
+#[test]
+fn a_symlink_out_of_the_container_never_guards_a_host_file() {
+    let dir = workdir("symlink-escape");
+    let host_secret = dir.join("host-secret");
+    std::fs::write(&host_secret, b"host\n").unwrap();
+    let root = Root::new(&dir, "root").unwrap();
+    populate(&root).unwrap();
+    // An absolute and a climbing escape: both must resolve inside the root.
+    root.symlink("/data/escape", host_secret.to_str().unwrap())
+        .unwrap();
+    root.symlink("/data/climb", "../../../../../../../../host-secret")
+        .unwrap();
+    let target = Target::start(&root).unwrap();
+    let guard = guard_yaml("symlink-escape", "  - deny: [/data/escape, /data/climb]\n");
+    let agent = Agent::start(&config("", &guard, &[target.pid()]), &dir.join("agent")).unwrap();
+    let host_ino = std::fs::metadata(&host_secret).unwrap().ino();
+    assert!(!marked_inodes(agent.pid()).contains(&host_ino));
+    let (_, state) = agent.get("/state").unwrap();
+    assert!(state.contains(r#""status":"missing""#), "{state}");
+    // The container's own files at the links' targets are what get guarded once they exist.
+    root.write(host_secret.to_str().unwrap(), b"container copy\n")
+        .unwrap();
+    root.write("/host-secret", b"container copy\n").unwrap();
+    wait::until(
+        "the container's own copies to be guarded",
+        Duration::from_secs(5),
+        || {
+            (target.cat("/data/escape").ok()? == Access::Denied
+                && target.cat("/data/climb").ok()? == Access::Denied)
+                .then_some(())
+        },
+    )
+    .unwrap();
+    assert!(!marked_inodes(agent.pid()).contains(&host_ino));
+    assert_eq!(std::fs::read(&host_secret).unwrap(), b"host\n");
+    assert!(agent.stop().unwrap().success());
+}
+
+#[test]
+fn a_target_that_exits_loses_its_marks_and_the_agent_keeps_running() {
+    let (_root, target, agent) = guarded("target-exits", "  - deny: [/data]\n");
+    assert!(!marked_inodes(agent.pid()).is_empty());
+    target.kill().unwrap();
+    wait::until(
+        "the target to be reported exited",
+        Duration::from_secs(10),
+        || {
+            let (_, state) = agent.get("/state").ok()?;
+            state.contains(r#""phase":"exited""#).then_some(())
+        },
+    )
+    .unwrap();
+    wait::until("the marks to go", Duration::from_secs(10), || {
+        marked_inodes(agent.pid()).is_empty().then_some(())
+    })
+    .unwrap();
+    assert_eq!(agent.metric("janus_marks{").unwrap(), 0.0);
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+    assert!(agent.stop().unwrap().success());
+}
+
+#[test]
+fn sigterm_lifts_the_guards_and_exits_zero() {
+    let (_root, target, agent) = guarded("sigterm", "  - deny: [/data/secret]\n");
+    assert_eq!(target.cat("/data/secret").unwrap(), Access::Denied);
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        target.cat("/data/secret").unwrap(),
+        Access::Ok("secret".into())
+    );
+}
+
+#[test]
+fn a_bad_guard_file_exits_non_zero_and_guards_nothing() {
+    let dir = workdir("bad-guard");
+    let root = Root::new(&dir, "root").unwrap();
+    populate(&root).unwrap();
+    let target = Target::start(&root).unwrap();
+    let guard = guard_yaml(
+        "bad",
+        "  - deny: [/data/secret, data/secret]\n    events: [open, read]\n",
+    );
+    let agent = Agent::spawn(&config("", &guard, &[target.pid()]), &dir.join("agent")).unwrap();
+    let status = agent.wait_exit().unwrap();
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(dir.join("agent/stderr")).unwrap();
+    assert!(
+        stderr.contains(r#"spec.subjects[0].deny[1]: path must be absolute: "data/secret""#),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#"spec.subjects[0].events[1]: unknown event "read""#),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing guarded"), "{stderr}");
+    assert_eq!(
+        target.cat("/data/secret").unwrap(),
+        Access::Ok("secret".into())
+    );
+}
+
+#[test]
+fn modify_is_refused_loudly_under_fanotify() {
+    let (_root, target, agent) = guarded(
+        "modify-warning",
+        "  - deny: [/data/secret]\n    events: [open, modify]\n",
+    );
+    let warning = r#"event "modify" is not enforced by the fanotify backend"#;
+    assert!(
+        agent.stderr().contains(&warning.replace('"', "\\\"")) || agent.stderr().contains(warning),
+        "{}",
+        agent.stderr()
+    );
+    let (_, state) = agent.get("/state").unwrap();
+    assert!(state.contains(&warning.replace('"', "\\\"")), "{state}");
+    // The rest of the subject is still enforced.
+    assert_eq!(target.cat("/data/secret").unwrap(), Access::Denied);
+    assert!(agent.stop().unwrap().success());
+}
+
+#[test]
+fn parallel_openers_are_all_answered() {
+    const OPENERS: usize = 4;
+    const ROUNDS: usize = 150;
+    let (_root, target, agent) = guarded(
+        "parallel-openers",
+        "  - deny: [/data]\n    allow: [/data/public]\n    events: [open]\n",
+    );
+    let script = format!(
+        "i=0; while [ $i -lt {ROUNDS} ]; do /bin/busybox cat /data/secret; /bin/busybox cat /data/public; i=$((i+1)); done 2>&1"
+    );
+    let children: Vec<_> = (0..OPENERS)
+        .map(|_| {
+            target
+                .command(&[BUSYBOX, "sh", "-c", &script])
+                .unwrap()
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", out.status);
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.matches("Operation not permitted").count(), ROUNDS);
+        assert_eq!(out.matches("public").count(), ROUNDS);
+    }
+    let total = (OPENERS * ROUNDS) as f64;
+    let guard = "parallel-openers";
+    wait::until(
+        "every decision to be counted",
+        Duration::from_secs(5),
+        || {
+            (decisions(&agent, guard, "deny") == total
+                && decisions(&agent, guard, "allow") == total)
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: deny {} allow {} of {total}",
+            decisions(&agent, guard, "deny"),
+            decisions(&agent, guard, "allow")
+        )
+    });
+    assert_eq!(agent.metric("janus_response_errors_total").unwrap(), 0.0);
+    assert_eq!(agent.metric("janus_internal_errors_total").unwrap(), 0.0);
+    assert!(agent.stop().unwrap().success());
+}
+
+#[test]
+fn without_cap_sys_admin_it_says_so_in_one_line() {
+    let dir = workdir("no-cap");
+    let guard = dir.join("guard.yaml");
+    std::fs::write(&guard, guard_yaml("no-cap", "  - deny: [/data]\n")).unwrap();
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["guard", "--file"])
+        .arg(&guard)
+        .args(["--pid", &std::process::id().to_string()]);
+    // SAFETY: prctl only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Out of the bounding set, root's next program does not get it.
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("CAP_SYS_ADMIN"), "{stderr}");
+    assert!(last.starts_with("janus-agent: "), "{stderr}");
+}

@@ -1,0 +1,135 @@
+//! The decision rule and the decision line, independent of any backend.
+
+use janus_api::guard::parse_documents;
+use janus_api::logformat::{escape_into, LogRecord};
+use janus_api::{Event, GuardPolicy, LogTemplate, RuleSet, Verdict};
+
+fn rules(subjects: &str) -> RuleSet {
+    let text = format!(
+        "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
+         metadata:\n  name: g\nspec:\n  subjects:\n{subjects}"
+    );
+    RuleSet::from_policy(&GuardPolicy::from_guard(&parse_documents(&text).unwrap()[0]).unwrap())
+}
+
+fn verdict(r: &RuleSet, path: &str, event: Event, owner: bool) -> Option<Verdict> {
+    r.decide(path.as_bytes(), event, owner).map(|d| d.verdict)
+}
+
+#[test]
+fn longest_path_wins_and_deny_wins_ties() {
+    let r = rules(
+        "  - deny: [/data]\n    allow: [/data/pub]\n  - allow: [/data/x]\n  - deny: [/data/x]\n",
+    );
+    assert_eq!(
+        verdict(&r, "/data/secret", Event::Open, false),
+        Some(Verdict::Deny)
+    );
+    assert_eq!(
+        verdict(&r, "/data/pub/file", Event::Open, false),
+        Some(Verdict::Allow)
+    );
+    assert_eq!(
+        verdict(&r, "/data/x", Event::Open, false),
+        Some(Verdict::Deny)
+    );
+    assert_eq!(verdict(&r, "/other", Event::Open, false), None);
+}
+
+#[test]
+fn a_directory_covers_whole_components_only() {
+    let r = rules("  - deny: [/data]\n");
+    assert_eq!(
+        verdict(&r, "/data", Event::Open, false),
+        Some(Verdict::Deny)
+    );
+    assert_eq!(verdict(&r, "/database", Event::Open, false), None);
+    let root = rules("  - deny: [/]\n");
+    assert_eq!(
+        verdict(&root, "/anything/at/all", Event::Access, false),
+        Some(Verdict::Deny)
+    );
+}
+
+#[test]
+fn events_filter_rules() {
+    let r = rules("  - deny: [/a]\n    events: [exec]\n  - deny: [/a/b]\n    events: [access]\n");
+    assert_eq!(
+        verdict(&r, "/a/b/c", Event::Exec, false),
+        Some(Verdict::Deny)
+    );
+    assert_eq!(verdict(&r, "/a/b/c", Event::Open, false), None);
+    assert_eq!(
+        verdict(&r, "/a/b/c", Event::Access, false),
+        Some(Verdict::Deny)
+    );
+}
+
+#[test]
+fn owner_is_allowed_only_with_the_flag() {
+    let with = rules("  - deny: [/s]\n    autoAllowOwner: true\n");
+    let d = with.decide(b"/s", Event::Open, true).unwrap();
+    assert_eq!((d.verdict, d.by_owner), (Verdict::Allow, true));
+    assert_eq!(
+        verdict(&with, "/s", Event::Open, false),
+        Some(Verdict::Deny)
+    );
+    let without = rules("  - deny: [/s]\n");
+    assert_eq!(
+        verdict(&without, "/s", Event::Open, true),
+        Some(Verdict::Deny)
+    );
+}
+
+fn record<'a>(path: &'a [u8], tags: &'a str) -> LogRecord<'a> {
+    LogRecord {
+        pod: "foo-1-pod",
+        node: "barnode",
+        guard: "g",
+        verdict: Verdict::Allow,
+        event: Event::Access,
+        path,
+        is_dir: false,
+        tags,
+        pid: 42,
+        comm: b"cat",
+    }
+}
+
+#[test]
+fn default_format_renders_the_seed_example_exactly() {
+    let mut line = String::new();
+    LogTemplate::default().render(&record(b"/path/to/file.ext", "foo=bar"), &mut line);
+    assert_eq!(
+        line,
+        "<ALLOW> ACCESS_PERM file '/path/to/file.ext' (foo-1-pod:barnode) foo=bar"
+    );
+    line.clear();
+    LogTemplate::default().render(&record(b"/p", ""), &mut line);
+    assert_eq!(line, "<ALLOW> ACCESS_PERM file '/p' (foo-1-pod:barnode)");
+}
+
+#[test]
+fn names_that_are_not_utf8_are_escaped() {
+    let mut line = String::new();
+    let t = LogTemplate::parse("{path} {file} {pid} {comm} {guard}").unwrap();
+    t.render(&record(b"/d/\xff\xfe\n\\x", ""), &mut line);
+    assert_eq!(
+        line,
+        "/d/\\xff\\xfe\\x0a\\\\x \\xff\\xfe\\x0a\\\\x 42 cat g"
+    );
+    let mut s = String::new();
+    escape_into("é".as_bytes(), &mut s);
+    assert_eq!(s, "é");
+}
+
+#[test]
+fn braces_escape_and_unknown_specifiers_fail() {
+    let t = LogTemplate::parse("{{literal}} {response}").unwrap();
+    let mut line = String::new();
+    t.render(&record(b"/p", ""), &mut line);
+    assert_eq!(line, "{literal} ALLOW");
+    assert!(LogTemplate::parse("{unclosed").is_err());
+    assert!(LogTemplate::parse("a } b").is_err());
+    assert!(LogTemplate::parse("two\nlines").is_err());
+}

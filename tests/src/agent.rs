@@ -1,0 +1,177 @@
+//! `janus-agent guard` as a real process: started on targets, read through its decision
+//! lines and its HTTP endpoints, stopped with a signal.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::wait;
+
+/// How long an agent gets to start enforcing, or to stop.
+pub const STARTUP: Duration = Duration::from_secs(20);
+
+/// A running agent. Its stdout (decision lines) and stderr go to files in `dir`.
+pub struct Agent {
+    child: Option<Child>,
+    dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+/// How to start one.
+pub struct AgentConfig<'a> {
+    pub bin: &'a Path,
+    /// JanusGuard YAML.
+    pub guard: &'a str,
+    pub pids: &'a [i32],
+    pub pod: &'a str,
+    pub node: &'a str,
+    /// Extra arguments after `guard ...` (e.g. `--backend bpf`).
+    pub extra: &'a [&'a str],
+}
+
+impl Agent {
+    /// Starts the agent and waits until `/readyz` says every subject is enforced.
+    pub fn start(cfg: &AgentConfig<'_>, dir: &Path) -> Result<Agent> {
+        let agent = Agent::spawn(cfg, dir)?;
+        wait::until("the agent to report ready on /readyz", STARTUP, || {
+            agent
+                .get("/readyz")
+                .ok()
+                .filter(|(status, _)| *status == 200)
+        })
+        .with_context(|| format!("agent stderr:\n{}", agent.stderr()))?;
+        Ok(agent)
+    }
+
+    /// Starts the agent without waiting for it.
+    pub fn spawn(cfg: &AgentConfig<'_>, dir: &Path) -> Result<Agent> {
+        fs::create_dir_all(dir)?;
+        let guard_file = dir.join("guard.yaml");
+        fs::write(&guard_file, cfg.guard)?;
+        // A free loopback port: bound, read, released, then handed to the agent.
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut cmd = Command::new(cfg.bin);
+        cmd.arg("guard").arg("--file").arg(&guard_file);
+        for pid in cfg.pids {
+            cmd.arg("--pid").arg(pid.to_string());
+        }
+        cmd.args(["--pod", cfg.pod, "--node", cfg.node])
+            .arg("--metrics-addr")
+            .arg(addr.to_string())
+            .args(cfg.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("stdout"))?)
+            .stderr(fs::File::create(dir.join("stderr"))?);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", cfg.bin.display()))?;
+        Ok(Agent {
+            child: Some(child),
+            dir: dir.to_owned(),
+            addr,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// The decision lines written so far.
+    pub fn lines(&self) -> Vec<String> {
+        fs::read(self.dir.join("stdout"))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read(self.dir.join("stderr"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until a decision line satisfies `pred`, and returns it.
+    pub fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
+        wait::until(what, Duration::from_secs(10), || {
+            self.lines().into_iter().find(|l| pred(l))
+        })
+        .with_context(|| format!("decision lines so far:\n{}", self.lines().join("\n")))
+    }
+
+    /// GET `path` on the agent's HTTP address: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.addr, path)
+    }
+
+    /// The value of the sample whose name and labels start with `series` (for example
+    /// `janus_decisions_total{backend="fanotify",event="OPEN_PERM"`), summed over matches.
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        let (_, body) = self.get("/metrics")?;
+        Ok(sum_series(&body, series))
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        self.wait_exit()
+    }
+
+    /// Waits for the agent to exit (by itself: a bad guard file, say).
+    pub fn wait_exit(mut self) -> Result<ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let status = wait::until("the agent to exit", STARTUP, || {
+            child.try_wait().ok().flatten()
+        })?;
+        self.child = None;
+        Ok(status)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sums the samples of `body` (Prometheus text) whose series starts with `series`.
+pub fn sum_series(body: &str, series: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal HTTP/1.0 GET, enough for the agent's endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let Some((_, body)) = resp.split_once("\r\n\r\n") else {
+        bail!("no HTTP body");
+    };
+    Ok((status, body.to_owned()))
+}

@@ -1,0 +1,103 @@
+//! Real containers through containerd's `ctr`, from a root directory of ours: no image pull.
+//! containerd must be running (scripts/setup-containerd.sh starts it).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::target::{Access, Root};
+
+/// A running container, killed and removed on drop.
+pub struct Container {
+    pub id: String,
+    pid: i32,
+}
+
+impl Container {
+    /// Runs `argv` in a new container whose root file system is `root`.
+    pub fn run(root: &Root, id: &str, argv: &[&str]) -> Result<Container> {
+        for dir in ["/proc", "/dev", "/sys", "/tmp"] {
+            root.mkdir(dir)?;
+        }
+        ctr(&["version"])
+            .context("containerd is not answering: run scripts/setup-containerd.sh")?;
+        // A container left by an earlier, interrupted run would make `ctr run` fail.
+        remove(id);
+        let rootfs = root.dir().to_str().context("root path is not UTF-8")?;
+        let mut args = vec!["run", "-d", "--rootfs", rootfs, id];
+        args.extend_from_slice(argv);
+        ctr(&args)?;
+        let mut container = Container {
+            id: id.to_owned(),
+            pid: 0,
+        };
+        let listing = ctr(&["task", "ls"])?;
+        let pid = listing
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next()? == id).then(|| f.next()?.parse().ok())?
+            })
+            .next()
+            .with_context(|| format!("no task {id} in:\n{listing}"))?;
+        container.pid = pid;
+        Ok(container)
+    }
+
+    /// The container's init process, as the host sees it.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Runs `argv` in the container with `ctr task exec`, as `kubectl exec` would.
+    pub fn exec(&self, argv: &[&str]) -> Result<Access> {
+        let exec_id = format!(
+            "exec-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let out = Command::new("ctr")
+            .args(["task", "exec", "--exec-id", &exec_id, &self.id])
+            .args(argv)
+            .output()
+            .context("running ctr task exec")?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok(if text.contains("Operation not permitted") {
+            Access::Denied
+        } else if out.status.success() {
+            Access::Ok(text.trim_end().to_owned())
+        } else {
+            Access::Failed(text)
+        })
+    }
+}
+
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        remove(&self.id);
+    }
+}
+
+fn remove(id: &str) {
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    // The task must be stopped before it can be deleted; `rm -f` waits for that.
+    let _ = ctr(&["task", "rm", "-f", id]);
+    let _ = ctr(&["container", "rm", id]);
+}
+
+fn ctr(args: &[&str]) -> Result<String> {
+    let out = Command::new("ctr")
+        .args(args)
+        .output()
+        .with_context(|| format!("running ctr {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "ctr {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,18 @@
+//! Janus on a real kernel: what the agent's integration tests, the VM tests of the BPF
+//! backend and the benchmark share.
+//!
+//! - [`target`]: a process in its own mount namespace, chrooted into a root of our making,
+//!   and ways to act inside it as its owner or as someone who entered it (`kubectl exec`).
+//! - [`agent`]: `janus-agent guard` as a real process, its decision lines and metrics.
+//! - [`scenarios`]: the table of guards, files and expected answers every backend passes.
+//! - [`bench`] and [`floor`]: the benchmark, and the minimal fanotify listener it compares
+//!   the agent with.
+//! - [`wait`]: waiting on a condition with a deadline, never a bare sleep.
+
+pub mod agent;
+pub mod bench;
+pub mod containerd;
+pub mod floor;
+pub mod scenarios;
+pub mod target;
+pub mod wait;

@@ -1,0 +1,268 @@
+//! Targets: a process in its own mount namespace, chrooted into a directory of our making,
+//! as a container's init is. Its root holds a static busybox, so the same code runs on the
+//! host and inside the VM that tests the BPF backend.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// Where the static busybox is found, on the host and in the VM.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// A directory that becomes a target's `/`, removed on drop.
+pub struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    /// A fresh root under `parent` with `/bin/busybox` and `/bin/sh`.
+    pub fn new(parent: &Path, name: &str) -> Result<Root> {
+        let dir = parent.join(format!("janus-{name}-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        let root = Root { dir };
+        root.mkdir("/bin")?;
+        fs::copy(BUSYBOX, root.host("/bin/busybox"))
+            .with_context(|| format!("copying {BUSYBOX} (install busybox-static)"))?;
+        std::os::unix::fs::symlink("busybox", root.host("/bin/sh"))?;
+        Ok(root)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The host path of `path` inside this root (`path` is absolute inside it).
+    pub fn host(&self, path: impl AsRef<[u8]>) -> PathBuf {
+        let rel = path.as_ref().strip_prefix(b"/").unwrap_or(path.as_ref());
+        self.dir.join(std::ffi::OsStr::from_bytes(rel))
+    }
+
+    pub fn mkdir(&self, path: impl AsRef<[u8]>) -> Result<()> {
+        let p = self.host(path);
+        fs::create_dir_all(&p).with_context(|| format!("mkdir {}", p.display()))
+    }
+
+    /// Writes a file, creating its directory.
+    pub fn write(&self, path: impl AsRef<[u8]>, content: &[u8]) -> Result<()> {
+        let p = self.host(path);
+        if let Some(dir) = p.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::write(&p, content).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// An executable shell script.
+    pub fn script(&self, path: impl AsRef<[u8]>, body: &str) -> Result<()> {
+        let p = self.host(path.as_ref());
+        self.write(path, format!("#!/bin/busybox sh\n{body}\n").as_bytes())?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    }
+
+    pub fn symlink(&self, path: impl AsRef<[u8]>, to: &str) -> Result<()> {
+        let p = self.host(path);
+        std::os::unix::fs::symlink(to, &p).with_context(|| format!("symlink {}", p.display()))
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What an attempt to use a file came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// It worked; the output, if the operation reads.
+    Ok(String),
+    /// EPERM: what a guard's deny looks like.
+    Denied,
+    /// Anything else (a missing file, say), with what was printed.
+    Failed(String),
+}
+
+impl Access {
+    fn from_output(ok: bool, out: &str) -> Access {
+        if out.contains("Operation not permitted") {
+            Access::Denied
+        } else if ok {
+            Access::Ok(out.trim_end().to_owned())
+        } else {
+            Access::Failed(out.trim_end().to_owned())
+        }
+    }
+}
+
+/// A running target: a busybox shell that is PID `pid`, reads commands from us and runs the
+/// ones we send in itself, so that it is the owner of what it opens.
+pub struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Target {
+    /// Starts a shell in a new mount namespace whose root is `root` (bind-mounted onto
+    /// itself, so the container's files are reached through mounts of its own).
+    pub fn start(root: &Root) -> Result<Target> {
+        let dir = CString::new(root.dir().as_os_str().as_bytes())?;
+        let mut cmd = Command::new(BUSYBOX);
+        cmd.args(["sh", "-s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                let none = std::ptr::null();
+                check(libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    dir.as_ptr(),
+                    dir.as_ptr(),
+                    none,
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                check(libc::chroot(dir.as_ptr()))?;
+                check(libc::chdir(c"/".as_ptr()))?;
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .context("starting a target (busybox sh in its own mount namespace)")?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut target = Target {
+            child,
+            stdin,
+            stdout,
+        };
+        // The shell answers once it runs inside its root.
+        match target.owner_run("echo ready")? {
+            Access::Ok(s) if s == "ready" => Ok(target),
+            other => bail!("target did not start: {other:?}"),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Runs `snippet` in the target's own shell process (builtins only, so the owner itself
+    /// opens the files) and reports what happened.
+    pub fn owner_run(&mut self, snippet: &str) -> Result<Access> {
+        const END: &str = "@@janus-rc=";
+        writeln!(self.stdin, "{{ {snippet} ; }} 2>&1; echo \"{END}$?\"")
+            .context("writing to the target")?;
+        self.stdin.flush()?;
+        let mut out = String::new();
+        loop {
+            let mut line = String::new();
+            if self.stdout.read_line(&mut line)? == 0 {
+                bail!("target {} exited", self.pid());
+            }
+            if let Some(rc) = line.trim_end().strip_prefix(END) {
+                return Ok(Access::from_output(rc == "0", &out));
+            }
+            out.push_str(&line);
+        }
+    }
+
+    /// The owner reads the first line of `path` (the shell opens it itself).
+    pub fn owner_read(&mut self, path: &str) -> Result<Access> {
+        self.owner_run(&format!("read -r line < '{path}' && echo \"$line\""))
+    }
+
+    /// Runs `argv` as a new process that entered the target, as `kubectl exec` does: same
+    /// mount namespace and root, not the owner.
+    pub fn exec(&self, argv: &[&str]) -> Result<Access> {
+        let out = match self.command(argv)?.output() {
+            Ok(out) => out,
+            // execve itself refused: an exec guard.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(Access::Denied),
+            Err(e) => return Err(e).context("running a command in the target"),
+        };
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok(Access::from_output(out.status.success(), &text))
+    }
+
+    /// `cat path` from inside the target, by a process that is not the owner.
+    pub fn cat(&self, path: &str) -> Result<Access> {
+        self.exec(&[BUSYBOX, "cat", path])
+    }
+
+    /// A command that enters the target when spawned.
+    pub fn command(&self, argv: &[&str]) -> Result<Command> {
+        let pid = self.pid();
+        let ns = open_fd(&format!("/proc/{pid}/ns/mnt"), libc::O_RDONLY)?;
+        let root = open_fd(
+            &format!("/proc/{pid}/root"),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?;
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]).stdin(Stdio::null());
+        // SAFETY: only async-signal-safe system calls between fork and exec. The
+        // descriptors move into the closure and stay open until the command is dropped.
+        unsafe {
+            cmd.pre_exec(move || {
+                check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS))?;
+                check(libc::fchdir(root.as_raw_fd()))?;
+                check(libc::chroot(c".".as_ptr()))?;
+                check(libc::chdir(c"/".as_ptr()))?;
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Ends the target and waits for it.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn open_fd(path: &str, flags: libc::c_int) -> Result<OwnedFd> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .with_context(|| format!("opening {path}"))?;
+    Ok(f.into())
+}
