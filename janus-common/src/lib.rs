@@ -128,6 +128,8 @@ pub struct Decision {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offsets {
     pub file_f_mode: u32,
+    /// `file.f_flags` (open flags; `__FMODE_EXEC` marks an exec's open).
+    pub file_f_flags: u32,
     pub file_f_inode: u32,
     /// `file.f_path.dentry`.
     pub file_dentry: u32,
@@ -146,6 +148,7 @@ pub struct Offsets {
     /// `FMODE_*` bit the kernel sets on overlayfs' internal backing files
     /// (`FMODE_NOACCOUNT` on 6.1, `FMODE_BACKING` later); 0 = unknown.
     pub fmode_backing: u32,
+    pub _pad: u32,
 }
 
 impl Offsets {

@@ -54,6 +54,7 @@ static SCRATCH: PerCpuArray<Decision> = PerCpuArray::with_max_entries(1, 0);
 #[no_mangle]
 static OFFSETS: Offsets = Offsets {
     file_f_mode: 0,
+    file_f_flags: 0,
     file_f_inode: 0,
     file_dentry: 0,
     dentry_parent: 0,
@@ -67,11 +68,14 @@ static OFFSETS: Offsets = Offsets {
     nsproxy_mnt_ns: 0,
     mnt_ns_inum: 0,
     fmode_backing: 0,
+    _pad: 0,
 };
 
 const EPERM: i32 = 1;
 const FMODE_WRITE: u32 = 0x2;
 const FMODE_EXEC: u32 = 0x20;
+/// In `f_flags`: the open of an execve (what fanotify's OPEN_EXEC_PERM keys on).
+const __FMODE_EXEC: u32 = 0x20;
 const MAY_WRITE: i32 = 0x2;
 const MAY_READ: i32 = 0x4;
 const S_IFMT: u16 = 0o170000;
@@ -90,7 +94,8 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     };
     // The order of fanotify's permission events: exec, then open; a write-open is also
     // a modify.
-    if mode & FMODE_EXEC != 0 {
+    let flags: u32 = read(file, c.off.file_f_flags).unwrap_or(0);
+    if mode & FMODE_EXEC != 0 || flags & __FMODE_EXEC != 0 {
         let r = check(&c, EV_EXEC);
         if r != 0 {
             return r;

@@ -57,9 +57,13 @@ pub struct VmTestOptions {
     /// default VM path /data/<file name>).
     #[arg(long = "file", value_name = "HOST[:VM]")]
     files: Vec<String>,
-    /// Also run the BPF backend's integration tests (the default when no test is given).
+    /// Also run the BPF backend's integration tests and the shared scenario table with
+    /// `--backend bpf` (the default when no test is given).
     #[arg(long)]
     bpf_tests: bool,
+    /// Also run the benchmark (janus-bench) with no agent, fanotify and bpf in this boot.
+    #[arg(long)]
+    bench: bool,
     /// Deadline in seconds for the VM run (boot, tests and power-off).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -131,9 +135,43 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     // The agent embeds the object just built (its build script looks for it).
     let agent = build_static_bin("janus-agent", "janus-agent")?;
     image.add_host_file(AGENT_VM_PATH, &agent, 0o755)?;
-    if opts.bpf_tests || (opts.bins.is_empty() && opts.command.is_empty()) {
+    if opts.bpf_tests || (opts.bins.is_empty() && opts.command.is_empty() && !opts.bench) {
         let bin = build_static_bin("xtask", BPF_TESTS_BIN)?;
         tests.push(image.add_test(&bin, Vec::new())?);
+        let table = build_static_bin("janus-tests", "janus-scenarios")?;
+        let args = [
+            "--agent",
+            AGENT_VM_PATH,
+            "--backend",
+            "bpf",
+            "--workdir",
+            "/tmp",
+        ];
+        tests.push(image.add_test(&table, args.map(str::to_owned).to_vec())?);
+    }
+    if opts.bench {
+        let bench = build_static_bin("janus-tests", "janus-bench")?;
+        // Fewer iterations than on the host: TCG is slow. Each run has its own no-agent
+        // baseline; both run in one boot.
+        for backend in ["fanotify", "bpf"] {
+            let args = [
+                "--agent",
+                AGENT_VM_PATH,
+                "--backend",
+                backend,
+                "--iterations",
+                "2000",
+                "--rounds",
+                "3",
+                "--threads",
+                "2",
+                "--window-runs",
+                "1",
+                "--workdir",
+                "/tmp",
+            ];
+            tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec())?);
+        }
     }
     for bin in &opts.bins {
         tests.push(image.add_test(bin, Vec::new())?);

@@ -182,6 +182,7 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     Ok(Offsets {
         file_f_mode: b.member_offset("file", "f_mode", Int(4))?,
+        file_f_flags: b.member_offset("file", "f_flags", Int(4))?,
         file_f_inode: b.member_offset("file", "f_inode", Pointer)?,
         file_dentry: f_path + b.member_offset("path", "dentry", Pointer)?,
         dentry_parent: b.member_offset("dentry", "d_parent", Pointer)?,
@@ -195,6 +196,7 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
         nsproxy_mnt_ns: b.member_offset("nsproxy", "mnt_ns", Pointer)?,
         mnt_ns_inum: mnt_ns + b.member_offset("ns_common", "inum", Int(4))?,
         fmode_backing: backing_fmode(&release),
+        _pad: 0,
     })
 }
 
