@@ -19,11 +19,13 @@ use anyhow::{bail, ensure, Context, Result};
 use target::{Opened, Target};
 
 const AGENT: &str = "/bin/janus-agent";
+
+type Scenario = fn() -> Result<()>;
 const WORK: &str = "/tmp/bpf-vm";
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: [(&str, fn() -> Result<()>); 9] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("deny", deny),
         ("allow-longest-path", allow_longest_path),
         ("recursion", recursion),
