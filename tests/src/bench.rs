@@ -31,6 +31,9 @@ const SUBJECTS: &str = "  - deny: [/data]\n    allow: [/data/public]\n    events
 const UNGUARDED: &str = "/srv/plain";
 const ALLOWED: &str = "/data/public";
 const DENIED: &str = "/data/secret";
+/// On a filesystem of its own that nothing ever marks: timed alongside the unguarded file,
+/// it tells how fast opens were at that moment, whatever else ran on the machine.
+const CONTROL: &str = "/control/plain";
 /// How long the new-directory window may take before the run counts as a failure.
 const WINDOW_LIMIT: Duration = Duration::from_secs(5);
 /// What the agent issue requires of the window.
@@ -108,10 +111,12 @@ impl Case {
 /// One round's figures for one setup.
 #[derive(Default)]
 struct RoundFigures {
-    /// (case, median ns, p99 ns); the floor skips the unguarded file (it marks nothing there).
+    /// (case, median ns, p99 ns).
     latency: Vec<(Case, f64, f64)>,
     /// (threads, opens per second) on the guarded-allowed file.
     rate: Vec<(usize, f64)>,
+    /// The unguarded file's median over the control file's, timed in alternation.
+    unguarded_vs_control: Option<f64>,
     /// CPU time the listener spent per decision over the latency and rate measurements,
     /// in ns: a figure that the noise of a shared machine hardly moves.
     cpu_per_decision: Option<f64>,
@@ -119,7 +124,7 @@ struct RoundFigures {
 
 /// Everything measured, over all rounds.
 pub struct Report {
-    opts_rounds: usize,
+    rounds: usize,
     iterations: usize,
     backend: String,
     /// [setup][round]
@@ -130,8 +135,20 @@ pub struct Report {
 
 /// Runs every round and returns the figures.
 pub fn run(opts: &Options) -> Result<Report> {
-    let scratch = Scratch::mount(&opts.workdir)?;
+    let scratch = Scratch::mount(
+        opts.workdir
+            .join(format!("janus-bench-{}", std::process::id())),
+    )?;
     let root = Root::new(scratch.dir(), "bench")?;
+    // Mounted before the target starts, so that its mount namespace has it too; unmounted
+    // (dropped) before the root is removed.
+    let control = Scratch::mount(
+        root.host(CONTROL)
+            .parent()
+            .context("control dir")?
+            .to_owned(),
+    )?;
+    fs::write(control.dir().join("plain"), b"control\n")?;
     root.write(UNGUARDED, b"plain\n")?;
     root.write(ALLOWED, b"public\n")?;
     root.write(DENIED, b"secret\n")?;
@@ -214,12 +231,13 @@ pub fn run(opts: &Options) -> Result<Report> {
                     f
                 }
             };
-            figures[k_index(setup)].push(f);
+            figures[index_of(setup)].push(f);
         }
     }
     drop(target);
+    drop(control);
     Ok(Report {
-        opts_rounds: opts.rounds,
+        rounds: opts.rounds,
         iterations: opts.iterations,
         backend,
         figures,
@@ -228,7 +246,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     })
 }
 
-fn k_index(setup: Setup) -> usize {
+fn index_of(setup: Setup) -> usize {
     Setup::ALL
         .iter()
         .position(|s| *s == setup)
@@ -266,19 +284,20 @@ fn agent_usage(agent: &Agent) -> Result<(Duration, f64)> {
 fn measure(inside: &Inside, setup: Setup, opts: &Options) -> Result<RoundFigures> {
     let mut f = RoundFigures::default();
     for case in Case::ALL {
-        if setup == Setup::Floor && case == Case::Unguarded {
-            continue;
+        let mut paths = vec![(case.path(), case.denied_under(setup))];
+        if case == Case::Unguarded {
+            paths.push((CONTROL, false));
         }
-        let mut ns = latencies(
-            inside,
-            case.path(),
-            opts.iterations,
-            case.denied_under(setup),
-        )
-        .with_context(|| format!("{} under {}", case.name(), setup.name()))?;
-        ns.sort_unstable();
-        f.latency
-            .push((case, percentile(&ns, 0.5), percentile(&ns, 0.99)));
+        let mut ns = latencies(inside, &paths, opts.iterations)
+            .with_context(|| format!("{} under {}", case.name(), setup.name()))?;
+        for v in &mut ns {
+            v.sort_unstable();
+        }
+        let m = percentile(&ns[0], 0.5);
+        if let Some(control) = ns.get(1) {
+            f.unguarded_vs_control = Some(m / percentile(control, 0.5));
+        }
+        f.latency.push((case, m, percentile(&ns[0], 0.99)));
     }
     if setup != Setup::None {
         for &threads in &opts.threads {
@@ -355,22 +374,34 @@ fn open_close(path: &CStr) -> Result<bool> {
     }
 }
 
-/// `n` timed open+close calls of `path` from inside the target, in ns, after a warm-up;
-/// every one must be refused or let through as `denied` says.
-fn latencies(inside: &Inside, path: &str, n: usize, denied: bool) -> Result<Vec<u64>> {
-    let path = CString::new(path)?;
+/// `n` timed open+close calls of each of `paths` (path, whether it must be refused) from
+/// inside the target, in ns, after a warm-up. Several paths are timed in alternating
+/// chunks, so that they see the machine in the same state.
+fn latencies(inside: &Inside, paths: &[(&str, bool)], n: usize) -> Result<Vec<Vec<u64>>> {
+    const CHUNK: usize = 500;
+    let paths: Vec<(CString, bool)> = paths
+        .iter()
+        .map(|(p, d)| Ok((CString::new(*p)?, *d)))
+        .collect::<Result<_>>()?;
     std::thread::scope(|s| {
-        s.spawn(|| -> Result<Vec<u64>> {
+        s.spawn(|| -> Result<Vec<Vec<u64>>> {
             inside.enter()?;
-            for _ in 0..(n / 10).max(100) {
-                expect(open_close(&path)?, denied, &path)?;
+            for (path, denied) in &paths {
+                for _ in 0..(n / 10).max(100) {
+                    expect(open_close(path)?, *denied, path)?;
+                }
             }
-            let mut ns = Vec::with_capacity(n);
-            for _ in 0..n {
-                let t = Instant::now();
-                let refused = open_close(&path)?;
-                ns.push(t.elapsed().as_nanos() as u64);
-                expect(refused, denied, &path)?;
+            let mut ns: Vec<Vec<u64>> = paths.iter().map(|_| Vec::with_capacity(n)).collect();
+            while ns[0].len() < n {
+                let chunk = CHUNK.min(n - ns[0].len());
+                for ((path, denied), ns) in paths.iter().zip(&mut ns) {
+                    for _ in 0..chunk {
+                        let t = Instant::now();
+                        let refused = open_close(path)?;
+                        ns.push(t.elapsed().as_nanos() as u64);
+                        expect(refused, *denied, path)?;
+                    }
+                }
             }
             Ok(ns)
         })
@@ -495,8 +526,7 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn mount(parent: &Path) -> Result<Scratch> {
-        let dir = parent.join(format!("janus-bench-{}", std::process::id()));
+    fn mount(dir: PathBuf) -> Result<Scratch> {
         fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         let c = CString::new(dir.as_os_str().as_bytes())?;
         // SAFETY: C strings for source, target and type; no data.
@@ -531,7 +561,7 @@ impl Drop for Scratch {
 impl Report {
     /// The median over rounds of one latency figure (`p99` picks the 99th percentile).
     fn latency(&self, setup: Setup, case: Case, p99: bool) -> Option<f64> {
-        let v: Vec<f64> = self.figures[k_index(setup)]
+        let v: Vec<f64> = self.figures[index_of(setup)]
             .iter()
             .filter_map(|f| lookup_latency(f, case).map(|(m, p)| if p99 { p } else { m }))
             .collect();
@@ -539,7 +569,7 @@ impl Report {
     }
 
     fn rate(&self, setup: Setup, threads: usize) -> Option<f64> {
-        let v: Vec<f64> = self.figures[k_index(setup)]
+        let v: Vec<f64> = self.figures[index_of(setup)]
             .iter()
             .filter_map(|f| lookup_rate(f, threads))
             .collect();
@@ -554,9 +584,9 @@ impl Report {
         b: Setup,
     ) -> f64 {
         median(
-            self.figures[k_index(a)]
+            self.figures[index_of(a)]
                 .iter()
-                .zip(&self.figures[k_index(b)])
+                .zip(&self.figures[index_of(b)])
                 .filter_map(|(fa, fb)| per_round(fa, fb))
                 .collect(),
         )
@@ -583,14 +613,11 @@ impl Report {
                 pass: pct >= 80.0,
             });
         }
+        // Each setup's unguarded median is first divided by the control's from the same
+        // moments: the machine's state drifts between setups by more than 5%.
         let over = 100.0
             * (self.ratio(
-                |a, n| {
-                    Some(
-                        lookup_latency(a, Case::Unguarded)?.0
-                            / lookup_latency(n, Case::Unguarded)?.0,
-                    )
-                },
+                |a, n| Some(a.unguarded_vs_control? / n.unguarded_vs_control?),
                 Setup::Agent,
                 Setup::None,
             ) - 1.0);
@@ -617,7 +644,7 @@ impl Report {
             out,
             "janus-bench: {} rounds, {} timed opens per file and setup per round; \
              figures are medians over rounds",
-            self.opts_rounds, self.iterations
+            self.rounds, self.iterations
         );
         let _ = writeln!(
             out,
@@ -671,7 +698,7 @@ impl Report {
             }
         }
         for setup in [Setup::Floor, Setup::Agent] {
-            let v: Vec<f64> = self.figures[k_index(setup)]
+            let v: Vec<f64> = self.figures[index_of(setup)]
                 .iter()
                 .filter_map(|f| f.cpu_per_decision)
                 .collect();

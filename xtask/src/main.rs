@@ -3,9 +3,11 @@
 //! - `build-ebpf`: builds the BPF LSM object (nightly, bpfel-unknown-none).
 //! - `vm-test`: boots a Debian kernel with the BPF LSM enabled in QEMU and
 //!   runs test binaries inside it (the host kernel refuses BPF LSM programs).
+//! - `image`: static binaries and a container image of each (buildah).
 
 mod cpio;
 mod ebpf;
+mod image;
 mod util;
 mod vm;
 
@@ -26,6 +28,8 @@ enum Command {
     BuildEbpf(ebpf::BuildOptions),
     /// Run test binaries inside a QEMU VM whose kernel has the BPF LSM on.
     VmTest(vm::VmTestOptions),
+    /// Build static binaries and a FROM-scratch container image of each with buildah.
+    Image(image::ImageOptions),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BuildEbpf(opts) => ebpf::build(&opts).map(|obj| println!("{}", obj.display())),
         Command::VmTest(opts) => vm::run(opts),
+        Command::Image(opts) => image::build(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

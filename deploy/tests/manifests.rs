@@ -1,0 +1,711 @@
+//! The deployment as users apply it: every variant's checked-in rendering parsed into
+//! Kubernetes types and checked for what the agent and controller need, and no more.
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result};
+use janus_deploy::render::{self, documents, find, VARIANTS};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Container, Probe, Service};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Parses `v` into `T` and fails if anything in `v` is lost on the way: a misspelt or
+/// misplaced field would be silently dropped by the API server too.
+fn typed<T: DeserializeOwned + serde::Serialize>(v: &Value) -> T {
+    let t: T = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]));
+    let back = serde_json::to_value(&t).unwrap();
+    assert_eq!(
+        &back, v,
+        "{} {}: fields lost when parsed into its type",
+        v["kind"], v["metadata"]["name"]
+    );
+    t
+}
+
+fn objects(file: &str) -> Vec<Value> {
+    documents(&render::rendered(file).unwrap()).unwrap()
+}
+
+fn all_variants() -> impl Iterator<Item = (&'static str, Vec<Value>)> {
+    VARIANTS.iter().map(|(v, file)| (*v, objects(file)))
+}
+
+/// Every object of every variant parses into its Kubernetes type without loss.
+#[test]
+fn every_object_parses_into_its_type() {
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+    for (variant, objs) in all_variants() {
+        let mut kinds = BTreeSet::new();
+        for o in &objs {
+            let kind = o["kind"].as_str().unwrap();
+            kinds.insert(kind.to_owned());
+            match kind {
+                "Namespace" => drop(typed::<Namespace>(o)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(o)),
+                "ClusterRole" => drop(typed::<ClusterRole>(o)),
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(o)),
+                "Role" => drop(typed::<Role>(o)),
+                "RoleBinding" => drop(typed::<RoleBinding>(o)),
+                "Service" => drop(typed::<Service>(o)),
+                "Deployment" => drop(typed::<Deployment>(o)),
+                "DaemonSet" => drop(typed::<DaemonSet>(o)),
+                "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(o)),
+                // OpenShift's own type; checked field by field below.
+                "SecurityContextConstraints" => assert!(variant.starts_with("openshift")),
+                other => panic!("{variant}: unexpected kind {other}"),
+            }
+        }
+        for k in [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "Service",
+            "Deployment",
+            "DaemonSet",
+            "CustomResourceDefinition",
+        ] {
+            assert!(kinds.contains(k), "{variant}: no {k}");
+        }
+        for o in &objs {
+            let ns = o["metadata"]["namespace"].as_str();
+            let cluster_scoped = [
+                "Namespace",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "CustomResourceDefinition",
+                "SecurityContextConstraints",
+            ]
+            .contains(&o["kind"].as_str().unwrap());
+            assert_eq!(
+                ns.is_none(),
+                cluster_scoped,
+                "{variant}: {} {} namespace {ns:?}",
+                o["kind"],
+                o["metadata"]["name"]
+            );
+            if let Some(ns) = ns {
+                assert_eq!(
+                    ns, "janus",
+                    "{variant}: {} {}",
+                    o["kind"], o["metadata"]["name"]
+                );
+            }
+        }
+    }
+}
+
+fn agent(objs: &[Value]) -> (DaemonSet, Container) {
+    let ds: DaemonSet = typed(find(objs, "DaemonSet", "janus-agent").unwrap());
+    let c = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .clone();
+    (ds, c)
+}
+
+fn controller(objs: &[Value]) -> (Deployment, Container) {
+    let d: Deployment = typed(find(objs, "Deployment", "janus-controller").unwrap());
+    let c = d
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .clone();
+    (d, c)
+}
+
+fn args(c: &Container) -> Vec<String> {
+    c.args.clone().unwrap_or_default()
+}
+
+fn http_probe(p: &Option<Probe>) -> (String, String) {
+    let g = p
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("an httpGet probe");
+    let port = match &g.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => i.to_string(),
+    };
+    (g.path.clone().unwrap(), port)
+}
+
+fn port(c: &Container, name: &str) -> i32 {
+    c.ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("container {} has no port {name}", c.name))
+        .container_port
+}
+
+/// The capabilities the agent needs (see deploy/base/agent.yaml for why each), no more.
+const AGENT_CAPABILITIES: [&str; 7] = [
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+    "AUDIT_WRITE",
+    "BPF",
+    "PERFMON",
+    "SYS_RESOURCE",
+];
+
+#[test]
+fn agent_daemonset_has_what_the_agent_needs_and_no_more() {
+    for (variant, objs) in all_variants() {
+        let (ds, c) = agent(&objs);
+        let pod = ds.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        assert_eq!(pod.host_pid, Some(true), "{variant}: hostPID");
+        assert_ne!(pod.host_network, Some(true), "{variant}: hostNetwork");
+        assert_eq!(
+            pod.automount_service_account_token,
+            Some(false),
+            "{variant}: the agent needs no API token"
+        );
+        assert!(
+            pod.tolerations.is_none(),
+            "{variant}: tolerations are the operator's choice"
+        );
+
+        let sc = c.security_context.clone().unwrap();
+        assert_ne!(sc.privileged, Some(true), "{variant}: privileged");
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{variant}");
+        let caps = sc.capabilities.unwrap();
+        assert_eq!(
+            caps.drop,
+            Some(vec!["ALL".to_owned()]),
+            "{variant}: drop ALL"
+        );
+        let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+        assert_eq!(added, AGENT_CAPABILITIES.into(), "{variant}: capabilities");
+
+        let mounts: Vec<(String, bool)> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
+            .collect();
+        for (path, read_only) in [
+            ("/sys/fs/bpf", true),
+            ("/sys/kernel/security", true),
+            ("/sys/fs/cgroup", true),
+        ] {
+            let m = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path == path);
+            let m = m.unwrap_or_else(|| panic!("{variant}: no mount at {path}: {mounts:?}"));
+            assert_eq!(
+                m.read_only == Some(true),
+                read_only,
+                "{variant}: {path} read-only"
+            );
+            let vol = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .unwrap();
+            assert_eq!(
+                vol.host_path.as_ref().map(|h| h.path.as_str()),
+                Some(path),
+                "{variant}: {path} is the host's"
+            );
+        }
+        // No host path beyond those.
+        let host_paths = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| v.host_path.is_some())
+            .count();
+        assert_eq!(host_paths, 3, "{variant}: host paths");
+
+        assert_eq!(port(&c, "grpc"), 9700);
+        assert_eq!(port(&c, "metrics"), 9701);
+        let a = args(&c);
+        assert_eq!(a[0], "serve", "{variant}");
+        assert!(
+            a.contains(&"--metrics-addr=0.0.0.0:9701".to_owned()),
+            "{variant}: {a:?}"
+        );
+        assert!(
+            a.contains(&"--listen=0.0.0.0:9700".to_owned()),
+            "{variant}: {a:?}"
+        );
+        assert_eq!(
+            http_probe(&c.liveness_probe),
+            ("/healthz".into(), "metrics".into()),
+            "{variant}"
+        );
+        assert_eq!(
+            http_probe(&c.readiness_probe),
+            ("/readyz".into(), "metrics".into()),
+            "{variant}"
+        );
+    }
+}
+
+#[test]
+fn controller_deployment() {
+    for (variant, objs) in all_variants() {
+        let (d, c) = controller(&objs);
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1), "{variant}");
+        let pod = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("janus"));
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{variant}");
+        assert_eq!(
+            sc.capabilities.unwrap().drop,
+            Some(vec!["ALL".to_owned()]),
+            "{variant}"
+        );
+        assert_eq!(
+            pod.security_context.unwrap().run_as_non_root,
+            Some(true),
+            "{variant}"
+        );
+        assert_eq!(port(&c, "metrics"), 9702);
+        assert_eq!(args(&c)[0], "run");
+        // The controller serves /metrics and /healthz on 9702.
+        assert_eq!(
+            http_probe(&c.liveness_probe),
+            ("/healthz".into(), "metrics".into()),
+            "{variant}"
+        );
+        assert_eq!(
+            http_probe(&c.readiness_probe),
+            ("/healthz".into(), "metrics".into()),
+            "{variant}"
+        );
+        let res = c.resources.unwrap();
+        assert!(
+            res.requests.is_some() && res.limits.is_some(),
+            "{variant}: resources"
+        );
+    }
+}
+
+#[test]
+fn agent_service_is_headless_and_selects_the_agents() {
+    for (variant, objs) in all_variants() {
+        let svc: Service = typed(find(&objs, "Service", "janus-agent").unwrap());
+        let spec = svc.spec.unwrap();
+        assert_eq!(
+            spec.cluster_ip.as_deref(),
+            Some("None"),
+            "{variant}: headless"
+        );
+        let grpc = spec
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("grpc"))
+            .unwrap();
+        assert_eq!(grpc.port, 9700, "{variant}");
+        let (ds, _) = agent(&objs);
+        let labels = ds.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        for (k, v) in spec.selector.unwrap() {
+            assert_eq!(labels.get(&k), Some(&v), "{variant}: selector {k}={v}");
+        }
+    }
+}
+
+/// The agent's and controller's TLS flags and files: secure variants pass them to both sides from the
+/// Secret janus-tls or the ConfigMap janus-config; plain ones say --insecure-plaintext.
+#[test]
+fn tls_in_secure_variants_only() {
+    for (variant, objs) in all_variants() {
+        let secure = variant.ends_with("secure");
+        let (ds, a) = agent(&objs);
+        let (d, c) = controller(&objs);
+        for (who, container, pod) in [
+            ("agent", &a, ds.spec.unwrap().template.spec.unwrap()),
+            ("controller", &c, d.spec.unwrap().template.spec.unwrap()),
+        ] {
+            let args = args(container);
+            let has = |f: &str| args.iter().any(|a| a == f);
+            assert_eq!(
+                has("--insecure-plaintext"),
+                !secure,
+                "{variant} {who}: {args:?}"
+            );
+            for (flag, file) in [
+                ("--tls-ca", "ca.pem"),
+                ("--tls-cert", "cert.pem"),
+                ("--tls-key", "key.pem"),
+            ] {
+                assert_eq!(
+                    has(&format!("{flag}=/etc/janus/tls/{file}")),
+                    secure,
+                    "{variant} {who}: {args:?}"
+                );
+            }
+            if !secure {
+                continue;
+            }
+            if who == "controller" {
+                assert!(
+                    has("--tls-server-name=janus-agent.janus.svc"),
+                    "{variant}: {args:?}"
+                );
+            }
+            let m = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path == "/etc/janus/tls")
+                .unwrap();
+            let vol = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .unwrap();
+            let sources = vol.projected.as_ref().unwrap().sources.clone().unwrap();
+            assert!(sources
+                .iter()
+                .any(|s| s.secret.as_ref().is_some_and(|s| s.name == "janus-tls")));
+            assert!(sources.iter().any(|s| s
+                .config_map
+                .as_ref()
+                .is_some_and(|c| c.name == "janus-config")));
+        }
+    }
+}
+
+/// (API group, resource, verb) of every call janus-controller makes: its reflectors list and
+/// watch guards, pods and the agents' EndpointSlices; it patches guard status and records
+/// Events. Namespaced ones are granted in `janus` only.
+const CONTROLLER_CLUSTER_CALLS: [(&str, &str, &str); 7] = [
+    ("januscontroller.clustergarage.io", "janusguards", "list"),
+    ("januscontroller.clustergarage.io", "janusguards", "watch"),
+    (
+        "januscontroller.clustergarage.io",
+        "janusguards/status",
+        "patch",
+    ),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+];
+const CONTROLLER_NAMESPACE_CALLS: [(&str, &str, &str); 2] = [
+    ("discovery.k8s.io", "endpointslices", "list"),
+    ("discovery.k8s.io", "endpointslices", "watch"),
+];
+
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        assert!(
+            r.resource_names.is_none() && r.non_resource_urls.is_none(),
+            "{r:?}"
+        );
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    for s in [g, res, v] {
+                        assert!(!s.contains('*'), "wildcard in {r:?}");
+                    }
+                    out.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_controller_calls() {
+    let want = |calls: &[(&str, &str, &str)]| -> BTreeSet<(String, String, String)> {
+        calls
+            .iter()
+            .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+            .collect()
+    };
+    for (variant, objs) in all_variants() {
+        let cr: ClusterRole = typed(find(&objs, "ClusterRole", "janus-controller").unwrap());
+        assert_eq!(
+            grants(&cr.rules.unwrap()),
+            want(&CONTROLLER_CLUSTER_CALLS),
+            "{variant}: ClusterRole"
+        );
+        let role: Role = typed(find(&objs, "Role", "janus-controller").unwrap());
+        assert_eq!(
+            grants(&role.rules.unwrap()),
+            want(&CONTROLLER_NAMESPACE_CALLS),
+            "{variant}: Role"
+        );
+        // Bound to the janus ServiceAccount and nothing else.
+        for kind in ["ClusterRoleBinding", "RoleBinding"] {
+            let b = find(&objs, kind, "janus-controller").unwrap();
+            assert_eq!(
+                b["subjects"],
+                serde_json::json!([{"kind": "ServiceAccount", "name": "janus", "namespace": "janus"}])
+            );
+        }
+        // No other role in the plain variants; OpenShift adds only the SCC's `use`.
+        let roles: Vec<&Value> = objs
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+            .collect();
+        for r in roles {
+            if r["metadata"]["name"] == "janus-agent-scc" {
+                assert!(variant.starts_with("openshift"));
+                let cr: ClusterRole = typed(r);
+                assert_eq!(
+                    cr.rules.unwrap(),
+                    vec![PolicyRule {
+                        api_groups: Some(vec!["security.openshift.io".into()]),
+                        resources: Some(vec!["securitycontextconstraints".into()]),
+                        resource_names: Some(vec!["janus-agent".into()]),
+                        verbs: vec!["use".into()],
+                        non_resource_urls: None,
+                    }]
+                );
+            } else {
+                assert_eq!(
+                    r["metadata"]["name"], "janus-controller",
+                    "{variant}: unexpected role"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn openshift_scc_admits_the_agent() {
+    for (variant, objs) in all_variants().filter(|(v, _)| v.starts_with("openshift")) {
+        let scc = find(&objs, "SecurityContextConstraints", "janus-agent").unwrap();
+        assert_eq!(scc["apiVersion"], "security.openshift.io/v1");
+        assert_eq!(scc["allowHostPID"], true, "{variant}");
+        assert_eq!(scc["allowHostDirVolumePlugin"], true, "{variant}");
+        assert_eq!(scc["allowPrivilegedContainer"], false, "{variant}");
+        assert_eq!(scc["allowHostNetwork"], false, "{variant}");
+        let allowed: BTreeSet<&str> = scc["allowedCapabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(allowed, AGENT_CAPABILITIES.into(), "{variant}");
+        let volumes: BTreeSet<&str> = scc["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        let (ds, c) = agent(&objs);
+        for v in ds.spec.unwrap().template.spec.unwrap().volumes.unwrap() {
+            let kind = if v.host_path.is_some() {
+                "hostPath"
+            } else if v.projected.is_some() {
+                "projected"
+            } else {
+                "other"
+            };
+            assert!(
+                volumes.contains(kind),
+                "{variant}: volume {} ({kind}) not allowed by the SCC",
+                v.name
+            );
+        }
+        assert_eq!(
+            c.security_context
+                .unwrap()
+                .se_linux_options
+                .unwrap()
+                .type_
+                .as_deref(),
+            Some("spc_t"),
+            "{variant}"
+        );
+        let ns = find(&objs, "Namespace", "janus").unwrap();
+        assert_eq!(
+            ns["metadata"]["annotations"]["openshift.io/node-selector"], "",
+            "{variant}"
+        );
+        let binding = find(&objs, "RoleBinding", "janus-agent-scc").unwrap();
+        assert_eq!(binding["roleRef"]["name"], "janus-agent-scc");
+        assert_eq!(binding["subjects"][0]["name"], "janus");
+    }
+}
+
+/// deploy/base/crd.yaml is what every variant installs. (Its equality with
+/// `janus-controller crd` is the controller's own test.)
+#[test]
+fn crd_is_the_one_in_base() -> Result<()> {
+    let path = render::deploy_dir().join("base/crd.yaml");
+    let base = documents(&std::fs::read_to_string(&path)?)?;
+    assert_eq!(base.len(), 1, "{}", path.display());
+    let crd: CustomResourceDefinition = typed(&base[0]);
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("janusguards.januscontroller.clustergarage.io")
+    );
+    assert_eq!(crd.spec.group, "januscontroller.clustergarage.io");
+    assert_eq!(crd.spec.names.kind, "JanusGuard");
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let v = crd
+        .spec
+        .versions
+        .iter()
+        .find(|v| v.name == "v1alpha1")
+        .context("v1alpha1")?;
+    assert!(v.served && v.storage);
+    assert!(
+        v.subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some(),
+        "status subresource"
+    );
+    for (variant, objs) in all_variants() {
+        let installed = objs
+            .iter()
+            .find(|o| o["kind"] == "CustomResourceDefinition")
+            .unwrap();
+        assert_eq!(
+            installed, &base[0],
+            "{variant}: CRD differs from deploy/base/crd.yaml"
+        );
+    }
+    Ok(())
+}
+
+/// The checked-in renderings and the chart's copies are what Kustomize makes of deploy/
+/// today (`scripts/render-deploy.sh` refreshes them).
+#[test]
+fn renderings_are_current() {
+    let header = |v: &str| {
+        format!("# Generated by scripts/render-deploy.sh from deploy/{v}; do not edit.\n")
+    };
+    for (variant, file) in VARIANTS {
+        let checked_in = render::rendered(file).unwrap();
+        if matches!(variant, "kubernetes" | "secure") {
+            let chart =
+                std::fs::read_to_string(render::deploy_dir().join("helm/janus/files").join(file))
+                    .unwrap();
+            assert_eq!(
+                chart, checked_in,
+                "helm/janus/files/{file} is stale: run scripts/render-deploy.sh"
+            );
+        }
+        if render::have_kubectl() {
+            let fresh = format!("{}{}", header(variant), render::kustomize(variant).unwrap());
+            assert_eq!(
+                checked_in, fresh,
+                "deploy/rendered/{file} is stale: run scripts/render-deploy.sh"
+            );
+        } else {
+            eprintln!(
+                "kubectl not found: deploy/rendered/{file} not compared with a fresh rendering"
+            );
+        }
+    }
+}
+
+/// The example guards are valid JanusGuards, the seed's unchanged.
+#[test]
+fn examples_validate() {
+    let dir = render::deploy_dir().join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir.join("seed"))
+        .unwrap()
+        .chain(std::fs::read_dir(&dir).unwrap())
+    {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") || path.ends_with("janus-config.yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for g in janus_api::guard::parse_documents(&text).unwrap() {
+            if let Err(e) = janus_api::GuardPolicy::from_guard(&g) {
+                panic!("{}: {e:?}", path.display());
+            }
+            seen += 1;
+        }
+        if path.parent().unwrap().ends_with("seed") {
+            let fixture = render::deploy_dir()
+                .join("../tests/fixtures/seed")
+                .join(path.file_name().unwrap());
+            assert_eq!(
+                text,
+                std::fs::read_to_string(fixture).unwrap(),
+                "{} differs from the seed",
+                path.display()
+            );
+        }
+    }
+    assert_eq!(
+        seen, 4,
+        "three seed examples and the service-account token guard"
+    );
+}
+
+/// Helm itself is not installable here (no Debian package), so the chart is checked as far
+/// as it can be without it: what its templates read exists, and the image references its
+/// `replace` calls rewrite occur in every rendering it includes.
+#[test]
+fn helm_chart_includes_the_renderings() {
+    let chart = render::deploy_dir().join("helm/janus");
+    let template = std::fs::read_to_string(chart.join("templates/janus.yaml")).unwrap();
+    let quoted_after = |text: &str, marker: &str| -> Vec<String> {
+        text.match_indices(marker)
+            .map(|(i, _)| {
+                let rest = &text[i + marker.len()..];
+                let start = rest.find('"').unwrap() + 1;
+                let end = start + rest[start..].find('"').unwrap();
+                rest[start..end].to_owned()
+            })
+            .collect()
+    };
+    let mut included = Vec::new();
+    for f in ["files/janus-k8s-secure.yaml", "files/janus-k8s.yaml"] {
+        assert!(
+            template.contains(&format!("\"{f}\"")),
+            "the template no longer includes {f}"
+        );
+        included.push(std::fs::read_to_string(chart.join(f)).unwrap());
+    }
+    let images = quoted_after(&template, "replace ");
+    assert_eq!(images.len(), 2, "{images:?}");
+    for image in &images {
+        for text in &included {
+            assert!(
+                text.contains(&format!("image: {image}\n")),
+                "{image} is not in the rendering"
+            );
+        }
+    }
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart.join("values.yaml")).unwrap()).unwrap();
+    assert_eq!(values["tls"], false);
+    let meta: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart.join("Chart.yaml")).unwrap()).unwrap();
+    assert_eq!(meta["name"], "janus");
+    for image in &images {
+        let tag = image.rsplit(':').next().unwrap();
+        assert_eq!(
+            meta["appVersion"], tag,
+            "the chart's appVersion is the image tag it replaces"
+        );
+    }
+}
