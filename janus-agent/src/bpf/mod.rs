@@ -200,6 +200,18 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
     })
 }
 
+/// An error with its causes, one line (aya's load error keeps errno in its source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string().trim_end().trim_end_matches(':').to_owned();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(s.to_string().trim_end().trim_end_matches(':'));
+        source = s.source();
+    }
+    out
+}
+
 /// The f_mode bit of overlayfs' internal backing files: FMODE_NOACCOUNT up to 6.5,
 /// FMODE_BACKING from 6.6 (where the value moved).
 fn backing_fmode(release: &str) -> u32 {
@@ -238,7 +250,7 @@ impl Enforcer {
                 .map_err(|e| load(&e))?;
             program
                 .load(name, &kernel_btf)
-                .map_err(|e| StartError::Load(format!("{name}: {e:#}")))?;
+                .map_err(|e| StartError::Load(format!("{name}: {}", chain(&e))))?;
             program
                 .attach()
                 .map_err(|e| StartError::Load(format!("attaching {name}: {e:#}")))?;
