@@ -1,6 +1,7 @@
 //! The Janus node agent: resolves a target's file system and enforces JanusGuards on it.
 
 pub mod agent;
+pub mod bpf;
 pub mod decisions;
 pub mod fanotify;
 pub mod http;

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub log_dropped: IntCounter,
     pub new_dirs: IntCounterVec,
     pub guards: IntGaugeVec,
+    pub bpf_events_dropped: IntCounter,
+    pub backend_info: IntGaugeVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -108,8 +110,23 @@ impl Metrics {
         for state in ["enforced", "pending", "failed"] {
             guards.with_label_values(&[state]).set(0);
         }
+        let bpf_events_dropped = register(
+            &r,
+            IntCounter::new(
+                "janus_bpf_events_dropped_total",
+                "BPF decisions not reported because the ring buffer was full (the decision itself stood).",
+            )
+            .expect("valid metric"),
+        );
+        let backend_info = gauge(
+            "janus_backend_info",
+            "1 for the enforcement backend in use (bpf|fanotify).",
+            &["backend"],
+        );
         Metrics {
             registry: r,
+            bpf_events_dropped,
+            backend_info,
             decisions,
             internal_errors,
             overflows,

@@ -9,7 +9,7 @@ use janus_api::guard::parse_documents;
 use janus_api::GuardPolicy;
 
 use crate::agent::Agent;
-use crate::{decisions, fanotify, http, metrics::Metrics};
+use crate::{bpf, decisions, fanotify, http, metrics::Metrics};
 
 #[derive(Debug, clap::Args)]
 pub struct GuardArgs {
@@ -28,6 +28,9 @@ pub struct GuardArgs {
     /// Serve /metrics, /healthz, /readyz and /state here.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Enforcement backend: BPF LSM where the kernel allows it (auto), or one of them.
+    #[arg(long, value_enum, default_value_t = bpf::BackendChoice::Auto)]
+    pub backend: bpf::BackendChoice,
 }
 
 /// Reads and validates every guard in `file`, naming the file, document and field of
@@ -69,15 +72,26 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "-".into())
     });
-    let agent = Arc::new(Agent::new(metrics, log, node));
-    let result = guard_all(&agent, &policies, &args.pids, &args.pod, args.metrics_addr).await;
+    let enforcer = bpf::select(args.backend, &metrics, &log)?;
+    let agent = Arc::new(Agent::new(metrics, log, node.clone()));
+    let result = guard_all(
+        &agent,
+        enforcer.as_ref().map(|e| (e, node)),
+        &policies,
+        &args.pids,
+        &args.pod,
+        args.metrics_addr,
+    )
+    .await;
     agent.shutdown();
+    drop(enforcer);
     writer.finish();
     result
 }
 
 async fn guard_all(
     agent: &Arc<Agent>,
+    enforcer: Option<(&bpf::Enforcer, String)>,
     policies: &[Arc<GuardPolicy>],
     pids: &[i32],
     pod: &str,
@@ -85,6 +99,26 @@ async fn guard_all(
 ) -> anyhow::Result<()> {
     for policy in policies {
         for &pid in pids {
+            if let Some((bpf, node)) = &enforcer {
+                match bpf.guard(policy.clone(), pid, pod.to_owned(), node.clone()) {
+                    Ok(()) => {
+                        tracing::info!(guard = %policy.name, pid, backend = bpf::BACKEND, "guarding");
+                        continue;
+                    }
+                    Err(bpf::GuardError::Unsupported(why)) => {
+                        tracing::warn!(guard = %policy.name, pid, reason = %why, "guard not expressible in BPF; enforcing it with fanotify");
+                        agent
+                            .metrics()
+                            .backend_info
+                            .with_label_values(&[fanotify::target::BACKEND])
+                            .set(1);
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("guard {:?} on pid {pid}", policy.name));
+                    }
+                }
+            }
             agent
                 .guard(policy.clone(), pid, pod.to_owned())
                 .with_context(|| format!("guard {:?} on pid {pid}", policy.name))?;

@@ -1,78 +1,298 @@
-//! Janus BPF LSM programs.
+//! Janus BPF LSM programs: decide guarded opens and reads in the kernel.
 //!
-//! For now a single trivial `file_open` hook that denies opening files whose
-//! inode number is a key of `DENY_INODES`. It will be replaced by the real
-//! policy engine.
+//! - `file_open` decides `open`, `exec` (the file is opened for execution) and `modify`
+//!   (the file is opened for writing); `file_permission` decides `access` (a read) and
+//!   `modify` (a write).
+//! - Only tasks in a guarded mount namespace (`SCOPES`) are considered: host processes and
+//!   other pods pay one map lookup and are never logged.
+//! - The file is covered by its nearest ancestor (walking `d_parent` up to the superblock's
+//!   root) that has a rule for the event in `RULES`: the longest guarded path wins, as in
+//!   the fanotify backend; the loader merged equal paths so that deny wins there. A walk
+//!   that runs out of depth denies (fail closed).
+//! - Every decision goes to the agent through `DECISIONS`; when the ring is full the
+//!   decision stands and `DROPPED` counts the loss.
 //!
-//! Rust cannot emit CO-RE relocations, so the layout of `struct file` and
-//! `struct inode` is not compiled in: the loader reads the field offsets from
-//! the running kernel's BTF and sets the `*_OFFSET` globals below before
-//! loading (see `xtask/src/bin/lsm-proof.rs`).
+//! Rust BPF has no CO-RE, so the loader reads the kernel's struct layout from its BTF and
+//! sets `OFFSETS` before loading.
 
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     cty::c_void,
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, generated},
     macros::{lsm, map},
-    maps::{HashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::LsmContext,
 };
+use janus_common::{
+    Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
+    DECISION_TOO_DEEP, EV_ACCESS, EV_EXEC, EV_MODIFY, EV_OPEN, MAX_DEPTH, MAX_NAMES, MAX_RULES,
+    MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW,
+    VERDICT_DENY, VERDICT_NONE,
+};
 
-/// Inode numbers whose opening is denied (value unused).
-#[map(name = "DENY_INODES")]
-static DENY_INODES: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+/// Guarded mount namespaces, by `ns.inum`.
+#[map(name = "SCOPES")]
+static SCOPES: HashMap<u32, Scope> = HashMap::with_max_entries(MAX_SCOPES, 0);
 
-/// Denied inode numbers (one `u64` per denial), for audit in user space.
-#[map(name = "DENIALS")]
-static DENIALS: RingBuf = RingBuf::with_byte_size(16 * 4096, 0);
+/// Guarded inodes of every scope.
+#[map(name = "RULES")]
+static RULES: HashMap<InodeKey, Rule> = HashMap::with_max_entries(MAX_RULES, 0);
 
-/// `offsetof(struct file, f_inode)`, set by the loader.
+#[map(name = "DECISIONS")]
+static DECISIONS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// Decisions the ring buffer had no room for (index 0).
+#[map(name = "DROPPED")]
+static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Working space for one decision record (too large for the BPF stack).
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<Decision> = PerCpuArray::with_max_entries(1, 0);
+
 #[no_mangle]
-static FILE_F_INODE_OFFSET: u64 = 0;
-/// `offsetof(struct inode, i_ino)`, set by the loader.
-#[no_mangle]
-static INODE_I_INO_OFFSET: u64 = 0;
+static OFFSETS: Offsets = Offsets {
+    file_f_mode: 0,
+    file_f_flags: 0,
+    file_f_inode: 0,
+    file_dentry: 0,
+    dentry_parent: 0,
+    dentry_inode: 0,
+    dentry_name: 0,
+    inode_mode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
+    task_nsproxy: 0,
+    nsproxy_mnt_ns: 0,
+    mnt_ns_inum: 0,
+    fmode_backing: 0,
+    _pad: 0,
+};
 
 const EPERM: i32 = 1;
+const FMODE_WRITE: u32 = 0x2;
+const FMODE_EXEC: u32 = 0x20;
+/// In `f_flags`: the open of an execve (what fanotify's OPEN_EXEC_PERM keys on).
+const __FMODE_EXEC: u32 = 0x20;
+const MAY_WRITE: i32 = 0x2;
+const MAY_READ: i32 = 0x4;
+const S_IFMT: u16 = 0o170000;
+const S_IFDIR: u16 = 0o040000;
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
-    // LSM_HOOK(int, 0, file_open, struct file *file); the extra last argument
-    // is the return value of the previous BPF LSM program.
+    // LSM_HOOK(int, 0, file_open, struct file *file) + the previous program's return value.
     let retval: i32 = ctx.arg(1);
     if retval != 0 {
         return retval;
     }
-    // Fail open (0): a read error must not lock the node out of its files.
-    try_file_open(&ctx).unwrap_or_default()
+    let file: *const u8 = ctx.arg(0);
+    let Some((c, mode)) = prepare(file) else {
+        return 0;
+    };
+    // The order of fanotify's permission events: exec, then open; a write-open is also
+    // a modify.
+    let flags: u32 = read(file, c.off.file_f_flags).unwrap_or(0);
+    if mode & FMODE_EXEC != 0 || flags & __FMODE_EXEC != 0 {
+        let r = check(&c, EV_EXEC);
+        if r != 0 {
+            return r;
+        }
+    }
+    let r = check(&c, EV_OPEN);
+    if r != 0 || mode & FMODE_WRITE == 0 {
+        return r;
+    }
+    check(&c, EV_MODIFY)
 }
 
-fn try_file_open(ctx: &LsmContext) -> Result<i32, i32> {
-    // Volatile reads so the compiler does not constant-fold the zeros that
-    // the loader overwrites.
-    let f_inode_off = unsafe { core::ptr::read_volatile(&FILE_F_INODE_OFFSET) };
-    let i_ino_off = unsafe { core::ptr::read_volatile(&INODE_I_INO_OFFSET) };
-    if f_inode_off == 0 || i_ino_off == 0 {
-        // Not configured by the loader (neither field is at offset 0).
-        return Ok(0);
+#[lsm(hook = "file_permission")]
+pub fn file_permission(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, file_permission, struct file *file, int mask) + previous retval.
+    let retval: i32 = ctx.arg(2);
+    if retval != 0 {
+        return retval;
+    }
+    let mask: i32 = ctx.arg(1);
+    if mask & (MAY_READ | MAY_WRITE) == 0 {
+        return 0;
     }
     let file: *const u8 = ctx.arg(0);
-    let inode: *const c_void =
-        unsafe { bpf_probe_read_kernel(file.add(f_inode_off as usize) as *const *const c_void)? };
-    if inode.is_null() {
-        return Ok(0);
-    }
-    let ino: u64 = unsafe {
-        bpf_probe_read_kernel((inode as *const u8).add(i_ino_off as usize) as *const u64)?
+    let Some((c, _)) = prepare(file) else {
+        return 0;
     };
-    if DENY_INODES.get_ptr(ino).is_some() {
-        // Best effort: a full ring must not turn a deny into an allow.
-        let _ = DENIALS.output(ino, 0);
-        return Ok(-EPERM);
+    if mask & MAY_READ != 0 {
+        let r = check(&c, EV_ACCESS);
+        if r != 0 {
+            return r;
+        }
     }
-    Ok(0)
+    if mask & MAY_WRITE != 0 {
+        return check(&c, EV_MODIFY);
+    }
+    0
+}
+
+fn offsets() -> Offsets {
+    // Volatile so the compiler does not fold the zeros the loader overwrites.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T) }
+}
+
+/// What every event of one hook call shares.
+struct Call {
+    off: Offsets,
+    scope: u32,
+    guard_id: u32,
+    tgid: u32,
+    owner: bool,
+    is_dir: bool,
+    leaf: *const u8,
+}
+
+/// `None` when the call is none of our business: no guarded scope, overlayfs' backing
+/// file, or the loader did not configure us.
+#[inline(always)]
+fn prepare(file: *const u8) -> Option<(Call, u32)> {
+    let off = offsets();
+    if !off.is_set() {
+        return None;
+    }
+    let mode: u32 = read(file, off.file_f_mode).ok()?;
+    // overlayfs opens (and reads) a backing file behind each overlay file: the overlay
+    // file was decided already, and the backing inode is not the guarded one.
+    if off.fmode_backing != 0 && mode & off.fmode_backing != 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let nsproxy: *const u8 = read(task, off.task_nsproxy).ok()?;
+    if nsproxy.is_null() {
+        // An exiting task.
+        return None;
+    }
+    let mnt_ns: *const u8 = read(nsproxy, off.nsproxy_mnt_ns).ok()?;
+    let ns: u32 = read(mnt_ns, off.mnt_ns_inum).ok()?;
+    let scope = unsafe { SCOPES.get(&ns) }?;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let leaf: *const u8 = read(file, off.file_dentry).ok()?;
+    let inode: *const u8 = read(file, off.file_f_inode).ok()?;
+    let imode: u16 = read(inode, off.inode_mode).ok()?;
+    Some((
+        Call {
+            off,
+            scope: ns,
+            guard_id: scope.guard_id,
+            tgid,
+            owner: tgid == scope.owners[0] || tgid == scope.owners[1],
+            is_dir: imode & S_IFMT == S_IFDIR,
+            leaf,
+        },
+        mode,
+    ))
+}
+
+/// Decides one event: walks up from the file to the nearest ancestor with a rule for it.
+#[inline(always)]
+fn check(c: &Call, ev: usize) -> i32 {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let rec = unsafe { &mut *rec };
+    let off = &c.off;
+    let mut dentry = c.leaf;
+    let mut hit = None;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
+        if depth < MAX_NAMES {
+            if let Ok(name) = read::<*const u8>(dentry, off.dentry_name) {
+                unsafe {
+                    generated::bpf_probe_read_kernel_str(
+                        rec.names[depth].as_mut_ptr() as *mut c_void,
+                        NAME_LEN as u32,
+                        name as *const c_void,
+                    )
+                };
+            }
+        }
+        if let Some(key) = inode_key(off, dentry, c.scope) {
+            if let Some(rule) = unsafe { RULES.get(&key) } {
+                let r = rule.events[ev];
+                if r.verdict != VERDICT_NONE {
+                    hit = Some((r, key));
+                    break;
+                }
+            }
+        }
+        let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {
+            return 0;
+        };
+        if parent == dentry || parent.is_null() {
+            // The root: nothing guards this file for this event.
+            return 0;
+        }
+        dentry = parent;
+        depth += 1;
+    }
+    rec.guard_id = c.guard_id;
+    rec.scope = c.scope;
+    rec.tgid = c.tgid;
+    rec.event = ev as u8;
+    rec.flags = if c.is_dir { DECISION_IS_DIR } else { 0 };
+    let Some((rule, key)) = hit else {
+        // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
+        rec.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
+        rec.verdict = VERDICT_DENY;
+        rec.subject = 0;
+        rec.depth = MAX_DEPTH as u8;
+        rec.rule = InodeKey::default();
+        emit(rec);
+        return -EPERM;
+    };
+    let mut verdict = rule.verdict;
+    if verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
+        verdict = VERDICT_ALLOW;
+        rec.flags |= DECISION_BY_OWNER;
+    }
+    if rule.flags & RULE_AUDIT != 0 {
+        rec.flags |= DECISION_AUDIT;
+    }
+    rec.verdict = verdict;
+    rec.subject = rule.subject;
+    rec.depth = depth as u8;
+    rec.rule = key;
+    emit(rec);
+    if verdict == VERDICT_DENY {
+        -EPERM
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn inode_key(off: &Offsets, dentry: *const u8, scope: u32) -> Option<InodeKey> {
+    let inode: *const u8 = read(dentry, off.dentry_inode).ok()?;
+    if inode.is_null() {
+        return None;
+    }
+    let ino: u64 = read(inode, off.inode_ino).ok()?;
+    let sb: *const u8 = read(inode, off.inode_sb).ok()?;
+    let dev: u32 = read(sb, off.sb_dev).ok()?;
+    Some(InodeKey { ino, dev, scope })
+}
+
+#[inline(always)]
+fn emit(rec: &Decision) {
+    if DECISIONS.output::<Decision>(rec, 0).is_err() {
+        if let Some(n) = DROPPED.get_ptr_mut(0) {
+            unsafe { *n += 1 };
+        }
+    }
 }
 
 #[panic_handler]

@@ -32,8 +32,12 @@ const KERNEL_PACKAGE_SUFFIX: &str = "-cloud-amd64-unsigned";
 /// Where the object lands inside the VM (also exported as JANUS_EBPF_OBJ).
 const VM_EBPF_OBJ: &str = "/bpf/janus-ebpf.o";
 const BUSYBOX: &str = "/bin/busybox";
-/// The proof binary lives in this crate; the VM runs x86_64 either way.
-const PROOF_BIN: &str = "lsm-proof";
+/// overlayfs is a module in Debian's kernel; kept next to vmlinuz, loaded by /init.
+const OVERLAY_MODULE: &str = "overlay.ko";
+/// The BPF backend's integration tests live in this crate; they drive the agent, which
+/// goes to AGENT_VM_PATH. The VM runs x86_64 either way.
+const BPF_TESTS_BIN: &str = "bpf-vm-tests";
+const AGENT_VM_PATH: &str = "/bin/janus-agent";
 const TEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// After the completion marker, how long qemu gets to power off.
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
@@ -53,9 +57,13 @@ pub struct VmTestOptions {
     /// default VM path /data/<file name>).
     #[arg(long = "file", value_name = "HOST[:VM]")]
     files: Vec<String>,
-    /// Also run the built-in LSM proof (the default when no test is given).
+    /// Also run the BPF backend's integration tests and the shared scenario table with
+    /// `--backend bpf` (the default when no test is given).
     #[arg(long)]
-    proof: bool,
+    bpf_tests: bool,
+    /// Also run the benchmark (janus-bench) with no agent, fanotify and bpf in this boot.
+    #[arg(long)]
+    bench: bool,
     /// Deadline in seconds for the VM run (boot, tests and power-off).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -102,6 +110,10 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     let mut image = Image::default();
     image.add_host_file(BUSYBOX, Path::new(BUSYBOX), 0o755)?;
     image.add_host_file(VM_EBPF_OBJ, &obj, 0o644)?;
+    let overlay = kernel.with_file_name(OVERLAY_MODULE);
+    if overlay.is_file() {
+        image.add_host_file("/lib/overlay.ko", &overlay, 0o644)?;
+    }
 
     for spec in &opts.files {
         let (host, vm_path) = match spec.split_once(':') {
@@ -120,9 +132,47 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     }
 
     let mut tests = Vec::new();
-    if opts.proof || (opts.bins.is_empty() && opts.command.is_empty()) {
-        let proof = build_static_bin("xtask", PROOF_BIN)?;
-        tests.push(image.add_test(&proof, vec![VM_EBPF_OBJ.to_owned()])?);
+    // The agent embeds the object just built (its build script looks for it).
+    let agent = build_static_bin("janus-agent", "janus-agent")?;
+    image.add_host_file(AGENT_VM_PATH, &agent, 0o755)?;
+    if opts.bpf_tests || (opts.bins.is_empty() && opts.command.is_empty() && !opts.bench) {
+        let bin = build_static_bin("xtask", BPF_TESTS_BIN)?;
+        tests.push(image.add_test(&bin, Vec::new())?);
+        let table = build_static_bin("janus-tests", "janus-scenarios")?;
+        let args = [
+            "--agent",
+            AGENT_VM_PATH,
+            "--backend",
+            "bpf",
+            "--workdir",
+            "/tmp",
+        ];
+        tests.push(image.add_test(&table, args.map(str::to_owned).to_vec())?);
+    }
+    if opts.bench {
+        let bench = build_static_bin("janus-tests", "janus-bench")?;
+        // Fewer iterations than on the host: TCG is slow. Each run has its own no-agent
+        // baseline; both run in one boot.
+        for backend in ["fanotify", "bpf"] {
+            let args = [
+                "--agent",
+                AGENT_VM_PATH,
+                "--backend",
+                backend,
+                "--iterations",
+                "2000",
+                "--rounds",
+                "3",
+                "--threads",
+                "2",
+                // The new-directory window is a fanotify notion (BPF decides at open).
+                "--window-runs",
+                "0",
+                "--workdir",
+                "/tmp",
+            ];
+            tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec())?);
+        }
     }
     for bin in &opts.bins {
         tests.push(image.add_test(bin, Vec::new())?);
@@ -346,6 +396,7 @@ mount -t debugfs debugfs /sys/kernel/debug
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
+[ -f /lib/overlay.ko ] && insmod /lib/overlay.ko
 hostname janus-vm
 echo "JANUS-VM-INFO kernel=$(uname -r) lsm=$(cat /sys/kernel/security/lsm)"
 passed=0
@@ -541,7 +592,8 @@ fn build_static_bin(package: &str, bin: &str) -> Result<PathBuf> {
     // With an explicit --target, RUSTFLAGS reach only the target artifacts,
     // not build scripts or proc macros, which stay dynamic host binaries.
     let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
-    flags.push_str(" -C target-feature=+crt-static");
+    // No debug info: the binaries go into an initramfs held in the VM's memory.
+    flags.push_str(" -C target-feature=+crt-static -C debuginfo=0");
     let mut cmd = Command::new(util::cargo());
     cmd.current_dir(util::workspace_root())
         .args([
@@ -607,7 +659,7 @@ fn kernel_image(opts: &VmTestOptions, vm_dir: &Path) -> Result<PathBuf> {
             .with_context(|| format!("apt-cache show {package} printed no version"))?;
     let dir = cache.join(format!("{package}_{version}"));
     let vmlinuz = dir.join("vmlinuz");
-    if vmlinuz.is_file() {
+    if vmlinuz.is_file() && dir.join(OVERLAY_MODULE).is_file() {
         return Ok(vmlinuz);
     }
 
@@ -635,7 +687,7 @@ fn download_kernel(package: &str, version: &str, tmp: &Path, dest: &Path) -> Res
         .context("apt-get download produced no .deb")?;
     let root = tmp.join("root");
     fs::create_dir_all(&root)?;
-    // Only ./boot is needed: skip the modules.
+    // Only ./boot and overlayfs (a module in this kernel) are needed.
     let mut dpkg = Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(&deb)
@@ -646,6 +698,7 @@ fn download_kernel(package: &str, version: &str, tmp: &Path, dest: &Path) -> Res
         .args(["-x", "--wildcards", "-C"])
         .arg(&root)
         .arg("./boot/*")
+        .arg("*/overlayfs/overlay.ko")
         .stdin(dpkg.stdout.take().context("dpkg-deb stdout")?)
         .status()
         .context("running tar")?;
@@ -669,6 +722,13 @@ fn download_kernel(package: &str, version: &str, tmp: &Path, dest: &Path) -> Res
                 found |= keep_as == "vmlinuz";
             }
         }
+    }
+    let module = fs::read_dir(root.join("lib/modules"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("kernel/fs/overlayfs/overlay.ko"))
+        .find(|p| p.is_file());
+    if let Some(module) = module {
+        fs::copy(module, dest.join(OVERLAY_MODULE))?;
     }
     if !found {
         fs::remove_dir_all(dest).ok();
@@ -726,9 +786,9 @@ mod tests {
 
     #[test]
     fn markers_parse_after_kernel_noise() {
-        let line = "[   12.3] foo JANUS-VM-RESULT name=lsm-proof status=pass rc=0";
+        let line = "[   12.3] foo JANUS-VM-RESULT name=bpf-vm-tests status=pass rc=0";
         let rest = find_marker(line, MARK_RESULT).unwrap();
-        assert_eq!(field(rest, "name"), Some("lsm-proof"));
+        assert_eq!(field(rest, "name"), Some("bpf-vm-tests"));
         assert_eq!(field(rest, "status"), Some("pass"));
         assert_eq!(field(rest, "rc"), Some("0"));
     }

@@ -3,7 +3,7 @@
 //!
 //! aya 0.13 parses BTF but does not expose struct members, and Rust BPF code
 //! cannot use CO-RE relocations, so the loader reads the offsets itself and
-//! hands them to the program as globals.
+//! hands them to the program as a global (`janus_common::Offsets`).
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -55,6 +55,8 @@ pub enum Expect {
     Pointer,
     /// An integer of this many bytes.
     Int(u32),
+    /// An embedded struct (whose own members are looked up next).
+    Struct,
 }
 
 fn u16_at(data: &[u8], off: usize) -> Result<u16> {
@@ -171,6 +173,7 @@ impl Btf {
         let ok = match expect {
             Expect::Pointer => t.kind == KIND_PTR,
             Expect::Int(bytes) => t.kind == KIND_INT && t.size_or_type == bytes,
+            Expect::Struct => t.kind == KIND_STRUCT,
         };
         ensure!(
             ok,

@@ -1,0 +1,568 @@
+//! The BPF LSM backend: the kernel decides guarded opens and reads itself (`janus-ebpf`),
+//! and the agent fills its maps and logs the decisions it reports through a ring buffer.
+//!
+//! Which guards it cannot express, and so leaves to fanotify ([`GuardError::Unsupported`]):
+//! a guarded path that does not exist when the guard starts (the maps are keyed by inode),
+//! a second guard on a mount namespace that already has one, and more rules or targets
+//! than the maps hold.
+
+mod audit;
+pub mod btf;
+pub mod rules;
+
+use std::collections::HashMap as StdHashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::Lsm;
+use aya::{Btf, Ebpf, EbpfLoader};
+use janus_api::{Event, GuardPolicy, RuleSet, Verdict};
+use janus_common::{
+    Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_TOO_DEEP,
+    MAX_NAMES, MAX_RULES, NAME_LEN, VERDICT_DENY,
+};
+
+use crate::decisions::{Entry, LogContext, LogSender};
+use crate::metrics::{DecisionCounters, Metrics};
+use crate::resolve::{self, ContainerRoot};
+
+pub const BACKEND: &str = "bpf";
+
+/// Whether the build embedded the BPF object (`cargo xtask build-ebpf` had produced it).
+pub const EMBEDDED: bool = cfg!(janus_bpf_embedded);
+
+#[cfg(janus_bpf_embedded)]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("JANUS_EBPF_OBJ_PATH"));
+#[cfg(not(janus_bpf_embedded))]
+static OBJECT: &[u8] = &[];
+
+const LSM_LIST: &str = "/sys/kernel/security/lsm";
+const PROGRAMS: [&str; 2] = ["file_open", "file_permission"];
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// BPF LSM where the kernel allows it, else fanotify.
+    #[default]
+    Auto,
+    Bpf,
+    Fanotify,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the BPF backend was not compiled in (run `cargo xtask build-ebpf` before building the agent)")]
+    NotCompiledIn,
+    #[error("the BPF LSM is not active: {LSM_LIST} lists {0:?} (boot with lsm=...,bpf)")]
+    LsmInactive(String),
+    #[error("cannot read {LSM_LIST}: {0}")]
+    LsmList(std::io::Error),
+    #[error("kernel BTF: {0:#}")]
+    Btf(anyhow::Error),
+    #[error("loading the BPF programs: {0}")]
+    Load(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// The guard is valid but this backend cannot enforce it; fanotify should.
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Resolve(#[from] resolve::ResolveError),
+    #[error("updating BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// What the ring reader needs to turn a decision record into a log line.
+struct GuardEntry {
+    ctx: Arc<LogContext>,
+    counters: DecisionCounters,
+    paths: StdHashMap<InodeKey, Vec<u8>>,
+}
+
+struct Maps {
+    scopes: HashMap<MapData, u32, Scope>,
+    rules: HashMap<MapData, InodeKey, Rule>,
+    rule_count: u32,
+    next_guard: u32,
+}
+
+/// The loaded, attached programs. Dropping it (or [`Enforcer::shutdown`]) detaches them.
+pub struct Enforcer {
+    ebpf: Mutex<Option<Ebpf>>,
+    maps: Mutex<Maps>,
+    guards: Arc<Mutex<StdHashMap<u32, GuardEntry>>>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Starts the backend `choice` asks for and logs once which one runs and why the other
+/// does not. `None` means fanotify only. `--backend bpf` fails when BPF cannot run.
+pub fn select(
+    choice: BackendChoice,
+    metrics: &Arc<Metrics>,
+    log: &LogSender,
+) -> anyhow::Result<Option<Enforcer>> {
+    for b in [BACKEND, crate::fanotify::target::BACKEND] {
+        metrics.backend_info.with_label_values(&[b]).set(0);
+    }
+    if !EMBEDDED {
+        tracing::info!("the BPF backend was not compiled in; only fanotify is available");
+    }
+    let started = match choice {
+        BackendChoice::Fanotify => {
+            tracing::info!(
+                backend = "fanotify",
+                reason = "--backend fanotify",
+                "enforcement backend"
+            );
+            None
+        }
+        BackendChoice::Bpf => Some(
+            Enforcer::start(metrics.clone(), log.clone())
+                .map_err(|e| anyhow::anyhow!("--backend bpf: {e}"))?,
+        ),
+        BackendChoice::Auto => match Enforcer::start(metrics.clone(), log.clone()) {
+            Ok(e) => Some(e),
+            Err(why) => {
+                tracing::info!(backend = "fanotify", reason = %why, "enforcement backend: BPF LSM unavailable, falling back to fanotify");
+                None
+            }
+        },
+    };
+    let in_use = if started.is_some() {
+        tracing::info!(backend = BACKEND, "enforcement backend: BPF LSM programs attached; guards BPF cannot express go to fanotify");
+        BACKEND
+    } else {
+        crate::fanotify::target::BACKEND
+    };
+    metrics.backend_info.with_label_values(&[in_use]).set(1);
+    Ok(started)
+}
+
+/// Whether `bpf` is among the active LSMs, mounting securityfs first when it is not.
+pub fn lsm_active() -> Result<(), StartError> {
+    if !std::path::Path::new(LSM_LIST).exists() {
+        // Best effort: a container may not be allowed to mount; reading then says why.
+        let _ = nix::mount::mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    let list = std::fs::read_to_string(LSM_LIST).map_err(StartError::LsmList)?;
+    let list = list.trim();
+    if list.split(',').any(|l| l == "bpf") {
+        Ok(())
+    } else {
+        Err(StartError::LsmInactive(list.to_owned()))
+    }
+}
+
+/// Reads the struct layout the programs need from the running kernel's BTF.
+pub fn kernel_offsets() -> anyhow::Result<Offsets> {
+    use btf::Expect::{Int, Pointer, Struct};
+    let raw = std::fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(|e| anyhow::anyhow!("reading /sys/kernel/btf/vmlinux: {e}"))?;
+    let b = btf::Btf::parse(&raw)?;
+    let f_path = b.member_offset("file", "f_path", Struct)?;
+    let d_name = b.member_offset("dentry", "d_name", Struct)?;
+    let mnt_ns = b.member_offset("mnt_namespace", "ns", Struct)?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Ok(Offsets {
+        file_f_mode: b.member_offset("file", "f_mode", Int(4))?,
+        file_f_flags: b.member_offset("file", "f_flags", Int(4))?,
+        file_f_inode: b.member_offset("file", "f_inode", Pointer)?,
+        file_dentry: f_path + b.member_offset("path", "dentry", Pointer)?,
+        dentry_parent: b.member_offset("dentry", "d_parent", Pointer)?,
+        dentry_inode: b.member_offset("dentry", "d_inode", Pointer)?,
+        dentry_name: d_name + b.member_offset("qstr", "name", Pointer)?,
+        inode_mode: b.member_offset("inode", "i_mode", Int(2))?,
+        inode_ino: b.member_offset("inode", "i_ino", Int(8))?,
+        inode_sb: b.member_offset("inode", "i_sb", Pointer)?,
+        sb_dev: b.member_offset("super_block", "s_dev", Int(4))?,
+        task_nsproxy: b.member_offset("task_struct", "nsproxy", Pointer)?,
+        nsproxy_mnt_ns: b.member_offset("nsproxy", "mnt_ns", Pointer)?,
+        mnt_ns_inum: mnt_ns + b.member_offset("ns_common", "inum", Int(4))?,
+        fmode_backing: backing_fmode(&release),
+        _pad: 0,
+    })
+}
+
+/// An error with its causes, one line (aya's load error keeps errno in its source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string().trim_end().trim_end_matches(':').to_owned();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(s.to_string().trim_end().trim_end_matches(':'));
+        source = s.source();
+    }
+    out
+}
+
+/// The f_mode bit of overlayfs' internal backing files: FMODE_NOACCOUNT up to 6.5,
+/// FMODE_BACKING from 6.6 (where the value moved).
+fn backing_fmode(release: &str) -> u32 {
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) >= (6, 6) {
+        1 << 25
+    } else {
+        1 << 29
+    }
+}
+
+impl Enforcer {
+    /// Loads and attaches the programs; an error says why this kernel cannot run them.
+    pub fn start(metrics: Arc<Metrics>, log: LogSender) -> Result<Enforcer, StartError> {
+        if !EMBEDDED {
+            return Err(StartError::NotCompiledIn);
+        }
+        lsm_active()?;
+        let t0 = std::time::Instant::now();
+        let offsets = kernel_offsets().map_err(StartError::Btf)?;
+        let kernel_btf = Btf::from_sys_fs().map_err(|e| StartError::Btf(e.into()))?;
+        tracing::debug!(elapsed = ?t0.elapsed(), ?offsets, "read the kernel's BTF");
+        let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&kernel_btf))
+            .set_global("OFFSETS", &offsets, true)
+            .load(OBJECT)
+            .map_err(|e| load(&e))?;
+        for name in PROGRAMS {
+            let program: &mut Lsm = ebpf
+                .program_mut(name)
+                .ok_or_else(|| StartError::Load(format!("no {name} program in the object")))?
+                .try_into()
+                .map_err(|e| load(&e))?;
+            program
+                .load(name, &kernel_btf)
+                .map_err(|e| StartError::Load(format!("{name}: {}", chain(&e))))?;
+            program
+                .attach()
+                .map_err(|e| StartError::Load(format!("attaching {name}: {e:#}")))?;
+            tracing::debug!(program = name, elapsed = ?t0.elapsed(), "attached");
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| StartError::Load(format!("no {name} map in the object")))
+        };
+        let scopes = HashMap::try_from(take(&mut ebpf, "SCOPES")?).map_err(|e| load(&e))?;
+        let rules = HashMap::try_from(take(&mut ebpf, "RULES")?).map_err(|e| load(&e))?;
+        let ring = RingBuf::try_from(take(&mut ebpf, "DECISIONS")?).map_err(|e| load(&e))?;
+        let dropped = PerCpuArray::try_from(take(&mut ebpf, "DROPPED")?).map_err(|e| load(&e))?;
+
+        let guards = Arc::new(Mutex::new(StdHashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (guards, stop, metrics) = (guards.clone(), stop.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("bpf-decisions".into())
+                .spawn(move || read_loop(ring, dropped, &guards, &stop, &metrics, &log))
+                .map_err(|e| load(&e))?
+        };
+        Ok(Enforcer {
+            ebpf: Mutex::new(Some(ebpf)),
+            maps: Mutex::new(Maps {
+                scopes,
+                rules,
+                rule_count: 0,
+                next_guard: 1,
+            }),
+            guards,
+            metrics,
+            stop,
+            reader: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// Enforces `guard` on the mount namespace of `pid` in the kernel.
+    pub fn guard(
+        &self,
+        guard: Arc<GuardPolicy>,
+        pid: i32,
+        pod: String,
+        node: String,
+    ) -> Result<(), GuardError> {
+        let root = ContainerRoot::open(pid)?;
+        let scope_id = u32::try_from(root.mnt_ns)
+            .ok()
+            .filter(|&n| n != 0)
+            .ok_or_else(|| GuardError::Unsupported(format!("pid {pid}: no mount namespace")))?;
+        let mut table = rules::Table::default();
+        for rule in RuleSet::from_policy(&guard).rules() {
+            let (fd, canonical) = root.resolve(&rule.path).map_err(|e| match e {
+                resolve::ResolveError::Path { ref error, .. }
+                    if error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    GuardError::Unsupported(format!(
+                        "{e} (BPF keys rules by inode, so guarded paths must exist)"
+                    ))
+                }
+                e => e.into(),
+            })?;
+            let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| {
+                GuardError::Resolve(resolve::ResolveError::Path {
+                    path: rule.path.clone(),
+                    error: e.into(),
+                })
+            })?;
+            let dev = st.st_dev;
+            let at = rules::Resolved {
+                key: InodeKey {
+                    ino: st.st_ino,
+                    dev: InodeKey::kernel_dev(libc::major(dev), libc::minor(dev)),
+                    scope: scope_id,
+                },
+                is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+                path: canonical.as_bytes().to_vec(),
+            };
+            table.add(&guard, rule, &at);
+        }
+        let owners = [pid as u32, resolve::parent_pid(pid)? as u32];
+
+        let mut maps = self.maps.lock().expect("maps lock");
+        if maps.scopes.get(&scope_id, 0).is_ok() {
+            return Err(GuardError::Unsupported(format!(
+                "mount namespace {scope_id} of pid {pid} already has a guard in BPF"
+            )));
+        }
+        let needed = table.rules.len() as u32;
+        if maps.rule_count + needed > MAX_RULES {
+            return Err(GuardError::Unsupported(format!(
+                "{needed} rules do not fit the BPF rule map ({} of {MAX_RULES} used)",
+                maps.rule_count
+            )));
+        }
+        let guard_id = maps.next_guard;
+        maps.next_guard += 1;
+        for (key, rule) in &table.rules {
+            maps.rules
+                .insert(key, rule, 0)
+                .map_err(|source| GuardError::Map {
+                    map: "RULES",
+                    source,
+                })?;
+        }
+        maps.rule_count += needed;
+        self.guards.lock().expect("guards lock").insert(
+            guard_id,
+            GuardEntry {
+                counters: self
+                    .metrics
+                    .decision_counters(&guard.name, &guard.namespace, BACKEND),
+                ctx: Arc::new(LogContext { guard, pod, node }),
+                paths: table.paths,
+            },
+        );
+        // The scope goes in last: until then the kernel ignores the rules.
+        maps.scopes
+            .insert(
+                scope_id,
+                Scope {
+                    guard_id,
+                    owners,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(|source| GuardError::Map {
+                map: "SCOPES",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Detaches the programs and stops the reader once it has drained the ring.
+    pub fn shutdown(&self) {
+        drop(self.ebpf.lock().expect("ebpf lock").take());
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.reader.lock().expect("reader lock").take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn read_loop(
+    mut ring: RingBuf<MapData>,
+    dropped: PerCpuArray<MapData, u64>,
+    guards: &Mutex<StdHashMap<u32, GuardEntry>>,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    log: &LogSender,
+) {
+    let mut audit = None;
+    let mut dropped_seen = 0u64;
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        // SAFETY: the ring's descriptor lives as long as `ring`.
+        let fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
+        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16));
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<Decision>() {
+                metrics
+                    .internal_errors
+                    .with_label_values(&[BACKEND, "short_record"])
+                    .inc();
+                continue;
+            }
+            // SAFETY: Decision is plain data and the record is at least that long.
+            let d: Decision = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            handle(&d, guards, metrics, log, &mut audit);
+        }
+        if let Ok(per_cpu) = dropped.get(&0, 0) {
+            let total: u64 = per_cpu.iter().sum();
+            if total > dropped_seen {
+                metrics.bpf_events_dropped.inc_by(total - dropped_seen);
+                dropped_seen = total;
+            }
+        }
+        if stopping {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(0));
+    }
+}
+
+fn handle(
+    d: &Decision,
+    guards: &Mutex<StdHashMap<u32, GuardEntry>>,
+    metrics: &Metrics,
+    log: &LogSender,
+    audit: &mut Option<audit::AuditLog>,
+) {
+    let guards = guards.lock().expect("guards lock");
+    let Some(g) = guards.get(&d.guard_id) else {
+        metrics
+            .internal_errors
+            .with_label_values(&[BACKEND, "unknown_guard"])
+            .inc();
+        return;
+    };
+    let event = Event::ALL[usize::from(d.event) % Event::ALL.len()];
+    let verdict = if d.verdict == VERDICT_DENY {
+        Verdict::Deny
+    } else {
+        Verdict::Allow
+    };
+    let path = decision_path(d, g.paths.get(&d.rule).map(Vec::as_slice));
+    g.counters.inc(verdict, event);
+    if d.flags & DECISION_AUDIT != 0 {
+        send_audit(audit, metrics, &g.ctx, d, verdict, event, &path);
+    }
+    log.send(Entry {
+        ctx: g.ctx.clone(),
+        verdict,
+        event,
+        path,
+        is_dir: d.flags & DECISION_IS_DIR != 0,
+        subject: (d.flags & DECISION_TOO_DEEP == 0).then_some(usize::from(d.subject)),
+        pid: d.tgid as i32,
+    });
+}
+
+fn send_audit(
+    audit: &mut Option<audit::AuditLog>,
+    metrics: &Metrics,
+    ctx: &LogContext,
+    d: &Decision,
+    verdict: Verdict,
+    event: Event,
+    path: &[u8],
+) {
+    if audit.is_none() {
+        *audit = audit::AuditLog::open().ok();
+    }
+    let mut text = format!(
+        "janus: response={} event={} guard={}/{} pod={} pid={} path=",
+        verdict.as_lower(),
+        event.kernel_name(),
+        ctx.guard.namespace,
+        ctx.guard.name,
+        ctx.pod,
+        d.tgid
+    )
+    .into_bytes();
+    // Hex like the kernel's own audit fields, so any byte is safe in the record.
+    text.extend(path.iter().flat_map(|b| format!("{b:02X}").into_bytes()));
+    let sent = audit.as_mut().map(|a| a.send(&text));
+    if !matches!(sent, Some(Ok(()))) {
+        metrics
+            .internal_errors
+            .with_label_values(&[BACKEND, "audit"])
+            .inc();
+    }
+}
+
+/// The container path of the decided file: the deciding rule's path, then the names met
+/// on the walk up below it.
+fn decision_path(d: &Decision, rule_path: Option<&[u8]>) -> Vec<u8> {
+    let name = |i: usize| {
+        let n = &d.names[i];
+        &n[..n.iter().position(|&b| b == 0).unwrap_or(NAME_LEN)]
+    };
+    let depth = usize::from(d.depth);
+    let mut path = match rule_path {
+        Some(p) if d.flags & DECISION_TOO_DEEP == 0 => p.to_vec(),
+        _ => b"/...".to_vec(),
+    };
+    if depth > MAX_NAMES || d.flags & DECISION_TOO_DEEP != 0 {
+        path.extend_from_slice(b"/...");
+    }
+    for i in (0..depth.min(MAX_NAMES)).rev() {
+        if path.last() != Some(&b'/') {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name(i));
+    }
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(depth: u8, names: &[&str]) -> Decision {
+        let mut d: Decision = unsafe { std::mem::zeroed() };
+        d.depth = depth;
+        for (i, n) in names.iter().enumerate() {
+            d.names[i][..n.len()].copy_from_slice(n.as_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn paths_join_rule_and_walked_names() {
+        let d = record(2, &["f", "sub", "data"]);
+        assert_eq!(decision_path(&d, Some(b"/data")), b"/data/sub/f");
+        assert_eq!(decision_path(&record(0, &["x"]), Some(b"/x")), b"/x");
+        assert_eq!(decision_path(&record(1, &["a"]), Some(b"/")), b"/a");
+    }
+
+    #[test]
+    fn backing_bit_follows_the_kernel_version() {
+        assert_eq!(backing_fmode("6.1.0-28-cloud-amd64"), 1 << 29);
+        assert_eq!(backing_fmode("6.12.9"), 1 << 25);
+    }
+}

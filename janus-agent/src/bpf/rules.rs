@@ -1,0 +1,143 @@
+//! Turns a guard's rules, resolved inside a container, into entries of the `RULES` map.
+
+use std::collections::HashMap;
+
+use janus_api::decide::{Rule as ApiRule, Verdict};
+use janus_api::{Event, GuardPolicy};
+use janus_common::{
+    EventRule, InodeKey, Rule, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_IS_DIR, RULE_ONLY_DIR,
+    VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+};
+
+/// One guarded path after resolution: what the kernel will find on its walk up.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub key: InodeKey,
+    pub is_dir: bool,
+    /// The canonical path inside the container, to render log lines.
+    pub path: Vec<u8>,
+}
+
+/// The map entries of one guard and the paths to print for each key.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub rules: HashMap<InodeKey, Rule>,
+    pub paths: HashMap<InodeKey, Vec<u8>>,
+}
+
+impl Table {
+    /// Adds `rule` at `at`. Two rules on one inode have the same path length (they are the
+    /// same path), so deny wins there; longer paths win in the kernel by being met first on
+    /// the walk up. A subject with onlyDir guards directories only, as under fanotify.
+    pub fn add(&mut self, guard: &GuardPolicy, rule: &ApiRule, at: &Resolved) {
+        let subject = &guard.subjects[rule.subject];
+        if subject.only_dir && !at.is_dir {
+            return;
+        }
+        let mut flags = 0;
+        if subject.auto_allow_owner {
+            flags |= RULE_AUTO_ALLOW_OWNER;
+        }
+        if subject.audit {
+            flags |= RULE_AUDIT;
+        }
+        if subject.only_dir {
+            flags |= RULE_ONLY_DIR;
+        }
+        if at.is_dir {
+            flags |= RULE_IS_DIR;
+        }
+        let verdict = match rule.verdict {
+            Verdict::Allow => VERDICT_ALLOW,
+            Verdict::Deny => VERDICT_DENY,
+        };
+        let entry = self.rules.entry(at.key).or_default();
+        for event in rule.events.iter() {
+            let slot = &mut entry.events[event_index(event)];
+            if slot.verdict == VERDICT_NONE
+                || (verdict == VERDICT_DENY && slot.verdict != VERDICT_DENY)
+            {
+                *slot = EventRule {
+                    verdict,
+                    flags,
+                    subject: rule.subject as u16,
+                };
+            }
+        }
+        self.paths.entry(at.key).or_insert_with(|| at.path.clone());
+    }
+}
+
+/// The slot of `event` in [`Rule::events`] (`janus_common::EV_*`).
+pub fn event_index(event: Event) -> usize {
+    event as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use janus_api::decide::RuleSet;
+    use janus_api::guard::parse_documents;
+    use janus_common::{EV_ACCESS, EV_MODIFY, EV_OPEN};
+
+    fn policy(yaml: &str) -> GuardPolicy {
+        GuardPolicy::from_guard(&parse_documents(yaml).unwrap()[0]).unwrap()
+    }
+
+    const GUARD: &str = r#"
+apiVersion: januscontroller.clustergarage.io/v1alpha1
+kind: JanusGuard
+metadata: {name: g}
+spec:
+  selector: {matchLabels: {app: x}}
+  subjects:
+  - allow: [/data]
+    events: [open]
+  - deny: [/data]
+    events: [open, modify]
+    autoAllowOwner: true
+  - deny: [/only]
+    events: [open]
+    onlyDir: true
+"#;
+
+    #[test]
+    fn deny_wins_on_one_inode_and_only_dir_skips_files() {
+        let p = policy(GUARD);
+        let mut t = Table::default();
+        let dir = Resolved {
+            key: InodeKey {
+                ino: 5,
+                dev: 9,
+                scope: 1,
+            },
+            is_dir: true,
+            path: b"/data".to_vec(),
+        };
+        let file = Resolved {
+            key: InodeKey {
+                ino: 6,
+                dev: 9,
+                scope: 1,
+            },
+            is_dir: false,
+            path: b"/only".to_vec(),
+        };
+        for r in RuleSet::from_policy(&p).rules() {
+            let at = if r.path.as_bytes() == b"/data" {
+                &dir
+            } else {
+                &file
+            };
+            t.add(&p, r, at);
+        }
+        let rule = t.rules[&dir.key];
+        assert_eq!(rule.events[EV_OPEN].verdict, VERDICT_DENY);
+        assert_eq!(rule.events[EV_OPEN].subject, 1);
+        assert_ne!(rule.events[EV_OPEN].flags & RULE_AUTO_ALLOW_OWNER, 0);
+        assert_eq!(rule.events[EV_MODIFY].verdict, VERDICT_DENY);
+        assert_eq!(rule.events[EV_ACCESS].verdict, VERDICT_NONE);
+        assert!(!t.rules.contains_key(&file.key), "onlyDir must skip a file");
+        assert_eq!(t.paths[&dir.key], b"/data");
+    }
+}

@@ -1,0 +1,170 @@
+//! Types that the BPF programs (`janus-ebpf`) and the agent both read: map keys and values,
+//! the decision records of the ring buffer and the kernel struct offsets the loader fills in.
+//!
+//! Everything is `#[repr(C)]` with explicit padding, so both sides agree on every byte.
+
+#![no_std]
+
+/// Ancestors visited above the opened file before the walk gives up and denies.
+pub const MAX_DEPTH: usize = 32;
+/// Path components (nearest the file) a decision record carries for the log line.
+pub const MAX_NAMES: usize = 8;
+/// Bytes kept of each component name (NUL-terminated).
+pub const NAME_LEN: usize = 64;
+/// Entries of the rule map: every guarded path of every guard enforced in the kernel.
+pub const MAX_RULES: u32 = 16 * 1024;
+/// Mount namespaces (targets) enforced in the kernel at once.
+pub const MAX_SCOPES: u32 = 1024;
+/// Bytes of the decision ring buffer.
+pub const RING_BYTES: u32 = 1 << 20;
+
+/// Index of each event in [`Rule::events`]; the same order as `janus_api::Event`.
+pub const EV_OPEN: usize = 0;
+pub const EV_ACCESS: usize = 1;
+pub const EV_EXEC: usize = 2;
+pub const EV_MODIFY: usize = 3;
+pub const EVENTS: usize = 4;
+
+/// [`EventRule::verdict`] values.
+pub const VERDICT_NONE: u8 = 0;
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// [`EventRule::flags`].
+pub const RULE_AUTO_ALLOW_OWNER: u8 = 1;
+pub const RULE_AUDIT: u8 = 2;
+/// The subject has onlyDir (the loader only keys directories for it).
+pub const RULE_ONLY_DIR: u8 = 4;
+/// The guarded inode is a directory: it covers what lies below it.
+pub const RULE_IS_DIR: u8 = 8;
+
+/// [`Decision::flags`].
+pub const DECISION_AUDIT: u8 = 1;
+/// A deny turned into an allow because the owner asked (autoAllowOwner).
+pub const DECISION_BY_OWNER: u8 = 2;
+/// The opened file is a directory.
+pub const DECISION_IS_DIR: u8 = 4;
+/// The ancestor walk ran out of depth: denied without a rule (fail closed).
+pub const DECISION_TOO_DEEP: u8 = 8;
+
+/// Identity of an inode: the kernel's `super_block.s_dev` (kernel `dev_t` encoding,
+/// `major << 20 | minor`) and `i_ino`, qualified by the scope (mount namespace) whose rule
+/// it is, so two pods guarding one shared inode keep their own rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub ino: u64,
+    pub dev: u32,
+    pub scope: u32,
+}
+
+impl InodeKey {
+    /// The kernel's internal `dev_t` from a user-space major and minor.
+    pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+        (major << 20) | (minor & 0xf_ffff)
+    }
+}
+
+/// The rule of one guarded path for one event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRule {
+    /// `VERDICT_*`; `VERDICT_NONE` when this path does not guard the event.
+    pub verdict: u8,
+    /// `RULE_*`.
+    pub flags: u8,
+    /// Index of the subject in its guard, for the log line's tags.
+    pub subject: u16,
+}
+
+/// Value of the rule map: what a guarded inode says per event. The loader merges the
+/// rules of one path so that deny wins at equal length; longer paths win by being nearer
+/// to the file on the walk up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub events: [EventRule; EVENTS],
+}
+
+/// Value of the scope map, keyed by mount namespace inode number: one enforced target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// The agent's handle of the guard, echoed in decisions.
+    pub guard_id: u32,
+    /// autoAllowOwner: the target's process and its parent (host tgids); 0 = none.
+    pub owners: [u32; 2],
+    pub _pad: u32,
+}
+
+/// One decision, as the ring buffer carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Decision {
+    pub guard_id: u32,
+    pub scope: u32,
+    pub tgid: u32,
+    /// Index of the deciding subject.
+    pub subject: u16,
+    /// `EV_*`.
+    pub event: u8,
+    /// `VERDICT_ALLOW` or `VERDICT_DENY`.
+    pub verdict: u8,
+    /// `DECISION_*`.
+    pub flags: u8,
+    /// How many levels above the file the deciding rule sits (0: the file itself).
+    pub depth: u8,
+    pub _pad: [u8; 6],
+    /// The deciding rule's key (zero when `DECISION_TOO_DEEP`).
+    pub rule: InodeKey,
+    /// `names[i]` is the name of the i-th dentry on the walk up (0: the file), for the
+    /// first `MAX_NAMES` levels; the agent appends `names[depth-1..0]` to the rule's path.
+    pub names: [[u8; NAME_LEN]; MAX_NAMES],
+}
+
+/// Byte offsets of the kernel struct members the programs read, from the running
+/// kernel's BTF (Rust BPF has no CO-RE). Set by the loader as the global `OFFSETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    pub file_f_mode: u32,
+    /// `file.f_flags` (open flags; `__FMODE_EXEC` marks an exec's open).
+    pub file_f_flags: u32,
+    pub file_f_inode: u32,
+    /// `file.f_path.dentry`.
+    pub file_dentry: u32,
+    pub dentry_parent: u32,
+    pub dentry_inode: u32,
+    /// `dentry.d_name.name`.
+    pub dentry_name: u32,
+    pub inode_mode: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+    pub task_nsproxy: u32,
+    pub nsproxy_mnt_ns: u32,
+    /// `mnt_namespace.ns.inum`.
+    pub mnt_ns_inum: u32,
+    /// `FMODE_*` bit the kernel sets on overlayfs' internal backing files
+    /// (`FMODE_NOACCOUNT` on 6.1, `FMODE_BACKING` later); 0 = unknown.
+    pub fmode_backing: u32,
+    pub _pad: u32,
+}
+
+impl Offsets {
+    /// Whether the loader filled the offsets in (these members are never at offset 0).
+    pub fn is_set(&self) -> bool {
+        self.file_f_inode != 0 && self.inode_ino != 0 && self.dentry_parent != 0
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C) plain data whose every bit pattern is valid, with explicit
+    // padding fields.
+    unsafe impl aya::Pod for super::InodeKey {}
+    unsafe impl aya::Pod for super::Rule {}
+    unsafe impl aya::Pod for super::Scope {}
+    unsafe impl aya::Pod for super::Decision {}
+    unsafe impl aya::Pod for super::Offsets {}
+}
