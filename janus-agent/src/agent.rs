@@ -1,63 +1,72 @@
-//! The agent's set of guarded targets, whatever drives it (the command line or the API).
+//! The agent's set of guarded targets, whatever drives it (the command line or the API),
+//! and the choice of backend for each: BPF LSM where it runs and can express the guard,
+//! fanotify otherwise.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use janus_api::GuardPolicy;
 
+use crate::bpf::{self, BackendChoice, Enforcer};
 use crate::decisions::LogSender;
 use crate::fanotify::target::{StartError, TargetSpec};
 use crate::fanotify::{self, TargetHandle};
 use crate::metrics::Metrics;
 use crate::state::{Phase, TargetState};
 
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error(transparent)]
+    Fanotify(#[from] StartError),
+    #[error(transparent)]
+    Bpf(#[from] bpf::GuardError),
+}
+
+/// One guard on one process.
+enum Target {
+    Fanotify(TargetHandle),
+    /// Decided in the kernel; what `/state` reports is fixed when it starts.
+    Bpf {
+        id: u32,
+        state: TargetState,
+    },
+}
+
 pub struct Agent {
     metrics: Arc<Metrics>,
     log: LogSender,
     node: String,
-    targets: Mutex<Vec<TargetHandle>>,
-    /// Targets the API manages, by a key the caller chooses (`serve`: guard, pod, container).
-    keyed: Mutex<BTreeMap<String, TargetHandle>>,
+    bpf: Option<Enforcer>,
+    /// By a key the caller chooses (`serve`: guard, pod, container; standalone: guard, pid).
+    targets: Mutex<BTreeMap<String, Target>>,
 }
 
 impl Agent {
-    pub fn new(metrics: Arc<Metrics>, log: LogSender, node: String) -> Agent {
-        Agent {
+    /// Starts the backend `backend` asks for and logs which one runs and why.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        log: LogSender,
+        node: String,
+        backend: BackendChoice,
+    ) -> anyhow::Result<Agent> {
+        let bpf = bpf::select(backend, &metrics, &log)?;
+        Ok(Agent {
             metrics,
             log,
             node,
-            targets: Mutex::new(Vec::new()),
-            keyed: Mutex::new(BTreeMap::new()),
-        }
+            bpf,
+            targets: Mutex::new(BTreeMap::new()),
+        })
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    /// Starts enforcing `guard` on `pid`.
-    pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), StartError> {
-        let handle = self.start(guard, pid, pod)?;
-        self.targets.lock().expect("targets lock").push(handle);
-        Ok(())
-    }
-
-    fn start(
-        &self,
-        guard: Arc<GuardPolicy>,
-        pid: i32,
-        pod: String,
-    ) -> Result<TargetHandle, StartError> {
-        fanotify::start(
-            TargetSpec {
-                guard,
-                pid,
-                pod,
-                node: self.node.clone(),
-            },
-            self.metrics.clone(),
-            self.log.clone(),
-        )
+    /// Starts enforcing `guard` on `pid` until [`Agent::shutdown`].
+    pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), GuardError> {
+        let key = format!("{}/{}/{pid}", guard.namespace, guard.name);
+        self.add(&key, guard, pid, pod)
     }
 
     /// Starts enforcing `guard` on `pid` under `key`, replacing (and lifting) whatever the
@@ -68,46 +77,89 @@ impl Agent {
         guard: Arc<GuardPolicy>,
         pid: i32,
         pod: String,
-    ) -> Result<(), StartError> {
+    ) -> Result<(), GuardError> {
         self.remove(key);
-        let handle = self.start(guard, pid, pod)?;
-        self.keyed
+        let target = self.start(guard, pid, pod)?;
+        self.targets
             .lock()
             .expect("targets lock")
-            .insert(key.to_owned(), handle);
+            .insert(key.to_owned(), target);
         Ok(())
+    }
+
+    fn start(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<Target, GuardError> {
+        if let Some(enforcer) = &self.bpf {
+            match enforcer.guard(guard.clone(), pid, pod.clone(), self.node.clone()) {
+                Ok(id) => {
+                    tracing::info!(guard = %guard.name, pid, backend = bpf::BACKEND, "guarding");
+                    return Ok(Target::Bpf {
+                        id,
+                        state: bpf_state(&guard, pid, pod),
+                    });
+                }
+                Err(bpf::GuardError::Unsupported(why)) => {
+                    tracing::warn!(guard = %guard.name, pid, reason = %why, "guard not expressible in BPF; enforcing it with fanotify");
+                    self.metrics
+                        .backend_info
+                        .with_label_values(&[fanotify::target::BACKEND])
+                        .set(1);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let handle = fanotify::start(
+            TargetSpec {
+                guard: guard.clone(),
+                pid,
+                pod,
+                node: self.node.clone(),
+            },
+            self.metrics.clone(),
+            self.log.clone(),
+        )?;
+        tracing::info!(guard = %guard.name, pid, backend = fanotify::target::BACKEND, "guarding");
+        Ok(Target::Fanotify(handle))
     }
 
     /// Lifts the guard held under `key`; false if there was none.
     pub fn remove(&self, key: &str) -> bool {
-        let handle = self.keyed.lock().expect("targets lock").remove(key);
-        let held = handle.is_some();
-        if let Some(h) = handle {
-            h.stop();
+        let target = self.targets.lock().expect("targets lock").remove(key);
+        let held = target.is_some();
+        if let Some(t) = target {
+            self.stop(t);
         }
         held
     }
 
-    /// The state of each keyed target.
+    fn stop(&self, target: Target) {
+        match target {
+            Target::Fanotify(handle) => handle.stop(),
+            Target::Bpf { id, .. } => {
+                if let Some(enforcer) = &self.bpf {
+                    enforcer.remove(id);
+                }
+            }
+        }
+    }
+
+    /// The state of each target, by key.
     pub fn keyed_states(&self) -> BTreeMap<String, TargetState> {
-        self.keyed
+        self.targets
             .lock()
             .expect("targets lock")
             .iter()
-            .map(|(k, h)| (k.clone(), h.state()))
+            .map(|(k, t)| {
+                let state = match t {
+                    Target::Fanotify(handle) => handle.state(),
+                    Target::Bpf { state, .. } => state.clone(),
+                };
+                (k.clone(), state)
+            })
             .collect()
     }
 
     pub fn states(&self) -> Vec<TargetState> {
-        let mut states: Vec<TargetState> = self
-            .targets
-            .lock()
-            .expect("targets lock")
-            .iter()
-            .map(TargetHandle::state)
-            .collect();
-        states.extend(self.keyed_states().into_values());
-        states
+        self.keyed_states().into_values().collect()
     }
 
     /// Ready once every target has placed its marks (or is gone).
@@ -115,12 +167,30 @@ impl Agent {
         self.states().iter().all(|s| s.phase != Phase::Pending)
     }
 
-    /// Lifts every guard.
+    /// Lifts every guard, then detaches the BPF programs.
     pub fn shutdown(&self) {
         let targets = std::mem::take(&mut *self.targets.lock().expect("targets lock"));
-        let keyed = std::mem::take(&mut *self.keyed.lock().expect("targets lock"));
-        for t in targets.into_iter().chain(keyed.into_values()) {
-            t.stop();
+        for t in targets.into_values() {
+            self.stop(t);
         }
+        if let Some(enforcer) = &self.bpf {
+            enforcer.shutdown();
+        }
+    }
+}
+
+fn bpf_state(guard: &GuardPolicy, pid: i32, pod: String) -> TargetState {
+    TargetState {
+        guard: guard.name.clone(),
+        namespace: guard.namespace.clone(),
+        pid,
+        pod,
+        backend: bpf::BACKEND,
+        phase: Phase::Enforcing,
+        reason: None,
+        warnings: Vec::new(),
+        marks: 0,
+        audit: guard.subjects.iter().any(|s| s.audit),
+        paths: Vec::new(),
     }
 }

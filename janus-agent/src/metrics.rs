@@ -8,6 +8,17 @@ use prometheus::{
 
 use janus_api::{Event, Verdict};
 
+/// The `kind`s of `janus_internal_errors_total`, by backend.
+const INTERNAL_ERROR_KINDS: [(&str, &str); 7] = [
+    ("fanotify", "read"),
+    ("fanotify", "no_fd"),
+    ("fanotify", "statx"),
+    ("fanotify", "readlink"),
+    ("bpf", "short_record"),
+    ("bpf", "unknown_guard"),
+    ("bpf", "audit"),
+];
+
 pub struct Metrics {
     registry: Registry,
     pub decisions: IntCounterVec,
@@ -123,6 +134,17 @@ impl Metrics {
             "1 for the enforcement backend in use (bpf|fanotify).",
             &["backend"],
         );
+        // Every series the backends count exists from the start, so alerts and dashboards
+        // see 0 rather than nothing.
+        for backend in ["fanotify", "bpf"] {
+            response_errors.with_label_values(&[backend]);
+        }
+        for (backend, kind) in INTERNAL_ERROR_KINDS {
+            internal_errors.with_label_values(&[backend, kind]);
+        }
+        for group in ["perm", "create"] {
+            overflows.with_label_values(&[group]);
+        }
         Metrics {
             registry: r,
             bpf_events_dropped,

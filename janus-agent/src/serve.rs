@@ -44,6 +44,9 @@ pub struct ServeArgs {
     /// Lift a pod's guards once none of its processes has been seen for this long.
     #[arg(long, default_value_t = 30)]
     pub pod_gone_after_secs: u64,
+    /// Enforcement backend: BPF LSM where the kernel allows it (auto), or one of them.
+    #[arg(long, value_enum, default_value_t = crate::bpf::BackendChoice::Auto)]
+    pub backend: crate::bpf::BackendChoice,
     #[command(flatten)]
     pub tls: tls::TlsArgs,
 }
@@ -408,7 +411,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "-".into())
     });
-    let agent = Arc::new(Agent::new(metrics, log, node.clone()));
+    let agent = Arc::new(Agent::new(metrics, log, node.clone(), args.backend)?);
     let guards = Arc::new(Guards::new(
         agent.clone(),
         node,

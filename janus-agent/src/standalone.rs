@@ -72,26 +72,15 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "-".into())
     });
-    let enforcer = bpf::select(args.backend, &metrics, &log)?;
-    let agent = Arc::new(Agent::new(metrics, log, node.clone()));
-    let result = guard_all(
-        &agent,
-        enforcer.as_ref().map(|e| (e, node)),
-        &policies,
-        &args.pids,
-        &args.pod,
-        args.metrics_addr,
-    )
-    .await;
+    let agent = Arc::new(Agent::new(metrics, log, node, args.backend)?);
+    let result = guard_all(&agent, &policies, &args.pids, &args.pod, args.metrics_addr).await;
     agent.shutdown();
-    drop(enforcer);
     writer.finish();
     result
 }
 
 async fn guard_all(
     agent: &Arc<Agent>,
-    enforcer: Option<(&bpf::Enforcer, String)>,
     policies: &[Arc<GuardPolicy>],
     pids: &[i32],
     pod: &str,
@@ -99,30 +88,9 @@ async fn guard_all(
 ) -> anyhow::Result<()> {
     for policy in policies {
         for &pid in pids {
-            if let Some((bpf, node)) = &enforcer {
-                match bpf.guard(policy.clone(), pid, pod.to_owned(), node.clone()) {
-                    Ok(()) => {
-                        tracing::info!(guard = %policy.name, pid, backend = bpf::BACKEND, "guarding");
-                        continue;
-                    }
-                    Err(bpf::GuardError::Unsupported(why)) => {
-                        tracing::warn!(guard = %policy.name, pid, reason = %why, "guard not expressible in BPF; enforcing it with fanotify");
-                        agent
-                            .metrics()
-                            .backend_info
-                            .with_label_values(&[fanotify::target::BACKEND])
-                            .set(1);
-                    }
-                    Err(e) => {
-                        return Err(e)
-                            .with_context(|| format!("guard {:?} on pid {pid}", policy.name));
-                    }
-                }
-            }
             agent
                 .guard(policy.clone(), pid, pod.to_owned())
                 .with_context(|| format!("guard {:?} on pid {pid}", policy.name))?;
-            tracing::info!(guard = %policy.name, pid, backend = fanotify::target::BACKEND, "guarding");
         }
     }
     if let Some(addr) = metrics_addr {

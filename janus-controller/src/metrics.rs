@@ -48,6 +48,10 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        // Every series exists from the start, so alerts and dashboards see 0, not nothing.
+        for kind in ["agent_unreachable", "apply", "remove", "status"] {
+            errors.with_label_values(&[kind]);
+        }
         for c in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(agents_reachable.clone()),

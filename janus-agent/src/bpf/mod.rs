@@ -85,7 +85,9 @@ pub enum GuardError {
 struct GuardEntry {
     ctx: Arc<LogContext>,
     counters: DecisionCounters,
+    /// The guard's rule keys, with the path each was resolved from.
     paths: StdHashMap<InodeKey, Vec<u8>>,
+    scope: u32,
 }
 
 struct Maps {
@@ -289,14 +291,15 @@ impl Enforcer {
         })
     }
 
-    /// Enforces `guard` on the mount namespace of `pid` in the kernel.
+    /// Enforces `guard` on the mount namespace of `pid` in the kernel; returns the id that
+    /// [`Enforcer::remove`] takes.
     pub fn guard(
         &self,
         guard: Arc<GuardPolicy>,
         pid: i32,
         pod: String,
         node: String,
-    ) -> Result<(), GuardError> {
+    ) -> Result<u32, GuardError> {
         let root = ContainerRoot::open(pid)?;
         let scope_id = u32::try_from(root.mnt_ns)
             .ok()
@@ -366,6 +369,7 @@ impl Enforcer {
                     .decision_counters(&guard.name, &guard.namespace, BACKEND),
                 ctx: Arc::new(LogContext { guard, pod, node }),
                 paths: table.paths,
+                scope: scope_id,
             },
         );
         // The scope goes in last: until then the kernel ignores the rules.
@@ -383,7 +387,24 @@ impl Enforcer {
                 map: "SCOPES",
                 source,
             })?;
-        Ok(())
+        Ok(guard_id)
+    }
+
+    /// Lifts a guard: the scope goes first, so the kernel stops deciding for it before its
+    /// rules disappear.
+    pub fn remove(&self, guard_id: u32) {
+        let mut maps = self.maps.lock().expect("maps lock");
+        let Some(entry) = self.guards.lock().expect("guards lock").remove(&guard_id) else {
+            return;
+        };
+        if let Err(e) = maps.scopes.remove(&entry.scope) {
+            tracing::error!(guard = %entry.ctx.guard.name, error = %e, "removing a BPF scope");
+        }
+        for key in entry.paths.keys() {
+            if maps.rules.remove(key).is_ok() {
+                maps.rule_count -= 1;
+            }
+        }
     }
 
     /// Detaches the programs and stops the reader once it has drained the ring.
