@@ -157,6 +157,20 @@ impl Core {
             .and_then(|h| h.get(key).cloned())
     }
 
+    /// (node, key) of every guard an agent holds whose key satisfies `pred`.
+    fn held_where(&self, pred: impl Fn(&Key) -> bool) -> Vec<(String, Key)> {
+        self.holdings
+            .lock()
+            .expect("holdings lock")
+            .iter()
+            .flat_map(|(node, held)| {
+                held.keys()
+                    .filter(|k| pred(k))
+                    .map(move |k| (node.clone(), k.clone()))
+            })
+            .collect()
+    }
+
     fn hold(&self, node: &str, key: Key, status: Option<GuardStatus>) {
         let mut h = self.holdings.lock().expect("holdings lock");
         let node = h.entry(node.to_owned()).or_default();
@@ -259,17 +273,7 @@ impl Core {
             .await;
 
         // Lift the guard from pods it no longer selects, wherever an agent holds it.
-        let stale: Vec<(String, Key)> = self
-            .holdings
-            .lock()
-            .expect("holdings lock")
-            .iter()
-            .flat_map(|(node, held)| {
-                held.keys()
-                    .filter(|k| k.0 == ns && k.1 == name && !wanted_keys.contains(k))
-                    .map(move |k| (node.clone(), k.clone()))
-            })
-            .collect();
+        let stale = self.held_where(|k| k.0 == ns && k.1 == name && !wanted_keys.contains(k));
         self.remove_all(&endpoints, stale).await;
 
         let mut guarded = 0;
@@ -377,17 +381,7 @@ impl Core {
             .iter()
             .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
             .collect();
-        let orphans: Vec<(String, Key)> = self
-            .holdings
-            .lock()
-            .expect("holdings lock")
-            .iter()
-            .flat_map(|(node, held)| {
-                held.keys()
-                    .filter(|k| !existing.contains(&(k.0.clone(), k.1.clone())))
-                    .map(move |k| (node.clone(), k.clone()))
-            })
-            .collect();
+        let orphans = self.held_where(|k| !existing.contains(&(k.0.clone(), k.1.clone())));
         self.remove_all(&endpoints, orphans).await;
         let mut first_error = None;
         for g in guards {

@@ -13,7 +13,6 @@ use std::fmt::Write as _;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Barrier;
@@ -24,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use crate::agent::{Agent, AgentConfig};
 use crate::floor::{Floor, FloorMark};
 use crate::scenarios::guard_yaml;
-use crate::target::{Root, Target};
+use crate::target::{check, open_fd, Root, Target};
 
 /// The guard under test: `/data` denied, `/data/public` allowed, `/srv` unguarded.
 const SUBJECTS: &str = "  - deny: [/data]\n    allow: [/data/public]\n    events: [open]\n";
@@ -493,23 +492,6 @@ fn new_dir_window(inside: &Inside, host_root: &OwnedFd, dir: &str) -> Result<Dur
         .join()
         .unwrap_or_else(|_| bail!("an opener panicked"))
     })
-}
-
-fn check(r: libc::c_int) -> std::io::Result<()> {
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn open_fd(path: &str, flags: libc::c_int) -> Result<OwnedFd> {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(flags)
-        .open(path)
-        .with_context(|| format!("opening {path}"))?;
-    Ok(f.into())
 }
 
 fn open_dir(path: &Path) -> Result<OwnedFd> {

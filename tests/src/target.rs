@@ -250,7 +250,7 @@ impl Drop for Target {
     }
 }
 
-fn check(r: libc::c_int) -> std::io::Result<()> {
+pub(crate) fn check(r: libc::c_int) -> std::io::Result<()> {
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -258,7 +258,7 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
     }
 }
 
-fn open_fd(path: &str, flags: libc::c_int) -> Result<OwnedFd> {
+pub(crate) fn open_fd(path: &str, flags: libc::c_int) -> Result<OwnedFd> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(flags)
