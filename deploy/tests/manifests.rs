@@ -709,3 +709,32 @@ fn helm_chart_includes_the_renderings() {
         );
     }
 }
+
+/// The agent's and the controller's arguments, as each variant passes them.
+#[derive(clap::Parser)]
+enum Agent {
+    Serve(janus_agent::serve::ServeArgs),
+}
+
+#[derive(clap::Parser)]
+enum Controller {
+    Run(janus_controller::RunArgs),
+}
+
+/// Every variant starts both binaries with flags they have: parsed by their own definitions,
+/// so a renamed flag fails here rather than in a crash-looping pod.
+#[test]
+fn container_args_parse_with_the_binaries_own_flags() {
+    use clap::Parser;
+    for (variant, objs) in all_variants() {
+        let (_, a) = agent(&objs);
+        let argv = std::iter::once("janus-agent".to_owned()).chain(args(&a));
+        let Agent::Serve(serve) = Agent::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{variant}: agent args {:?}: {e}", args(&a)));
+        assert_eq!(serve.listen.port(), port(&a, "grpc") as u16, "{variant}");
+        let (_, c) = controller(&objs);
+        let argv = std::iter::once("janus-controller".to_owned()).chain(args(&c));
+        Controller::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{variant}: controller args {:?}: {e}", args(&c)));
+    }
+}
