@@ -11,8 +11,11 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+use crate::wait;
 
 /// Where the static busybox is found, on the host and in the VM.
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -31,8 +34,13 @@ impl Root {
         }
         let root = Root { dir };
         root.mkdir("/bin")?;
-        fs::copy(BUSYBOX, root.host("/bin/busybox"))
-            .with_context(|| format!("copying {BUSYBOX} (install busybox-static)"))?;
+        // A link, not a copy: while a copy is being written, a fork in another thread of
+        // the test process inherits the write descriptor and exec fails with ETXTBSY.
+        let dest = root.host("/bin/busybox");
+        if fs::hard_link(BUSYBOX, &dest).is_err() {
+            fs::copy(BUSYBOX, &dest)
+                .with_context(|| format!("copying {BUSYBOX} (install busybox-static)"))?;
+        }
         std::os::unix::fs::symlink("busybox", root.host("/bin/sh"))?;
         Ok(root)
     }
@@ -146,9 +154,17 @@ impl Target {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .context("starting a target (busybox sh in its own mount namespace)")?;
+        // A copied busybox (across file systems) can still be held open for writing by
+        // a fork elsewhere in the process for a moment: ETXTBSY passes.
+        let mut child = wait::until(
+            "busybox to be executable",
+            Duration::from_secs(5),
+            || match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => None,
+                other => Some(other),
+            },
+        )?
+        .context("starting a target (busybox sh in its own mount namespace)")?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
         let mut target = Target {
