@@ -351,3 +351,62 @@ fn without_cap_sys_admin_it_says_so_in_one_line() {
     assert!(last.contains("CAP_SYS_ADMIN"), "{stderr}");
     assert!(last.starts_with("janus-agent: "), "{stderr}");
 }
+
+/// An overlay mount, unmounted on drop.
+struct Overlay(PathBuf);
+
+impl Overlay {
+    fn mount(lower: &Path, dir: &Path) -> Overlay {
+        let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .unwrap();
+        Overlay(merged)
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Two pods of one image: their roots are overlays over the same lower layer, so the
+/// guarded file has one backing inode. Guarding it in one must not guard it in the other.
+#[test]
+fn two_overlay_roots_over_one_lower_layer_are_guarded_apart() {
+    let dir = workdir("overlay");
+    let lower = Root::new(&dir, "lower").unwrap();
+    populate(&lower).unwrap();
+    let one = Overlay::mount(lower.dir(), &dir.join("pod-1"));
+    let two = Overlay::mount(lower.dir(), &dir.join("pod-2"));
+    let guarded = Target::start_in(&one.0).unwrap();
+    let neighbour = Target::start_in(&two.0).unwrap();
+    let guard = guard_yaml("overlay", "  - deny: [/data/secret]\n");
+    let agent = Agent::start(&config("", &guard, &[guarded.pid()]), &dir.join("agent")).unwrap();
+    assert_eq!(guarded.cat("/data/secret").unwrap(), Access::Denied);
+    assert_eq!(
+        neighbour.cat("/data/secret").unwrap(),
+        Access::Ok("secret".into())
+    );
+    assert_eq!(
+        std::fs::read(lower.host("/data/secret")).unwrap(),
+        b"secret\n"
+    );
+    assert!(agent.stop().unwrap().success());
+    drop((guarded, neighbour));
+}

@@ -124,7 +124,12 @@ impl Target {
     /// Starts a shell in a new mount namespace whose root is `root` (bind-mounted onto
     /// itself, so the container's files are reached through mounts of its own).
     pub fn start(root: &Root) -> Result<Target> {
-        let dir = CString::new(root.dir().as_os_str().as_bytes())?;
+        Target::start_in(root.dir())
+    }
+
+    /// [`Target::start`] in any directory that holds `/bin/busybox` (an overlay mount, say).
+    pub fn start_in(dir: &Path) -> Result<Target> {
+        let dir = CString::new(dir.as_os_str().as_bytes())?;
         let mut cmd = Command::new(BUSYBOX);
         cmd.args(["sh", "-s"])
             .stdin(Stdio::piped())
