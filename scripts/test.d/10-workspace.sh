@@ -5,4 +5,4 @@ set -euo pipefail
 bash scripts/setup-containerd.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
