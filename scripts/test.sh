@@ -36,13 +36,20 @@ for stage in scripts/test.d/*.sh; do
         failed_stages+=("$name")
     fi
 done
-# cargo prints one "test result: ok. N passed; M failed; ..." line per test binary.
-read -r passed failed < <(awk '/^test result:/ {
+# cargo prints one "test result: ok. N passed; M failed; ..." line per test binary; in the
+# VM, the scenario table prints "scenarios: N passed, M failed" and the BPF tests one
+# "PASS name" or "FAIL name: why" line each.
+read -r passed failed < <(awk '
+    /^test result:/ {
         for (i = 1; i <= NF; i++) {
             if ($(i) ~ /^passed;?$/) p += $(i - 1)
             if ($(i) ~ /^failed;?$/) f += $(i - 1)
         }
-    } END { print p + 0, f + 0 }' "$log")
+    }
+    /^scenarios: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+    /^PASS [^ ]+$/ { p++ }
+    /^FAIL [^ ]+:/ { f++ }
+    END { print p + 0, f + 0 }' "$log")
 rm -f "$log"
 if [ "${#failed_stages[@]}" -gt 0 ]; then
     echo "failed stages: ${failed_stages[*]}"
