@@ -42,6 +42,8 @@ pub struct Check {
     pub op: Op,
     pub path: &'static str,
     pub expect: Expect,
+    /// The path a deny line names: the guarded file's, for a file reached by another name.
+    pub logged: &'static str,
 }
 
 const fn check(who: Who, op: Op, path: &'static str, expect: Expect) -> Check {
@@ -50,6 +52,7 @@ const fn check(who: Who, op: Op, path: &'static str, expect: Expect) -> Check {
         op,
         path,
         expect,
+        logged: path,
     }
 }
 
@@ -75,7 +78,8 @@ pub struct Scenario {
     pub checks: &'static [Check],
 }
 
-/// Every root starts with these files (path, content); `/data/bin/tool` is a script.
+/// Every root starts with these files (path, content); `/data/bin/tool` is a script,
+/// `/data/link` a symlink to `secret` and `/srv/alias` a hard link to `/data/secret`.
 pub const FILES: &[(&str, &str)] = &[
     ("/data/secret", "secret"),
     ("/data/public", "public"),
@@ -203,6 +207,19 @@ pub const TABLE: &[Scenario] = &[
         ],
     },
     Scenario {
+        name: "hard-link-to-a-guarded-file",
+        subjects: "  - deny: [/data/secret]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        checks: &[
+            Check {
+                logged: "/data/secret",
+                ..check(Other, Read, "/srv/alias", Denied)
+            },
+            check(Other, Read, "/srv/plain", Allowed),
+        ],
+    },
+    Scenario {
         name: "modify",
         subjects: "  - deny: [/data/secret]\n    events: [modify]\n",
         needs: Needs::Bpf,
@@ -225,6 +242,7 @@ pub fn populate(root: &Root) -> Result<()> {
     }
     root.script("/data/bin/tool", "echo tool")?;
     root.symlink("/data/link", "secret")?;
+    std::fs::hard_link(root.host("/data/secret"), root.host("/srv/alias"))?;
     Ok(())
 }
 
@@ -302,8 +320,8 @@ impl Runner<'_> {
                 );
             }
             if c.expect == Expect::Denied {
-                let quoted = format!("'{}'", c.path);
-                agent.wait_line(&format!("a DENY line for {}", c.path), |l| {
+                let quoted = format!("'{}'", c.logged);
+                agent.wait_line(&format!("a DENY line for {}", c.logged), |l| {
                     l.starts_with("<DENY>") && l.contains(&quoted)
                 })?;
             }

@@ -11,7 +11,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use prometheus::Histogram;
 
 use janus_api::decide::Rule;
-use janus_api::{Event, GuardPolicy, RuleSet, Verdict};
+use janus_api::{Event, GuardPath, GuardPolicy, RuleSet, Verdict};
 
 use super::group::{
     event_of, perm_mask, AlignedBuf, CreateGroup, FanotifyError, PermGroup, RawEvent,
@@ -44,6 +44,9 @@ struct View {
     /// Mount IDs of the target's mount namespace, sorted. A file reached through another
     /// mount is being opened by someone outside the target, in their own coordinates.
     mounts: Vec<u64>,
+    /// Guarded files by inode (dev, ino), with their guarded path: a hard link elsewhere in
+    /// the container reaches the same inode by another name, and is decided as the file.
+    files: Vec<(u64, u64, GuardPath)>,
 }
 
 struct Shared {
@@ -140,6 +143,7 @@ pub fn start(
         view: RwLock::new(Arc::new(View {
             rules: RuleSet::default(),
             mounts: Vec::new(),
+            files: Vec::new(),
         })),
         stop: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(StartError::EventFd)?,
@@ -397,6 +401,21 @@ impl Shared {
             container.len(),
         );
         let is_owner = self.owners.contains(&pid);
+        let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
+        // A guarded file reached by another name (a hard link) is decided, and logged, as
+        // the guarded file, as the BPF backend does by keying rules on the inode.
+        let (start, len) = match view
+            .files
+            .iter()
+            .find(|(d, i, _)| !is_dir && *d == dev && *i == st.stx_ino)
+        {
+            Some((_, _, guarded)) if guarded.as_bytes().len() <= path.len() => {
+                let g = guarded.as_bytes();
+                path[..g.len()].copy_from_slice(g);
+                (0, g.len())
+            }
+            _ => (start, len),
+        };
         let outcome = match view
             .rules
             .decide(&path[start..start + len], event, is_owner)
@@ -477,7 +496,7 @@ fn statx(fd: BorrowedFd<'_>) -> std::io::Result<libc::statx> {
             fd.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
-            libc::STATX_TYPE | libc::STATX_NLINK | libc::STATX_MNT_ID,
+            libc::STATX_TYPE | libc::STATX_NLINK | libc::STATX_INO | libc::STATX_MNT_ID,
             &mut st,
         )
     };
@@ -513,14 +532,21 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
         let changed = resolve_all(s, tree, slots);
         let mounts = mount_ids(s.root.pid);
         if changed || mounts != s.view.read().expect("view lock").mounts {
-            let rules = slots
-                .iter()
-                .filter(|p| p.state.status == PathStatus::Enforced)
-                .map(|p| p.rule.clone())
+            let enforced = || {
+                slots
+                    .iter()
+                    .filter(|p| p.state.status == PathStatus::Enforced)
+            };
+            let files = enforced()
+                .filter_map(|p| {
+                    let id = p.identity.filter(|id| !id.is_dir)?;
+                    Some((id.dev, id.ino, p.rule.path.clone()))
+                })
                 .collect();
             *s.view.write().expect("view lock") = Arc::new(View {
-                rules: RuleSet::new(rules),
+                rules: RuleSet::new(enforced().map(|p| p.rule.clone()).collect()),
                 mounts,
+                files,
             });
         }
         s.publish(slots, tree.marks(), marks);
@@ -633,7 +659,11 @@ fn resolve_all(s: &Shared, tree: &mut Tree<'_>, slots: &mut [PathSlot]) -> bool 
     let mut changed = false;
     for slot in slots.iter_mut() {
         let subject = &s.ctx.guard.subjects[slot.rule.subject];
-        let before = (slot.state.status.clone(), slot.rule.path.clone());
+        let before = (
+            slot.state.status.clone(),
+            slot.rule.path.clone(),
+            slot.identity,
+        );
         match s.root.resolve(&slot.written) {
             Err(e) => {
                 slot.identity = None;
@@ -676,7 +706,12 @@ fn resolve_all(s: &Shared, tree: &mut Tree<'_>, slots: &mut [PathSlot]) -> bool 
                 };
             }
         }
-        changed |= before != (slot.state.status.clone(), slot.rule.path.clone());
+        changed |= before
+            != (
+                slot.state.status.clone(),
+                slot.rule.path.clone(),
+                slot.identity,
+            );
     }
     changed
 }
