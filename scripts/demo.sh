@@ -76,7 +76,8 @@ until http_get /readyz 2>/dev/null | grep -q '^ready'; do
     [ "$SECONDS" -lt "$deadline" ] || { cat "$work/agent.log"; echo "agent not ready" >&2; exit 1; }
     sleep 0.1
 done
-echo "agent ready (pid $agent_pid)"
+echo "agent ready (pid $agent_pid); its backend, from its diagnostics on stderr:"
+grep -m1 'enforcement backend' "$work/agent.log" | sed 's/\x1b\[[0-9;]*m//g' || true
 
 say "5. someone execs into the container"
 for f in /data/public /data/secret; do
