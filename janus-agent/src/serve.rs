@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::agent::Agent;
 use crate::fanotify::target::{unsupported_warnings, BACKEND};
 use crate::pods::{self, ContainerId};
-use crate::state::Phase;
+use crate::state::{Phase, TargetState};
 use crate::{decisions, fanotify, http, metrics::Metrics, tls};
 
 #[derive(Debug, clap::Args)]
@@ -297,7 +297,8 @@ impl Guards {
                     phase: phase as i32,
                     reason,
                     pid: c.pid.unwrap_or(0),
-                    backend: BACKEND.into(),
+                    // The agent picks a backend per guard: say which one this container got.
+                    backend: state.map_or(BACKEND, |s| s.backend).into(),
                 }
             })
             .collect();
@@ -310,8 +311,25 @@ impl Guards {
             generation: h.generation,
             pod_name: h.pod_name.clone(),
             containers,
-            warnings: h.warnings.clone(),
+            warnings: self.warnings(k, h, &states),
         }
+    }
+
+    /// What the backends enforcing this guard cannot do: the running targets' own warnings
+    /// (none under BPF), or fanotify's before any container runs.
+    fn warnings(&self, k: &Key, h: &Held, states: &BTreeMap<String, TargetState>) -> Vec<String> {
+        let mut running = h
+            .containers
+            .iter()
+            .filter_map(|c| states.get(&target_key(k, &c.raw)))
+            .peekable();
+        if running.peek().is_none() {
+            return h.warnings.clone();
+        }
+        let mut warnings: Vec<String> = running.flat_map(|s| s.warnings.clone()).collect();
+        warnings.sort();
+        warnings.dedup();
+        warnings
     }
 
     /// Sets janus_guards{state}: a guard is failed if any container failed, pending if any
