@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -76,21 +77,22 @@ impl ContainerRoot {
         let rendered = fd_path(fd.as_fd()).map_err(err)?;
         let canonical = self
             .to_container(&rendered)
-            .and_then(|p| GuardPath::from_kernel(p.to_vec()))
+            .and_then(|r| GuardPath::from_kernel(rendered[r].to_vec()))
             .ok_or_else(|| ResolveError::Outside { path: path.clone() })?;
         Ok((fd, canonical))
     }
 
-    /// Turns a path as the kernel renders it to us into the path the container sees, or
+    /// Where, in a path as the kernel renders it to us, the path the container sees lies;
     /// `None` when it lies outside this root (a host process reaching the file another way).
-    pub fn to_container<'a>(&self, rendered: &'a [u8]) -> Option<&'a [u8]> {
+    /// Always a range of `rendered` itself, so the answering thread can use it in place.
+    pub fn to_container(&self, rendered: &[u8]) -> Option<Range<usize>> {
         if self.prefix.is_empty() {
-            return rendered.starts_with(b"/").then_some(rendered);
+            return rendered.starts_with(b"/").then_some(0..rendered.len());
         }
-        let rest = rendered.strip_prefix(self.prefix.as_slice())?;
-        match rest {
-            b"" => Some(b"/"),
-            r if r.starts_with(b"/") => Some(r),
+        match rendered.strip_prefix(self.prefix.as_slice())? {
+            // The root itself: the prefix's own leading `/` stands for it.
+            b"" => rendered.starts_with(b"/").then_some(0..1),
+            rest if rest.starts_with(b"/") => Some(self.prefix.len()..rendered.len()),
             _ => None,
         }
     }

@@ -17,6 +17,9 @@ use janus_tests::wait;
 const AGENT: &str = env!("CARGO_BIN_EXE_janus-agent");
 /// linux/capability.h
 const CAP_SYS_ADMIN: libc::c_ulong = 21;
+/// These are the fanotify backend's tests (its metrics, marks and warnings): on a kernel
+/// that runs BPF LSM programs, `auto` would choose BPF.
+const FANOTIFY: &[&str] = &["--backend", "fanotify"];
 
 fn workdir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join("janus-kernel-tests").join(test);
@@ -32,7 +35,7 @@ fn config<'a>(name: &'a str, guard: &'a str, pids: &'a [i32]) -> AgentConfig<'a>
         pids,
         pod: if name.is_empty() { "p" } else { "web-1" },
         node: "node-a",
-        extra: &[],
+        extra: FANOTIFY,
     }
 }
 
@@ -60,7 +63,7 @@ fn scenario_table() {
     let dir = workdir("scenario-table");
     let results = Runner {
         agent_bin: Path::new(AGENT),
-        agent_args: &[],
+        agent_args: FANOTIFY,
         bpf: false,
         workdir: &dir,
     }
@@ -112,6 +115,28 @@ fn decision_lines_and_metrics() {
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
     let status = agent.stop().unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn an_event_on_the_guarded_root_itself() {
+    // The target is chrooted: its root renders to the agent as the root's host path with
+    // nothing after it, and must be decided and logged as `/`.
+    let (_root, target, agent) = guarded(
+        "root-itself",
+        "  - allow: [/]\n    deny: [/data]\n    events: [open]\n",
+    );
+    match target.exec(&[BUSYBOX, "ls", "/"]).unwrap() {
+        Access::Ok(list) => assert!(list.contains("data"), "{list}"),
+        other => panic!("ls /: {other:?}"),
+    }
+    agent
+        .wait_line("the root's line", |l| {
+            l == "<ALLOW> OPEN_PERM directory '/' (web-1:node-a)"
+        })
+        .unwrap();
+    // The answering thread lives on: later events are still answered.
+    assert_eq!(target.cat("/data/secret").unwrap(), Access::Denied);
+    assert!(agent.stop().unwrap().success());
 }
 
 #[test]

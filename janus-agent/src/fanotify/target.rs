@@ -396,10 +396,7 @@ impl Shared {
         let Some(container) = self.root.to_container(rendered) else {
             return (Outcome::Foreign, is_dir, 0);
         };
-        let (start, len) = (
-            container.as_ptr() as usize - path.as_ptr() as usize,
-            container.len(),
-        );
+        let (start, len) = (container.start, container.len());
         let is_owner = self.owners.contains(&pid);
         let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
         // A guarded file reached by another name (a hard link) is decided, and logged, as
