@@ -38,7 +38,7 @@ for stage in scripts/test.d/*.sh; do
 done
 # cargo prints one "test result: ok. N passed; M failed; ..." line per test binary; in the
 # VM, the scenario table prints "scenarios: N passed, M failed" and the BPF tests one
-# "PASS name" or "FAIL name: why" line each.
+# "PASS name (S s)" or "FAIL name: why (S s)" line each.
 read -r passed failed < <(awk '
     /^test result:/ {
         for (i = 1; i <= NF; i++) {
@@ -47,7 +47,7 @@ read -r passed failed < <(awk '
         }
     }
     /^scenarios: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
-    /^PASS [^ ]+$/ { p++ }
+    /^PASS [^ ]+ \([0-9.]+ s\)$/ { p++ }
     /^FAIL [^ ]+:/ { f++ }
     END { print p + 0, f + 0 }' "$log")
 rm -f "$log"

@@ -8,11 +8,14 @@
 //! - [`bench`] and [`floor`]: the benchmark, and the minimal fanotify listener it compares
 //!   the agent with.
 //! - [`wait`]: waiting on a condition with a deadline, never a bare sleep.
+//! - [`isolate`]: one test case in a process group of its own, under a deadline (the VM
+//!   runners).
 
 pub mod agent;
 pub mod bench;
 pub mod containerd;
 pub mod floor;
+pub mod isolate;
 pub mod scenarios;
 pub mod target;
 pub mod wait;

@@ -267,11 +267,14 @@ pub struct Runner<'a> {
 }
 
 impl Runner<'_> {
+    /// The scenarios that apply to the backend under test.
+    pub fn applicable(&self) -> impl Iterator<Item = &'static Scenario> + '_ {
+        TABLE.iter().filter(|s| s.needs == Needs::Any || self.bpf)
+    }
+
     /// Runs every applicable scenario; returns (name, outcome) for each.
     pub fn run_all(&self) -> Vec<(&'static str, Result<()>)> {
-        TABLE
-            .iter()
-            .filter(|s| s.needs == Needs::Any || self.bpf)
+        self.applicable()
             .map(|s| {
                 (
                     s.name,

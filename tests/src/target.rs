@@ -11,7 +11,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -19,6 +19,10 @@ use crate::wait;
 
 /// Where the static busybox is found, on the host and in the VM.
 pub const BUSYBOX: &str = "/bin/busybox";
+
+/// How long one operation in a target may take: far beyond any answer an agent gives, so
+/// reached only when a permission event goes unanswered, which then fails the test.
+const OPERATION_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A directory that becomes a target's `/`, removed on drop.
 pub struct Root {
@@ -195,8 +199,13 @@ impl Target {
         writeln!(self.stdin, "{{ {snippet} ; }} 2>&1; echo \"{END}$?\"")
             .context("writing to the target")?;
         self.stdin.flush()?;
+        let deadline = Instant::now() + OPERATION_DEADLINE;
         let mut out = String::new();
         loop {
+            if self.stdout.buffer().is_empty() {
+                readable_by(self.stdout.get_ref(), deadline)
+                    .with_context(|| format!("the target running {snippet:?}"))?;
+            }
             let mut line = String::new();
             if self.stdout.read_line(&mut line)? == 0 {
                 bail!("target {} exited", self.pid());
@@ -216,11 +225,22 @@ impl Target {
     /// Runs `argv` as a new process that entered the target, as `kubectl exec` does: same
     /// mount namespace and root, not the owner.
     pub fn exec(&self, argv: &[&str]) -> Result<Access> {
-        let out = match self.command(argv)?.output() {
-            Ok(out) => out,
+        // On a thread, to bound it: opening the target's root and `spawn` (which waits for
+        // the child's execve) both wait on the agent's answer if the root or the executable
+        // is guarded.
+        let (pid, args): (_, Vec<String>) =
+            (self.pid(), argv.iter().map(|a| a.to_string()).collect());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(command_in(pid, &args).map(|mut c| c.output()));
+        });
+        let out = match rx.recv_timeout(OPERATION_DEADLINE) {
+            Ok(Ok(Ok(out))) => out,
             // execve itself refused: an exec guard.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(Access::Denied),
-            Err(e) => return Err(e).context("running a command in the target"),
+            Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::EPERM) => return Ok(Access::Denied),
+            Ok(Ok(Err(e))) => return Err(e).context("running a command in the target"),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => bail!("{argv:?} in the target: no result within {OPERATION_DEADLINE:?}"),
         };
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
@@ -234,26 +254,7 @@ impl Target {
 
     /// A command that enters the target when spawned.
     pub fn command(&self, argv: &[&str]) -> Result<Command> {
-        let pid = self.pid();
-        let ns = open_fd(&format!("/proc/{pid}/ns/mnt"), libc::O_RDONLY)?;
-        let root = open_fd(
-            &format!("/proc/{pid}/root"),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-        )?;
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..]).stdin(Stdio::null());
-        // SAFETY: only async-signal-safe system calls between fork and exec. The
-        // descriptors move into the closure and stay open until the command is dropped.
-        unsafe {
-            cmd.pre_exec(move || {
-                check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS))?;
-                check(libc::fchdir(root.as_raw_fd()))?;
-                check(libc::chroot(c".".as_ptr()))?;
-                check(libc::chdir(c"/".as_ptr()))?;
-                Ok(())
-            });
-        }
-        Ok(cmd)
+        command_in(self.pid(), argv)
     }
 
     /// Ends the target and waits for it.
@@ -268,6 +269,52 @@ impl Drop for Target {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A command that enters process `pid`'s mount namespace and root when spawned.
+fn command_in<S: AsRef<std::ffi::OsStr>>(pid: i32, argv: &[S]) -> Result<Command> {
+    let ns = open_fd(&format!("/proc/{pid}/ns/mnt"), libc::O_RDONLY)?;
+    let root = open_fd(
+        &format!("/proc/{pid}/root"),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+    )?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null());
+    // SAFETY: only async-signal-safe system calls between fork and exec. The
+    // descriptors move into the closure and stay open until the command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS))?;
+            check(libc::fchdir(root.as_raw_fd()))?;
+            check(libc::chroot(c".".as_ptr()))?;
+            check(libc::chdir(c"/".as_ptr()))?;
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Waits until `fd` has something to read, or fails once `deadline` has passed.
+fn readable_by(fd: &impl AsRawFd, deadline: Instant) -> Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no answer within {OPERATION_DEADLINE:?}");
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            n if n > 0 => return Ok(()),
+            0 => {}
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => bail!("poll: {}", std::io::Error::last_os_error()),
+        }
     }
 }
 

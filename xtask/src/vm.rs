@@ -136,7 +136,7 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     let agent = build_static_bin("janus-agent", "janus-agent")?;
     image.add_host_file(AGENT_VM_PATH, &agent, 0o755)?;
     if opts.bpf_tests || (opts.bins.is_empty() && opts.command.is_empty() && !opts.bench) {
-        let bin = build_static_bin("xtask", BPF_TESTS_BIN)?;
+        let bin = build_static_bin("janus-tests", BPF_TESTS_BIN)?;
         tests.push(image.add_test(&bin, Vec::new())?);
         let table = build_static_bin("janus-tests", "janus-scenarios")?;
         let args = [
@@ -594,10 +594,13 @@ fn build_static_bin(package: &str, bin: &str) -> Result<PathBuf> {
     let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
     // No debug info: the binaries go into an initramfs held in the VM's memory.
     flags.push_str(" -C target-feature=+crt-static -C debuginfo=0");
+    // Release: under TCG every instruction is emulated, so the agent's start (reading
+    // the kernel's BTF, loading the programs) costs the VM many times what it costs here.
     let mut cmd = Command::new(util::cargo());
     cmd.current_dir(util::workspace_root())
         .args([
             "build",
+            "--release",
             "--package",
             package,
             "--bin",

@@ -4,8 +4,10 @@
 //! `janus-agent guard --backend bpf` on them and checks what the targets see (EPERM or
 //! content) and what the agent logs.
 //!
-//! Prints `PASS <scenario>` / `FAIL <scenario>: <why>` and exits non-zero if any failed.
-//! Single-threaded on purpose: targets and openers are forked children.
+//! Prints `PASS <scenario> (<seconds> s)` / `FAIL <scenario>: <why> (<seconds> s)` and exits
+//! non-zero if any failed. Single-threaded on purpose: each scenario runs in a forked
+//! process group under a deadline ([`janus_tests::isolate`]), and targets and openers are
+//! forked children.
 
 mod target;
 
@@ -16,12 +18,17 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use janus_tests::isolate;
 use target::{Opened, Target};
 
 const AGENT: &str = "/bin/janus-agent";
 
 type Scenario = fn() -> Result<()>;
 const WORK: &str = "/tmp/bpf-vm";
+
+/// A scenario that has not finished by then is killed and fails; the agent's own waits are
+/// 120 s, so this is only reached by a step that would otherwise block for ever.
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
@@ -41,11 +48,14 @@ fn main() -> ExitCode {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        match f() {
-            Ok(()) => println!("PASS {name}"),
+        let started = Instant::now();
+        let outcome = isolate::run(SCENARIO_DEADLINE, f);
+        let took = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => println!("PASS {name} ({took:.1} s)"),
             Err(e) => {
                 failed += 1;
-                println!("FAIL {name}: {e:#}");
+                println!("FAIL {name}: {e:#} ({took:.1} s)");
             }
         }
     }
