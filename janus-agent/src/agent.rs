@@ -162,9 +162,24 @@ impl Agent {
         self.keyed_states().into_values().collect()
     }
 
-    /// Ready once every target has placed its marks (or is gone).
+    /// Ready once every target enforces every guarded path that exists (or is gone).
     pub fn ready(&self) -> bool {
-        self.states().iter().all(|s| s.phase != Phase::Pending)
+        self.states()
+            .iter()
+            .all(|s| matches!(s.phase, Phase::Enforcing | Phase::Exited))
+    }
+
+    /// The metrics, with `janus_targets` counted from the targets as they are now.
+    pub fn render_metrics(&self) -> String {
+        let states = self.states();
+        for phase in Phase::ALL {
+            let n = states.iter().filter(|s| s.phase == phase).count();
+            self.metrics
+                .targets
+                .with_label_values(&[phase.as_str()])
+                .set(n as i64);
+        }
+        self.metrics.render()
     }
 
     /// Lifts every guard, then detaches the BPF programs.

@@ -32,7 +32,7 @@ pub async fn serve(addr: SocketAddr, agent: Arc<Agent>) -> std::io::Result<Socke
 async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        agent.metrics().render(),
+        agent.render_metrics(),
     )
 }
 
@@ -40,7 +40,10 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     if agent.ready() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "marking guarded paths\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "marking guarded paths, or a guarded path failed (see /state)\n",
+        )
     }
 }
 

@@ -8,6 +8,8 @@ use prometheus::{
 
 use janus_api::{Event, Verdict};
 
+use crate::state::Phase;
+
 /// The `kind`s of `janus_internal_errors_total`, by backend.
 const INTERNAL_ERROR_KINDS: [(&str, &str); 7] = [
     ("fanotify", "read"),
@@ -83,9 +85,12 @@ impl Metrics {
         );
         let targets = gauge(
             "janus_targets",
-            "Processes guarded, by state (enforcing|exited|failed).",
+            "Processes the agent holds a guard for, by state (pending|enforcing|exited|failed).",
             &["state"],
         );
+        for phase in Phase::ALL {
+            targets.with_label_values(&[phase.as_str()]).set(0);
+        }
         let latency = register(
             &r,
             HistogramVec::new(

@@ -11,7 +11,23 @@ pub enum Phase {
     Enforcing,
     /// The process exited; its marks are gone.
     Exited,
+    /// A guarded path that exists could not be enforced (see its path state); retried
+    /// every second.
     Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [Phase::Pending, Phase::Enforcing, Phase::Exited, Phase::Failed];
+
+    /// The `state` label of `janus_targets`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Enforcing => "enforcing",
+            Phase::Exited => "exited",
+            Phase::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use janus_tests::agent::{Agent, AgentConfig};
+use janus_tests::agent::{Agent, AgentConfig, STARTUP};
 use janus_tests::scenarios::{guard_yaml, populate, Runner};
 use janus_tests::target::{Access, Root, Target, BUSYBOX};
 use janus_tests::wait;
@@ -220,6 +220,7 @@ fn a_symlink_out_of_the_container_never_guards_a_host_file() {
 fn a_target_that_exits_loses_its_marks_and_the_agent_keeps_running() {
     let (_root, target, agent) = guarded("target-exits", "  - deny: [/data]\n");
     assert!(!marked_inodes(agent.pid()).is_empty());
+    assert_eq!(agent.metric("janus_targets{state=\"enforcing\"}").unwrap(), 1.0);
     target.kill().unwrap();
     wait::until(
         "the target to be reported exited",
@@ -235,7 +236,43 @@ fn a_target_that_exits_loses_its_marks_and_the_agent_keeps_running() {
     })
     .unwrap();
     assert_eq!(agent.metric("janus_marks{").unwrap(), 0.0);
+    assert_eq!(agent.metric("janus_targets{state=\"enforcing\"}").unwrap(), 0.0);
+    assert_eq!(agent.metric("janus_targets{state=\"exited\"}").unwrap(), 1.0);
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
+    assert!(agent.stop().unwrap().success());
+}
+
+#[test]
+fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
+    let dir = workdir("failed-path");
+    let root = Root::new(&dir, "root").unwrap();
+    populate(&root).unwrap();
+    // A symlink loop: the path exists but resolves to nothing (ELOOP), unlike a missing one.
+    root.symlink("/data/loop", "loop").unwrap();
+    let target = Target::start(&root).unwrap();
+    let guard = guard_yaml("failed-path", "  - deny: [/data/loop]\n    events: [open]\n");
+    let agent = Agent::spawn(
+        &config("failed-path", &guard, &[target.pid()]),
+        &dir.join("agent"),
+    )
+    .unwrap();
+    let failed = r#""phase":"failed""#;
+    wait::until("the target to be reported failed", STARTUP, || {
+        agent.get("/state").ok()?.1.contains(failed).then_some(())
+    })
+    .unwrap();
+    assert_eq!(agent.get("/readyz").unwrap().0, 503);
+    assert_eq!(agent.metric("janus_targets{state=\"failed\"}").unwrap(), 1.0);
+    // Once the path is a file, the next pass enforces it.
+    std::fs::remove_file(root.host("/data/loop")).unwrap();
+    root.write("/data/loop", b"now a file\n").unwrap();
+    wait::until("/readyz to answer 200", Duration::from_secs(5), || {
+        (agent.get("/readyz").ok()?.0 == 200).then_some(())
+    })
+    .unwrap();
+    assert_eq!(target.cat("/data/loop").unwrap(), Access::Denied);
+    assert_eq!(agent.metric("janus_targets{state=\"failed\"}").unwrap(), 0.0);
+    assert_eq!(agent.metric("janus_targets{state=\"enforcing\"}").unwrap(), 1.0);
     assert!(agent.stop().unwrap().success());
 }
 

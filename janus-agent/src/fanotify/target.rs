@@ -151,11 +151,6 @@ pub fn start(
         log,
         state: Arc::new(Mutex::new(state)),
     });
-    shared
-        .metrics
-        .targets
-        .with_label_values(&["enforcing"])
-        .inc();
     // The answering thread first: marking lists directories, and those opens need answers.
     let answer = {
         let s = shared.clone();
@@ -549,10 +544,6 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
         s.publish(slots, tree.marks(), marks);
     };
     refresh(&mut tree, &mut slots, &mut marks);
-    {
-        let mut st = s.state.lock().expect("state lock");
-        st.phase = Phase::Enforcing;
-    }
     let exited = loop {
         let ready = wait(
             &[create.as_fd(), pidfd.as_fd(), s.stop.as_fd()],
@@ -570,7 +561,6 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
             refresh(&mut tree, &mut slots, &mut marks);
         }
     };
-    s.metrics.targets.with_label_values(&["enforcing"]).dec();
     s.metrics
         .marks
         .with_label_values(&[&s.ctx.guard.name, &s.ctx.guard.namespace])
@@ -583,7 +573,6 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
             "process {} exited; its marks were removed",
             s.root.pid
         ));
-        s.metrics.targets.with_label_values(&["exited"]).inc();
         tracing::info!(pid = s.root.pid, guard = %s.ctx.guard.name, "target exited; guard lifted");
         // The answering thread removes the marks, answers what is queued and ends.
         let _ = s.stop.write(1);
@@ -720,9 +709,21 @@ impl Shared {
             .with_label_values(&[&self.ctx.guard.name, &self.ctx.guard.namespace])
             .add(now as i64 - *published as i64);
         *published = now;
+        let failed: Vec<&str> = slots
+            .iter()
+            .filter(|p| matches!(p.state.status, PathStatus::Failed(_)))
+            .map(|p| p.state.path.as_str())
+            .collect();
         let mut st = self.state.lock().expect("state lock");
         st.marks = now;
         st.paths = slots.iter().map(|p| p.state.clone()).collect();
+        // Every pass has placed what it could: enforcing, unless a path that exists failed.
+        (st.phase, st.reason) = if failed.is_empty() {
+            (Phase::Enforcing, None)
+        } else {
+            let reason = format!("not enforced, retried every second: {}", failed.join(", "));
+            (Phase::Failed, Some(reason))
+        };
     }
 }
 
