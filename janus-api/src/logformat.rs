@@ -41,6 +41,12 @@ const SPECIFIERS: [(&str, Specifier); 12] = [
     ("guard", Specifier::Guard),
 ];
 
+/// What [`LogTemplate::parse`] accepts, as a regular expression (RE2, for the CRD's schema
+/// to refuse a bad `logFormat` at admission): single-line text, `{{`, `}}` and the known
+/// specifiers. A unit test keeps it in step with [`SPECIFIERS`].
+pub const LOG_FORMAT_PATTERN: &str =
+    r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard)\})*$";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
     Literal(String),
@@ -178,5 +184,21 @@ pub fn escape_into(bytes: &[u8], out: &mut String) {
         for b in chunk.invalid() {
             let _ = write!(out, "\\x{b:02x}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_pattern_names_exactly_the_specifiers() {
+        let names: Vec<&str> = SPECIFIERS.iter().map(|(n, _)| *n).collect();
+        let listed = LOG_FORMAT_PATTERN
+            .split_once(r"\{(")
+            .and_then(|(_, rest)| rest.split_once(r")\}"))
+            .map(|(list, _)| list.split('|').collect::<Vec<_>>())
+            .expect("the pattern lists the specifiers");
+        assert_eq!(listed, names);
     }
 }

@@ -1,7 +1,9 @@
 //! The JanusGuard custom resource as the API server sees it: the same fields as
 //! [`janus_api::JanusGuardSpec`] (every manifest of the original Janus deserializes into
 //! both), plus a schema that refuses at admission what the agent would refuse later:
-//! relative paths or `..` components, unknown events, no subjects.
+//! relative paths or `..` components, unknown events, no subjects, a subject without paths,
+//! unknown `logFormat` specifiers, selector requirements whose values do not fit their
+//! operator.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +13,16 @@ use serde::{Deserialize, Serialize};
 
 /// An absolute path with no `..` component (RE2, as the API server evaluates it).
 pub const PATH_PATTERN: &str = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+|\.?))+$";
+
+/// CEL rule of a subject: at least one path (the agent refuses a subject without any).
+pub const SUBJECT_RULE: &str =
+    "(has(self.allow) && size(self.allow) > 0) || (has(self.deny) && size(self.deny) > 0)";
+
+/// CEL rule of a selector requirement: `In` and `NotIn` need values, `Exists` and
+/// `DoesNotExist` take none, as in Kubernetes' own label selectors.
+pub const REQUIREMENT_RULE: &str = "self.operator == 'In' || self.operator == 'NotIn' \
+    ? has(self.values) && size(self.values) > 0 \
+    : !has(self.values) || size(self.values) == 0";
 
 /// A guard on files in the pods its selector picks: which paths to allow or deny, for which
 /// events.
@@ -35,11 +47,16 @@ pub struct JanusGuardSpec {
     #[schemars(length(min = 1))]
     pub subjects: Vec<Subject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = janus_api::logformat::LOG_FORMAT_PATTERN))]
     pub log_format: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": SUBJECT_RULE,
+    "message": "a subject needs at least one path in allow or deny",
+}]))]
 pub struct Subject {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(regex(pattern = PATH_PATTERN)))]
@@ -85,6 +102,10 @@ pub struct LabelSelector {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": REQUIREMENT_RULE,
+    "message": "values: In and NotIn need at least one, Exists and DoesNotExist take none",
+}]))]
 pub struct LabelSelectorRequirement {
     pub key: String,
     pub operator: Operator,

@@ -104,3 +104,100 @@ fn seed_manifests_fit_unchanged() {
     }
     assert!(seen >= 6, "only {seen} fixtures in {}", dir.display());
 }
+
+/// The CRD's CEL rules, read back from the generated CRD and evaluated on objects as a user
+/// writes them, give the agent's verdict on the same guard.
+#[test]
+fn cel_rules_refuse_what_the_agent_refuses() {
+    let crd = serde_json::to_value(JanusGuard::crd()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let rule = |schema: &serde_json::Value| {
+        let rule = schema["x-kubernetes-validations"][0]["rule"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no CEL rule in {schema}"));
+        cel_interpreter::Program::compile(rule).unwrap_or_else(|e| panic!("{rule}: {e}"))
+    };
+    let admits = |program: &cel_interpreter::Program, object: &serde_json::Value| {
+        let mut ctx = cel_interpreter::Context::default();
+        ctx.add_variable("self", object).unwrap();
+        match program.execute(&ctx).unwrap() {
+            cel_interpreter::Value::Bool(b) => b,
+            other => panic!("a rule must give a bool, not {other:?}"),
+        }
+    };
+    let agent_admits = |selector: &str, subject: &str| {
+        let text = format!(
+            "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
+             metadata: {{name: g, namespace: ns}}\n\
+             spec: {{selector: {selector}, subjects: [{subject}]}}\n"
+        );
+        let guard = janus_api::guard::parse_documents(&text).unwrap().remove(0);
+        janus_api::GuardPolicy::from_spec("g", "ns", &guard.spec).is_ok()
+    };
+    let yaml = |text: &str| serde_yaml::from_str::<serde_json::Value>(text).unwrap();
+
+    let subject_rule = rule(&spec["properties"]["subjects"]["items"]);
+    for subject in [
+        "{allow: [/a]}",
+        "{deny: [/a], events: [open]}",
+        "{allow: [/a], deny: []}",
+        "{events: [open]}",
+        "{allow: [], deny: []}",
+        "{onlyDir: true}",
+    ] {
+        assert_eq!(
+            admits(&subject_rule, &yaml(subject)),
+            agent_admits("{}", subject),
+            "subject {subject}"
+        );
+    }
+
+    let requirement_rule =
+        rule(&spec["properties"]["selector"]["properties"]["matchExpressions"]["items"]);
+    for requirement in [
+        "{key: app, operator: In, values: [web]}",
+        "{key: app, operator: NotIn, values: [web, db]}",
+        "{key: app, operator: In}",
+        "{key: app, operator: NotIn, values: []}",
+        "{key: app, operator: Exists}",
+        "{key: app, operator: DoesNotExist, values: []}",
+        "{key: app, operator: Exists, values: [web]}",
+    ] {
+        assert_eq!(
+            admits(&requirement_rule, &yaml(requirement)),
+            agent_admits(
+                &format!("{{matchExpressions: [{requirement}]}}"),
+                "{deny: [/a]}"
+            ),
+            "requirement {requirement}"
+        );
+    }
+}
+
+#[test]
+fn log_format_pattern_refuses_what_the_agent_refuses() {
+    let crd = serde_json::to_value(JanusGuard::crd()).unwrap();
+    let pattern = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["logFormat"]["pattern"]
+        .as_str()
+        .expect("logFormat has a pattern");
+    let re = regex::Regex::new(pattern).unwrap();
+    for format in [
+        janus_api::logformat::DEFAULT_LOG_FORMAT,
+        "",
+        "{allow} {file} {pid} {comm} {guard}",
+        "{{\"path\": \"{path}\"}}",
+        "{nope}",
+        "{pod",
+        "pod}",
+        "{}",
+        "two\nlines",
+        "{Pod}",
+    ] {
+        assert_eq!(
+            re.is_match(format),
+            janus_api::LogTemplate::parse(format).is_ok(),
+            "logFormat {format:?}"
+        );
+    }
+}
