@@ -26,16 +26,6 @@ pub fn rendered(file: &str) -> Result<String> {
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Whether `kubectl` can be run. Debian's own kubectl is too old for Kustomize components,
-/// so a fresh machine may lack a usable one; the checks of the checked-in renderings run
-/// regardless.
-pub fn have_kubectl() -> bool {
-    Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// `kubectl kustomize deploy/<dir>`, as text.
 pub fn kustomize(dir: &str) -> Result<String> {
     let path = deploy_dir().join(dir);
@@ -43,7 +33,10 @@ pub fn kustomize(dir: &str) -> Result<String> {
         .arg("kustomize")
         .arg(&path)
         .output()
-        .context("running kubectl kustomize")?;
+        .context(
+            "running kubectl kustomize (kubectl 1.27 or later, whose Kustomize has Components; \
+             Debian's kubernetes-client is older)",
+        )?;
     if !out.status.success() {
         bail!(
             "kubectl kustomize {} failed: {}",
