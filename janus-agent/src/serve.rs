@@ -73,6 +73,7 @@ struct HeldContainer {
 }
 
 struct Held {
+    guard_uid: String,
     generation: i64,
     pod_name: String,
     spec_json: String,
@@ -144,7 +145,10 @@ impl Guards {
                 .iter()
                 .map(|c| &c.raw)
                 .eq(pod.container_ids.iter());
-            if h.generation == guard.generation && h.spec_json == req.spec_json && same_containers {
+            let unchanged =
+                h.generation == guard.generation && h.spec_json == req.spec_json && same_containers;
+            let older = h.guard_uid == guard.uid && guard.generation < h.generation;
+            if unchanged || older {
                 return Ok(self.status(&key, h));
             }
         }
@@ -163,6 +167,7 @@ impl Guards {
             self.lift(&key, &old);
         }
         let mut h = Held {
+            guard_uid: guard.uid,
             generation: guard.generation,
             pod_name: pod.name,
             spec_json: req.spec_json,
@@ -309,6 +314,7 @@ impl Guards {
                 pod_uid: k.2.clone(),
             }),
             generation: h.generation,
+            guard_uid: h.guard_uid.clone(),
             pod_name: h.pod_name.clone(),
             containers,
             warnings: self.warnings(k, h, &states),
@@ -493,4 +499,71 @@ async fn serve(
     rescan.abort();
     tracing::info!("lifting guards");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use janus_api::agent_v1::{GuardRef, PodRef};
+
+    use super::*;
+
+    /// A pod whose container runs on no node here: applying it touches no kernel state.
+    fn request(uid: &str, generation: i64, path: &str) -> ApplyGuardRequest {
+        ApplyGuardRequest {
+            guard: Some(GuardRef {
+                namespace: "default".into(),
+                name: "web".into(),
+                uid: uid.into(),
+                generation,
+            }),
+            pod: Some(PodRef {
+                uid: "pod-uid-not-on-this-node".into(),
+                namespace: "default".into(),
+                name: "web-1".into(),
+                container_ids: vec!["containerd://not-running-here".into()],
+            }),
+            spec_json: format!(r#"{{"subjects":[{{"deny":["{path}"]}}]}}"#),
+        }
+    }
+
+    fn guards() -> Guards {
+        let metrics = Arc::new(Metrics::new());
+        let (log, _writer) =
+            decisions::start(Box::new(std::io::sink()), metrics.log_dropped.clone());
+        let agent = Agent::new(
+            metrics,
+            log,
+            "node-a".into(),
+            crate::bpf::BackendChoice::Fanotify,
+        )
+        .expect("an agent without BPF");
+        Guards::new(Arc::new(agent), "node-a".into(), Duration::from_secs(30))
+    }
+
+    fn held_path(g: &Guards) -> String {
+        let held = g.held.lock().unwrap();
+        let h = held.values().next().expect("one guard held");
+        h.policy.subjects[0].deny[0].to_string()
+    }
+
+    #[test]
+    fn an_older_generation_of_the_held_guard_changes_nothing() {
+        let g = guards();
+        assert_eq!(g.apply(request("uid-1", 2, "/new")).unwrap().generation, 2);
+        // A replica whose cache lags sends generation 1 of the same guard.
+        let status = g.apply(request("uid-1", 1, "/old")).unwrap();
+        assert_eq!((status.generation, status.guard_uid.as_str()), (2, "uid-1"));
+        assert_eq!(held_path(&g), "/new");
+    }
+
+    #[test]
+    fn a_guard_created_again_under_its_name_replaces_the_old_one() {
+        let g = guards();
+        g.apply(request("uid-1", 2, "/old")).unwrap();
+        // Deleted and created again: generation 1 again, another UID, another spec.
+        let status = g.apply(request("uid-2", 1, "/new")).unwrap();
+        assert_eq!((status.generation, status.guard_uid.as_str()), (1, "uid-2"));
+        assert_eq!(held_path(&g), "/new");
+        assert_eq!(g.list().len(), 1);
+    }
 }

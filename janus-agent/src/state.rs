@@ -17,7 +17,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [Phase::Pending, Phase::Enforcing, Phase::Exited, Phase::Failed];
+    pub const ALL: [Phase; 4] = [
+        Phase::Pending,
+        Phase::Enforcing,
+        Phase::Exited,
+        Phase::Failed,
+    ];
 
     /// The `state` label of `janus_targets`.
     pub fn as_str(self) -> &'static str {

@@ -220,7 +220,10 @@ fn a_symlink_out_of_the_container_never_guards_a_host_file() {
 fn a_target_that_exits_loses_its_marks_and_the_agent_keeps_running() {
     let (_root, target, agent) = guarded("target-exits", "  - deny: [/data]\n");
     assert!(!marked_inodes(agent.pid()).is_empty());
-    assert_eq!(agent.metric("janus_targets{state=\"enforcing\"}").unwrap(), 1.0);
+    assert_eq!(
+        agent.metric("janus_targets{state=\"enforcing\"}").unwrap(),
+        1.0
+    );
     target.kill().unwrap();
     wait::until(
         "the target to be reported exited",
@@ -236,8 +239,14 @@ fn a_target_that_exits_loses_its_marks_and_the_agent_keeps_running() {
     })
     .unwrap();
     assert_eq!(agent.metric("janus_marks{").unwrap(), 0.0);
-    assert_eq!(agent.metric("janus_targets{state=\"enforcing\"}").unwrap(), 0.0);
-    assert_eq!(agent.metric("janus_targets{state=\"exited\"}").unwrap(), 1.0);
+    assert_eq!(
+        agent.metric("janus_targets{state=\"enforcing\"}").unwrap(),
+        0.0
+    );
+    assert_eq!(
+        agent.metric("janus_targets{state=\"exited\"}").unwrap(),
+        1.0
+    );
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
     assert!(agent.stop().unwrap().success());
 }
@@ -250,7 +259,10 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
     // A symlink loop: the path exists but resolves to nothing (ELOOP), unlike a missing one.
     root.symlink("/data/loop", "loop").unwrap();
     let target = Target::start(&root).unwrap();
-    let guard = guard_yaml("failed-path", "  - deny: [/data/loop]\n    events: [open]\n");
+    let guard = guard_yaml(
+        "failed-path",
+        "  - deny: [/data/loop]\n    events: [open]\n",
+    );
     let agent = Agent::spawn(
         &config("failed-path", &guard, &[target.pid()]),
         &dir.join("agent"),
@@ -262,7 +274,10 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
     })
     .unwrap();
     assert_eq!(agent.get("/readyz").unwrap().0, 503);
-    assert_eq!(agent.metric("janus_targets{state=\"failed\"}").unwrap(), 1.0);
+    assert_eq!(
+        agent.metric("janus_targets{state=\"failed\"}").unwrap(),
+        1.0
+    );
     // Once the path is a file, the next pass enforces it.
     std::fs::remove_file(root.host("/data/loop")).unwrap();
     root.write("/data/loop", b"now a file\n").unwrap();
@@ -271,8 +286,14 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
     })
     .unwrap();
     assert_eq!(target.cat("/data/loop").unwrap(), Access::Denied);
-    assert_eq!(agent.metric("janus_targets{state=\"failed\"}").unwrap(), 0.0);
-    assert_eq!(agent.metric("janus_targets{state=\"enforcing\"}").unwrap(), 1.0);
+    assert_eq!(
+        agent.metric("janus_targets{state=\"failed\"}").unwrap(),
+        0.0
+    );
+    assert_eq!(
+        agent.metric("janus_targets{state=\"enforcing\"}").unwrap(),
+        1.0
+    );
     assert!(agent.stop().unwrap().success());
 }
 

@@ -44,8 +44,7 @@ const SPECIFIERS: [(&str, Specifier); 12] = [
 /// What [`LogTemplate::parse`] accepts, as a regular expression (RE2, for the CRD's schema
 /// to refuse a bad `logFormat` at admission): single-line text, `{{`, `}}` and the known
 /// specifiers. A unit test keeps it in step with [`SPECIFIERS`].
-pub const LOG_FORMAT_PATTERN: &str =
-    r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard)\})*$";
+pub const LOG_FORMAT_PATTERN: &str = r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard)\})*$";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {

@@ -237,13 +237,14 @@ impl Core {
                         );
                     };
                     if let Some(held) = self.held(&w.node, &key) {
-                        let same = held.generation
-                            == w.request.guard.as_ref().map(|g| g.generation).unwrap_or(0)
-                            && held
-                                .containers
-                                .iter()
-                                .map(|c| &c.container_id)
-                                .eq(pod.container_ids.iter());
+                        let guard = w.request.guard.as_ref();
+                        let same = guard.is_some_and(|g| {
+                            held.guard_uid == g.uid && held.generation == g.generation
+                        }) && held
+                            .containers
+                            .iter()
+                            .map(|c| &c.container_id)
+                            .eq(pod.container_ids.iter());
                         if same {
                             return (w.node, key, Ok(held));
                         }

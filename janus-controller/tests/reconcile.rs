@@ -125,6 +125,47 @@ async fn a_guard_reaches_exactly_the_running_pods_it_selects() {
 }
 
 #[tokio::test]
+async fn every_selector_operator_selects_as_kubernetes_does() {
+    let mut w = world().await;
+    let g = guard(
+        "ops",
+        1,
+        json!({
+            "selector": {"matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["front", "back"]},
+                {"key": "env", "operator": "NotIn", "values": ["dev"]},
+                {"key": "team", "operator": "Exists"},
+                {"key": "canary", "operator": "DoesNotExist"},
+            ]},
+            "subjects": [{"deny": ["/etc/secret"]}],
+        }),
+    );
+    w.stores.guard(g.clone());
+    for (name, labels) in [
+        (
+            "all-fit",
+            json!({"tier": "front", "env": "prod", "team": "a"}),
+        ),
+        ("no-env-fits-notin", json!({"tier": "back", "team": "b"})),
+        ("tier-not-in", json!({"tier": "db", "team": "a"})),
+        (
+            "env-in-notin",
+            json!({"tier": "back", "env": "dev", "team": "a"}),
+        ),
+        ("no-team", json!({"tier": "front"})),
+        (
+            "canary",
+            json!({"tier": "front", "team": "a", "canary": "yes"}),
+        ),
+    ] {
+        w.stores
+            .pod(pod(name, "node-a", labels, "Running", &["containerd://c"]));
+    }
+    w.core.sync_guard(&g).await.unwrap();
+    assert_eq!(w.a.pods(), ["ops/pod-all-fit", "ops/pod-no-env-fits-notin"]);
+}
+
+#[tokio::test]
 async fn label_changes_and_pod_deletion_change_the_set() {
     let mut w = world().await;
     populate(&mut w);
@@ -170,6 +211,22 @@ async fn a_new_generation_is_pushed_again() {
     assert!(held.values().all(|s| s.generation == 2));
     drop(held);
     assert_eq!(w.api.status("web").unwrap()["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn a_guard_created_again_under_its_name_is_pushed_again() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    // Deleted and created again within one period: generation 1 again, another UID.
+    w.stores.delete_guard(web_guard(1));
+    let mut again = web_guard(1);
+    again.metadata.uid = Some("uid-web-again".into());
+    w.stores.guard(again);
+    w.core.sync_all().await.unwrap();
+    let held = w.a.held.lock().unwrap();
+    assert_eq!(held.len(), 1);
+    assert!(held.values().all(|s| s.guard_uid == "uid-web-again"));
 }
 
 #[tokio::test]

@@ -220,6 +220,7 @@ impl Agent for FakeAgent {
                 pod_uid: p.uid.clone(),
             }),
             generation: g.generation,
+            guard_uid: g.uid.clone(),
             pod_name: p.name,
             containers: p
                 .container_ids
