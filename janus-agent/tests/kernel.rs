@@ -298,6 +298,47 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
 }
 
 #[test]
+fn removed_directories_are_forgotten() {
+    let (root, _target, agent) = guarded("removed-dirs", "  - deny: [/data]\n    events: [open]\n");
+    let marks = || agent.metric("janus_marks{").unwrap();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+            .unwrap()
+            .count()
+    };
+    let (marks_before, fds_before) = (marks(), fds());
+    const N: usize = 300;
+    for i in 0..N {
+        root.mkdir(format!("/data/churn-{i}")).unwrap();
+    }
+    wait::until(
+        "the new directories to be marked",
+        Duration::from_secs(10),
+        || (marks() >= marks_before + N as f64).then_some(()),
+    )
+    .unwrap();
+    assert!(
+        fds() >= fds_before + N,
+        "each marked directory is held open"
+    );
+    for i in 0..N {
+        std::fs::remove_dir(root.host(format!("/data/churn-{i}"))).unwrap();
+    }
+    wait::until(
+        "the removed directories to be forgotten",
+        Duration::from_secs(10),
+        || (marks() == marks_before).then_some(()),
+    )
+    .unwrap();
+    assert!(
+        fds() < fds_before + 10,
+        "{} descriptors, {fds_before} before",
+        fds()
+    );
+    assert!(agent.stop().unwrap().success());
+}
+
+#[test]
 fn sigterm_lifts_the_guards_and_exits_zero() {
     let (_root, target, agent) = guarded("sigterm", "  - deny: [/data/secret]\n");
     assert_eq!(target.cat("/data/secret").unwrap(), Access::Denied);

@@ -227,6 +227,20 @@ fn backing_fmode(release: &str) -> u32 {
     }
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default (8 MiB or less)
+/// the maps can exceed; later kernels charge the memory cgroup and ignore it. Needs
+/// CAP_SYS_RESOURCE; without it a load that needed it fails and says so.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "raising RLIMIT_MEMLOCK");
+    }
+}
+
 impl Enforcer {
     /// Loads and attaches the programs; an error says why this kernel cannot run them.
     pub fn start(metrics: Arc<Metrics>, log: LogSender) -> Result<Enforcer, StartError> {
@@ -234,6 +248,7 @@ impl Enforcer {
             return Err(StartError::NotCompiledIn);
         }
         lsm_active()?;
+        raise_memlock_limit();
         let t0 = std::time::Instant::now();
         let offsets = kernel_offsets().map_err(StartError::Btf)?;
         let kernel_btf = Btf::from_sys_fs().map_err(|e| StartError::Btf(e.into()))?;

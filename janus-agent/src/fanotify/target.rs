@@ -521,6 +521,7 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
     let mut buf = AlignedBuf::boxed();
     let mut marks = 0usize;
     let refresh = |tree: &mut Tree<'_>, slots: &mut Vec<PathSlot>, marks: &mut usize| {
+        tree.prune(|fd| statx(fd).is_ok_and(|st| st.stx_nlink > 0));
         let changed = resolve_all(s, tree, slots);
         let mounts = mount_ids(s.root.pid);
         if changed || mounts != s.view.read().expect("view lock").mounts {
@@ -544,10 +545,12 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
         s.publish(slots, tree.marks(), marks);
     };
     refresh(&mut tree, &mut slots, &mut marks);
+    let mut refreshed = Instant::now();
     let exited = loop {
+        let left = RESOLVE_PERIOD.saturating_sub(refreshed.elapsed());
         let ready = wait(
             &[create.as_fd(), pidfd.as_fd(), s.stop.as_fd()],
-            PollTimeout::try_from(RESOLVE_PERIOD).unwrap_or(PollTimeout::MAX),
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
         );
         if ready[2] {
             break false;
@@ -557,8 +560,11 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
         }
         if ready[0] {
             on_create_events(s, &create, &mut tree, &mut slots, &mut buf, &mut marks);
-        } else {
+        }
+        // Every second, even while directories keep being created.
+        if refreshed.elapsed() >= RESOLVE_PERIOD {
             refresh(&mut tree, &mut slots, &mut marks);
+            refreshed = Instant::now();
         }
     };
     s.metrics

@@ -45,6 +45,14 @@ impl<'g> Tree<'g> {
         self.dirs.len() + self.files.len()
     }
 
+    /// Forgets the directories for which `exists` is false (removed ones). Their held
+    /// descriptors pin them, so the kernel never drops their marks by itself, and a
+    /// container that makes and removes directories in a loop would otherwise run the agent
+    /// out of descriptors.
+    pub fn prune(&mut self, exists: impl Fn(BorrowedFd<'_>) -> bool) {
+        self.dirs.retain(|_, d| exists(d.fd.as_fd()));
+    }
+
     /// Marks a resolved guarded path; a directory with everything below it.
     pub fn mark_root(
         &mut self,
