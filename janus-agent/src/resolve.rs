@@ -30,6 +30,22 @@ pub struct ContainerRoot {
     prefix: Vec<u8>,
     /// Inode of the target's mount namespace, to tell containers apart in diagnostics.
     pub mnt_ns: u64,
+    /// The root directory as (dev, ino): a process whose root it is acts in the container,
+    /// whatever mounts it reaches files through.
+    root_id: (u64, u64),
+    /// The target's PID namespace, when it is not the agent's own.
+    pid_ns: Option<u64>,
+}
+
+/// `NS_GET_PARENT` (linux/nsfs.h): the parent of a PID namespace.
+const NS_GET_PARENT: libc::c_ulong = 0xb702;
+/// PID namespaces nest at most 32 deep (MAX_PID_NS_LEVEL).
+const MAX_PID_NS_DEPTH: usize = 33;
+
+fn ns_inode(pid: &str, ns: &str) -> Option<u64> {
+    std::fs::metadata(format!("/proc/{pid}/ns/{ns}"))
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
 }
 
 impl ContainerRoot {
@@ -45,15 +61,37 @@ impl ContainerRoot {
         if prefix == b"/" {
             prefix.clear();
         }
-        let mnt_ns = std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .unwrap_or(0);
+        let mnt_ns = ns_inode(&pid.to_string(), "mnt").unwrap_or(0);
+        let st = nix::sys::stat::fstat(root.as_fd()).map_err(|e| ResolveError::Root {
+            pid,
+            error: e.into(),
+        })?;
+        let pid_ns =
+            ns_inode(&pid.to_string(), "pid").filter(|ns| Some(*ns) != ns_inode("self", "pid"));
         Ok(ContainerRoot {
             pid,
             root,
             prefix,
             mnt_ns,
+            root_id: (st.st_dev, st.st_ino),
+            pid_ns,
         })
+    }
+
+    /// Whether process `pid`, which reached a file through a mount the target does not have,
+    /// still acts in the target: a mount namespace made inside the container (`unshare -m`)
+    /// copies its mounts under new IDs but keeps its root, and its processes stay in the
+    /// container's PID namespace or one nested in it. Host processes (the kubelet reading a
+    /// volume) do neither. A process already gone does not.
+    pub fn holds(&self, pid: i32) -> bool {
+        let root = std::fs::metadata(format!("/proc/{pid}/root"));
+        if root.is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino()) == self.root_id
+        }) {
+            return true;
+        }
+        self.pid_ns.is_some_and(|ns| pid_ns_within(pid, ns))
     }
 
     /// Opens `path` (O_PATH) inside the root; symlinks resolve as they would in the
@@ -96,6 +134,30 @@ impl ContainerRoot {
             _ => None,
         }
     }
+}
+
+/// Whether `pid`'s PID namespace is `ancestor` or nested in it.
+fn pid_ns_within(pid: i32, ancestor: u64) -> bool {
+    let Ok(file) = std::fs::File::open(format!("/proc/{pid}/ns/pid")) else {
+        return false;
+    };
+    let mut ns = OwnedFd::from(file);
+    for _ in 0..MAX_PID_NS_DEPTH {
+        match nix::sys::stat::fstat(ns.as_fd()) {
+            Ok(st) if st.st_ino == ancestor => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        // SAFETY: NS_GET_PARENT takes no argument and returns a new descriptor or -1.
+        let parent = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_PARENT) };
+        if parent < 0 {
+            // The initial namespace has no parent.
+            return false;
+        }
+        // SAFETY: a descriptor the kernel just gave us.
+        ns = unsafe { OwnedFd::from_raw_fd(parent) };
+    }
+    false
 }
 
 /// Reads what `/proc/self/fd/N` links to: the kernel's path for an open file.

@@ -21,6 +21,22 @@ fn a_containerd_container_is_guarded() {
         container.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
         Access::Ok("secret".into())
     );
+    // A process of the container can make a user and mount namespace of its own, whose
+    // mounts are copies of the container's under new IDs; it reads the file before the guard.
+    let nested = [
+        BUSYBOX,
+        "unshare",
+        "-U",
+        "-r",
+        "-m",
+        BUSYBOX,
+        "cat",
+        "/data/secret",
+    ];
+    assert_eq!(
+        container.exec(&nested).unwrap(),
+        Access::Ok("secret".into())
+    );
     let agent = Agent::start(
         &AgentConfig {
             bin: Path::new(env!("CARGO_BIN_EXE_janus-agent")),
@@ -55,6 +71,8 @@ fn a_containerd_container_is_guarded() {
             l == format!("<DENY> OPEN_PERM file '/data/secret' ({id}:node-a) runtime=containerd")
         })
         .unwrap();
+    // ... and is still the container's: the guard holds there too.
+    assert_eq!(container.exec(&nested).unwrap(), Access::Denied);
     // The host reaches the same inodes through its own mounts: not the container's access.
     assert_eq!(
         std::fs::read(root.host("/data/secret")).unwrap(),

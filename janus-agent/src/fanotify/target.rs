@@ -385,7 +385,9 @@ impl Shared {
         if st.stx_nlink == 0 {
             rendered = rendered.strip_suffix(b" (deleted)").unwrap_or(rendered);
         }
-        if view.mounts.binary_search(&st.stx_mnt_id).is_err() {
+        // The target's own mounts, the fast path; otherwise a process of the container
+        // that made a mount namespace of its own, or the host reaching the same inode.
+        if view.mounts.binary_search(&st.stx_mnt_id).is_err() && !self.root.holds(pid) {
             return (Outcome::Foreign, is_dir, 0);
         }
         let Some(container) = self.root.to_container(rendered) else {
