@@ -78,6 +78,11 @@ impl ContainerRoot {
         })
     }
 
+    /// The root directory's (dev, ino), as `stat` gives them.
+    pub fn root_id(&self) -> (u64, u64) {
+        self.root_id
+    }
+
     /// Whether process `pid`, which reached a file through a mount the target does not have,
     /// still acts in the target: a mount namespace made inside the container (`unshare -m`)
     /// copies its mounts under new IDs but keeps its root, and its processes stay in the

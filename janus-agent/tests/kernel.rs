@@ -298,30 +298,6 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
 }
 
 #[test]
-fn a_mount_namespace_made_inside_the_target_stays_guarded() {
-    let (root, target, agent) = guarded(
-        "nested-mntns",
-        "  - deny: [/data/secret]\n    events: [open]\n",
-    );
-    // `unshare -m` copies the target's mounts under new mount IDs; the root stays the same.
-    let nested = [BUSYBOX, "unshare", "-m", BUSYBOX, "cat", "/data/public"];
-    assert_eq!(target.exec(&nested).unwrap(), Access::Ok("public".into()));
-    let nested = [BUSYBOX, "unshare", "-m", BUSYBOX, "cat", "/data/secret"];
-    assert_eq!(target.exec(&nested).unwrap(), Access::Denied);
-    agent
-        .wait_line("the deny line", |l| {
-            l == "<DENY> OPEN_PERM file '/data/secret' (web-1:node-a)"
-        })
-        .unwrap();
-    // The host, through its own mounts and root, is not the target.
-    assert_eq!(
-        std::fs::read(root.host("/data/secret")).unwrap(),
-        b"secret\n"
-    );
-    assert!(agent.stop().unwrap().success());
-}
-
-#[test]
 fn removed_directories_are_forgotten() {
     let (root, _target, agent) = guarded("removed-dirs", "  - deny: [/data]\n    events: [open]\n");
     let marks = || agent.metric("janus_marks{").unwrap();

@@ -148,6 +148,9 @@ pub struct Offsets {
     /// `FMODE_*` bit the kernel sets on overlayfs' internal backing files
     /// (`FMODE_NOACCOUNT` on 6.1, `FMODE_BACKING` later); 0 = unknown.
     pub fmode_backing: u32,
+    pub task_fs: u32,
+    /// `fs_struct.root.dentry`: the task's root directory.
+    pub fs_root_dentry: u32,
     pub _pad: u32,
 }
 

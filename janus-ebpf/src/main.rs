@@ -3,8 +3,9 @@
 //! - `file_open` decides `open`, `exec` (the file is opened for execution) and `modify`
 //!   (the file is opened for writing); `file_permission` decides `access` (a read) and
 //!   `modify` (a write).
-//! - Only tasks in a guarded mount namespace (`SCOPES`) are considered: host processes and
-//!   other pods pay one map lookup and are never logged.
+//! - Only tasks in a guarded mount namespace (`SCOPES`), or whose root directory is a guarded
+//!   target's (`ROOTS`: a mount namespace made inside the container), are considered: host
+//!   processes and other pods pay two map lookups and are never logged.
 //! - The file is covered by its nearest ancestor (walking `d_parent` up to the superblock's
 //!   root) that has a rule for the event in `RULES`: the longest guarded path wins, as in
 //!   the fanotify backend; the loader merged equal paths so that deny wins there. A walk
@@ -35,6 +36,12 @@ use janus_common::{
 /// Guarded mount namespaces, by `ns.inum`.
 #[map(name = "SCOPES")]
 static SCOPES: HashMap<u32, Scope> = HashMap::with_max_entries(MAX_SCOPES, 0);
+
+/// Guarded mount namespaces again, by the identity of the target's root directory (scope
+/// 0): a task of the container in a mount namespace of its own making (`unshare -m`) has
+/// copies of its mounts but the same root.
+#[map(name = "ROOTS")]
+static ROOTS: HashMap<InodeKey, u32> = HashMap::with_max_entries(MAX_SCOPES, 0);
 
 /// Guarded inodes of every scope.
 #[map(name = "RULES")]
@@ -68,6 +75,8 @@ static OFFSETS: Offsets = Offsets {
     nsproxy_mnt_ns: 0,
     mnt_ns_inum: 0,
     fmode_backing: 0,
+    task_fs: 0,
+    fs_root_dentry: 0,
     _pad: 0,
 };
 
@@ -177,8 +186,14 @@ fn prepare(file: *const u8) -> Option<(Call, u32)> {
         return None;
     }
     let mnt_ns: *const u8 = read(nsproxy, off.nsproxy_mnt_ns).ok()?;
-    let ns: u32 = read(mnt_ns, off.mnt_ns_inum).ok()?;
-    let scope = unsafe { SCOPES.get(&ns) }?;
+    let mut ns: u32 = read(mnt_ns, off.mnt_ns_inum).ok()?;
+    let scope = match unsafe { SCOPES.get(&ns) } {
+        Some(scope) => scope,
+        None => {
+            ns = root_scope(task, &off)?;
+            unsafe { SCOPES.get(&ns) }?
+        }
+    };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let leaf: *const u8 = read(file, off.file_dentry).ok()?;
     let inode: *const u8 = read(file, off.file_f_inode).ok()?;
@@ -195,6 +210,25 @@ fn prepare(file: *const u8) -> Option<(Call, u32)> {
         },
         mode,
     ))
+}
+
+/// The scope whose target's root directory is the task's own, when its mount namespace is
+/// not a guarded one.
+#[inline(always)]
+fn root_scope(task: *const u8, off: &Offsets) -> Option<u32> {
+    let fs: *const u8 = read(task, off.task_fs).ok()?;
+    if fs.is_null() {
+        return None;
+    }
+    let root: *const u8 = read(fs, off.fs_root_dentry).ok()?;
+    let inode: *const u8 = read(root, off.dentry_inode).ok()?;
+    let sb: *const u8 = read(inode, off.inode_sb).ok()?;
+    let key = InodeKey {
+        ino: read(inode, off.inode_ino).ok()?,
+        dev: read(sb, off.sb_dev).ok()?,
+        scope: 0,
+    };
+    unsafe { ROOTS.get(&key) }.copied()
 }
 
 /// Decides one event: walks up from the file to the nearest ancestor with a rule for it.

@@ -88,10 +88,13 @@ struct GuardEntry {
     /// The guard's rule keys, with the path each was resolved from.
     paths: StdHashMap<InodeKey, Vec<u8>>,
     scope: u32,
+    /// The target's root directory, its key in `ROOTS`.
+    root: InodeKey,
 }
 
 struct Maps {
     scopes: HashMap<MapData, u32, Scope>,
+    roots: HashMap<MapData, InodeKey, u32>,
     rules: HashMap<MapData, InodeKey, Rule>,
     rule_count: u32,
     next_guard: u32,
@@ -198,6 +201,9 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
         nsproxy_mnt_ns: b.member_offset("nsproxy", "mnt_ns", Pointer)?,
         mnt_ns_inum: mnt_ns + b.member_offset("ns_common", "inum", Int(4))?,
         fmode_backing: backing_fmode(&release),
+        task_fs: b.member_offset("task_struct", "fs", Pointer)?,
+        fs_root_dentry: b.member_offset("fs_struct", "root", Struct)?
+            + b.member_offset("path", "dentry", Pointer)?,
         _pad: 0,
     })
 }
@@ -278,6 +284,7 @@ impl Enforcer {
                 .ok_or_else(|| StartError::Load(format!("no {name} map in the object")))
         };
         let scopes = HashMap::try_from(take(&mut ebpf, "SCOPES")?).map_err(|e| load(&e))?;
+        let roots = HashMap::try_from(take(&mut ebpf, "ROOTS")?).map_err(|e| load(&e))?;
         let rules = HashMap::try_from(take(&mut ebpf, "RULES")?).map_err(|e| load(&e))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "DECISIONS")?).map_err(|e| load(&e))?;
         let dropped = PerCpuArray::try_from(take(&mut ebpf, "DROPPED")?).map_err(|e| load(&e))?;
@@ -295,6 +302,7 @@ impl Enforcer {
             ebpf: Mutex::new(Some(ebpf)),
             maps: Mutex::new(Maps {
                 scopes,
+                roots,
                 rules,
                 rule_count: 0,
                 next_guard: 1,
@@ -351,6 +359,12 @@ impl Enforcer {
             table.add(&guard, rule, &at);
         }
         let owners = [pid as u32, resolve::parent_pid(pid)? as u32];
+        let (dev, ino) = root.root_id();
+        let root_key = InodeKey {
+            ino,
+            dev: InodeKey::kernel_dev(libc::major(dev), libc::minor(dev)),
+            scope: 0,
+        };
 
         let mut maps = self.maps.lock().expect("maps lock");
         if maps.scopes.get(&scope_id, 0).is_ok() {
@@ -385,8 +399,15 @@ impl Enforcer {
                 ctx: Arc::new(LogContext { guard, pod, node }),
                 paths: table.paths,
                 scope: scope_id,
+                root: root_key,
             },
         );
+        maps.roots
+            .insert(root_key, scope_id, 0)
+            .map_err(|source| GuardError::Map {
+                map: "ROOTS",
+                source,
+            })?;
         // The scope goes in last: until then the kernel ignores the rules.
         maps.scopes
             .insert(
@@ -414,6 +435,14 @@ impl Enforcer {
         };
         if let Err(e) = maps.scopes.remove(&entry.scope) {
             tracing::error!(guard = %entry.ctx.guard.name, error = %e, "removing a BPF scope");
+        }
+        // Another guard on the same root may have taken the entry over since.
+        if maps
+            .roots
+            .get(&entry.root, 0)
+            .is_ok_and(|s| s == entry.scope)
+        {
+            let _ = maps.roots.remove(&entry.root);
         }
         for key in entry.paths.keys() {
             if maps.rules.remove(key).is_ok() {
