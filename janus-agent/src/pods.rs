@@ -89,6 +89,26 @@ impl fmt::Display for ContainerId {
 }
 
 impl ContainerId {
+    /// The container whose cgroup is `child`, the component right below a pod's cgroup;
+    /// `runtime` is the runtime of the pod's other containers, for the cgroupfs layout whose
+    /// names do not say it. None for CRI-O's conmon, which is not a container.
+    fn from_pod_child(child: &str, runtime: Runtime) -> Option<ContainerId> {
+        let scoped = [Runtime::Containerd, Runtime::CriO, Runtime::Docker]
+            .into_iter()
+            .find_map(|r| Some((r, child.strip_prefix(r.scope_prefix())?)));
+        let (runtime, id) = match scoped {
+            Some((r, rest)) => (r, rest.strip_suffix(".scope").unwrap_or(rest)),
+            None => (runtime, child),
+        };
+        if id.is_empty() || id.starts_with("conmon") {
+            return None;
+        }
+        Some(ContainerId {
+            runtime,
+            id: id.into(),
+        })
+    }
+
     /// Whether a cgroup path's last component is this container's cgroup.
     fn is_leaf(&self, leaf: &str) -> bool {
         if leaf == self.id {
@@ -100,22 +120,26 @@ impl ContainerId {
     }
 }
 
-/// The pod UID a cgroup path names, in either kubelet layout.
-fn pod_uid_of(path: &str) -> Option<String> {
+/// The pod UID a cgroup path names, in either kubelet layout, and the component below the
+/// pod's cgroup (a container's, when there is one).
+fn pod_of(path: &str) -> Option<(String, Option<&str>)> {
     let mut in_kubepods = false;
-    for component in path.split('/') {
+    let mut components = path.split('/');
+    while let Some(component) = components.next() {
         if component.starts_with("kubepods") {
             in_kubepods = true;
         }
         if !in_kubepods {
             continue;
         }
-        if let Some(slice) = component.strip_suffix(".slice") {
-            if let Some((_, uid)) = slice.rsplit_once("-pod") {
-                return Some(uid.replace('_', "-"));
-            }
-        } else if let Some(uid) = component.strip_prefix("pod") {
-            return Some(uid.to_owned());
+        let uid = match component.strip_suffix(".slice") {
+            Some(slice) => slice
+                .rsplit_once("-pod")
+                .map(|(_, uid)| uid.replace('_', "-")),
+            None => component.strip_prefix("pod").map(str::to_owned),
+        };
+        if let Some(uid) = uid {
+            return Some((uid, components.next().filter(|c| !c.is_empty())));
         }
     }
     None
@@ -137,10 +161,13 @@ struct Proc {
 /// What one pass over /proc found for the containers and pods asked about.
 #[derive(Debug, Default)]
 pub struct Scan {
-    /// The init process of each container found.
+    /// The init process of each container found: those asked about, and every other
+    /// container in the cgroup of a pod asked about.
     pub inits: BTreeMap<ContainerId, i32>,
     /// Pods with at least one process on this node, by their pod cgroup or a container.
     pub pods_present: BTreeSet<String>,
+    /// The containers found in each pod's cgroup (its sandbox among them), by pod UID.
+    pub containers: BTreeMap<String, BTreeSet<ContainerId>>,
 }
 
 /// Scans /proc once for the given containers (each with its pod UID).
@@ -151,12 +178,24 @@ pub fn scan(wanted: &[(String, ContainerId)]) -> Scan {
 
 fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
     let mut out = Scan::default();
-    let pod_uids: BTreeSet<&str> = wanted.iter().map(|(p, _)| p.as_str()).collect();
-    let mut members: BTreeMap<&ContainerId, Vec<&Proc>> = BTreeMap::new();
+    // The runtime of each pod's containers, for cgroup names that do not say it.
+    let runtimes: BTreeMap<&str, Runtime> = wanted
+        .iter()
+        .map(|(pod, cid)| (pod.as_str(), cid.runtime))
+        .collect();
+    let mut members: BTreeMap<ContainerId, Vec<&Proc>> = BTreeMap::new();
     for p in procs {
         for path in &p.cgroups {
-            if let Some(uid) = pod_uid_of(path) {
-                if pod_uids.contains(uid.as_str()) {
+            if let Some((uid, child)) = pod_of(path) {
+                if let Some(&runtime) = runtimes.get(uid.as_str()) {
+                    let cid = child.and_then(|c| ContainerId::from_pod_child(c, runtime));
+                    if let Some(cid) = cid {
+                        out.containers
+                            .entry(uid.clone())
+                            .or_default()
+                            .insert(cid.clone());
+                        add_member(&mut members, cid, p);
+                    }
                     out.pods_present.insert(uid);
                 }
             }
@@ -164,10 +203,7 @@ fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
             for (pod, cid) in wanted {
                 if cid.is_leaf(leaf) {
                     out.pods_present.insert(pod.clone());
-                    let m = members.entry(cid).or_default();
-                    if !m.iter().any(|q| q.pid == p.pid) {
-                        m.push(p);
-                    }
+                    add_member(&mut members, cid.clone(), p);
                 }
             }
         }
@@ -178,10 +214,21 @@ fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
             .find(|p| p.ns_init)
             .or_else(|| m.iter().min_by_key(|p| (p.start, p.pid)));
         if let Some(p) = init {
-            out.inits.insert(cid.clone(), p.pid);
+            out.inits.insert(cid, p.pid);
         }
     }
     out
+}
+
+fn add_member<'p>(
+    members: &mut BTreeMap<ContainerId, Vec<&'p Proc>>,
+    cid: ContainerId,
+    p: &'p Proc,
+) {
+    let m = members.entry(cid).or_default();
+    if !m.iter().any(|q| q.pid == p.pid) {
+        m.push(p);
+    }
 }
 
 fn read_procs(proc_root: &str) -> Vec<Proc> {
@@ -327,10 +374,37 @@ mod tests {
         let c = cid("containerd://gone");
         let procs = [proc(5, &["/kubepods/podu-1/pause"], true, 1)];
         let s = scan_procs(&procs, &[("u-1".into(), c.clone())]);
-        assert!(s.inits.is_empty());
+        assert!(!s.inits.contains_key(&c));
         assert!(s.pods_present.contains("u-1"));
+        // The sandbox is one of the pod's containers, with the pod's runtime.
+        assert_eq!(
+            s.containers["u-1"],
+            BTreeSet::from([cid("containerd://pause")])
+        );
         let s = scan_procs(&procs, &[("u-2".into(), c)]);
         assert!(s.pods_present.is_empty());
+    }
+
+    #[test]
+    fn every_container_in_a_pods_cgroup_is_found() {
+        let listed = cid("cri-o://old");
+        let pod = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1111_2222.slice";
+        let procs = [
+            proc(30, &[&format!("{pod}/crio-old.scope")], true, 1),
+            // Restarted under a new ID; crun puts it in a sub-cgroup of its scope.
+            proc(31, &[&format!("{pod}/crio-new.scope/container")], true, 2),
+            // conmon watches a container but is not one.
+            proc(32, &[&format!("{pod}/crio-conmon-new.scope")], false, 2),
+        ];
+        let s = scan_procs(&procs, &[("1111-2222".into(), listed.clone())]);
+        let found = BTreeSet::from([listed.clone(), cid("cri-o://new")]);
+        assert_eq!(s.containers["1111-2222"], found);
+        assert_eq!(s.inits.get(&cid("cri-o://new")), Some(&31));
+        assert_eq!(s.inits.get(&listed), Some(&30));
+        // cgroupfs names the container by ID alone: the pod's runtime applies.
+        let procs = [proc(40, &["/kubepods/besteffort/podu-3/fresh"], true, 1)];
+        let s = scan_procs(&procs, &[("u-3".into(), cid("docker://stale"))]);
+        assert_eq!(s.inits.get(&cid("docker://fresh")), Some(&40));
     }
 
     #[test]

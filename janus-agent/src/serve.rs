@@ -7,7 +7,7 @@
 //! the guards of a pod that has had no process here for `--pod-gone-after-secs`, so the node
 //! converges even while the controller is away.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,6 +70,8 @@ struct HeldContainer {
     pid: Option<i32>,
     /// Why guarding the current init failed; retried when the init changes.
     failure: Option<String>,
+    /// Found in the pod's cgroup by the agent, not yet listed by the controller.
+    adopted: bool,
 }
 
 struct Held {
@@ -82,6 +84,10 @@ struct Held {
     containers: Vec<HeldContainer>,
     /// When a process of the pod was last seen on this node (None: never yet).
     last_seen: Option<Instant>,
+    /// The containers in the pod's cgroup since it was first seen here (its sandbox among
+    /// them). One that appears later is a container that restarted (under a new ID) or an
+    /// ephemeral one: it is guarded at once, before the controller hears of it.
+    baseline: Option<BTreeSet<ContainerId>>,
 }
 
 /// Every guard this node holds, and the agent that enforces them.
@@ -134,6 +140,7 @@ impl Guards {
                         id,
                         pid: None,
                         failure: None,
+                        adopted: false,
                     })
                     .map_err(|e| Status::invalid_argument(format!("pod.container_ids: {e}")))
             })
@@ -163,8 +170,35 @@ impl Guards {
                     .collect();
                 Status::invalid_argument(list.join("; "))
             })?;
+        let mut containers = containers;
+        let mut baseline = None;
         if let Some(old) = held.remove(&key) {
-            self.lift(&key, &old);
+            if old.guard_uid == guard.uid
+                && old.generation == guard.generation
+                && old.spec_json == req.spec_json
+            {
+                // Only the containers changed: those that stay keep their targets.
+                baseline = old.baseline;
+                let mut before = old.containers;
+                for c in &mut containers {
+                    if let Some(i) = before.iter().position(|o| o.raw == c.raw) {
+                        *c = HeldContainer {
+                            adopted: false,
+                            ..before.swap_remove(i)
+                        };
+                    }
+                }
+                for o in before {
+                    if o.adopted && o.pid.is_some() {
+                        // Running, and not listed yet by a controller that has not seen it.
+                        containers.push(o);
+                    } else if o.pid.is_some() {
+                        self.agent.remove(&target_key(&key, &o.raw));
+                    }
+                }
+            } else {
+                self.lift(&key, &old);
+            }
         }
         let mut h = Held {
             guard_uid: guard.uid,
@@ -175,6 +209,7 @@ impl Guards {
             policy: Arc::new(policy),
             containers,
             last_seen: None,
+            baseline,
         };
         let scan = pods::scan(&wanted(&key, &h));
         self.sync(&key, &mut h, &scan, Instant::now());
@@ -233,6 +268,22 @@ impl Guards {
         if scan.pods_present.contains(&k.2) {
             h.last_seen = Some(now);
         }
+        if let Some(found) = scan.containers.get(&k.2) {
+            let baseline = h.baseline.get_or_insert_with(|| found.clone());
+            for id in found.difference(baseline) {
+                if !h.containers.iter().any(|c| c.id == *id) {
+                    tracing::info!(guard = %k.1, namespace = %k.0, pod = %h.pod_name, container = %id, "a new container in the pod (a restart or an ephemeral container): guarding it");
+                    h.containers.push(HeldContainer {
+                        raw: id.to_string(),
+                        id: id.clone(),
+                        pid: None,
+                        failure: None,
+                        adopted: true,
+                    });
+                }
+            }
+            baseline.extend(found.iter().cloned());
+        }
         for c in &mut h.containers {
             let tkey = target_key(k, &c.raw);
             match scan.inits.get(&c.id) {
@@ -263,6 +314,8 @@ impl Guards {
                 }
             }
         }
+        // An adopted container that ended is gone for good: a restart has yet another ID.
+        h.containers.retain(|c| !(c.adopted && c.pid.is_none()));
     }
 
     fn lift(&self, k: &Key, h: &Held) {

@@ -16,7 +16,7 @@ fn a_containerd_container_is_guarded() {
     let root = Root::new(&dir, "rootfs").unwrap();
     populate(&root).unwrap();
     let id = format!("janus-agent-test-{}", std::process::id());
-    let container = Container::run(&root, &id, &[BUSYBOX, "sleep", "600"]).unwrap();
+    let container = Container::run(&root, &id, None, &[BUSYBOX, "sleep", "600"]).unwrap();
     assert_eq!(
         container.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
         Access::Ok("secret".into())

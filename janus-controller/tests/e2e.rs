@@ -154,7 +154,7 @@ async fn a_guard_reaches_a_real_container_over_mutual_tls() {
     let root = Root::new(&dir, "rootfs").unwrap();
     root.write("/data/secret", b"secret\n").unwrap();
     let id = format!("janus-e2e-{}", std::process::id());
-    let container = Arc::new(Container::run(&root, &id, &[BUSYBOX, "sleep", "600"]).unwrap());
+    let container = Arc::new(Container::run(&root, &id, None, &[BUSYBOX, "sleep", "600"]).unwrap());
     let cat = {
         let c = container.clone();
         move || c.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap()

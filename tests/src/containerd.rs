@@ -14,8 +14,9 @@ pub struct Container {
 }
 
 impl Container {
-    /// Runs `argv` in a new container whose root file system is `root`.
-    pub fn run(root: &Root, id: &str, argv: &[&str]) -> Result<Container> {
+    /// Runs `argv` in a new container whose root file system is `root`, in `cgroup` (a path
+    /// such as the kubelet gives a pod's container) or containerd's default one.
+    pub fn run(root: &Root, id: &str, cgroup: Option<&str>, argv: &[&str]) -> Result<Container> {
         for dir in ["/proc", "/dev", "/sys", "/tmp"] {
             root.mkdir(dir)?;
         }
@@ -24,7 +25,12 @@ impl Container {
         // A container left by an earlier, interrupted run would make `ctr run` fail.
         remove(id);
         let rootfs = root.dir().to_str().context("root path is not UTF-8")?;
-        let mut args = vec!["run", "-d", "--rootfs", rootfs, id];
+        let mut args = vec!["run", "-d"];
+        if let Some(cgroup) = cgroup {
+            args.extend(["--cgroup", cgroup]);
+        }
+        // `--rootfs` is a switch: the directory is the first argument.
+        args.extend(["--rootfs", rootfs, id]);
         args.extend_from_slice(argv);
         ctr(&args)?;
         let mut container = Container {

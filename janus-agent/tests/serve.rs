@@ -1,0 +1,138 @@
+//! `janus-agent serve` through its gRPC API, with containerd containers placed in a pod's
+//! cgroup as the kubelet places them. Needs root and a running containerd.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use janus_api::agent_v1::agent_client::AgentClient;
+use janus_api::agent_v1::{ApplyGuardRequest, ContainerPhase, GuardRef, ListGuardsRequest, PodRef};
+use janus_tests::containerd::Container;
+use janus_tests::scenarios::populate;
+use janus_tests::target::{Access, Root, BUSYBOX};
+use janus_tests::wait;
+
+/// `janus-agent serve` as a real process, killed on drop.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &std::path::Path) -> (Serve, SocketAddr) {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_janus-agent"))
+        .args(["serve", "--listen", &addr.to_string(), "--node", "node-a"])
+        .args(["--insecure-plaintext", "--backend", "fanotify"])
+        .args(["--rescan-interval-ms", "200"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("agent.out")).unwrap())
+        .stderr(std::fs::File::create(dir.join("agent.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let agent = Serve(child);
+    wait::until("the agent to listen", Duration::from_secs(20), || {
+        TcpStream::connect(addr).ok()
+    })
+    .unwrap();
+    (agent, addr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
+    let dir = std::env::temp_dir().join("janus-serve-restart-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "rootfs").unwrap();
+    populate(&root).unwrap();
+    let me = std::process::id();
+    let pod_uid = format!("0000-aaaa-{me}");
+    let (first, second) = (
+        format!("janus-restart-1-{me}"),
+        format!("janus-restart-2-{me}"),
+    );
+    // As the kubelet's cgroupfs driver places a pod's containers.
+    let cgroup = |id: &str| format!("/kubepods/besteffort/pod{pod_uid}/{id}");
+    let sleep = [BUSYBOX, "sleep", "600"];
+    let running = Container::run(&root, &first, Some(&cgroup(&first)), &sleep).unwrap();
+
+    let (_agent, addr) = serve(&dir);
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let apply = |container: &str| ApplyGuardRequest {
+        guard: Some(GuardRef {
+            namespace: "default".into(),
+            name: "restart".into(),
+            uid: "guard-uid".into(),
+            generation: 1,
+        }),
+        pod: Some(PodRef {
+            uid: pod_uid.clone(),
+            namespace: "default".into(),
+            name: "web-1".into(),
+            container_ids: vec![format!("containerd://{container}")],
+        }),
+        spec_json: r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#.into(),
+    };
+    client.apply_guard(apply(&first)).await.unwrap();
+    let denied = |c: &Container| {
+        wait::until(
+            "the container to be denied",
+            Duration::from_secs(10),
+            || (c.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()? == Access::Denied).then_some(()),
+        )
+    };
+    denied(&running).unwrap();
+
+    // The container restarts: the kubelet makes a new one, under a new ID, in the same pod.
+    // Nobody tells the agent.
+    drop(running);
+    let restarted = Container::run(&root, &second, Some(&cgroup(&second)), &sleep).unwrap();
+    denied(&restarted).unwrap();
+    let listed = client
+        .list_guards(ListGuardsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let containers = &listed.guards[0].containers;
+    let new = containers
+        .iter()
+        .find(|c| c.container_id == format!("containerd://{second}"))
+        .unwrap_or_else(|| panic!("the new container is not listed: {containers:?}"));
+    assert_eq!(new.phase, ContainerPhase::Enforced as i32);
+    assert_eq!(new.pid, restarted.pid());
+
+    // The controller catches up and lists the new ID: the container keeps its guard (no
+    // lift and re-mark), the old ID goes.
+    let status = client
+        .apply_guard(apply(&second))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let ids: Vec<&str> = status
+        .containers
+        .iter()
+        .map(|c| c.container_id.as_str())
+        .collect();
+    assert_eq!(ids, [format!("containerd://{second}")]);
+    assert_eq!(status.containers[0].phase, ContainerPhase::Enforced as i32);
+    let log = std::fs::read_to_string(dir.join("agent.err")).unwrap();
+    let guarded = log
+        .lines()
+        .filter(|l| l.contains("guarding container") && l.contains(&second))
+        .count();
+    assert_eq!(guarded, 1, "{log}");
+    assert_eq!(
+        restarted.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
+        Access::Denied
+    );
+}
