@@ -138,16 +138,19 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     if opts.bpf_tests || (opts.bins.is_empty() && opts.command.is_empty() && !opts.bench) {
         let bin = build_static_bin("janus-tests", BPF_TESTS_BIN)?;
         tests.push(image.add_test(&bin, Vec::new())?);
+        // The same table under both backends on the same kernel: the same answers.
         let table = build_static_bin("janus-tests", "janus-scenarios")?;
-        let args = [
-            "--agent",
-            AGENT_VM_PATH,
-            "--backend",
-            "bpf",
-            "--workdir",
-            "/tmp",
-        ];
-        tests.push(image.add_test(&table, args.map(str::to_owned).to_vec())?);
+        for backend in ["bpf", "fanotify"] {
+            let args = [
+                "--agent",
+                AGENT_VM_PATH,
+                "--backend",
+                backend,
+                "--workdir",
+                "/tmp",
+            ];
+            tests.push(image.add_test(&table, args.map(str::to_owned).to_vec())?);
+        }
     }
     if opts.bench {
         let bench = build_static_bin("janus-tests", "janus-bench")?;

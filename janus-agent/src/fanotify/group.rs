@@ -1,6 +1,6 @@
-//! fanotify groups through `nix::sys::fanotify` (typed flags), with our own event reader:
-//! nix's reader allocates per call and hides the info records that directory events carry,
-//! and `fanotify-rs` turns paths into `String`s, which panics on names that are not UTF-8.
+//! The permission group through `nix::sys::fanotify` (typed flags), with our own event
+//! reader: nix's reader allocates per call, and `fanotify-rs` turns paths into `String`s,
+//! which panics on names that are not UTF-8.
 
 use std::io;
 use std::mem::size_of;
@@ -24,6 +24,9 @@ pub enum FanotifyError {
     Init(nix::Error),
     #[error("fanotify_mark: {0}")]
     Mark(nix::Error),
+    /// Watching a marked directory for new subdirectories (inotify).
+    #[error("inotify: {0}")]
+    Watch(io::Error),
 }
 
 /// Maps guard events to the permission-event mask that enforces them. `modify` has no
@@ -209,49 +212,6 @@ fn init_error(e: nix::Error) -> FanotifyError {
     }
 }
 
-/// A group that reports directory entries created or moved in, so that new directories
-/// under a guarded one are marked too (FAN_EVENT_ON_CHILD reaches one level only).
-pub struct CreateGroup {
-    fan: Fanotify,
-}
-
-impl CreateGroup {
-    pub fn new() -> Result<CreateGroup, FanotifyError> {
-        let fan = Fanotify::init(
-            InitFlags::FAN_CLASS_NOTIF
-                | InitFlags::from_bits_retain(libc::FAN_REPORT_DFID_NAME)
-                | InitFlags::FAN_CLOEXEC
-                | InitFlags::FAN_NONBLOCK
-                | InitFlags::FAN_UNLIMITED_QUEUE
-                | InitFlags::FAN_UNLIMITED_MARKS,
-            EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC,
-        )
-        .map_err(init_error)?;
-        Ok(CreateGroup { fan })
-    }
-
-    pub fn watch(&self, dir: BorrowedFd<'_>) -> Result<(), FanotifyError> {
-        self.fan
-            .mark(
-                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_ONLYDIR,
-                MaskFlags::FAN_CREATE | MaskFlags::FAN_MOVED_TO | MaskFlags::FAN_ONDIR,
-                dir,
-                Some(held(dir).as_str()),
-            )
-            .map_err(FanotifyError::Mark)
-    }
-
-    pub fn read<'b>(&self, buf: &'b mut AlignedBuf) -> io::Result<EventIter<'b>> {
-        read_into(self.fan.as_fd(), buf)
-    }
-}
-
-impl AsFd for CreateGroup {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fan.as_fd()
-    }
-}
-
 /// A read buffer aligned for `fanotify_event_metadata`.
 #[repr(C, align(8))]
 pub struct AlignedBuf(pub [u8; READ_BUFFER]);
@@ -274,46 +234,15 @@ fn read_into<'b>(fd: BorrowedFd<'_>, buf: &'b mut AlignedBuf) -> io::Result<Even
 }
 
 /// One event. Its file descriptor, if any, is owned and closed on drop, whatever happens.
-pub struct RawEvent<'b> {
+pub struct RawEvent {
     pub mask: u64,
     pub pid: i32,
     pub fd: Option<OwnedFd>,
-    /// The info records after the metadata (directory events carry a handle and name).
-    pub info: &'b [u8],
 }
 
-impl RawEvent<'_> {
+impl RawEvent {
     pub fn is_overflow(&self) -> bool {
         self.mask & libc::FAN_Q_OVERFLOW != 0
-    }
-
-    /// For a FAN_REPORT_DFID_NAME event: the parent directory's handle and the entry name.
-    pub fn dir_entry(&self) -> Option<(HandleKey, &[u8])> {
-        const HEADER: usize = 4; // info_type, pad, len
-        const FSID: usize = 8;
-        const FH_HEAD: usize = 8; // handle_bytes, handle_type
-        let info = self.info;
-        let info_type = *info.first()?;
-        let len = u16::from_ne_bytes([*info.get(2)?, *info.get(3)?]) as usize;
-        if info_type != libc::FAN_EVENT_INFO_TYPE_DFID_NAME || len > info.len() {
-            return None;
-        }
-        let rec = &info[..len];
-        let fsid = rec.get(HEADER..HEADER + FSID)?;
-        let fh = rec.get(HEADER + FSID..)?;
-        let handle_bytes = u32::from_ne_bytes(fh.get(0..4)?.try_into().ok()?) as usize;
-        let handle_type = i32::from_ne_bytes(fh.get(4..8)?.try_into().ok()?);
-        let handle = fh.get(FH_HEAD..FH_HEAD + handle_bytes)?;
-        let name = fh.get(FH_HEAD + handle_bytes..)?;
-        let name = &name[..name.iter().position(|b| *b == 0)?];
-        Some((
-            HandleKey {
-                fsid: fsid.try_into().ok()?,
-                handle_type,
-                handle: handle.to_vec(),
-            },
-            name,
-        ))
     }
 }
 
@@ -323,9 +252,9 @@ pub struct EventIter<'b> {
 }
 
 impl<'b> Iterator for EventIter<'b> {
-    type Item = RawEvent<'b>;
+    type Item = RawEvent;
 
-    fn next(&mut self) -> Option<RawEvent<'b>> {
+    fn next(&mut self) -> Option<RawEvent> {
         const META: usize = size_of::<libc::fanotify_event_metadata>();
         if self.buf.len() < META {
             return None;
@@ -334,7 +263,6 @@ impl<'b> Iterator for EventIter<'b> {
         let meta: libc::fanotify_event_metadata =
             unsafe { std::ptr::read_unaligned(self.buf.as_ptr().cast()) };
         let len = (meta.event_len as usize).clamp(META, self.buf.len());
-        let info = &self.buf[(meta.metadata_len as usize).clamp(META, len)..len];
         self.buf = &self.buf[len..];
         let fd = (meta.fd >= 0).then(|| {
             // SAFETY: the kernel installed this descriptor for us; nobody else owns it.
@@ -344,7 +272,6 @@ impl<'b> Iterator for EventIter<'b> {
             mask: meta.mask,
             pid: meta.pid,
             fd,
-            info,
         })
     }
 }
@@ -353,61 +280,5 @@ impl Drop for EventIter<'_> {
     // Closes the descriptors of events nobody took, e.g. when answering stopped early.
     fn drop(&mut self) {
         for _ in self.by_ref() {}
-    }
-}
-
-/// Identifies a directory by file handle, as fanotify reports parents.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct HandleKey {
-    pub fsid: [u8; 8],
-    pub handle_type: i32,
-    pub handle: Vec<u8>,
-}
-
-impl HandleKey {
-    /// The handle fanotify uses for `fd`'s inode (AT_HANDLE_FID: need not be decodable,
-    /// which overlayfs handles usually are not).
-    pub fn of(fd: BorrowedFd<'_>) -> io::Result<HandleKey> {
-        const MAX_HANDLE: usize = 128;
-        const AT_HANDLE_FID: libc::c_int = 0x200;
-        #[repr(C)]
-        struct Fh {
-            handle_bytes: u32,
-            handle_type: i32,
-            f_handle: [u8; MAX_HANDLE],
-        }
-        let mut fh = Fh {
-            handle_bytes: MAX_HANDLE as u32,
-            handle_type: 0,
-            f_handle: [0; MAX_HANDLE],
-        };
-        let mut mount_id: libc::c_int = 0;
-        // SAFETY: fh is large enough for the size we announce; the path is a C string.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_name_to_handle_at,
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                &mut fh as *mut Fh,
-                &mut mount_id as *mut libc::c_int,
-                libc::AT_EMPTY_PATH | AT_HANDLE_FID,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: statfs is plain data the kernel fills in.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid descriptor and a buffer of the right type.
-        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fsid_t is `struct { int val[2]; }`, 8 bytes, as fanotify reports it.
-        let fsid_bytes: [u8; 8] = unsafe { std::mem::transmute(st.f_fsid) };
-        Ok(HandleKey {
-            fsid: fsid_bytes,
-            handle_type: fh.handle_type,
-            handle: fh.f_handle[..fh.handle_bytes as usize].to_vec(),
-        })
     }
 }

@@ -1,9 +1,10 @@
 //! The fanotify backend: permission events answered in user space.
 //!
-//! Each guarded target gets two groups: a permission group whose marks cover the guarded
-//! inodes (directories with FAN_EVENT_ON_CHILD), and a notification group that reports
-//! directories created or moved under guarded ones, which are then marked in turn.
+//! Each guarded target gets a permission group whose marks cover the guarded inodes
+//! (directories with FAN_EVENT_ON_CHILD), and an inotify watch that reports directories
+//! created or moved under guarded ones, which are then marked in turn.
 
+mod created;
 pub mod group;
 pub mod target;
 mod tree;

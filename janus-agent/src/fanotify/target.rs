@@ -13,9 +13,8 @@ use prometheus::Histogram;
 use janus_api::decide::Rule;
 use janus_api::{Event, GuardPath, GuardPolicy, RuleSet, Verdict};
 
-use super::group::{
-    event_of, perm_mask, AlignedBuf, CreateGroup, FanotifyError, PermGroup, RawEvent,
-};
+use super::created::{CreateWatch, Created};
+use super::group::{event_of, perm_mask, AlignedBuf, FanotifyError, PermGroup, RawEvent};
 use super::tree::Tree;
 use crate::decisions::{Entry, LogContext, LogSender};
 use crate::metrics::{DecisionCounters, Metrics};
@@ -105,7 +104,7 @@ pub fn start(
     let owners = [pid, resolve::parent_pid(pid)?];
     let pidfd = pidfd_open(pid).map_err(|error| StartError::Pidfd { pid, error })?;
     let perm = PermGroup::new()?;
-    let create = CreateGroup::new()?;
+    let create = CreateWatch::new()?;
     let guard = spec.guard;
     let warnings = unsupported_warnings(&guard);
     for w in &warnings {
@@ -299,7 +298,7 @@ enum Outcome {
 impl Shared {
     fn answer(
         &self,
-        ev: RawEvent<'_>,
+        ev: RawEvent,
         me: i32,
         view: &View,
         links: &FdLinks,
@@ -517,7 +516,7 @@ struct PathSlot {
     state: PathState,
 }
 
-fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
+fn marker_loop(s: &Shared, create: CreateWatch, pidfd: OwnedFd) {
     let mut tree = Tree::new(&s.perm, &create);
     let mut slots = path_slots(&s.ctx.guard);
     let mut buf = AlignedBuf::boxed();
@@ -589,7 +588,7 @@ fn marker_loop(s: &Shared, create: CreateGroup, pidfd: OwnedFd) {
 
 fn on_create_events(
     s: &Shared,
-    create: &CreateGroup,
+    create: &CreateWatch,
     tree: &mut Tree<'_>,
     slots: &mut [PathSlot],
     buf: &mut AlignedBuf,
@@ -601,12 +600,9 @@ fn on_create_events(
     let mut overflow = false;
     let mut new_dirs = 0;
     for ev in events {
-        if ev.is_overflow() {
-            overflow = true;
-        } else if ev.mask & libc::FAN_ONDIR != 0 {
-            if let Some((parent, name)) = ev.dir_entry() {
-                new_dirs += u64::from(tree.on_created(&parent, name));
-            }
+        match ev {
+            Created::Overflow => overflow = true,
+            Created::Dir { parent, name } => new_dirs += u64::from(tree.on_created(parent, name)),
         }
     }
     if overflow {

@@ -10,7 +10,8 @@ use nix::fcntl::OFlag;
 use nix::sys::fanotify::MaskFlags;
 use nix::sys::stat::Mode;
 
-use super::group::{CreateGroup, FanotifyError, HandleKey, PermGroup};
+use super::created::CreateWatch;
+use super::group::{FanotifyError, PermGroup};
 use crate::resolve::openat2;
 
 struct MarkedDir {
@@ -22,8 +23,9 @@ struct MarkedDir {
 
 pub struct Tree<'g> {
     perm: &'g PermGroup,
-    create: &'g CreateGroup,
-    dirs: HashMap<HandleKey, MarkedDir>,
+    create: &'g CreateWatch,
+    /// By inotify watch descriptor: one per directory, whatever path reached it.
+    dirs: HashMap<i32, MarkedDir>,
     files: HashSet<(u64, u64)>,
     /// Errors below a guarded root that did not stop the walk (a directory that vanished
     /// is not one).
@@ -31,7 +33,7 @@ pub struct Tree<'g> {
 }
 
 impl<'g> Tree<'g> {
-    pub fn new(perm: &'g PermGroup, create: &'g CreateGroup) -> Tree<'g> {
+    pub fn new(perm: &'g PermGroup, create: &'g CreateWatch) -> Tree<'g> {
         Tree {
             perm,
             create,
@@ -71,8 +73,8 @@ impl<'g> Tree<'g> {
 
     /// A directory entry appeared under a marked directory; marks it if it is a directory.
     /// Returns whether it was.
-    pub fn on_created(&mut self, parent: &HandleKey, name: &[u8]) -> bool {
-        let Some(parent) = self.dirs.get(parent) else {
+    pub fn on_created(&mut self, parent: i32, name: &[u8]) -> bool {
+        let Some(parent) = self.dirs.get(&parent) else {
             return false;
         };
         let mask = parent.mask;
@@ -112,23 +114,18 @@ impl<'g> Tree<'g> {
         mask: MaskFlags,
         stack: &mut Vec<OwnedFd>,
     ) -> Result<(), FanotifyError> {
-        let key = HandleKey::of(dir.as_fd()).map_err(|e| FanotifyError::Mark(io_to_nix(e)))?;
+        // Watched before listing: whatever is created meanwhile is reported.
+        let key = self.create.watch(dir.as_fd())?;
         let mask = match self.dirs.get(&key) {
             Some(known) if known.mask.contains(mask) => return Ok(()),
             Some(known) => known.mask | mask,
             None => mask,
         };
-        // Mark before listing: whatever is created meanwhile is reported by the create group.
         self.perm.mark(dir.as_fd(), mask, true)?;
-        self.create.watch(dir.as_fd())?;
         for_each_subdir(dir.as_fd(), |sub| stack.push(sub));
         self.dirs.insert(key, MarkedDir { fd: dir, mask });
         Ok(())
     }
-}
-
-fn io_to_nix(e: std::io::Error) -> nix::Error {
-    nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Opens a subdirectory by name without following symlinks or leaving `parent`.
