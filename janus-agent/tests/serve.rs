@@ -1,48 +1,16 @@
 //! `janus-agent serve` through its gRPC API, with containerd containers placed in a pod's
 //! cgroup as the kubelet places them. Needs root and a running containerd.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpListener;
 use std::time::Duration;
 
 use janus_api::agent_v1::agent_client::AgentClient;
 use janus_api::agent_v1::{ApplyGuardRequest, ContainerPhase, GuardRef, ListGuardsRequest, PodRef};
+use janus_tests::agent::Serve;
 use janus_tests::containerd::Container;
 use janus_tests::scenarios::populate;
 use janus_tests::target::{Access, Root, BUSYBOX};
 use janus_tests::wait;
-
-/// `janus-agent serve` as a real process, killed on drop.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &std::path::Path) -> (Serve, SocketAddr) {
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_janus-agent"))
-        .args(["serve", "--listen", &addr.to_string(), "--node", "node-a"])
-        .args(["--insecure-plaintext", "--backend", "fanotify"])
-        .args(["--rescan-interval-ms", "200"])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.join("agent.out")).unwrap())
-        .stderr(std::fs::File::create(dir.join("agent.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let agent = Serve(child);
-    wait::until("the agent to listen", Duration::from_secs(20), || {
-        TcpStream::connect(addr).ok()
-    })
-    .unwrap();
-    (agent, addr)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
@@ -62,7 +30,19 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
     let sleep = [BUSYBOX, "sleep", "600"];
     let running = Container::run(&root, &first, Some(&cgroup(&first)), &sleep).unwrap();
 
-    let (_agent, addr) = serve(&dir);
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let args = [
+        "--insecure-plaintext",
+        "--backend",
+        "fanotify",
+        "--rescan-interval-ms",
+        "200",
+    ];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
     let mut client = AgentClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -3,6 +3,8 @@
 //! every enforcement backend shares.
 
 pub mod decide;
+#[cfg(feature = "diagnostics")]
+pub mod diagnostics;
 pub mod guard;
 pub mod logformat;
 pub mod policy;

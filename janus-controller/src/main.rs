@@ -1,4 +1,5 @@
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use janus_api::diagnostics::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -12,12 +13,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -36,16 +31,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            let builder = tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr);
-            match cli.log_format {
-                LogFormat::Text => builder.init(),
-                LogFormat::Json => builder.json().init(),
-            }
+            diagnostics::init(cli.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?

@@ -5,18 +5,19 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use janus_controller::agents::AgentPool;
 use janus_controller::metrics::Metrics;
 use janus_controller::reconcile::Core;
+use janus_tests::agent::Serve;
 use janus_tests::containerd::Container;
 use janus_tests::target::{Access, Root, BUSYBOX};
-use janus_tests::wait;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;
 use support::{guard, pod, MockApi, Stores};
@@ -57,45 +58,17 @@ fn client_tls(p: &Pki) -> ClientTlsConfig {
         .domain_name("janus-agent")
 }
 
-/// `janus-agent serve` as a real process, killed on drop.
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn start(bin: &Path, dir: &Path, addr: SocketAddr, n: usize) -> AgentProcess {
-        let out = std::fs::File::create(dir.join(format!("agent-{n}.out"))).unwrap();
-        let err = std::fs::File::create(dir.join(format!("agent-{n}.err"))).unwrap();
-        let child = Command::new(bin)
-            .args(["serve", "--listen", &addr.to_string(), "--node", "node-a"])
-            .args(["--rescan-interval-ms", "200"])
-            .arg("--tls-ca")
-            .arg(dir.join("ca.pem"))
-            .arg("--tls-cert")
-            .arg(dir.join("cert.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("key.pem"))
-            .stdout(out)
-            .stderr(err)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let agent = AgentProcess(child);
-        wait::until("the agent to listen", Duration::from_secs(20), || {
-            TcpStream::connect(addr).ok()
-        })
-        .unwrap();
-        agent
+/// `janus-agent serve` with mutual TLS from `dir`, its output in `dir/agent-N.*`.
+fn start_agent(bin: &Path, dir: &Path, addr: SocketAddr, n: usize) -> Serve {
+    let mut args = vec![OsString::from("--rescan-interval-ms"), "200".into()];
+    for (flag, file) in [
+        ("--tls-ca", "ca.pem"),
+        ("--tls-cert", "cert.pem"),
+        ("--tls-key", "key.pem"),
+    ] {
+        args.extend([flag.into(), dir.join(file).into_os_string()]);
     }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    Serve::start(bin, addr, &args, dir, &format!("agent-{n}")).unwrap()
 }
 
 /// The agent binary, built if `cargo test` has not built it for this package.
@@ -169,7 +142,7 @@ async fn a_guard_reaches_a_real_container_over_mutual_tls() {
 
     let bin = agent_bin();
     let addr = free_port();
-    let mut agent = AgentProcess::start(&bin, &dir, addr, 0);
+    let mut agent = start_agent(&bin, &dir, addr, 0);
 
     let (client_api, api) = MockApi::start();
     let mut stores = Stores::new();
@@ -259,7 +232,7 @@ async fn a_guard_reaches_a_real_container_over_mutual_tls() {
             }
         })
     };
-    let _agent = AgentProcess::start(&bin, &dir, addr, 1);
+    let _agent = start_agent(&bin, &dir, addr, 1);
     let restarted = Instant::now();
     let c = cat.clone();
     // One period, plus the time to find the container and place the marks.

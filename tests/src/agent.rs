@@ -150,6 +150,47 @@ impl Drop for Agent {
     }
 }
 
+/// `janus-agent serve` as a real process, killed on drop.
+pub struct Serve(Child);
+
+impl Serve {
+    /// Starts `bin serve --listen ADDR --node node-a` with `args` after them, its output in
+    /// `dir/NAME.out` and `dir/NAME.err`, and waits until it listens.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(
+        bin: &Path,
+        addr: SocketAddr,
+        args: &[S],
+        dir: &Path,
+        name: &str,
+    ) -> Result<Serve> {
+        let child = Command::new(bin)
+            .args(["serve", "--listen", &addr.to_string(), "--node", "node-a"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join(format!("{name}.out")))?)
+            .stderr(fs::File::create(dir.join(format!("{name}.err")))?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let serve = Serve(child);
+        wait::until("the agent to listen", STARTUP, || {
+            TcpStream::connect(addr).ok()
+        })?;
+        Ok(serve)
+    }
+
+    /// Kills the agent at once (no SIGTERM: as a crash would) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Sums the samples of `body` (Prometheus text) whose series starts with `series`.
 pub fn sum_series(body: &str, series: &str) -> f64 {
     body.lines()
