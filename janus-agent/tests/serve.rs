@@ -11,6 +11,9 @@ use janus_tests::containerd::Container;
 use janus_tests::scenarios::populate;
 use janus_tests::target::{Access, Root, BUSYBOX};
 use janus_tests::wait;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
@@ -43,6 +46,21 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
     ];
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
     let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
+    // The standard gRPC health service says the API serves.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let check = health
+        .check(HealthCheckRequest {
+            service: "janus.agent.v1.Agent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(check.status, ServingStatus::Serving as i32);
     let mut client = AgentClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

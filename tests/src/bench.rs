@@ -609,13 +609,15 @@ impl Report {
             target: "≤ +5%",
             pass: over <= 5.0,
         });
-        let max = self.windows.iter().max().copied().unwrap_or_default();
-        rows.push(TargetRow {
-            what: format!("new-directory window (max of {})", self.windows.len()),
-            value: format!("{} µs", max.as_micros()),
-            target: "≤ 1 s",
-            pass: !self.windows.is_empty() && max <= WINDOW_TARGET,
-        });
+        // Judged only where measured (`--window-runs 0` asks for none).
+        if let Some(max) = self.windows.iter().max().copied() {
+            rows.push(TargetRow {
+                what: format!("new-directory window (max of {})", self.windows.len()),
+                value: format!("{} µs", max.as_micros()),
+                target: "≤ 1 s",
+                pass: max <= WINDOW_TARGET,
+            });
+        }
         rows
     }
 
