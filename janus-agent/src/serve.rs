@@ -478,6 +478,7 @@ impl AgentApi for Service {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let shutdown = crate::standalone::Shutdown::listen()?;
     let tls = tls::server_config(&args.tls)?;
     // Fail in one clear line before serving if the kernel will not let us guard.
     fanotify::PermGroup::new()?;
@@ -494,7 +495,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node,
         Duration::from_secs(args.pod_gone_after_secs),
     ));
-    let result = serve(&args, tls, agent.clone(), guards).await;
+    let result = serve(&args, tls, agent.clone(), guards, shutdown).await;
     agent.shutdown();
     writer.finish();
     result
@@ -505,6 +506,7 @@ async fn serve(
     tls: Option<tonic::transport::ServerTlsConfig>,
     agent: Arc<Agent>,
     guards: Arc<Guards>,
+    shutdown: crate::standalone::Shutdown,
 ) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         let bound = http::serve(addr, agent)
@@ -545,7 +547,7 @@ async fn serve(
         .add_service(AgentServer::new(Service(guards)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            crate::standalone::shutdown_signal(),
+            shutdown.wait(),
         )
         .await
         .context("serving the API");

@@ -62,6 +62,7 @@ pub fn load_guards(file: &std::path::Path) -> anyhow::Result<Vec<Arc<GuardPolicy
 }
 
 pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::listen()?;
     let policies = load_guards(&args.file)?;
     // Fail in one clear line before anything is marked if the kernel will not let us.
     fanotify::PermGroup::new()?;
@@ -74,6 +75,10 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
     });
     let agent = Arc::new(Agent::new(metrics, log, node, args.backend)?);
     let result = guard_all(&agent, &policies, &args.pids, &args.pod, args.metrics_addr).await;
+    if result.is_ok() {
+        shutdown.wait().await;
+        tracing::info!("signal received; lifting guards");
+    }
     agent.shutdown();
     writer.finish();
     result
@@ -99,17 +104,29 @@ async fn guard_all(
             .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!(%bound, "serving /metrics, /healthz, /readyz, /state");
     }
-    shutdown_signal().await;
-    tracing::info!("signal received; lifting guards");
     Ok(())
 }
 
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this is made: one that arrives while guards
+/// are being placed still ends the agent with its guards lifted and exit 0.
+pub(crate) struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    pub(crate) fn listen() -> anyhow::Result<Shutdown> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Shutdown {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    pub(crate) async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
