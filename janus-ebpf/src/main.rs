@@ -243,17 +243,6 @@ fn check(c: &Call, ev: usize) -> i32 {
     let mut hit = None;
     let mut depth = 0;
     while depth < MAX_DEPTH {
-        if depth < MAX_NAMES {
-            if let Ok(name) = read::<*const u8>(dentry, off.dentry_name) {
-                unsafe {
-                    generated::bpf_probe_read_kernel_str(
-                        rec.names[depth].as_mut_ptr() as *mut c_void,
-                        NAME_LEN as u32,
-                        name as *const c_void,
-                    )
-                };
-            }
-        }
         if let Some(key) = inode_key(off, dentry, c.scope) {
             if let Some(rule) = unsafe { RULES.get(&key) } {
                 let r = rule.events[ev];
@@ -272,6 +261,26 @@ fn check(c: &Call, ev: usize) -> i32 {
         }
         dentry = parent;
         depth += 1;
+    }
+    // Names only now, for a decision: the log line needs those below the deciding rule (the
+    // agent knows the rule's own path), so a file no rule covers copies none.
+    let mut named = c.leaf;
+    let mut i = 0;
+    while i < MAX_NAMES && i < depth {
+        if let Ok(name) = read::<*const u8>(named, off.dentry_name) {
+            unsafe {
+                generated::bpf_probe_read_kernel_str(
+                    rec.names[i].as_mut_ptr() as *mut c_void,
+                    NAME_LEN as u32,
+                    name as *const c_void,
+                )
+            };
+        }
+        let Ok(parent) = read::<*const u8>(named, off.dentry_parent) else {
+            break;
+        };
+        named = parent;
+        i += 1;
     }
     rec.guard_id = c.guard_id;
     rec.scope = c.scope;
