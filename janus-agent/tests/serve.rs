@@ -109,6 +109,13 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
 
     // The controller catches up and lists the new ID: the container keeps its guard (no
     // lift and re-mark), the old ID goes.
+    let guarded = || {
+        let log = std::fs::read_to_string(dir.join("agent.err")).unwrap();
+        log.lines()
+            .filter(|l| l.contains("guarding container") && l.contains(&second))
+            .count()
+    };
+    let guarded_before = guarded();
     let status = client
         .apply_guard(apply(&second))
         .await
@@ -123,12 +130,11 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
         .collect();
     assert_eq!(ids, [format!("containerd://{second}")]);
     assert_eq!(status.containers[0].phase, ContainerPhase::Enforced as i32);
-    let log = std::fs::read_to_string(dir.join("agent.err")).unwrap();
-    let guarded = log
-        .lines()
-        .filter(|l| l.contains("guarding container") && l.contains(&second))
-        .count();
-    assert_eq!(guarded, 1, "{log}");
+    assert_eq!(
+        guarded(),
+        guarded_before,
+        "re-guarded on the catch-up apply"
+    );
     assert_eq!(
         restarted.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
         Access::Denied

@@ -13,11 +13,13 @@ mod target;
 
 use std::fs;
 use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use janus_tests::agent::{http_get, sum_series};
 use janus_tests::isolate;
 use target::{Opened, Target};
 
@@ -32,7 +34,7 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 12] = [
         ("deny", deny),
         ("allow-longest-path", allow_longest_path),
         ("recursion", recursion),
@@ -42,6 +44,9 @@ fn main() -> ExitCode {
         ("overlay-two-roots", overlay_two_roots),
         ("fail-closed-depth", fail_closed_depth),
         ("load", load),
+        ("full-ring", full_ring),
+        ("log-format", log_format),
+        ("fallback-to-fanotify", fallback_to_fanotify),
     ];
     let mut failed = 0;
     for (name, f) in scenarios {
@@ -91,6 +96,7 @@ struct Agent {
     child: Child,
     out: PathBuf,
     err: PathBuf,
+    metrics: SocketAddr,
 }
 
 impl Agent {
@@ -100,6 +106,7 @@ impl Agent {
         let file = dir.join("guard.yaml");
         fs::write(&file, yaml)?;
         let (out, err) = (dir.join("stdout"), dir.join("stderr"));
+        let metrics = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let child = Command::new(AGENT)
             .args([
                 "guard",
@@ -113,12 +120,18 @@ impl Agent {
             .arg("--file")
             .arg(&file)
             .args(["--pid", &pid.to_string()])
+            .args(["--metrics-addr", &metrics.to_string()])
             .stdin(Stdio::null())
             .stdout(fs::File::create(&out)?)
             .stderr(fs::File::create(&err)?)
             .spawn()
             .context("starting janus-agent")?;
-        let mut agent = Agent { child, out, err };
+        let mut agent = Agent {
+            child,
+            out,
+            err,
+            metrics,
+        };
         agent.wait_for(
             |_, err| err.contains("guarding") && err.contains("bpf"),
             "its guarding line",
@@ -143,6 +156,11 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     fn stdout(&self) -> String {
@@ -457,6 +475,90 @@ fn load() -> Result<()> {
         |out, _| out.lines().filter(|l| l.starts_with("<DENY>")).count() == want,
         "every denial logged",
     )?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// The agent stops reading decisions (SIGSTOP): the ring buffer fills, every open still
+/// gets the kernel's answer, and what the ring could not hold is counted, not lost unseen.
+fn full_ring() -> Result<()> {
+    let root = tree("full-ring", &["secret/f"])?;
+    let t = Target::start(&root)?;
+    let mut agent = Agent::start(
+        "full-ring",
+        &guard_yaml("  - deny: [/secret]\n    events: [open]\n"),
+        t.pid,
+    )?;
+    agent.signal(libc::SIGSTOP);
+    // Two denied opens per round, far more than the ring's 1 MiB holds.
+    const WORKERS: u32 = 4;
+    const OPENS: u32 = 2000;
+    let total = 2 * WORKERS * OPENS;
+    let (denied, opened) = t.child_load("/secret/f", "/secret/f", WORKERS, OPENS)?;
+    agent.signal(libc::SIGCONT);
+    ensure!(
+        denied == WORKERS * OPENS && opened == 0,
+        "with the ring full: denied {denied}, opened {opened} of {}",
+        WORKERS * OPENS
+    );
+    let addr = agent.metrics;
+    agent.wait_for(
+        |_, _| {
+            let logged = metric(addr, "janus_decisions_total{backend=\"bpf\"");
+            let dropped = metric(addr, "janus_bpf_events_dropped_total");
+            matches!((logged, dropped), (Ok(l), Ok(d)) if d > 0.0 && l + d == f64::from(total))
+        },
+        "decisions counted plus drops to make up every open",
+    )?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// The sum of the agent's samples whose series starts with `series`.
+fn metric(addr: SocketAddr, series: &str) -> Result<f64> {
+    let (status, body) = http_get(addr, "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}");
+    Ok(sum_series(&body, series))
+}
+
+fn log_format() -> Result<()> {
+    let root = tree("log-format", &["secret/a"])?;
+    let t = Target::start(&root)?;
+    let yaml = guard_yaml("  - deny: [/secret]\n    events: [open]\n")
+        + "  logFormat: '{allow}|{event}|{ftype}|{path}|{file}|{guard}|{pod}|{node}'\n";
+    let mut agent = Agent::start("log-format", &yaml, t.pid)?;
+    ensure!(t.child_open("/secret/a", false)? == Opened::Eperm, "denied");
+    agent.expect_line("DENY|OPEN_PERM|file|/secret/a|a|vm|vm-pod|vm")?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// A guard BPF cannot express (its path does not exist yet: BPF keys rules by inode) goes
+/// to fanotify, which enforces it once the file appears.
+fn fallback_to_fanotify() -> Result<()> {
+    let root = tree("fallback", &["other/f"])?;
+    let t = Target::start(&root)?;
+    let mut agent = Agent::start(
+        "fallback",
+        &guard_yaml("  - deny: [/later/x]\n    events: [open]\n"),
+        t.pid,
+    )?;
+    agent.wait_for(
+        |_, err| err.contains("enforcing it with fanotify"),
+        "the fallback to fanotify",
+    )?;
+    fs::create_dir_all(root.join("later"))?;
+    fs::write(root.join("later/x"), "later")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.child_open("/later/x", false)? != Opened::Eperm {
+        ensure!(Instant::now() < deadline, "/later/x not denied within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.expect_line("<DENY> OPEN_PERM file '/later/x' (vm-pod:vm) ")?;
+    ensure!(
+        metric(agent.metrics, "janus_decisions_total{backend=\"fanotify\"")? >= 1.0,
+        "counted under fanotify"
+    );
     agent.stop()?;
     Ok(())
 }
