@@ -420,8 +420,18 @@ fn parallel_openers_are_all_answered() {
                 .unwrap()
         })
         .collect();
+    // Every opener finishes: nothing hangs on an unanswered event (a hang fails the test
+    // at the deadline instead of stalling the suite).
+    let (tx, rx) = std::sync::mpsc::channel();
     for child in children {
-        let out = child.wait_with_output().unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
+    }
+    for _ in 0..OPENERS {
+        let out = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("an opener did not finish within 60 s")
+            .unwrap();
         assert!(out.status.success(), "{}", out.status);
         let out = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.matches("Operation not permitted").count(), ROUNDS);
