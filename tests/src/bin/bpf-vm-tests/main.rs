@@ -34,7 +34,7 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: [(&str, Scenario); 12] = [
+    let scenarios: [(&str, Scenario); 13] = [
         ("deny", deny),
         ("allow-longest-path", allow_longest_path),
         ("recursion", recursion),
@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         ("full-ring", full_ring),
         ("log-format", log_format),
         ("fallback-to-fanotify", fallback_to_fanotify),
+        ("audit", audit),
     ];
     let mut failed = 0;
     for (name, f) in scenarios {
@@ -561,4 +562,68 @@ fn fallback_to_fanotify() -> Result<()> {
     );
     agent.stop()?;
     Ok(())
+}
+
+/// `audit: true` under BPF: the agent writes an AUDIT_USER_AVC record, which the kernel,
+/// with no audit daemon listening, prints to its log.
+fn audit() -> Result<()> {
+    let root = tree("audit", &["secret/a"])?;
+    let t = Target::start(&root)?;
+    let mut agent = Agent::start(
+        "audit",
+        &guard_yaml("  - deny: [/secret]\n    events: [open]\n    audit: true\n"),
+        t.pid,
+    )?;
+    ensure!(t.child_open("/secret/a", false)? == Opened::Eperm, "denied");
+    let path: String = "/secret/a".bytes().map(|b| format!("{b:02X}")).collect();
+    let record = "janus: response=deny event=OPEN_PERM guard=default/vm pod=vm-pod";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = kernel_log()?;
+        let found = log.lines().any(|l| {
+            l.contains("type=1107") && l.contains(record) && l.contains(&format!("path={path}"))
+        });
+        if found {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no audit record within 30 s; kernel log ends:\n{}",
+            log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        metric(
+            agent.metrics,
+            "janus_internal_errors_total{backend=\"bpf\",kind=\"audit\""
+        )? == 0.0,
+        "an audit record failed"
+    );
+    agent.expect_line("<DENY> OPEN_PERM file '/secret/a' (vm-pod:vm) ")?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// Every record of the kernel's log buffer, read from /dev/kmsg without waiting.
+fn kernel_log() -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .context("opening /dev/kmsg")?;
+    let mut log = String::new();
+    let mut record = [0u8; 8192];
+    loop {
+        match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => log.push_str(&String::from_utf8_lossy(&record[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // A record overwritten while we read: the next read goes on.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+            Err(e) => return Err(e).context("reading /dev/kmsg"),
+        }
+    }
+    Ok(log)
 }
