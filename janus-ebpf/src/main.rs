@@ -19,6 +19,7 @@
 #![no_std]
 #![no_main]
 
+use aya_log_ebpf::warn;
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, generated},
@@ -105,16 +106,16 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     // a modify.
     let flags: u32 = read(file, c.off.file_f_flags).unwrap_or(0);
     if mode & FMODE_EXEC != 0 || flags & __FMODE_EXEC != 0 {
-        let r = check(&c, EV_EXEC);
+        let r = check(&ctx, &c, EV_EXEC);
         if r != 0 {
             return r;
         }
     }
-    let r = check(&c, EV_OPEN);
+    let r = check(&ctx, &c, EV_OPEN);
     if r != 0 || mode & FMODE_WRITE == 0 {
         return r;
     }
-    check(&c, EV_MODIFY)
+    check(&ctx, &c, EV_MODIFY)
 }
 
 #[lsm(hook = "file_permission")]
@@ -133,13 +134,13 @@ pub fn file_permission(ctx: LsmContext) -> i32 {
         return 0;
     };
     if mask & MAY_READ != 0 {
-        let r = check(&c, EV_ACCESS);
+        let r = check(&ctx, &c, EV_ACCESS);
         if r != 0 {
             return r;
         }
     }
     if mask & MAY_WRITE != 0 {
-        return check(&c, EV_MODIFY);
+        return check(&ctx, &c, EV_MODIFY);
     }
     0
 }
@@ -233,7 +234,7 @@ fn root_scope(task: *const u8, off: &Offsets) -> Option<u32> {
 
 /// Decides one event: walks up from the file to the nearest ancestor with a rule for it.
 #[inline(always)]
-fn check(c: &Call, ev: usize) -> i32 {
+fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -289,6 +290,12 @@ fn check(c: &Call, ev: usize) -> i32 {
     rec.flags = if c.is_dir { DECISION_IS_DIR } else { 0 };
     let Some((rule, key)) = hit else {
         // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
+        warn!(
+            ctx,
+            "janus: more than {} ancestors above an opened file; denied to tgid {} (fail closed)",
+            MAX_DEPTH,
+            c.tgid
+        );
         rec.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
         rec.verdict = VERDICT_DENY;
         rec.subject = 0;

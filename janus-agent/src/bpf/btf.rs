@@ -1,7 +1,7 @@
 //! Just enough of a BTF reader to find struct field offsets in the running
 //! kernel's `/sys/kernel/btf/vmlinux`.
 //!
-//! aya 0.13 parses BTF but does not expose struct members, and Rust BPF code
+//! aya parses BTF but does not expose struct members, and Rust BPF code
 //! cannot use CO-RE relocations, so the loader reads the offsets itself and
 //! hands them to the program as a global (`janus_common::Offsets`).
 

@@ -247,6 +247,35 @@ fn raise_memlock_limit() {
     }
 }
 
+/// The programs' aya-log records (a fail-closed deny, say), through `log` into the agent's
+/// own diagnostics on stderr.
+fn read_bpf_log(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::warn!(error = %e, "the BPF programs' diagnostics (aya-log) are not read");
+            return;
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("no async runtime: the BPF programs' diagnostics (aya-log) are not read");
+        return;
+    };
+    runtime.spawn(async move {
+        use tokio::io::{unix::AsyncFd, Interest};
+        // SAFETY: the AsyncFd owns the logger, which owns the descriptor: it stays open for
+        // as long as it is registered.
+        let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+        let Ok(mut logger) = registered else {
+            return;
+        };
+        while let Ok(mut ready) = logger.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+}
+
 impl Enforcer {
     /// Loads and attaches the programs; an error says why this kernel cannot run them.
     pub fn start(metrics: Arc<Metrics>, log: LogSender) -> Result<Enforcer, StartError> {
@@ -262,9 +291,10 @@ impl Enforcer {
         let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&kernel_btf))
-            .set_global("OFFSETS", &offsets, true)
+            .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
             .map_err(|e| load(&e))?;
+        read_bpf_log(&mut ebpf);
         for name in PROGRAMS {
             let program: &mut Lsm = ebpf
                 .program_mut(name)

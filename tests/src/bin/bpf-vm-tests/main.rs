@@ -446,6 +446,11 @@ fn fail_closed_depth() -> Result<()> {
         |out, _| out.contains("<DENY> OPEN_PERM file '/..."),
         "fail-closed deny line",
     )?;
+    // The program says so itself, through aya-log, in the agent's diagnostics.
+    agent.wait_for(
+        |_, err| err.contains("ancestors above an opened file; denied to tgid"),
+        "the program's aya-log warning",
+    )?;
     agent.stop()?;
     Ok(())
 }
