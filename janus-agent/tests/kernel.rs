@@ -50,6 +50,13 @@ fn guarded(test: &str, subjects: &str) -> (Root, Target, Agent) {
     (root, target, agent)
 }
 
+/// `janus_targets{state}`.
+fn targets(agent: &Agent, state: &str) -> f64 {
+    agent
+        .metric(&format!("janus_targets{{state=\"{state}\"}}"))
+        .unwrap()
+}
+
 fn decisions(agent: &Agent, guard: &str, response: &str) -> f64 {
     agent
         .metric(&format!(
@@ -220,10 +227,7 @@ fn a_symlink_out_of_the_container_never_guards_a_host_file() {
 fn a_target_that_exits_loses_its_marks_and_the_agent_keeps_running() {
     let (_root, target, agent) = guarded("target-exits", "  - deny: [/data]\n");
     assert!(!marked_inodes(agent.pid()).is_empty());
-    assert_eq!(
-        agent.metric("janus_targets{state=\"enforcing\"}").unwrap(),
-        1.0
-    );
+    assert_eq!(targets(&agent, "enforcing"), 1.0);
     target.kill().unwrap();
     wait::until(
         "the target to be reported exited",
@@ -239,14 +243,8 @@ fn a_target_that_exits_loses_its_marks_and_the_agent_keeps_running() {
     })
     .unwrap();
     assert_eq!(agent.metric("janus_marks{").unwrap(), 0.0);
-    assert_eq!(
-        agent.metric("janus_targets{state=\"enforcing\"}").unwrap(),
-        0.0
-    );
-    assert_eq!(
-        agent.metric("janus_targets{state=\"exited\"}").unwrap(),
-        1.0
-    );
+    assert_eq!(targets(&agent, "enforcing"), 0.0);
+    assert_eq!(targets(&agent, "exited"), 1.0);
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
     assert!(agent.stop().unwrap().success());
 }
@@ -274,10 +272,7 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
     })
     .unwrap();
     assert_eq!(agent.get("/readyz").unwrap().0, 503);
-    assert_eq!(
-        agent.metric("janus_targets{state=\"failed\"}").unwrap(),
-        1.0
-    );
+    assert_eq!(targets(&agent, "failed"), 1.0);
     // Once the path is a file, the next pass enforces it.
     std::fs::remove_file(root.host("/data/loop")).unwrap();
     root.write("/data/loop", b"now a file\n").unwrap();
@@ -286,14 +281,8 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
     })
     .unwrap();
     assert_eq!(target.cat("/data/loop").unwrap(), Access::Denied);
-    assert_eq!(
-        agent.metric("janus_targets{state=\"failed\"}").unwrap(),
-        0.0
-    );
-    assert_eq!(
-        agent.metric("janus_targets{state=\"enforcing\"}").unwrap(),
-        1.0
-    );
+    assert_eq!(targets(&agent, "failed"), 0.0);
+    assert_eq!(targets(&agent, "enforcing"), 1.0);
     assert!(agent.stop().unwrap().success());
 }
 

@@ -247,6 +247,11 @@ fn raise_memlock_limit() {
     }
 }
 
+/// How a map update failed, naming the map.
+fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> GuardError {
+    move |source| GuardError::Map { map, source }
+}
+
 /// The programs' aya-log records (a fail-closed deny, say), through `log` into the agent's
 /// own diagnostics on stderr.
 fn read_bpf_log(ebpf: &mut Ebpf) {
@@ -414,10 +419,7 @@ impl Enforcer {
         for (key, rule) in &table.rules {
             maps.rules
                 .insert(key, rule, 0)
-                .map_err(|source| GuardError::Map {
-                    map: "RULES",
-                    source,
-                })?;
+                .map_err(map_error("RULES"))?;
         }
         maps.rule_count += needed;
         self.guards.lock().expect("guards lock").insert(
@@ -434,10 +436,7 @@ impl Enforcer {
         );
         maps.roots
             .insert(root_key, scope_id, 0)
-            .map_err(|source| GuardError::Map {
-                map: "ROOTS",
-                source,
-            })?;
+            .map_err(map_error("ROOTS"))?;
         // The scope goes in last: until then the kernel ignores the rules.
         maps.scopes
             .insert(
@@ -449,10 +448,7 @@ impl Enforcer {
                 },
                 0,
             )
-            .map_err(|source| GuardError::Map {
-                map: "SCOPES",
-                source,
-            })?;
+            .map_err(map_error("SCOPES"))?;
         Ok(guard_id)
     }
 
