@@ -1,5 +1,6 @@
 //! Checks PromQL queries against the metrics a binary exposes: every metric a query names
-//! must exist, with every label the query matches on or groups by.
+//! must exist, with every label the query matches on or groups by, and every value a query
+//! matches a label to exactly (`state="failed"`) must occur.
 //!
 //! The queries are simple (selectors, functions, aggregations with `by`), so a small
 //! tokenizer is enough; it errs on the side of reporting.
@@ -10,11 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 /// which the ServiceMonitor sets from the pod's node.
 pub const TARGET_LABELS: [&str; 3] = ["job", "instance", "node"];
 
-/// Metric families of a Prometheus text exposition: name -> label names seen on its samples.
+/// A family's labels, each with the values seen on its samples.
+pub type Labels = BTreeMap<String, BTreeSet<String>>;
+
+/// Metric families of a Prometheus text exposition: name -> labels seen on its samples.
 /// A histogram's `_bucket`, `_sum` and `_count` series are listed under their own names
 /// (`_bucket` with `le`), as queries name them.
-pub fn families(text: &str) -> BTreeMap<String, BTreeSet<String>> {
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+pub fn families(text: &str) -> BTreeMap<String, Labels> {
+    let mut out: BTreeMap<String, Labels> = BTreeMap::new();
     for line in text.lines() {
         let line = line.trim();
         if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -32,8 +36,8 @@ pub fn families(text: &str) -> BTreeMap<String, BTreeSet<String>> {
         let labels = out.entry(name.to_owned()).or_default();
         if line[name_end..].starts_with('{') {
             let body = &line[name_end + 1..line.rfind('}').unwrap_or(line.len())];
-            for (label, _) in label_pairs(body) {
-                labels.insert(label);
+            for (label, value) in label_pairs(body) {
+                labels.entry(label).or_default().insert(value);
             }
         }
     }
@@ -75,6 +79,8 @@ pub struct Refs {
     pub metrics: BTreeMap<String, BTreeSet<String>>,
     /// Labels of `by (...)` clauses (and of `label_values`).
     pub grouping: BTreeSet<String>,
+    /// (metric, label, value) of exact matchers (`label="value"`).
+    pub equals: BTreeSet<(String, String, String)>,
 }
 
 const KEYWORDS: [&str; 11] = [
@@ -158,10 +164,12 @@ pub fn refs(query: &str) -> Refs {
             } else if next == Some('(') || AGGREGATIONS.contains(&word.as_str()) {
                 last_keyword = None; // a function or aggregation
             } else {
-                let labels = r.metrics.entry(word).or_default();
+                let labels = r.metrics.entry(word.clone()).or_default();
                 if next == Some('{') {
-                    let (matched, end) = selector_labels(&chars, j);
+                    let (matched, equals, end) = selector_labels(&chars, j);
                     labels.extend(matched);
+                    r.equals
+                        .extend(equals.into_iter().map(|(l, v)| (word.clone(), l, v)));
                     i = end;
                 }
                 last_keyword = None;
@@ -181,7 +189,7 @@ pub fn refs(query: &str) -> Refs {
             last_keyword = None;
         } else if c == '{' {
             // A selector without a metric name: {__name__="..."} is not used here.
-            let (_, end) = selector_labels(&chars, i);
+            let (_, _, end) = selector_labels(&chars, i);
             i = end;
         } else {
             i += 1;
@@ -202,9 +210,11 @@ fn skip_string(chars: &[char], start: usize) -> usize {
     i + 1
 }
 
-/// The label names of the selector `{...}` opening at `open`, and the index after it.
-fn selector_labels(chars: &[char], open: usize) -> (Vec<String>, usize) {
+/// The label names of the selector `{...}` opening at `open`, its exact matchers (label,
+/// value), and the index after it.
+fn selector_labels(chars: &[char], open: usize) -> (Vec<String>, Vec<(String, String)>, usize) {
     let mut labels = Vec::new();
+    let mut equals = Vec::new();
     let mut i = open + 1;
     let mut name = String::new();
     while i < chars.len() && chars[i] != '}' {
@@ -214,13 +224,26 @@ fn selector_labels(chars: &[char], open: usize) -> (Vec<String>, usize) {
             continue;
         }
         if c == '=' || c == '!' {
-            if !name.trim().is_empty() {
-                labels.push(name.trim().to_owned());
-            }
+            let label = name.trim().to_owned();
             name.clear();
-            // Skip the operator; the value string follows.
+            // The operator; the value string follows.
+            let op = i;
             while i < chars.len() && matches!(chars[i], '=' | '!' | '~') {
                 i += 1;
+            }
+            let exact = i - op == 1 && c == '=';
+            while i < chars.len() && chars[i].is_whitespace() {
+                i += 1;
+            }
+            if !label.is_empty() {
+                if exact && matches!(chars.get(i), Some('"' | '\'')) {
+                    let end = skip_string(chars, i);
+                    let value = chars[i + 1..end.saturating_sub(1).max(i + 1)]
+                        .iter()
+                        .collect();
+                    equals.push((label.clone(), value));
+                }
+                labels.push(label);
             }
             continue;
         }
@@ -231,12 +254,12 @@ fn selector_labels(chars: &[char], open: usize) -> (Vec<String>, usize) {
         }
         i += 1;
     }
-    (labels, i + 1)
+    (labels, equals, i + 1)
 }
 
 /// Problems with `query` against `exposed` (see [`families`]), one sentence each. `up` is
 /// Prometheus's own and has only the target labels.
-pub fn check_query(query: &str, exposed: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+pub fn check_query(query: &str, exposed: &BTreeMap<String, Labels>) -> Vec<String> {
     let r = refs(query);
     let mut problems = Vec::new();
     if r.metrics.is_empty() {
@@ -249,7 +272,13 @@ pub fn check_query(query: &str, exposed: &BTreeMap<String, BTreeSet<String>>) ->
             target.clone()
         } else {
             match exposed.get(metric) {
-                Some(l) => l.union(&target).cloned().collect(),
+                Some(l) => l
+                    .keys()
+                    .cloned()
+                    .collect::<BTreeSet<_>>()
+                    .union(&target)
+                    .cloned()
+                    .collect(),
                 None => {
                     problems.push(format!("metric {metric} is not exposed"));
                     continue;
@@ -272,16 +301,30 @@ pub fn check_query(query: &str, exposed: &BTreeMap<String, BTreeSet<String>>) ->
             ));
         }
     }
+    // An exact value must occur (template variables such as "$node" stand for any).
+    for (metric, label, value) in &r.equals {
+        let seen = exposed.get(metric).and_then(|l| l.get(label));
+        if let Some(values) = seen.filter(|_| !value.contains('$')) {
+            if !values.contains(value) {
+                problems.push(format!(
+                    "metric {metric} has no series with {label}={value:?}"
+                ));
+            }
+        }
+    }
     problems
 }
 
 /// Checks every `(origin, query)` against the union of the expositions in `texts` (e.g. the
 /// agent's `/metrics` and the controller's registry). Returns `origin: problem` lines.
 pub fn check_queries(texts: &[&str], queries: &[(String, String)]) -> Vec<String> {
-    let mut exposed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut exposed: BTreeMap<String, Labels> = BTreeMap::new();
     for t in texts {
         for (name, labels) in families(t) {
-            exposed.entry(name).or_default().extend(labels);
+            let family = exposed.entry(name).or_default();
+            for (label, values) in labels {
+                family.entry(label).or_default().extend(values);
+            }
         }
     }
     queries
@@ -318,12 +361,14 @@ janus_log_lines_dropped_total 0
     fn families_and_labels() {
         let f = families(TEXT);
         assert_eq!(
-            f["janus_decisions_total"],
+            f["janus_decisions_total"].keys().collect::<Vec<_>>(),
             ["backend", "event", "guard", "namespace", "response"]
-                .map(String::from)
-                .into()
         );
-        assert!(f["janus_decision_latency_seconds_bucket"].contains("le"));
+        assert_eq!(
+            f["janus_decisions_total"]["response"],
+            ["deny".to_owned()].into()
+        );
+        assert!(f["janus_decision_latency_seconds_bucket"].contains_key("le"));
         assert!(f["janus_log_lines_dropped_total"].is_empty());
     }
 
@@ -360,6 +405,12 @@ janus_log_lines_dropped_total 0
             1
         );
         assert_eq!(check("up{pod=\"x\"}"), ["metric up has no label \"pod\""]);
+        assert_eq!(
+            check("janus_decisions_total{response=\"allow\"}"),
+            ["metric janus_decisions_total has no series with response=\"allow\""]
+        );
+        // Regular expressions and template variables are not values to look for.
+        assert!(check("janus_decisions_total{response=~\"allow\",guard=\"$guard\"}").is_empty());
     }
 
     #[test]
@@ -374,5 +425,11 @@ janus_log_lines_dropped_total 0
             ["guard", "response"].map(String::from).into()
         );
         assert_eq!(r.grouping, ["guard".to_owned()].into());
+        let exact = (
+            "janus_decisions_total".to_owned(),
+            "response".to_owned(),
+            "deny".to_owned(),
+        );
+        assert_eq!(r.equals, [exact].into());
     }
 }

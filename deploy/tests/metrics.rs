@@ -1,6 +1,7 @@
-//! Every metric the alerts and the dashboard query exists, with the labels they use: on a
-//! real agent guarding a real process during allowed and denied opens (as root), and for the
-//! controller against its metric names (`janus_deploy::controller`).
+//! Every metric the alerts and the dashboard query exists, with the labels they use and the
+//! label values they match exactly: on a real agent guarding a real process during allowed
+//! and denied opens (as root), and for the controller against its own registry
+//! (`janus_controller::metrics`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,11 +16,6 @@ use janus_agent::{decisions, http};
 use janus_deploy::promql::check_queries;
 use janus_deploy::render::{self, documents, find, monitoring_queries};
 
-/// Agent metrics the alerts and dashboard use that the agent in this tree does not expose
-/// yet: the BPF backend's (`janus_bpf_events_dropped_total`, `janus_backend_info`),
-/// `serve`'s (`janus_guards`), and label vectors that have no series until their first error
-/// (they should be set to zero at start, so that `increase()` sees the first one). The test
-/// fails as soon as one of them is exposed, so this list only shrinks.
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
