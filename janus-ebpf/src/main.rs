@@ -222,13 +222,7 @@ fn root_scope(task: *const u8, off: &Offsets) -> Option<u32> {
         return None;
     }
     let root: *const u8 = read(fs, off.fs_root_dentry).ok()?;
-    let inode: *const u8 = read(root, off.dentry_inode).ok()?;
-    let sb: *const u8 = read(inode, off.inode_sb).ok()?;
-    let key = InodeKey {
-        ino: read(inode, off.inode_ino).ok()?,
-        dev: read(sb, off.sb_dev).ok()?,
-        scope: 0,
-    };
+    let key = inode_key(off, root, 0)?;
     unsafe { ROOTS.get(&key) }.copied()
 }
 

@@ -247,6 +247,16 @@ fn raise_memlock_limit() {
     }
 }
 
+/// The kernel's identity of an inode from what `stat` gives in user space: its `(st_dev,
+/// st_ino)`, in the kernel's `dev_t` encoding.
+fn stat_key((dev, ino): (u64, u64), scope: u32) -> InodeKey {
+    InodeKey {
+        ino,
+        dev: InodeKey::kernel_dev(libc::major(dev), libc::minor(dev)),
+        scope,
+    }
+}
+
 /// How a map update failed, naming the map.
 fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> GuardError {
     move |source| GuardError::Map { map, source }
@@ -381,25 +391,15 @@ impl Enforcer {
                     error: e.into(),
                 })
             })?;
-            let dev = st.st_dev;
             let at = rules::Resolved {
-                key: InodeKey {
-                    ino: st.st_ino,
-                    dev: InodeKey::kernel_dev(libc::major(dev), libc::minor(dev)),
-                    scope: scope_id,
-                },
+                key: stat_key((st.st_dev, st.st_ino), scope_id),
                 is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
                 path: canonical.as_bytes().to_vec(),
             };
             table.add(&guard, rule, &at);
         }
         let owners = [pid as u32, resolve::parent_pid(pid)? as u32];
-        let (dev, ino) = root.root_id();
-        let root_key = InodeKey {
-            ino,
-            dev: InodeKey::kernel_dev(libc::major(dev), libc::minor(dev)),
-            scope: 0,
-        };
+        let root_key = stat_key(root.root_id(), 0);
 
         let mut maps = self.maps.lock().expect("maps lock");
         if maps.scopes.get(&scope_id, 0).is_ok() {
