@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use janus_api::agent_v1::agent_server::{Agent as AgentApi, AgentServer};
 use janus_api::agent_v1::{
-    ApplyGuardRequest, ApplyGuardResponse, ContainerPhase, ContainerStatus, GuardKey, GuardStatus,
-    ListGuardsRequest, ListGuardsResponse, RemoveGuardRequest, RemoveGuardResponse,
+    ApplyGuardRequest, ApplyGuardResponse, ContainerPhase, ContainerStatus, GuardKey, GuardRef,
+    GuardStatus, ListGuardsRequest, ListGuardsResponse, RemoveGuardRequest, RemoveGuardResponse,
 };
 use janus_api::{GuardPolicy, JanusGuardSpec};
 use tonic::{Request, Response, Status};
@@ -90,6 +90,16 @@ struct Held {
     baseline: Option<BTreeSet<ContainerId>>,
 }
 
+impl Held {
+    /// Whether this is the guard `guard` names, at its generation, with this spec: a guard
+    /// created again under its name (another UID) is not, whatever its spec.
+    fn holds_spec(&self, guard: &GuardRef, spec_json: &str) -> bool {
+        self.guard_uid == guard.uid
+            && self.generation == guard.generation
+            && self.spec_json == spec_json
+    }
+}
+
 /// Every guard this node holds, and the agent that enforces them.
 pub struct Guards {
     agent: Arc<Agent>,
@@ -152,8 +162,7 @@ impl Guards {
                 .iter()
                 .map(|c| &c.raw)
                 .eq(pod.container_ids.iter());
-            let unchanged =
-                h.generation == guard.generation && h.spec_json == req.spec_json && same_containers;
+            let unchanged = h.holds_spec(&guard, &req.spec_json) && same_containers;
             let older = h.guard_uid == guard.uid && guard.generation < h.generation;
             if unchanged || older {
                 return Ok(self.status(&key, h));
@@ -173,10 +182,7 @@ impl Guards {
         let mut containers = containers;
         let mut baseline = None;
         if let Some(old) = held.remove(&key) {
-            if old.guard_uid == guard.uid
-                && old.generation == guard.generation
-                && old.spec_json == req.spec_json
-            {
+            if old.holds_spec(&guard, &req.spec_json) {
                 // Only the containers changed: those that stay keep their targets.
                 baseline = old.baseline;
                 let mut before = old.containers;
@@ -620,5 +626,8 @@ mod tests {
         assert_eq!((status.generation, status.guard_uid.as_str()), (1, "uid-2"));
         assert_eq!(held_path(&g), "/new");
         assert_eq!(g.list().len(), 1);
+        // Created again once more with the very same spec: still the new UID it reports.
+        let status = g.apply(request("uid-3", 1, "/new")).unwrap();
+        assert_eq!(status.guard_uid, "uid-3");
     }
 }
