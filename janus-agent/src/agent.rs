@@ -32,6 +32,15 @@ enum Target {
     },
 }
 
+impl Target {
+    fn state(&self) -> TargetState {
+        match self {
+            Target::Fanotify(handle) => handle.state(),
+            Target::Bpf { state, .. } => state.clone(),
+        }
+    }
+}
+
 pub struct Agent {
     metrics: Arc<Metrics>,
     log: LogSender,
@@ -123,12 +132,23 @@ impl Agent {
 
     /// Lifts the guard held under `key`; false if there was none.
     pub fn remove(&self, key: &str) -> bool {
-        let target = self.targets.lock().expect("targets lock").remove(key);
-        let held = target.is_some();
-        if let Some(t) = target {
-            self.stop(t);
+        let mut targets = self.targets.lock().expect("targets lock");
+        let Some(target) = targets.remove(key) else {
+            return false;
+        };
+        let state = target.state();
+        // The guard's metric series go with its last target on this node, so the series
+        // stay as many as the guards held, however many come and go.
+        let last = !targets.values().any(|t| {
+            let s = t.state();
+            s.guard == state.guard && s.namespace == state.namespace
+        });
+        drop(targets);
+        self.stop(target);
+        if last {
+            self.metrics.forget_guard(&state.guard, &state.namespace);
         }
-        held
+        true
     }
 
     fn stop(&self, target: Target) {
@@ -148,13 +168,7 @@ impl Agent {
             .lock()
             .expect("targets lock")
             .iter()
-            .map(|(k, t)| {
-                let state = match t {
-                    Target::Fanotify(handle) => handle.state(),
-                    Target::Bpf { state, .. } => state.clone(),
-                };
-                (k.clone(), state)
-            })
+            .map(|(k, t)| (k.clone(), t.state()))
             .collect()
     }
 

@@ -1,9 +1,11 @@
-//! `/metrics`, `/healthz`, `/readyz` and `/state` on one address.
+//! `/metrics`, `/healthz`, `/readyz` and `/state` on one address. `/state` lists every
+//! guarded path of every pod on the node, so it answers loopback clients only (the agent
+//! itself, `kubectl port-forward`); Prometheus and the kubelet's probes reach the rest.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -22,6 +24,7 @@ pub async fn serve(addr: SocketAddr, agent: Arc<Agent>) -> std::io::Result<Socke
         .route("/state", get(state))
         .with_state(agent);
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
         }
@@ -47,6 +50,16 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     }
 }
 
-async fn state(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
-    axum::Json(agent.states())
+async fn state(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(agent): State<Arc<Agent>>,
+) -> axum::response::Response {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "/state answers loopback clients only (kubectl port-forward)\n",
+        )
+            .into_response();
+    }
+    axum::Json(agent.states()).into_response()
 }

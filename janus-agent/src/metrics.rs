@@ -35,6 +35,7 @@ pub struct Metrics {
     pub guards: IntGaugeVec,
     pub bpf_events_dropped: IntCounter,
     pub backend_info: IntGaugeVec,
+    pub api_refused: IntCounterVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -139,6 +140,14 @@ impl Metrics {
             "1 for the enforcement backend in use (bpf|fanotify).",
             &["backend"],
         );
+        let api_refused = counter(
+            "janus_api_refused_total",
+            "Calls to the agent API refused because the caller is not the controller, by reason (no_certificate|unreadable_certificate|wrong_identity).",
+            &["reason"],
+        );
+        for reason in ["no_certificate", "unreadable_certificate", "wrong_identity"] {
+            api_refused.with_label_values(&[reason]);
+        }
         // Every series the backends count exists from the start, so alerts and dashboards
         // see 0 rather than nothing.
         for backend in ["fanotify", "bpf"] {
@@ -154,6 +163,7 @@ impl Metrics {
             registry: r,
             bpf_events_dropped,
             backend_info,
+            api_refused,
             decisions,
             internal_errors,
             overflows,
@@ -173,6 +183,25 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding does not fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    /// Drops every series labelled with this guard.
+    pub fn forget_guard(&self, guard: &str, namespace: &str) {
+        for backend in ["fanotify", "bpf"] {
+            for event in Event::ALL {
+                for verdict in [Verdict::Allow, Verdict::Deny] {
+                    let _ = self.decisions.remove_label_values(&[
+                        guard,
+                        namespace,
+                        verdict.as_lower(),
+                        event.kernel_name(),
+                        backend,
+                    ]);
+                }
+            }
+        }
+        let _ = self.marks.remove_label_values(&[guard, namespace]);
+        let _ = self.new_dirs.remove_label_values(&[guard, namespace]);
     }
 
     /// The decision counters of one guard, one per (response, event).

@@ -6,7 +6,14 @@
 //! - kubelet, systemd driver: `/kubepods.slice/kubepods-burstable.slice/
 //!   kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope`
 //!   (`crio-<id>.scope`, `docker-<id>.scope`)
-//! - plain containerd (`ctr run`): `/<namespace>/<id>`
+//! - plain containerd (`ctr run`) puts a container at `/<namespace>/<id>`, in no pod: never
+//!   guarded through the API.
+//!
+//! A container is only ever looked for below the cgroup of the pod a request names (the pod
+//! UID in the path, as the kubelet lays it out): an ID that names a host unit
+//! (`init.scope`, `kubelet.service`), a container outside any pod, or another pod's
+//! container is not that pod's container, and a request naming one is refused
+//! ([`misplaced`]).
 //!
 //! Membership alone does not make a process the container's: runc, `kubectl exec` and
 //! `ctr task exec` enter the cgroup too. The container's own process is its init, the one
@@ -199,13 +206,6 @@ fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
                     out.pods_present.insert(uid);
                 }
             }
-            let leaf = path.rsplit('/').next().unwrap_or_default();
-            for (pod, cid) in wanted {
-                if cid.is_leaf(leaf) {
-                    out.pods_present.insert(pod.clone());
-                    add_member(&mut members, cid.clone(), p);
-                }
-            }
         }
     }
     for (cid, m) in members {
@@ -218,6 +218,37 @@ fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
         }
     }
     out
+}
+
+/// A container `ids` names that runs on this node outside the cgroup of pod `pod_uid`, with
+/// the cgroup it was found in: a request that names it for that pod would guard a process
+/// that is not the pod's.
+pub fn misplaced(pod_uid: &str, ids: &[ContainerId]) -> Option<(ContainerId, String)> {
+    misplaced_in(&read_procs("/proc"), pod_uid, ids)
+}
+
+fn misplaced_in(
+    procs: &[Proc],
+    pod_uid: &str,
+    ids: &[ContainerId],
+) -> Option<(ContainerId, String)> {
+    for p in procs {
+        for path in &p.cgroups {
+            let leaf = path.rsplit('/').next().unwrap_or_default();
+            let Some(cid) = ids.iter().find(|c| c.is_leaf(leaf)) else {
+                continue;
+            };
+            let in_pod = pod_of(path).is_some_and(|(uid, child)| {
+                uid == pod_uid
+                    && child.and_then(|c| ContainerId::from_pod_child(c, cid.runtime))
+                        == Some(cid.clone())
+            });
+            if !in_pod {
+                return Some((cid.clone(), path.clone()));
+            }
+        }
+    }
+    None
 }
 
 fn add_member<'p>(
@@ -340,30 +371,79 @@ mod tests {
             assert_eq!(s.inits.get(&c), Some(&40), "{path}");
             assert!(s.pods_present.contains(uid), "{path}");
         }
-        // Plain containerd, as `ctr run` makes it: no pod in the path.
+        // Plain containerd, as `ctr run` makes it: in no pod, so in nobody's pod.
         let c = cid("containerd://e2e-1");
         let s = scan_procs(
             &[proc(7, &["/default/e2e-1"], true, 1)],
             &[("p".into(), c.clone())],
         );
-        assert_eq!(s.inits.get(&c), Some(&7));
+        assert!(s.inits.is_empty() && s.pods_present.is_empty());
+    }
+
+    #[test]
+    fn a_container_is_found_only_below_the_pod_it_is_asked_for() {
+        let procs = [
+            proc(1, &["/init.scope"], false, 0),
+            proc(2, &["/system.slice/kubelet.service"], false, 1),
+            proc(3, &["/kubepods/besteffort/podother/victim"], true, 2),
+            proc(4, &["/kubepods/besteffort/podmine/mine"], true, 3),
+        ];
+        for (id, at) in [
+            ("containerd://init.scope", "/init.scope"),
+            (
+                "containerd://kubelet.service",
+                "/system.slice/kubelet.service",
+            ),
+            (
+                "containerd://victim",
+                "/kubepods/besteffort/podother/victim",
+            ),
+        ] {
+            let c = cid(id);
+            let s = scan_procs(&procs, &[("mine".into(), c.clone())]);
+            assert!(!s.inits.contains_key(&c), "{id} found in pod mine");
+            assert_eq!(
+                misplaced_in(&procs, "mine", std::slice::from_ref(&c)),
+                Some((c, at.to_owned()))
+            );
+        }
+        let mine = cid("containerd://mine");
+        assert_eq!(
+            misplaced_in(&procs, "mine", std::slice::from_ref(&mine)),
+            None
+        );
+        let s = scan_procs(&procs, &[("mine".into(), mine.clone())]);
+        assert_eq!(s.inits.get(&mine), Some(&4));
+        // The systemd driver's scope names the container too.
+        let scoped = [proc(
+            5,
+            &["/kubepods.slice/kubepods-podaa_bb.slice/cri-containerd-x1.scope"],
+            true,
+            1,
+        )];
+        let x1 = cid("containerd://x1");
+        assert_eq!(
+            misplaced_in(&scoped, "aa-bb", std::slice::from_ref(&x1)),
+            None
+        );
+        assert!(misplaced_in(&scoped, "cc-dd", std::slice::from_ref(&x1)).is_some());
     }
 
     #[test]
     fn the_namespace_init_wins_over_runc_and_exec() {
         let c = cid("containerd://x");
         let procs = [
-            proc(10, &["/default/x"], false, 1), // runc, earliest
-            proc(11, &["/default/x"], true, 2),  // the container's init
-            proc(12, &["/default/x"], false, 3), // an exec'd shell
-            proc(13, &["/default/conmon-x"], true, 0),
+            proc(10, &["/kubepods/podp/x"], false, 1), // runc, earliest
+            proc(11, &["/kubepods/podp/x"], true, 2),  // the container's init
+            proc(12, &["/kubepods/podp/x"], false, 3), // an exec'd shell
+            proc(13, &["/kubepods/podp/conmon-x"], true, 0),
         ];
         let s = scan_procs(&procs, &[("p".into(), c.clone())]);
         assert_eq!(s.inits.get(&c), Some(&11));
         // Sharing the host's PID namespace: the earliest process.
         let procs = [
-            proc(21, &["/default/x"], false, 9),
-            proc(20, &["/default/x"], false, 4),
+            proc(21, &["/kubepods/podp/x"], false, 9),
+            proc(20, &["/kubepods/podp/x"], false, 4),
         ];
         let s = scan_procs(&procs, &[("p".into(), c.clone())]);
         assert_eq!(s.inits.get(&c), Some(&20));

@@ -15,15 +15,17 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use janus_api::agent_v1::agent_server::{Agent as AgentApi, AgentServer};
 use janus_api::agent_v1::{
-    ApplyGuardRequest, ApplyGuardResponse, ContainerPhase, ContainerStatus, GuardKey, GuardRef,
-    GuardStatus, ListGuardsRequest, ListGuardsResponse, RemoveGuardRequest, RemoveGuardResponse,
+    ApplyGuardRequest, ApplyGuardResponse, ContainerPhase, ContainerStatus, GuardKey, GuardStatus,
+    ListGuardsRequest, ListGuardsResponse, RemoveGuardRequest, RemoveGuardResponse,
 };
-use janus_api::{GuardPolicy, JanusGuardSpec};
+use janus_api::holding::{self, Holding, HoldingKey, RequestError};
+use janus_api::{GuardPolicy, JanusGuardSpec, ValidationErrors};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
 use crate::fanotify::target::{unsupported_warnings, BACKEND};
-use crate::pods::{self, ContainerId};
+use crate::pods::{self, ContainerId, ContainerIdError};
 use crate::state::{Phase, TargetState};
 use crate::{decisions, fanotify, http, metrics::Metrics, tls};
 
@@ -51,15 +53,31 @@ pub struct ServeArgs {
     pub tls: tls::TlsArgs,
 }
 
-/// (guard namespace, guard name, pod UID).
-type Key = (String, String, String);
+type Key = HoldingKey;
 
-fn key_of(k: &GuardKey) -> Key {
-    (
-        k.guard_namespace.clone(),
-        k.guard_name.clone(),
-        k.pod_uid.clone(),
-    )
+/// The most (guard, pod) holdings one agent takes: each costs marks or map entries, and
+/// metric series per guard.
+pub const MAX_HOLDINGS: usize = 8192;
+
+/// Why an apply was refused; nothing is held for it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("pod.container_ids: {0}")]
+    ContainerId(#[from] ContainerIdError),
+    #[error("spec_json: {0}")]
+    SpecJson(#[source] serde_json::Error),
+    #[error("spec: {}", .0.0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
+    Policy(ValidationErrors),
+    #[error("pod.container_ids: {container} runs in cgroup {cgroup}, which is not below pod {pod}'s cgroup; nothing guarded")]
+    NotInPod {
+        container: ContainerId,
+        cgroup: String,
+        pod: String,
+    },
+    #[error("this agent holds {MAX_HOLDINGS} guards already (one per guard and pod)")]
+    Full,
 }
 
 struct HeldContainer {
@@ -78,7 +96,7 @@ struct Held {
     guard_uid: String,
     generation: i64,
     pod_name: String,
-    spec_json: String,
+    spec_digest: String,
     policy: Arc<GuardPolicy>,
     warnings: Vec<String>,
     containers: Vec<HeldContainer>,
@@ -91,12 +109,18 @@ struct Held {
 }
 
 impl Held {
-    /// Whether this is the guard `guard` names, at its generation, with this spec: a guard
-    /// created again under its name (another UID) is not, whatever its spec.
-    fn holds_spec(&self, guard: &GuardRef, spec_json: &str) -> bool {
-        self.guard_uid == guard.uid
-            && self.generation == guard.generation
-            && self.spec_json == spec_json
+    fn holding(&self) -> Holding<'_> {
+        Holding {
+            guard_uid: &self.guard_uid,
+            spec_digest: &self.spec_digest,
+            containers: self.containers.iter().map(|c| c.raw.as_str()).collect(),
+        }
+    }
+
+    /// Whether this is the guard the request names with the same spec: a guard created again
+    /// under its name (another UID) is not, whatever its spec.
+    fn same_spec(&self, req: &Holding<'_>) -> bool {
+        self.guard_uid == req.guard_uid && self.spec_digest == req.spec_digest
     }
 }
 
@@ -109,7 +133,7 @@ pub struct Guards {
 }
 
 fn target_key(k: &Key, container: &str) -> String {
-    format!("{}/{}/{}/{}", k.0, k.1, k.2, container)
+    format!("{k}/{container}")
 }
 
 impl Guards {
@@ -122,67 +146,56 @@ impl Guards {
         }
     }
 
-    /// Creates or replaces the guard; a repeated identical request changes nothing.
-    pub fn apply(&self, req: ApplyGuardRequest) -> Result<GuardStatus, Status> {
-        let guard = req
-            .guard
-            .ok_or_else(|| Status::invalid_argument("guard: required"))?;
-        let pod = req
-            .pod
-            .ok_or_else(|| Status::invalid_argument("pod: required"))?;
-        for (field, value) in [
-            ("guard.namespace", &guard.namespace),
-            ("guard.name", &guard.name),
-            ("pod.uid", &pod.uid),
-        ] {
-            if value.is_empty() {
-                return Err(Status::invalid_argument(format!("{field}: required")));
-            }
-        }
-        let key = (guard.namespace.clone(), guard.name.clone(), pod.uid.clone());
+    /// Creates or replaces the guard; a repeated identical request changes nothing. A spec
+    /// that differs from the one held replaces it whatever the generations say.
+    pub fn apply(&self, mut req: ApplyGuardRequest) -> Result<GuardStatus, ApplyError> {
+        holding::validate(&mut req)?;
+        let (Some(guard), Some(pod)) = (req.guard.clone(), req.pod.clone()) else {
+            unreachable!("validate checked guard and pod");
+        };
+        let key = HoldingKey {
+            guard_namespace: guard.namespace.clone(),
+            guard_name: guard.name.clone(),
+            pod_uid: pod.uid.clone(),
+        };
         let containers = pod
             .container_ids
             .iter()
             .map(|raw| {
-                raw.parse::<ContainerId>()
-                    .map(|id| HeldContainer {
-                        raw: raw.clone(),
-                        id,
-                        pid: None,
-                        failure: None,
-                        adopted: false,
-                    })
-                    .map_err(|e| Status::invalid_argument(format!("pod.container_ids: {e}")))
+                Ok(HeldContainer {
+                    raw: raw.clone(),
+                    id: raw.parse::<ContainerId>()?,
+                    pid: None,
+                    failure: None,
+                    adopted: false,
+                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, ApplyError>>()?;
+        let asked = Holding::of_request(&req);
         let mut held = self.held.lock().expect("guards lock");
         if let Some(h) = held.get(&key) {
-            let same_containers = h
-                .containers
-                .iter()
-                .map(|c| &c.raw)
-                .eq(pod.container_ids.iter());
-            let unchanged = h.holds_spec(&guard, &req.spec_json) && same_containers;
-            let older = h.guard_uid == guard.uid && guard.generation < h.generation;
-            if unchanged || older {
+            if h.holding() == asked {
                 return Ok(self.status(&key, h));
             }
+        } else if held.len() >= MAX_HOLDINGS {
+            return Err(ApplyError::Full);
         }
-        let spec: JanusGuardSpec = serde_json::from_str(&req.spec_json)
-            .map_err(|e| Status::invalid_argument(format!("spec_json: {e}")))?;
-        let policy =
-            GuardPolicy::from_spec(&guard.name, &guard.namespace, &spec).map_err(|errors| {
-                let list: Vec<String> = errors
-                    .0
-                    .iter()
-                    .map(|e| format!("{}: {}", e.field, e.message))
-                    .collect();
-                Status::invalid_argument(list.join("; "))
-            })?;
+        let spec: JanusGuardSpec =
+            serde_json::from_str(&req.spec_json).map_err(ApplyError::SpecJson)?;
+        let policy = GuardPolicy::from_spec(&guard.name, &guard.namespace, &spec)
+            .map_err(ApplyError::Policy)?;
+        let ids: Vec<ContainerId> = containers.iter().map(|c| c.id.clone()).collect();
+        if let Some((container, cgroup)) = pods::misplaced(&pod.uid, &ids) {
+            return Err(ApplyError::NotInPod {
+                container,
+                cgroup,
+                pod: pod.uid,
+            });
+        }
         let mut containers = containers;
         let mut baseline = None;
         if let Some(old) = held.remove(&key) {
-            if old.holds_spec(&guard, &req.spec_json) {
+            if old.same_spec(&asked) {
                 // Only the containers changed: those that stay keep their targets.
                 baseline = old.baseline;
                 let mut before = old.containers;
@@ -210,7 +223,7 @@ impl Guards {
             guard_uid: guard.uid,
             generation: guard.generation,
             pod_name: pod.name,
-            spec_json: req.spec_json,
+            spec_digest: req.spec_digest.clone(),
             warnings: unsupported_warnings(&policy),
             policy: Arc::new(policy),
             containers,
@@ -219,7 +232,7 @@ impl Guards {
         };
         let scan = pods::scan(&wanted(&key, &h));
         self.sync(&key, &mut h, &scan, Instant::now());
-        tracing::info!(guard = %key.1, namespace = %key.0, pod = %h.pod_name, generation = h.generation, "guard applied");
+        tracing::info!(guard = %key.guard_name, namespace = %key.guard_namespace, pod = %h.pod_name, generation = h.generation, digest = %h.spec_digest, "guard applied");
         let status = self.status(&key, &h);
         held.insert(key, h);
         self.count(&held);
@@ -228,12 +241,12 @@ impl Guards {
 
     /// Lifts the guard; false when it was not held.
     pub fn remove(&self, key: &GuardKey) -> bool {
-        let key = key_of(key);
+        let key = HoldingKey::from(key);
         let mut held = self.held.lock().expect("guards lock");
         let removed = held.remove(&key);
         if let Some(h) = &removed {
             self.lift(&key, h);
-            tracing::info!(guard = %key.1, namespace = %key.0, pod = %h.pod_name, "guard removed");
+            tracing::info!(guard = %key.guard_name, namespace = %key.guard_namespace, pod = %h.pod_name, "guard removed");
         }
         self.count(&held);
         removed.is_some()
@@ -264,21 +277,21 @@ impl Guards {
         for k in gone {
             if let Some(h) = held.remove(&k) {
                 self.lift(&k, &h);
-                tracing::info!(guard = %k.1, namespace = %k.0, pod = %h.pod_name, "pod gone from this node; guard lifted");
+                tracing::info!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, "pod gone from this node; guard lifted");
             }
         }
         self.count(&held);
     }
 
     fn sync(&self, k: &Key, h: &mut Held, scan: &pods::Scan, now: Instant) {
-        if scan.pods_present.contains(&k.2) {
+        if scan.pods_present.contains(&k.pod_uid) {
             h.last_seen = Some(now);
         }
-        if let Some(found) = scan.containers.get(&k.2) {
+        if let Some(found) = scan.containers.get(&k.pod_uid) {
             let baseline = h.baseline.get_or_insert_with(|| found.clone());
             for id in found.difference(baseline) {
                 if !h.containers.iter().any(|c| c.id == *id) {
-                    tracing::info!(guard = %k.1, namespace = %k.0, pod = %h.pod_name, container = %id, "a new container in the pod (a restart or an ephemeral container): guarding it");
+                    tracing::info!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, container = %id, "a new container in the pod (a restart or an ephemeral container): guarding it");
                     h.containers.push(HeldContainer {
                         raw: id.to_string(),
                         id: id.clone(),
@@ -303,11 +316,11 @@ impl Guards {
                         h.pod_name.clone(),
                     ) {
                         Ok(()) => {
-                            tracing::info!(guard = %k.1, namespace = %k.0, pod = %h.pod_name, container = %c.raw, pid, "guarding container");
+                            tracing::info!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, container = %c.raw, pid, "guarding container");
                             None
                         }
                         Err(e) => {
-                            tracing::warn!(guard = %k.1, namespace = %k.0, container = %c.raw, pid, error = %e, "cannot guard container");
+                            tracing::warn!(guard = %k.guard_name, namespace = %k.guard_namespace, container = %c.raw, pid, error = %e, "cannot guard container");
                             Some(e.to_string())
                         }
                     };
@@ -367,13 +380,10 @@ impl Guards {
             })
             .collect();
         GuardStatus {
-            key: Some(GuardKey {
-                guard_namespace: k.0.clone(),
-                guard_name: k.1.clone(),
-                pod_uid: k.2.clone(),
-            }),
+            key: Some(GuardKey::from(k)),
             generation: h.generation,
             guard_uid: h.guard_uid.clone(),
+            spec_digest: h.spec_digest.clone(),
             pod_name: h.pod_name.clone(),
             containers,
             warnings: self.warnings(k, h, &states),
@@ -430,7 +440,7 @@ impl Guards {
 fn wanted(k: &Key, h: &Held) -> Vec<(String, ContainerId)> {
     h.containers
         .iter()
-        .map(|c| (k.2.clone(), c.id.clone()))
+        .map(|c| (k.pod_uid.clone(), c.id.clone()))
         .collect()
 }
 
@@ -451,7 +461,13 @@ impl AgentApi for Service {
     ) -> Result<Response<ApplyGuardResponse>, Status> {
         let guards = self.0.clone();
         let req = request.into_inner();
-        let status = blocking(move || guards.apply(req)).await??;
+        let status = blocking(move || guards.apply(req))
+            .await?
+            .map_err(|e| match e {
+                ApplyError::NotInPod { .. } => Status::permission_denied(e.to_string()),
+                ApplyError::Full => Status::resource_exhausted(e.to_string()),
+                _ => Status::invalid_argument(e.to_string()),
+            })?;
         Ok(Response::new(ApplyGuardResponse {
             status: Some(status),
         }))
@@ -483,6 +499,30 @@ impl AgentApi for Service {
     }
 }
 
+/// The largest request the API decodes: a spec at its limit and a pod's container IDs.
+const MAX_MESSAGE_BYTES: usize = 2 * holding::MAX_SPEC_BYTES;
+
+/// Refuses every call but the controller's identity's, and says so in the log and
+/// `janus_api_refused_total`.
+fn authorize(
+    who: tls::ClientName,
+    refused: prometheus::IntCounterVec,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let chain = req.peer_certs();
+        match who.check(chain.as_deref().map(Vec::as_slice)) {
+            Ok(()) => Ok(req),
+            Err(refusal) => {
+                refused.with_label_values(&[refusal.label()]).inc();
+                tracing::warn!(peer = ?req.remote_addr(), reason = %refusal, "API call refused");
+                Err(Status::permission_denied(format!(
+                    "only the controller may call this agent: {refusal}"
+                )))
+            }
+        }
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = crate::standalone::Shutdown::listen()?;
     let tls = tls::server_config(&args.tls)?;
@@ -509,13 +549,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(
     args: &ServeArgs,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<(tonic::transport::ServerTlsConfig, tls::ClientName)>,
     agent: Arc<Agent>,
     guards: Arc<Guards>,
     shutdown: crate::standalone::Shutdown,
 ) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
-        let bound = http::serve(addr, agent)
+        let bound = http::serve(addr, agent.clone())
             .await
             .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!(%bound, "serving /metrics, /healthz, /readyz, /state");
@@ -545,12 +585,19 @@ async fn serve(
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "serving janus.agent.v1");
     let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("TLS configuration")?;
-    }
-    let result = server
-        .add_service(health_service)
-        .add_service(AgentServer::new(Service(guards)))
+    let api = AgentServer::new(Service(guards)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let router = match tls {
+        Some((config, who)) => server
+            .tls_config(config)
+            .context("TLS configuration")?
+            .add_service(health_service)
+            .add_service(InterceptedService::new(
+                api,
+                authorize(who, agent.metrics().api_refused.clone()),
+            )),
+        None => server.add_service(health_service).add_service(api),
+    };
+    let result = router
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.wait(),
@@ -584,6 +631,7 @@ mod tests {
                 container_ids: vec!["containerd://not-running-here".into()],
             }),
             spec_json: format!(r#"{{"subjects":[{{"deny":["{path}"]}}]}}"#),
+            spec_digest: String::new(),
         }
     }
 
@@ -608,13 +656,43 @@ mod tests {
     }
 
     #[test]
-    fn an_older_generation_of_the_held_guard_changes_nothing() {
+    fn a_different_spec_replaces_the_held_one_whatever_its_generation() {
         let g = guards();
-        assert_eq!(g.apply(request("uid-1", 2, "/new")).unwrap().generation, 2);
-        // A replica whose cache lags sends generation 1 of the same guard.
-        let status = g.apply(request("uid-1", 1, "/old")).unwrap();
-        assert_eq!((status.generation, status.guard_uid.as_str()), (2, "uid-1"));
-        assert_eq!(held_path(&g), "/new");
+        // Someone other than the controller placed a permissive spec at a forged generation.
+        g.apply(request("uid-1", i64::MAX, "/forged")).unwrap();
+        // The controller's push, at the guard's real generation, is not "older": it wins.
+        let status = g.apply(request("uid-1", 2, "/real")).unwrap();
+        assert_eq!(status.generation, 2);
+        assert_eq!(held_path(&g), "/real");
+        assert_eq!(
+            status.spec_digest,
+            janus_api::holding::spec_digest(r#"{"subjects":[{"deny":["/real"]}]}"#)
+        );
+        // The same spec again changes nothing.
+        let again = g.apply(request("uid-1", 2, "/real")).unwrap();
+        assert_eq!(again, status);
+    }
+
+    #[test]
+    fn refused_requests_hold_nothing() {
+        let g = guards();
+        let mut r = request("uid-1", 1, "/x");
+        r.spec_digest = "sha256:00".into();
+        assert!(matches!(
+            g.apply(r),
+            Err(ApplyError::Request(RequestError::DigestMismatch { .. }))
+        ));
+        let many: Vec<String> = (0..=janus_api::policy::MAX_PATHS)
+            .map(|i| format!(r#""/p{i}""#))
+            .collect();
+        let mut r = request("uid-1", 1, "/x");
+        r.spec_json = format!(r#"{{"subjects":[{{"deny":[{}]}}]}}"#, many.join(","));
+        let e = g.apply(r).unwrap_err();
+        assert!(
+            e.to_string().contains("spec.subjects: 1025 paths in all"),
+            "{e}"
+        );
+        assert!(g.list().is_empty());
     }
 
     #[test]

@@ -78,6 +78,7 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
             container_ids: vec![format!("containerd://{container}")],
         }),
         spec_json: r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#.into(),
+        spec_digest: String::new(),
     };
     client.apply_guard(apply(&first)).await.unwrap();
     let denied = |c: &Container| {
@@ -139,4 +140,98 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
         restarted.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
         Access::Denied
     );
+}
+
+/// An attacker who can call the API names, for a pod it invents, the cgroup leaf of a host
+/// unit and another pod's container. Both are refused, nothing is held, and both processes
+/// keep reading the file the invented guard denies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_outside_the_named_pods_cgroup_is_refused() {
+    let dir = std::env::temp_dir().join("janus-serve-scope-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "rootfs").unwrap();
+    populate(&root).unwrap();
+    let me = std::process::id();
+    let sleep = [BUSYBOX, "sleep", "600"];
+    // A host unit, as systemd places one, and a container of another pod.
+    let unit = format!("janus-host-{me}.service");
+    let host = Container::run(
+        &root,
+        &format!("janus-host-{me}"),
+        Some(&format!("/system.slice/{unit}")),
+        &sleep,
+    )
+    .unwrap();
+    let victim_id = format!("janus-victim-{me}");
+    let victim = Container::run(
+        &root,
+        &victim_id,
+        Some(&format!("/kubepods/besteffort/pod1111-{me}/{victim_id}")),
+        &sleep,
+    )
+    .unwrap();
+    for c in [&host, &victim] {
+        assert_eq!(
+            c.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
+            Access::Ok("secret".into())
+        );
+    }
+
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let args = ["--insecure-plaintext", "--backend", "fanotify"];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    for (leaf, cgroup) in [
+        (unit.clone(), format!("/system.slice/{unit}")),
+        (
+            victim_id.clone(),
+            format!("/kubepods/besteffort/pod1111-{me}/{victim_id}"),
+        ),
+    ] {
+        let err = client
+            .apply_guard(ApplyGuardRequest {
+                guard: Some(GuardRef {
+                    namespace: "attacker".into(),
+                    name: "grab".into(),
+                    uid: "u".into(),
+                    generation: 1,
+                }),
+                pod: Some(PodRef {
+                    uid: format!("2222-{me}"),
+                    namespace: "attacker".into(),
+                    name: "invented".into(),
+                    container_ids: vec![format!("containerd://{leaf}")],
+                }),
+                spec_json: r#"{"subjects":[{"deny":["/data/secret"]}]}"#.into(),
+                spec_digest: String::new(),
+            })
+            .await
+            .expect_err("a container outside the pod is refused");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message().contains(&format!("runs in cgroup {cgroup}"))
+                && err.message().contains("nothing guarded"),
+            "{}",
+            err.message()
+        );
+    }
+    let listed = client
+        .list_guards(ListGuardsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.guards.is_empty(), "{:?}", listed.guards);
+    for c in [&host, &victim] {
+        assert_eq!(
+            c.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
+            Access::Ok("secret".into())
+        );
+    }
 }

@@ -6,6 +6,8 @@ pub mod decide;
 #[cfg(feature = "diagnostics")]
 pub mod diagnostics;
 pub mod guard;
+#[cfg(feature = "grpc")]
+pub mod holding;
 pub mod logformat;
 pub mod policy;
 

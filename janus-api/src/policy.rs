@@ -215,6 +215,11 @@ impl Selector {
     }
 }
 
+/// The most allow and deny paths one guard may list, all subjects together: every path is a
+/// mark, a rule and a line of `/state` on every node the guard reaches, so a guard cannot be
+/// made to cost an agent without bound.
+pub const MAX_PATHS: usize = 1024;
+
 /// A guard ready to enforce.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuardPolicy {
@@ -251,6 +256,17 @@ impl GuardPolicy {
         let selector = validate_selector(&spec.selector, &mut errors);
         if spec.subjects.is_empty() {
             errors.push("spec.subjects", "at least one subject is required".into());
+        }
+        let paths: usize = spec
+            .subjects
+            .iter()
+            .map(|s| s.allow.len() + s.deny.len())
+            .sum();
+        if paths > MAX_PATHS {
+            errors.push(
+                "spec.subjects",
+                format!("{paths} paths in all; a guard may list at most {MAX_PATHS}"),
+            );
         }
         let subjects = spec
             .subjects

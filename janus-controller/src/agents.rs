@@ -59,37 +59,56 @@ pub fn discover<'a>(
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TlsArgs {
+    /// Make the mutual TLS material on first start and keep it in Secrets of the agents'
+    /// namespace (`janus-ca`, `janus-agent-tls`); see `pki`.
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key", "insecure_plaintext"])]
+    pub tls_auto: bool,
     /// CA that signed the agents' certificates.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
-    /// The controller's client certificate (PEM).
+    /// The controller's client certificate (PEM): clientAuth, with the name the agents
+    /// accept (`janus-controller.janus.svc` by default).
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
     /// The controller's client key (PEM).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// The name the agents' certificates carry (they are reached by IP address).
-    #[arg(long, default_value = "janus-agent")]
+    #[arg(long, default_value = "janus-agent.janus.svc")]
     pub tls_server_name: String,
-    /// Call the agents without TLS. For tests only.
+    /// Call the agents without TLS. For local development only.
     #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
     pub insecure_plaintext: bool,
 }
 
+/// How the controller reaches the agents.
+pub enum TlsMode {
+    /// The operator's files.
+    Files(ClientTlsConfig),
+    /// Material the controller makes and keeps in Secrets.
+    Auto,
+    Plaintext,
+}
+
 impl TlsArgs {
-    pub fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+    pub fn mode(&self) -> anyhow::Result<TlsMode> {
         if self.insecure_plaintext {
-            return Ok(None);
+            tracing::warn!("calling the agents without TLS (--insecure-plaintext)");
+            return Ok(TlsMode::Plaintext);
+        }
+        if self.tls_auto {
+            return Ok(TlsMode::Auto);
         }
         let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key)
         else {
             anyhow::bail!(
-                "--tls-ca, --tls-cert and --tls-key are required (or --insecure-plaintext)"
+                "--tls-auto, or --tls-ca, --tls-cert and --tls-key, are required \
+                 (--insecure-plaintext for local development only)"
             );
         };
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        Ok(Some(
+        Ok(TlsMode::Files(
             ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(read(ca)?))
                 .identity(Identity::from_pem(read(cert)?, read(key)?))

@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod crd;
 pub mod metrics;
+pub mod pki;
 pub mod reconcile;
 
 use std::net::SocketAddr;
@@ -78,7 +79,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
-    let tls = args.tls.client_config()?;
+    let tls = match args.tls.mode()? {
+        agents::TlsMode::Files(config) => Some(config),
+        agents::TlsMode::Auto => Some(
+            pki::bootstrap(client.clone(), &args.agent_namespace)
+                .await
+                .context("making the mutual TLS material (--tls-auto)")?
+                .client_config(),
+        ),
+        agents::TlsMode::Plaintext => None,
+    };
     let metrics = Arc::new(metrics::Metrics::new());
     serve_metrics(args.metrics_addr, metrics.clone()).await?;
 

@@ -11,9 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use futures::stream::{self, StreamExt};
-use janus_api::agent_v1::{
-    ApplyGuardRequest, ContainerPhase, GuardKey, GuardRef, GuardStatus, PodRef,
-};
+use janus_api::agent_v1::{ApplyGuardRequest, ContainerPhase, GuardRef, GuardStatus, PodRef};
+use janus_api::holding::{spec_digest, Holding, HoldingKey};
 use janus_api::GuardPolicy;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -25,24 +24,7 @@ use crate::agents::{discover, AgentPool};
 use crate::crd::{Condition, JanusGuard, JanusGuardStatus};
 use crate::metrics::Metrics;
 
-/// (guard namespace, guard name, pod UID): what an agent holds one of.
-pub type Key = (String, String, String);
-
-fn key_of(k: &GuardKey) -> Key {
-    (
-        k.guard_namespace.clone(),
-        k.guard_name.clone(),
-        k.pod_uid.clone(),
-    )
-}
-
-fn guard_key(k: &Key) -> GuardKey {
-    GuardKey {
-        guard_namespace: k.0.clone(),
-        guard_name: k.1.clone(),
-        pod_uid: k.2.clone(),
-    }
-}
+type Key = HoldingKey;
 
 /// How many agents are called at once.
 const CONCURRENCY: usize = 32;
@@ -107,6 +89,7 @@ impl Core {
     fn wanted(&self, guard: &JanusGuard, policy: &GuardPolicy) -> Vec<Wanted> {
         let ns = guard.namespace().unwrap_or_default();
         let spec_json = guard.spec.to_json();
+        let digest = spec_digest(&spec_json);
         let gref = GuardRef {
             namespace: ns.clone(),
             name: guard.name_any(),
@@ -143,6 +126,7 @@ impl Core {
                             container_ids,
                         }),
                         spec_json: spec_json.clone(),
+                        spec_digest: digest.clone(),
                     },
                 })
             })
@@ -205,27 +189,22 @@ impl Core {
             }
         };
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
+        let key_of = |pod_uid: &str| HoldingKey {
+            guard_namespace: ns.clone(),
+            guard_name: name.clone(),
+            pod_uid: pod_uid.to_owned(),
+        };
         let wanted_keys: BTreeSet<Key> = wanted
             .iter()
-            .map(|w| {
-                (
-                    ns.clone(),
-                    name.clone(),
-                    w.request
-                        .pod
-                        .as_ref()
-                        .map(|p| p.uid.clone())
-                        .unwrap_or_default(),
-                )
-            })
+            .map(|w| key_of(w.request.pod.as_ref().map_or("", |p| p.uid.as_str())))
             .collect();
 
         let results: Vec<(String, Key, Outcome)> = stream::iter(wanted)
             .map(|w| {
-                let (endpoints, ns, name) = (&endpoints, &ns, &name);
+                let (endpoints, key_of) = (&endpoints, &key_of);
                 async move {
                     let pod = w.request.pod.clone().unwrap_or_default();
-                    let key = (ns.clone(), name.clone(), pod.uid.clone());
+                    let key = key_of(&pod.uid);
                     let Some(addr) = endpoints.get(&w.node) else {
                         return (
                             w.node.clone(),
@@ -236,16 +215,10 @@ impl Core {
                             )),
                         );
                     };
+                    // What the agent holds is repaired unless it is exactly what is wanted
+                    // (the spec by its digest, whatever generation the agent reports).
                     if let Some(held) = self.held(&w.node, &key) {
-                        let guard = w.request.guard.as_ref();
-                        let same = guard.is_some_and(|g| {
-                            held.guard_uid == g.uid && held.generation == g.generation
-                        }) && held
-                            .containers
-                            .iter()
-                            .map(|c| &c.container_id)
-                            .eq(pod.container_ids.iter());
-                        if same {
+                        if Holding::of_status(&held) == Holding::of_request(&w.request) {
                             return (w.node, key, Ok(held));
                         }
                     }
@@ -274,7 +247,9 @@ impl Core {
             .await;
 
         // Lift the guard from pods it no longer selects, wherever an agent holds it.
-        let stale = self.held_where(|k| k.0 == ns && k.1 == name && !wanted_keys.contains(k));
+        let stale = self.held_where(|k| {
+            k.guard_namespace == ns && k.guard_name == name && !wanted_keys.contains(k)
+        });
         self.remove_all(&endpoints, stale).await;
 
         let mut guarded = 0;
@@ -323,9 +298,9 @@ impl Core {
                     self.hold(&node, key, None);
                     return;
                 };
-                match self.agents.remove(addr, guard_key(&key)).await {
+                match self.agents.remove(addr, (&key).into()).await {
                     Ok(_) => {
-                        tracing::info!(node, guard = %key.1, namespace = %key.0, pod = %key.2, "guard lifted");
+                        tracing::info!(node, guard = %key.guard_name, namespace = %key.guard_namespace, pod = %key.pod_uid, "guard lifted");
                         self.hold(&node, key, None);
                     }
                     Err(e) => {
@@ -361,7 +336,7 @@ impl Core {
                         h.insert(
                             node.clone(),
                             list.iter()
-                                .filter_map(|s| Some((key_of(s.key.as_ref()?), s.clone())))
+                                .filter_map(|s| Some((s.key.as_ref()?.into(), s.clone())))
                                 .collect(),
                         );
                     }
@@ -382,7 +357,8 @@ impl Core {
             .iter()
             .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
             .collect();
-        let orphans = self.held_where(|k| !existing.contains(&(k.0.clone(), k.1.clone())));
+        let orphans = self
+            .held_where(|k| !existing.contains(&(k.guard_namespace.clone(), k.guard_name.clone())));
         self.remove_all(&endpoints, orphans).await;
         let mut first_error = None;
         for g in guards {

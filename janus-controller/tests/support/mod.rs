@@ -4,7 +4,11 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use janus_controller::crd::JanusGuard;
@@ -27,6 +31,7 @@ pub struct Seen {
 /// it names and the guard returned; anything else is echoed back.
 pub struct MockApi {
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    secrets: Arc<Mutex<BTreeMap<String, Value>>>,
 }
 
 impl MockApi {
@@ -34,6 +39,8 @@ impl MockApi {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let guards: Arc<Mutex<BTreeMap<String, Value>>> = Arc::default();
+        let secrets = Arc::new(Mutex::new(BTreeMap::<String, Value>::new()));
+        let kept = secrets.clone();
         let record = seen.clone();
         tokio::spawn(async move {
             while let Some((request, send)) = handle.next_request().await {
@@ -46,6 +53,16 @@ impl MockApi {
                     path: path.clone(),
                     body: body.clone(),
                 });
+                if path.contains("/secrets") {
+                    let (status, reply) = secret_call(&kept, parts.method.as_str(), &path, body);
+                    send.send_response(
+                        Response::builder()
+                            .status(status)
+                            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
                 let reply = if path.ends_with("/status") {
                     let name = path.rsplit('/').nth(1).unwrap().to_owned();
                     let mut g = guards.lock().unwrap();
@@ -69,7 +86,10 @@ impl MockApi {
                 );
             }
         });
-        (kube::Client::new(service, "default"), MockApi { seen })
+        (
+            kube::Client::new(service, "default"),
+            MockApi { seen, secrets },
+        )
     }
 
     /// The status last patched onto guard `name`.
@@ -107,6 +127,59 @@ impl MockApi {
                     s.body["note"].as_str().unwrap_or_default().to_owned(),
                 )
             })
+            .collect()
+    }
+}
+
+/// Secrets as the API server keeps them: created once (409 after), read (404 when absent),
+/// replaced.
+fn secret_call(
+    secrets: &Mutex<BTreeMap<String, Value>>,
+    method: &str,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
+    let mut secrets = secrets.lock().unwrap();
+    let status = |code: u16, reason: &str| {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "message": reason, "reason": reason, "code": code})
+    };
+    let named = path.rsplit_once("/secrets/").map(|(_, n)| n.to_owned());
+    match (method, named) {
+        ("POST", None) => {
+            let name = body["metadata"]["name"].as_str().unwrap().to_owned();
+            if secrets.contains_key(&name) {
+                return (409, status(409, "AlreadyExists"));
+            }
+            secrets.insert(name, body.clone());
+            (201, body)
+        }
+        ("GET", Some(name)) => match secrets.get(&name) {
+            Some(s) => (200, s.clone()),
+            None => (404, status(404, "NotFound")),
+        },
+        ("PUT", Some(name)) => {
+            secrets.insert(name, body.clone());
+            (200, body)
+        }
+        (m, _) => panic!("unexpected secret call {m} {path}"),
+    }
+}
+
+impl MockApi {
+    /// Deletes a Secret, as `kubectl delete secret` would.
+    pub fn forget_secret(&self, name: &str) {
+        self.secrets.lock().unwrap().remove(name);
+    }
+
+    /// The requests of `method` to the Secrets API.
+    pub fn secret_calls(&self, method: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == method && s.path.contains("/secrets"))
+            .cloned()
             .collect()
     }
 }
@@ -221,6 +294,7 @@ impl Agent for FakeAgent {
             }),
             generation: g.generation,
             guard_uid: g.uid.clone(),
+            spec_digest: janus_api::holding::spec_digest(&r.spec_json),
             pod_name: p.name,
             containers: p
                 .container_ids
@@ -304,4 +378,83 @@ impl FakeAgent {
         v.sort();
         v
     }
+}
+
+/// The agent binary, built if `cargo test` has not built it for this package.
+pub fn agent_bin() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "janus-agent", "--bin", "janus-agent"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building janus-agent");
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/e2e-HASH -> target/debug/janus-agent
+    exe.parent().unwrap().parent().unwrap().join("janus-agent")
+}
+
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Polls `check` (off the async threads) until it holds, failing after `within`.
+pub async fn eventually(
+    what: &str,
+    within: Duration,
+    check: impl Fn() -> bool + Send + Sync + 'static,
+) {
+    let check = Arc::new(check);
+    let deadline = Instant::now() + within;
+    loop {
+        let c = check.clone();
+        if tokio::task::spawn_blocking(move || c()).await.unwrap() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The Secret `name` as the mock API holds it.
+pub fn secret_field(api: &MockApi, name: &str, key: &str) -> String {
+    let posted = api
+        .secret_calls("POST")
+        .into_iter()
+        .chain(api.secret_calls("PUT"))
+        .filter(|s| s.body["metadata"]["name"] == name)
+        .last()
+        .unwrap_or_else(|| panic!("no Secret {name} written"));
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(posted.body).unwrap();
+    String::from_utf8(secret.data.unwrap()[key].0.clone()).unwrap()
+}
+
+/// `janus-agent serve` with the TLS flags the manifests give it, the agents' material of
+/// `m` in `dir`, its output in `dir/agent-N.*`; `extra` after them.
+pub fn start_agent(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    m: &janus_controller::pki::Material,
+    addr: SocketAddr,
+    n: usize,
+    extra: &[&str],
+) -> janus_tests::agent::Serve {
+    std::fs::write(dir.join("ca.pem"), &m.ca).unwrap();
+    std::fs::write(dir.join("cert.pem"), &m.agent.cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &m.agent.key).unwrap();
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    for (flag, file) in [
+        ("--tls-ca", "ca.pem"),
+        ("--tls-cert", "cert.pem"),
+        ("--tls-key", "key.pem"),
+    ] {
+        args.extend([flag.into(), dir.join(file).into_os_string()]);
+    }
+    args.extend(extra.iter().map(Into::into));
+    janus_tests::agent::Serve::start(bin, addr, &args, dir, &format!("agent-{n}")).unwrap()
 }
