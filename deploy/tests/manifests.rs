@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use anyhow::{Context, Result};
 use janus_deploy::render::{self, documents, find, VARIANTS};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, Probe, Service};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
@@ -55,6 +55,9 @@ fn every_object_parses_into_its_type() {
                 "Deployment" => drop(typed::<Deployment>(o)),
                 "DaemonSet" => drop(typed::<DaemonSet>(o)),
                 "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(o)),
+                "NetworkPolicy" => {
+                    drop(typed::<k8s_openapi::api::networking::v1::NetworkPolicy>(o))
+                }
                 // OpenShift's own type; checked field by field below.
                 "SecurityContextConstraints" => assert!(variant.starts_with("openshift")),
                 other => panic!("{variant}: unexpected kind {other}"),
@@ -68,6 +71,7 @@ fn every_object_parses_into_its_type() {
             "Deployment",
             "DaemonSet",
             "CustomResourceDefinition",
+            "NetworkPolicy",
         ] {
             assert!(kinds.contains(k), "{variant}: no {k}");
         }
@@ -327,66 +331,161 @@ fn agent_service_is_headless_and_selects_the_agents() {
     }
 }
 
-/// The agent's and controller's TLS flags and files: secure variants pass them to both sides from the
-/// Secret janus-tls or the ConfigMap janus-config; plain ones say --insecure-plaintext.
+/// The Secrets (or ConfigMaps) a pod's TLS volume projects, by kind and name, with whether
+/// each may be absent.
+fn tls_sources(c: &Container, pod: &PodSpec) -> Vec<(&'static str, String, bool)> {
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/etc/janus/tls")
+        .unwrap_or_else(|| panic!("{}: no TLS mount", c.name));
+    let vol = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == m.name)
+        .unwrap();
+    let sources = vol.projected.as_ref().unwrap().sources.clone().unwrap();
+    sources
+        .iter()
+        .map(|s| match (&s.secret, &s.config_map) {
+            (Some(x), None) => ("Secret", x.name.clone(), x.optional == Some(true)),
+            (None, Some(x)) => ("ConfigMap", x.name.clone(), x.optional == Some(true)),
+            other => panic!("unexpected source {other:?}"),
+        })
+        .collect()
+}
+
+/// Every variant speaks mutual TLS, with distinct material for the agents and the
+/// controller. The plain variants need no certificate work: the controller makes the
+/// material (`--tls-auto`) into the Secret the agents mount, and nothing else. The secure
+/// ones take the operator's files as the original Janus did (Secret janus-tls or ConfigMap
+/// janus-config for the agents) and the controller's own identity (janus-controller-tls).
 #[test]
-fn tls_in_secure_variants_only() {
+fn mutual_tls_in_every_variant_with_distinct_identities() {
     for (variant, objs) in all_variants() {
         let secure = variant.ends_with("secure");
         let (ds, a) = agent(&objs);
         let (d, c) = controller(&objs);
-        for (who, container, pod) in [
-            ("agent", &a, ds.spec.unwrap().template.spec.unwrap()),
-            ("controller", &c, d.spec.unwrap().template.spec.unwrap()),
-        ] {
-            let args = args(container);
-            let has = |f: &str| args.iter().any(|a| a == f);
-            assert_eq!(
-                has("--insecure-plaintext"),
-                !secure,
-                "{variant} {who}: {args:?}"
-            );
-            for (flag, file) in [
-                ("--tls-ca", "ca.pem"),
-                ("--tls-cert", "cert.pem"),
-                ("--tls-key", "key.pem"),
-            ] {
-                assert_eq!(
-                    has(&format!("{flag}=/etc/janus/tls/{file}")),
-                    secure,
-                    "{variant} {who}: {args:?}"
-                );
-            }
-            if !secure {
-                continue;
-            }
-            if who == "controller" {
-                assert!(
-                    has("--tls-server-name=janus-agent.janus.svc"),
-                    "{variant}: {args:?}"
-                );
-            }
-            let m = container
-                .volume_mounts
-                .iter()
-                .flatten()
-                .find(|m| m.mount_path == "/etc/janus/tls")
-                .unwrap();
-            let vol = pod
-                .volumes
-                .iter()
-                .flatten()
-                .find(|v| v.name == m.name)
-                .unwrap();
-            let sources = vol.projected.as_ref().unwrap().sources.clone().unwrap();
-            assert!(sources
-                .iter()
-                .any(|s| s.secret.as_ref().is_some_and(|s| s.name == "janus-tls")));
-            assert!(sources.iter().any(|s| s
-                .config_map
-                .as_ref()
-                .is_some_and(|c| c.name == "janus-config")));
+        let (agent_pod, controller_pod) = (
+            ds.spec.unwrap().template.spec.unwrap(),
+            d.spec.unwrap().template.spec.unwrap(),
+        );
+        let (a_args, c_args) = (args(&a), args(&c));
+        for arg in a_args.iter().chain(&c_args) {
+            assert!(!arg.contains("insecure"), "{variant}: {arg}");
+            // The agents accept the controller's default identity, the one it is issued.
+            assert!(!arg.starts_with("--tls-client-name"), "{variant}: {arg}");
         }
+        for (flag, file) in [
+            ("--tls-ca", "ca.pem"),
+            ("--tls-cert", "cert.pem"),
+            ("--tls-key", "key.pem"),
+        ] {
+            let f = format!("{flag}=/etc/janus/tls/{file}");
+            assert!(a_args.contains(&f), "{variant} agent: {a_args:?}");
+            assert_eq!(
+                c_args.contains(&f),
+                secure,
+                "{variant} controller: {c_args:?}"
+            );
+        }
+        let agent_sources = tls_sources(&a, &agent_pod);
+        if secure {
+            assert!(
+                c_args.contains(&"--tls-server-name=janus-agent.janus.svc".to_owned()),
+                "{variant}: {c_args:?}"
+            );
+            assert_eq!(
+                agent_sources,
+                [
+                    ("Secret", "janus-tls".to_owned(), true),
+                    ("ConfigMap", "janus-config".to_owned(), true)
+                ],
+                "{variant}"
+            );
+            assert_eq!(
+                tls_sources(&c, &controller_pod),
+                [("Secret", "janus-controller-tls".to_owned(), false)],
+                "{variant}"
+            );
+        } else {
+            assert!(
+                c_args.contains(&"--tls-auto".to_owned()),
+                "{variant}: {c_args:?}"
+            );
+            assert_eq!(
+                agent_sources,
+                [("Secret", "janus-agent-tls".to_owned(), false)],
+                "{variant}"
+            );
+            // The controller reads the CA through the API, not a mount.
+            assert!(c.volume_mounts.is_none(), "{variant}");
+        }
+    }
+}
+
+/// The agents' API port admits the controller's pods only; metrics stay scrapeable.
+#[test]
+fn network_policy_admits_only_the_controller_to_the_agent_api() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    for (variant, objs) in all_variants() {
+        let np: NetworkPolicy = typed(find(&objs, "NetworkPolicy", "janus-agent").unwrap());
+        let spec = np.spec.unwrap();
+        let (ds, a) = agent(&objs);
+        let labels = ds.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        for (k, v) in spec
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .clone()
+            .unwrap()
+        {
+            assert_eq!(labels.get(&k), Some(&v), "{variant}: selects the agents");
+        }
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+        let (_, c) = controller(&objs);
+        let rules = spec.ingress.unwrap();
+        let port_of = |r: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+            let ports = r.ports.clone().unwrap();
+            assert_eq!(ports.len(), 1, "{variant}");
+            match ports[0].port.clone().unwrap() {
+                IntOrString::String(name) => port(&a, &name),
+                IntOrString::Int(n) => n,
+            }
+        };
+        let mut grpc = 0;
+        for r in &rules {
+            match port_of(r) {
+                9700 => {
+                    grpc += 1;
+                    let from = r.from.clone().unwrap();
+                    assert_eq!(from.len(), 1, "{variant}: only the controller");
+                    assert!(from[0].namespace_selector.is_none() && from[0].ip_block.is_none());
+                    let want = from[0].pod_selector.clone().unwrap().match_labels.unwrap();
+                    let controller_labels = controller(&objs)
+                        .0
+                        .spec
+                        .unwrap()
+                        .template
+                        .metadata
+                        .unwrap()
+                        .labels
+                        .unwrap();
+                    for (k, v) in want {
+                        assert_eq!(controller_labels.get(&k), Some(&v), "{variant}");
+                    }
+                }
+                9701 => assert!(r.from.is_none(), "{variant}: metrics from anywhere"),
+                other => panic!("{variant}: unexpected port {other}"),
+            }
+        }
+        assert_eq!(grpc, 1, "{variant}: one rule for the API port");
+        assert_eq!(port(&c, "metrics"), 9702);
+        find(&objs, "NetworkPolicy", "janus-controller").unwrap();
     }
 }
 
@@ -410,21 +509,32 @@ const CONTROLLER_NAMESPACE_CALLS: [(&str, &str, &str); 2] = [
     ("discovery.k8s.io", "endpointslices", "list"),
     ("discovery.k8s.io", "endpointslices", "watch"),
 ];
+/// With `--tls-auto`: the two Secrets it reads and may write again, and creating them.
+const CONTROLLER_AUTO_TLS_CALLS: [(&str, &str, &str, &str); 4] = [
+    ("", "secrets", "get", "janus-ca"),
+    ("", "secrets", "get", "janus-agent-tls"),
+    ("", "secrets", "update", "janus-agent-tls"),
+    ("", "secrets", "create", ""),
+];
 
-fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+/// (group, resource, verb, resource name or "" for any) of every grant.
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String, String)> {
     let mut out = BTreeSet::new();
     for r in rules {
-        assert!(
-            r.resource_names.is_none() && r.non_resource_urls.is_none(),
-            "{r:?}"
-        );
+        assert!(r.non_resource_urls.is_none(), "{r:?}");
+        let names = r
+            .resource_names
+            .clone()
+            .unwrap_or_else(|| vec![String::new()]);
         for g in r.api_groups.iter().flatten() {
             for res in r.resources.iter().flatten() {
                 for v in &r.verbs {
                     for s in [g, res, v] {
                         assert!(!s.contains('*'), "wildcard in {r:?}");
                     }
-                    out.insert((g.clone(), res.clone(), v.clone()));
+                    for n in &names {
+                        out.insert((g.clone(), res.clone(), v.clone(), n.clone()));
+                    }
                 }
             }
         }
@@ -434,10 +544,10 @@ fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
 
 #[test]
 fn rbac_grants_exactly_what_the_controller_calls() {
-    let want = |calls: &[(&str, &str, &str)]| -> BTreeSet<(String, String, String)> {
+    let want = |calls: &[(&str, &str, &str)]| -> BTreeSet<(String, String, String, String)> {
         calls
             .iter()
-            .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+            .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string(), String::new()))
             .collect()
     };
     for (variant, objs) in all_variants() {
@@ -448,9 +558,17 @@ fn rbac_grants_exactly_what_the_controller_calls() {
             "{variant}: ClusterRole"
         );
         let role: Role = typed(find(&objs, "Role", "janus-controller").unwrap());
+        let mut in_namespace = want(&CONTROLLER_NAMESPACE_CALLS);
+        if !variant.ends_with("secure") {
+            in_namespace.extend(
+                CONTROLLER_AUTO_TLS_CALLS.iter().map(|(g, r, v, n)| {
+                    (g.to_string(), r.to_string(), v.to_string(), n.to_string())
+                }),
+            );
+        }
         assert_eq!(
             grants(&role.rules.unwrap()),
-            want(&CONTROLLER_NAMESPACE_CALLS),
+            in_namespace,
             "{variant}: Role"
         );
         // Bound to the janus ServiceAccount and nothing else.
@@ -691,7 +809,21 @@ fn helm_chart_includes_the_renderings() {
     }
     let values: Value =
         serde_yaml::from_str(&std::fs::read_to_string(chart.join("values.yaml")).unwrap()).unwrap();
+    // The default is the plain rendering, whose mutual TLS needs no certificates; tls=true
+    // makes both identities' Secrets from the chart's certs/.
     assert_eq!(values["tls"], false);
+    let secrets = std::fs::read_to_string(chart.join("templates/tls-secret.yaml")).unwrap();
+    for name in ["janus-tls", "janus-controller-tls"] {
+        assert!(secrets.contains(&format!("name: {name}\n")), "{name}");
+    }
+    for file in [
+        "controller-cert.pem",
+        "controller-key.pem",
+        "cert.pem",
+        "key.pem",
+    ] {
+        assert!(secrets.contains(&format!("\"certs/{file}\"")), "{file}");
+    }
     let meta: Value =
         serde_yaml::from_str(&std::fs::read_to_string(chart.join("Chart.yaml")).unwrap()).unwrap();
     assert_eq!(meta["name"], "janus");
