@@ -181,6 +181,13 @@ fn agent_daemonset_has_what_the_agent_needs_and_no_more() {
             Some(false),
             "{variant}: the agent needs no API token"
         );
+        // Not the controller's account: a node can get a token for any account of a pod bound
+        // to it, and the controller's reads the CA's key.
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("janus-agent"),
+            "{variant}"
+        );
         assert!(
             pod.tolerations.is_none(),
             "{variant}: tolerations are the operator's choice"
@@ -662,7 +669,7 @@ fn openshift_scc_admits_the_agent() {
         );
         let binding = find(&objs, "RoleBinding", "janus-agent-scc").unwrap();
         assert_eq!(binding["roleRef"]["name"], "janus-agent-scc");
-        assert_eq!(binding["subjects"][0]["name"], "janus");
+        assert_eq!(binding["subjects"][0]["name"], "janus-agent");
     }
 }
 

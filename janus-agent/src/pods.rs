@@ -220,9 +220,11 @@ fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
     out
 }
 
-/// A container `ids` names that runs on this node outside the cgroup of pod `pod_uid`, with
-/// the cgroup it was found in: a request that names it for that pod would guard a process
-/// that is not the pod's.
+/// A container `ids` names that runs on this node, but nowhere below the cgroup of pod
+/// `pod_uid`, with a cgroup it was found in: a request that names it for that pod would
+/// guard a process that is not the pod's. (A cgroup elsewhere that merely ends in the ID of
+/// a container that is found in the pod is left alone: it is never matched, and refusing
+/// for it would let whoever can name a cgroup keep a pod from being guarded.)
 pub fn misplaced(pod_uid: &str, ids: &[ContainerId]) -> Option<(ContainerId, String)> {
     misplaced_in(&read_procs("/proc"), pod_uid, ids)
 }
@@ -232,23 +234,29 @@ fn misplaced_in(
     pod_uid: &str,
     ids: &[ContainerId],
 ) -> Option<(ContainerId, String)> {
+    let mut inside = BTreeSet::new();
+    let mut outside = BTreeMap::new();
     for p in procs {
         for path in &p.cgroups {
             let leaf = path.rsplit('/').next().unwrap_or_default();
-            let Some(cid) = ids.iter().find(|c| c.is_leaf(leaf)) else {
-                continue;
-            };
-            let in_pod = pod_of(path).is_some_and(|(uid, child)| {
-                uid == pod_uid
-                    && child.and_then(|c| ContainerId::from_pod_child(c, cid.runtime))
-                        == Some(cid.clone())
-            });
-            if !in_pod {
-                return Some((cid.clone(), path.clone()));
+            for cid in ids.iter().filter(|c| c.is_leaf(leaf)) {
+                let in_pod = pod_of(path).is_some_and(|(uid, child)| {
+                    uid == pod_uid
+                        && child.and_then(|c| ContainerId::from_pod_child(c, cid.runtime))
+                            == Some(cid.clone())
+                });
+                if in_pod {
+                    inside.insert(cid);
+                } else {
+                    outside.entry(cid).or_insert(path);
+                }
             }
         }
     }
-    None
+    outside
+        .into_iter()
+        .find(|(cid, _)| !inside.contains(cid))
+        .map(|(cid, path)| (cid.clone(), path.clone()))
 }
 
 fn add_member<'p>(
@@ -413,6 +421,21 @@ mod tests {
             None
         );
         let s = scan_procs(&procs, &[("mine".into(), mine.clone())]);
+        assert_eq!(s.inits.get(&mine), Some(&4));
+        // A decoy cgroup elsewhere named after a container that is in the pod changes
+        // nothing: the request stands, and only the pod's own process is the container.
+        let mut decoyed = procs.to_vec();
+        decoyed.push(proc(
+            6,
+            &["/kubepods/besteffort/podother/victim/mine"],
+            false,
+            4,
+        ));
+        assert_eq!(
+            misplaced_in(&decoyed, "mine", std::slice::from_ref(&mine)),
+            None
+        );
+        let s = scan_procs(&decoyed, &[("mine".into(), mine.clone())]);
         assert_eq!(s.inits.get(&mine), Some(&4));
         // The systemd driver's scope names the container too.
         let scoped = [proc(

@@ -427,8 +427,7 @@ pub fn secret_field(api: &MockApi, name: &str, key: &str) -> String {
         .secret_calls("POST")
         .into_iter()
         .chain(api.secret_calls("PUT"))
-        .filter(|s| s.body["metadata"]["name"] == name)
-        .last()
+        .rfind(|s| s.body["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no Secret {name} written"));
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(posted.body).unwrap();
     String::from_utf8(secret.data.unwrap()[key].0.clone()).unwrap()
