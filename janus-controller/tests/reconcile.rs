@@ -201,16 +201,53 @@ async fn label_changes_and_pod_deletion_change_the_set() {
 }
 
 #[tokio::test]
-async fn a_new_generation_is_pushed_again() {
+async fn a_changed_spec_is_pushed_again() {
     let mut w = world().await;
     populate(&mut w);
     w.core.sync_guard(&web_guard(1)).await.unwrap();
-    w.stores.guard(web_guard(2));
-    w.core.sync_guard(&web_guard(2)).await.unwrap();
+    let mut changed = web_guard(2);
+    changed.spec = serde_json::from_value(json!({
+        "selector": {"matchLabels": {"app": "web"}},
+        "subjects": [{"deny": ["/etc/other"], "events": ["open"]}],
+    }))
+    .unwrap();
+    w.stores.guard(changed.clone());
+    w.core.sync_guard(&changed).await.unwrap();
+    let digest = janus_api::holding::spec_digest(&changed.spec.to_json());
     let held = w.a.held.lock().unwrap();
-    assert!(held.values().all(|s| s.generation == 2));
+    assert!(held
+        .values()
+        .all(|s| s.generation == 2 && s.spec_digest == digest));
     drop(held);
     assert_eq!(w.api.status("web").unwrap()["observedGeneration"], 2);
+}
+
+/// Whatever generation an agent reports, a spec other than the controller's is replaced by
+/// the next pass; one that is the controller's is left alone.
+#[tokio::test]
+async fn a_tampered_holding_is_repaired_whatever_its_generation() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    let pushed = w.a.applies.load(Ordering::SeqCst);
+    for s in w.a.held.lock().unwrap().values_mut() {
+        s.generation = i64::MAX;
+        s.spec_digest = janus_api::holding::spec_digest(r#"{"subjects":[{"allow":["/"]}]}"#);
+    }
+    w.core.sync_all().await.unwrap();
+    let repaired = w.a.applies.load(Ordering::SeqCst) - pushed;
+    let held = w.a.held.lock().unwrap();
+    assert_eq!(repaired, held.len(), "every tampered holding pushed again");
+    let digest = janus_api::holding::spec_digest(&web_guard(1).spec.to_json());
+    assert!(held.values().all(|s| s.spec_digest == digest));
+    drop(held);
+    // The same spec reported at another generation is not pushed again.
+    for s in w.a.held.lock().unwrap().values_mut() {
+        s.generation = 7;
+    }
+    let before = w.a.applies.load(Ordering::SeqCst);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.applies.load(Ordering::SeqCst), before);
 }
 
 #[tokio::test]
