@@ -236,11 +236,12 @@ async fn a_tampered_holding_is_repaired_whatever_its_generation() {
     }
     w.core.sync_all().await.unwrap();
     let repaired = w.a.applies.load(Ordering::SeqCst) - pushed;
-    let held = w.a.held.lock().unwrap();
-    assert_eq!(repaired, held.len(), "every tampered holding pushed again");
     let digest = janus_api::holding::spec_digest(&web_guard(1).spec.to_json());
-    assert!(held.values().all(|s| s.spec_digest == digest));
-    drop(held);
+    {
+        let held = w.a.held.lock().unwrap();
+        assert_eq!(repaired, held.len(), "every tampered holding pushed again");
+        assert!(held.values().all(|s| s.spec_digest == digest));
+    }
     // The same spec reported at another generation is not pushed again.
     for s in w.a.held.lock().unwrap().values_mut() {
         s.generation = 7;
