@@ -404,11 +404,13 @@ fn mutual_tls_in_every_variant_with_distinct_identities() {
                 c_args.contains(&"--tls-server-name=janus-agent.janus.svc".to_owned()),
                 "{variant}: {c_args:?}"
             );
+            // The Secret last: where both exist it wins every key, so a ConfigMap cannot
+            // replace the CA the agents trust.
             assert_eq!(
                 agent_sources,
                 [
-                    ("Secret", "janus-tls".to_owned(), true),
-                    ("ConfigMap", "janus-config".to_owned(), true)
+                    ("ConfigMap", "janus-config".to_owned(), true),
+                    ("Secret", "janus-tls".to_owned(), true)
                 ],
                 "{variant}"
             );

@@ -45,6 +45,13 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     raise_nofile_limit();
     diagnostics::init(cli.log_format);
+    if matches!(cli.command, Command::Serve(_)) {
+        // Before any thread starts: setns changes the calling thread only.
+        if let Err(e) = janus_agent::pods::join_host_cgroup_namespace() {
+            eprintln!("janus-agent: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -16,12 +16,58 @@
 //! ([`misplaced`]).
 //!
 //! Membership alone does not make a process the container's: runc, `kubectl exec` and
-//! `ctr task exec` enter the cgroup too. The container's own process is its init, the one
-//! that is PID 1 in its own PID namespace (the last `NSpid` entry). That process is also the
-//! owner that `autoAllowOwner` allows.
+//! `ctr task exec` enter the cgroup too. The container's own process is its init: of the
+//! members in the outermost PID namespace among them (the fewest `NSpid` entries), the one
+//! that is PID 1 there, else the earliest started. A process of the container that makes a
+//! PID namespace of its own (`unshare -pf`) is PID 1 of a deeper one and never wins, whatever
+//! its PID. That process is also the owner that `autoAllowOwner` allows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+
+/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, fixed by the kernel).
+const INITIAL_CGROUP_NS: u64 = 0xEFFF_FFFB;
+
+/// `/proc/PID/cgroup` names cgroups relative to the reader's cgroup namespace. containerd
+/// gives every unprivileged container a private one on cgroup v2, where the agent would
+/// see another pod's container as `/../../pod<uid>/<id>`, with no kubepods in it, and find
+/// nothing. The agent joins the initial one, through the first process it can see in it
+/// (PID 1 with hostPID), so that every path is the kubelet's. Must run before any other
+/// thread starts: setns changes the calling thread only.
+pub fn join_host_cgroup_namespace() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let ns_of = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/cgroup")).map(|m| m.ino());
+    match ns_of("self") {
+        Ok(INITIAL_CGROUP_NS) => return Ok(()),
+        Ok(_) => {}
+        // No cgroup namespaces in this kernel: paths are the host's already.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let failed = |what: String| {
+        std::io::Error::other(format!(
+            "{what}; in a cgroup namespace of its own, the agent finds no container by its cgroup"
+        ))
+    };
+    let host = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .find(|pid| ns_of(pid).ok() == Some(INITIAL_CGROUP_NS))
+        .ok_or_else(|| {
+            failed("no process in the host's cgroup namespace is visible (hostPID?)".into())
+        })?;
+    let ns = std::fs::File::open(format!("/proc/{host}/ns/cgroup"))?;
+    // SAFETY: setns with a namespace descriptor we hold open.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(failed(format!(
+            "joining the host's cgroup namespace (/proc/{host}/ns/cgroup): {e}"
+        )));
+    }
+    tracing::info!(through = %host, "joined the host's cgroup namespace");
+    Ok(())
+}
 
 /// A container ID as the kubelet reports it, `<runtime>://<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -160,6 +206,9 @@ struct Proc {
     cgroups: Vec<String>,
     /// Whether the process is PID 1 of its own PID namespace.
     ns_init: bool,
+    /// How deep its PID namespace is (the number of `NSpid` entries): a PID namespace a
+    /// container process makes for itself (`unshare -pf`) is deeper than the container's.
+    ns_depth: usize,
     /// Start time in clock ticks since boot: the tie-break for containers sharing the host's
     /// PID namespace, where no process is a namespace's PID 1.
     start: u64,
@@ -211,8 +260,7 @@ fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
     for (cid, m) in members {
         let init = m
             .iter()
-            .find(|p| p.ns_init)
-            .or_else(|| m.iter().min_by_key(|p| (p.start, p.pid)));
+            .min_by_key(|p| (p.ns_depth, !p.ns_init, p.start, p.pid));
         if let Some(p) = init {
             out.inits.insert(cid, p.pid);
         }
@@ -288,14 +336,12 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_owned))
         .collect();
     let status = std::fs::read(format!("{proc_root}/{pid}/status")).ok()?;
-    let ns_init = String::from_utf8_lossy(&status)
+    let nspid: Vec<String> = String::from_utf8_lossy(&status)
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
-        .map(|ids| {
-            let ids: Vec<&str> = ids.split_whitespace().collect();
-            ids.len() > 1 && ids.last() == Some(&"1")
-        })
-        .unwrap_or(false);
+        .map(|ids| ids.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let ns_init = nspid.len() > 1 && nspid.last().map(String::as_str) == Some("1");
     let stat = std::fs::read(format!("{proc_root}/{pid}/stat")).ok()?;
     // Fields after the command name, which may itself contain ')'.
     let after = stat
@@ -312,6 +358,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         pid,
         cgroups,
         ns_init,
+        ns_depth: nspid.len(),
         start,
     })
 }
@@ -329,6 +376,7 @@ mod tests {
             pid,
             cgroups: cgroups.iter().map(|s| s.to_string()).collect(),
             ns_init,
+            ns_depth: 2,
             start,
         }
     }
@@ -470,6 +518,20 @@ mod tests {
         ];
         let s = scan_procs(&procs, &[("p".into(), c.clone())]);
         assert_eq!(s.inits.get(&c), Some(&20));
+        // A process of the container that made its own PID namespace is PID 1 there, with
+        // a lower PID and an earlier start than the real init: it is still not the init.
+        let decoy = Proc {
+            ns_depth: 3,
+            ..proc(5, &["/kubepods/podp/x"], true, 0)
+        };
+        let procs = [decoy.clone(), proc(11, &["/kubepods/podp/x"], true, 2)];
+        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        assert_eq!(s.inits.get(&c), Some(&11));
+        // Sharing the pod's PID namespace (the pause process is its PID 1): the earliest
+        // process of the container's own depth, not the decoy's namespace init.
+        let procs = [decoy, proc(30, &["/kubepods/podp/x"], false, 7)];
+        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        assert_eq!(s.inits.get(&c), Some(&30));
     }
 
     #[test]

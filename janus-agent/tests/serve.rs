@@ -235,3 +235,118 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
         );
     }
 }
+
+/// The agent in a private cgroup namespace rooted in a pod's cgroup, as containerd starts an
+/// unprivileged container on cgroup v2: other pods' cgroups then read `/../../pod<uid>/<id>`.
+/// It joins the host's cgroup namespace and still finds and guards the container.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_in_its_own_cgroup_namespace_finds_containers() {
+    let dir = std::env::temp_dir().join("janus-serve-cgroupns-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "rootfs").unwrap();
+    populate(&root).unwrap();
+    let me = std::process::id();
+    let pod_uid = format!("3333-{me}");
+    let id = format!("janus-cgns-{me}");
+    let container = Container::run(
+        &root,
+        &id,
+        Some(&format!("/kubepods/besteffort/pod{pod_uid}/{id}")),
+        &[BUSYBOX, "sleep", "600"],
+    )
+    .unwrap();
+    // The agent's own pod cgroup, in every hierarchy, and a wrapper that enters it and a
+    // new cgroup namespace before it execs the agent.
+    let agent_cgroup = format!("kubepods/besteffort/pod4444-{me}/agent");
+    let wrapper = dir.join("in-pod-cgroupns.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            r#"#!/bin/sh
+set -e
+for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
+    [ -e "$h/cgroup.procs" ] || continue
+    d="${{h}}{agent_cgroup}"
+    mkdir -p "$d"
+    # cpuset (v1) admits no process until its parent's CPUs and memory nodes are copied in.
+    for f in cpuset.cpus cpuset.mems; do
+        p="${{h}}"
+        for c in $(echo "{agent_cgroup}" | tr / ' '); do
+            p="$p$c/"
+            [ -e "$p$f" ] && [ -z "$(cat "$p$f")" ] && cat "$(dirname "$p")/$f" > "$p$f"
+        done
+    done
+    echo $$ > "$d/cgroup.procs"
+done
+grep -q kubepods /proc/self/cgroup
+exec unshare --cgroup {agent} "$@"
+"#,
+            agent = env!("CARGO_BIN_EXE_janus-agent"),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let args = [
+        "--insecure-plaintext",
+        "--backend",
+        "fanotify",
+        "--rescan-interval-ms",
+        "200",
+    ];
+    let agent = Serve::start(&wrapper, addr, &args, &dir, "agent").unwrap();
+    // It runs in that cgroup, in a namespace of its own: without joining the host's, the
+    // container's cgroup would read relative to it.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid())).unwrap();
+    assert!(cgroups.contains(&agent_cgroup), "{cgroups}");
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let status = client
+        .apply_guard(ApplyGuardRequest {
+            guard: Some(GuardRef {
+                namespace: "default".into(),
+                name: "cgns".into(),
+                uid: "u".into(),
+                generation: 1,
+            }),
+            pod: Some(PodRef {
+                uid: pod_uid.clone(),
+                namespace: "default".into(),
+                name: "web-1".into(),
+                container_ids: vec![format!("containerd://{id}")],
+            }),
+            spec_json: r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#.into(),
+            spec_digest: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.containers[0].pid, container.pid(), "{status:?}");
+    wait::until(
+        "the container to be denied",
+        Duration::from_secs(10),
+        || {
+            (container.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()? == Access::Denied)
+                .then_some(())
+        },
+    )
+    .unwrap();
+    drop(agent);
+    drop(container);
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let pod = h.path().join(format!("kubepods/besteffort/pod4444-{me}"));
+        let _ = std::fs::remove_dir(pod.join("agent"));
+        let _ = std::fs::remove_dir(pod);
+    }
+}

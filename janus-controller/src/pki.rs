@@ -192,16 +192,17 @@ impl Secrets<'_> {
         }
     }
 
-    async fn replace(&self, name: &'static str, s: &Secret) -> Result<(), PkiError> {
-        self.api
-            .replace(name, &PostParams::default(), s)
-            .await
-            .map(drop)
-            .map_err(|source| PkiError::Write {
+    /// Replaces the Secret at the version `s` names; None when it changed meanwhile.
+    async fn replace(&self, name: &'static str, s: &Secret) -> Result<Option<()>, PkiError> {
+        match self.api.replace(name, &PostParams::default(), s).await {
+            Ok(_) => Ok(Some(())),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+            Err(source) => Err(PkiError::Write {
                 namespace: self.namespace.to_owned(),
                 name,
                 source,
-            })
+            }),
+        }
     }
 
     fn field(&self, s: &Secret, name: &'static str, key: &'static str) -> Result<String, PkiError> {
@@ -271,12 +272,17 @@ pub async fn bootstrap(client: kube::Client, namespace: &str) -> Result<Material
                     key: secrets.field(&s, AGENT_SECRET, "key.pem")?,
                 };
             }
-            Some(_) => {
-                // The CA was made again: the agents' certificate must come from it.
+            Some(old) => {
+                // The CA was made again: the agents' certificate must come from it. Only over
+                // the version read, so that of two replicas racing here one wins and the
+                // other reads its result instead of overwriting it.
                 let a = issue_agent()?;
-                secrets.replace(AGENT_SECRET, &agent_secret(&a)).await?;
-                tracing::warn!(namespace, secret = AGENT_SECRET, "the agents' certificate was signed by another CA; issued a new one (restart the agents)");
-                break a;
+                let mut s = agent_secret(&a);
+                s.metadata.resource_version = old.metadata.resource_version;
+                if secrets.replace(AGENT_SECRET, &s).await?.is_some() {
+                    tracing::warn!(namespace, secret = AGENT_SECRET, "the agents' certificate was signed by another CA; issued a new one (restart the agents)");
+                    break a;
+                }
             }
             None => {
                 let a = issue_agent()?;

@@ -178,6 +178,10 @@ impl Serve {
         Ok(serve)
     }
 
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
     /// Kills the agent at once (no SIGTERM: as a crash would) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.0.kill();

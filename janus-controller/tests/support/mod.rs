@@ -151,6 +151,8 @@ fn secret_call(
             if secrets.contains_key(&name) {
                 return (409, status(409, "AlreadyExists"));
             }
+            let mut body = body;
+            body["metadata"]["resourceVersion"] = json!("1");
             secrets.insert(name, body.clone());
             (201, body)
         }
@@ -159,6 +161,16 @@ fn secret_call(
             None => (404, status(404, "NotFound")),
         },
         ("PUT", Some(name)) => {
+            let current = secrets
+                .get(&name)
+                .map(|s| s["metadata"]["resourceVersion"].clone());
+            let version = &body["metadata"]["resourceVersion"];
+            if current.as_ref() != Some(version) {
+                return (409, status(409, "Conflict"));
+            }
+            let next = version.as_str().unwrap().parse::<u64>().unwrap() + 1;
+            let mut body = body;
+            body["metadata"]["resourceVersion"] = json!(next.to_string());
             secrets.insert(name, body.clone());
             (200, body)
         }
