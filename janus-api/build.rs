@@ -5,9 +5,14 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    if std::env::var_os("CARGO_FEATURE_GRPC").is_none() {
-        return Ok(());
-    }
+    #[cfg(feature = "grpc")]
+    compile()?;
+    Ok(())
+}
+
+/// Its build dependencies exist only with the feature, so the code does too.
+#[cfg(feature = "grpc")]
+fn compile() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC from the environment.
     unsafe { std::env::set_var("PROTOC", protoc) };

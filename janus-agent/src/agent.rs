@@ -10,7 +10,7 @@ use janus_api::GuardPolicy;
 use crate::bpf::{self, BackendChoice, Enforcer};
 use crate::decisions::LogSender;
 use crate::fanotify::target::{StartError, TargetSpec};
-use crate::fanotify::{self, TargetHandle};
+use crate::fanotify::{self, Engine, TargetHandle};
 use crate::metrics::Metrics;
 use crate::state::{Phase, TargetState};
 
@@ -43,9 +43,10 @@ impl Target {
 
 pub struct Agent {
     metrics: Arc<Metrics>,
-    log: LogSender,
     node: String,
     bpf: Option<Enforcer>,
+    /// The fanotify backend, for every target BPF does not take.
+    fanotify: Mutex<Option<Engine>>,
     /// By a key the caller chooses (`serve`: guard, pod, container; standalone: guard, pid).
     targets: Mutex<BTreeMap<String, Target>>,
 }
@@ -58,12 +59,15 @@ impl Agent {
         node: String,
         backend: BackendChoice,
     ) -> anyhow::Result<Agent> {
+        // First: where the kernel refuses permission events, say so in one line before
+        // anything is loaded.
+        let fanotify = Engine::start(metrics.clone(), log.clone())?;
         let bpf = bpf::select(backend, &metrics, &log)?;
         Ok(Agent {
             metrics,
-            log,
             node,
             bpf,
+            fanotify: Mutex::new(Some(fanotify)),
             targets: Mutex::new(BTreeMap::new()),
         })
     }
@@ -116,16 +120,18 @@ impl Agent {
                 Err(e) => return Err(e.into()),
             }
         }
-        let handle = fanotify::start(
-            TargetSpec {
+        let handle = self
+            .fanotify
+            .lock()
+            .expect("fanotify lock")
+            .as_ref()
+            .ok_or(StartError::Stopped)?
+            .add(TargetSpec {
                 guard: guard.clone(),
                 pid,
                 pod,
                 node: self.node.clone(),
-            },
-            self.metrics.clone(),
-            self.log.clone(),
-        )?;
+            })?;
         tracing::info!(guard = %guard.name, pid, backend = fanotify::target::BACKEND, "guarding");
         Ok(Target::Fanotify(handle))
     }
@@ -201,6 +207,9 @@ impl Agent {
         let targets = std::mem::take(&mut *self.targets.lock().expect("targets lock"));
         for t in targets.into_values() {
             self.stop(t);
+        }
+        if let Some(engine) = self.fanotify.lock().expect("fanotify lock").take() {
+            engine.shutdown();
         }
         if let Some(enforcer) = &self.bpf {
             enforcer.shutdown();

@@ -31,7 +31,10 @@ pub struct Entry {
     pub ctx: Arc<LogContext>,
     pub verdict: Verdict,
     pub event: Event,
+    /// The guarded path of the object decided.
     pub path: Vec<u8>,
+    /// The name it was reached by, where that is not `path` (a rename, a hard link).
+    pub name: Option<Vec<u8>>,
     pub is_dir: bool,
     /// Index of the deciding subject, for its tags; `None` for internal errors.
     pub subject: Option<usize>,
@@ -133,6 +136,7 @@ fn render(e: &Entry, out: &mut String) {
             verdict: e.verdict,
             event: e.event,
             path: &e.path,
+            name: e.name.as_deref(),
             is_dir: e.is_dir,
             tags,
             pid: e.pid,

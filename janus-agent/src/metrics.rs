@@ -2,8 +2,8 @@
 //! that counting a decision is an atomic add, not a label lookup.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use janus_api::{Event, Verdict};
@@ -36,6 +36,7 @@ pub struct Metrics {
     pub bpf_events_dropped: IntCounter,
     pub backend_info: IntGaugeVec,
     pub api_refused: IntCounterVec,
+    pub kernel_marks: IntGauge,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -81,7 +82,7 @@ impl Metrics {
         );
         let marks = gauge(
             "janus_marks",
-            "Inodes marked, by guard and namespace.",
+            "Objects a guard holds marked, by guard and namespace: every directory and file below its paths (fanotify).",
             &["guard", "namespace"],
         );
         let targets = gauge(
@@ -148,6 +149,14 @@ impl Metrics {
         for reason in ["no_certificate", "unreadable_certificate", "wrong_identity"] {
             api_refused.with_label_values(&[reason]);
         }
+        let kernel_marks = register(
+            &r,
+            IntGauge::new(
+                "janus_kernel_marks",
+                "Inodes marked in the agent's one fanotify group, whatever guards and containers hold them (an inode two targets guard is one mark).",
+            )
+            .expect("valid metric"),
+        );
         // Every series the backends count exists from the start, so alerts and dashboards
         // see 0 rather than nothing.
         for backend in ["fanotify", "bpf"] {
@@ -164,6 +173,7 @@ impl Metrics {
             bpf_events_dropped,
             backend_info,
             api_refused,
+            kernel_marks,
             decisions,
             internal_errors,
             overflows,

@@ -5,7 +5,6 @@ use std::ffi::CString;
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 
 use janus_api::GuardPath;
 
@@ -21,6 +20,47 @@ pub enum ResolveError {
     Outside { path: GuardPath },
 }
 
+/// A file system object's identity: what a guard follows, whatever its names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(st: &libc::statx) -> FileId {
+        FileId {
+            dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+        }
+    }
+}
+
+/// What the agent needs to know of an object it holds: type, links, identity and the mount
+/// it was reached through. `statx` on the descriptor: no path is looked up.
+pub fn statx(fd: BorrowedFd<'_>) -> io::Result<libc::statx> {
+    // SAFETY: statx is plain data the kernel fills in.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, an empty C path with AT_EMPTY_PATH, and a statx buffer.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_TYPE | libc::STATX_NLINK | libc::STATX_INO | libc::STATX_MNT_ID,
+            &mut st,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+pub fn is_dir(st: &libc::statx) -> bool {
+    u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR
+}
+
 /// A target process's root directory, held open.
 pub struct ContainerRoot {
     pub pid: i32,
@@ -30,9 +70,9 @@ pub struct ContainerRoot {
     prefix: Vec<u8>,
     /// Inode of the target's mount namespace, to tell containers apart in diagnostics.
     pub mnt_ns: u64,
-    /// The root directory as (dev, ino): a process whose root it is acts in the container,
-    /// whatever mounts it reaches files through.
-    root_id: (u64, u64),
+    /// The root directory: a process whose root it is acts in the container, whatever mounts
+    /// it reaches files through.
+    root_id: FileId,
     /// The target's PID namespace, when it is not the agent's own.
     pid_ns: Option<u64>,
 }
@@ -73,30 +113,22 @@ impl ContainerRoot {
             root,
             prefix,
             mnt_ns,
-            root_id: (st.st_dev, st.st_ino),
+            root_id: FileId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
             pid_ns,
         })
     }
 
-    /// The root directory's (dev, ino), as `stat` gives them.
-    pub fn root_id(&self) -> (u64, u64) {
+    /// The root directory's identity.
+    pub fn root_id(&self) -> FileId {
         self.root_id
     }
 
-    /// Whether process `pid`, which reached a file through a mount the target does not have,
-    /// still acts in the target: a mount namespace made inside the container (`unshare -m`)
-    /// copies its mounts under new IDs but keeps its root, and its processes stay in the
-    /// container's PID namespace or one nested in it. Host processes (the kubelet reading a
-    /// volume) do neither. A process already gone does not.
-    pub fn holds(&self, pid: i32) -> bool {
-        let root = std::fs::metadata(format!("/proc/{pid}/root"));
-        if root.is_ok_and(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino()) == self.root_id
-        }) {
-            return true;
-        }
-        self.pid_ns.is_some_and(|ns| pid_ns_within(pid, ns))
+    /// The target's PID namespace, when it is not the agent's own.
+    pub fn pid_ns(&self) -> Option<u64> {
+        self.pid_ns
     }
 
     /// Opens `path` (O_PATH) inside the root; symlinks resolve as they would in the
@@ -141,28 +173,42 @@ impl ContainerRoot {
     }
 }
 
-/// Whether `pid`'s PID namespace is `ancestor` or nested in it.
-fn pid_ns_within(pid: i32, ancestor: u64) -> bool {
+/// A process's root directory, as a target's is compared with it: a process of the
+/// container that made a mount namespace of its own (`unshare -m`) reaches files through
+/// copies of its mounts, but keeps its root. None once it is gone.
+pub fn process_root(pid: i32) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(format!("/proc/{pid}/root")).ok()?;
+    Some(FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+/// The PID namespace of `pid` and every one it is nested in, innermost first (empty once
+/// the process is gone): a process that made a PID namespace of its own is still in its
+/// container's.
+pub fn pid_ns_chain(pid: i32) -> Vec<u64> {
+    let mut chain = Vec::new();
     let Ok(file) = std::fs::File::open(format!("/proc/{pid}/ns/pid")) else {
-        return false;
+        return chain;
     };
     let mut ns = OwnedFd::from(file);
     for _ in 0..MAX_PID_NS_DEPTH {
         match nix::sys::stat::fstat(ns.as_fd()) {
-            Ok(st) if st.st_ino == ancestor => return true,
-            Ok(_) => {}
-            Err(_) => return false,
+            Ok(st) => chain.push(st.st_ino),
+            Err(_) => break,
         }
         // SAFETY: NS_GET_PARENT takes no argument and returns a new descriptor or -1.
         let parent = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_PARENT) };
         if parent < 0 {
             // The initial namespace has no parent.
-            return false;
+            break;
         }
         // SAFETY: a descriptor the kernel just gave us.
         ns = unsafe { OwnedFd::from_raw_fd(parent) };
     }
-    false
+    chain
 }
 
 /// Reads what `/proc/self/fd/N` links to: the kernel's path for an open file.
@@ -277,9 +323,4 @@ pub fn comm(pid: i32) -> Vec<u8> {
         }
         Err(_) => b"?".to_vec(),
     }
-}
-
-/// The bytes of an OS path, for callers holding `Path`s.
-pub fn path_bytes(p: &std::path::Path) -> &[u8] {
-    p.as_os_str().as_bytes()
 }

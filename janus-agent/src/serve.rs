@@ -27,7 +27,7 @@ use crate::agent::Agent;
 use crate::fanotify::target::{unsupported_warnings, BACKEND};
 use crate::pods::{self, ContainerId, ContainerIdError};
 use crate::state::{Phase, TargetState};
-use crate::{decisions, fanotify, http, metrics::Metrics, tls};
+use crate::{decisions, http, metrics::Metrics, tls};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -526,8 +526,6 @@ fn authorize(
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = crate::standalone::Shutdown::listen()?;
     let tls = tls::server_config(&args.tls)?;
-    // Fail in one clear line before serving if the kernel will not let us guard.
-    fanotify::PermGroup::new()?;
     let metrics = Arc::new(Metrics::new());
     let (log, writer) = decisions::start(Box::new(std::io::stdout()), metrics.log_dropped.clone());
     let node = args.node.clone().unwrap_or_else(|| {

@@ -9,7 +9,7 @@ use janus_api::guard::parse_documents;
 use janus_api::GuardPolicy;
 
 use crate::agent::Agent;
-use crate::{bpf, decisions, fanotify, http, metrics::Metrics};
+use crate::{bpf, decisions, http, metrics::Metrics};
 
 #[derive(Debug, clap::Args)]
 pub struct GuardArgs {
@@ -64,8 +64,6 @@ pub fn load_guards(file: &std::path::Path) -> anyhow::Result<Vec<Arc<GuardPolicy
 pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::listen()?;
     let policies = load_guards(&args.file)?;
-    // Fail in one clear line before anything is marked if the kernel will not let us.
-    fanotify::PermGroup::new()?;
     let metrics = Arc::new(Metrics::new());
     let (log, writer) = decisions::start(Box::new(std::io::stdout()), metrics.log_dropped.clone());
     let node = args.node.unwrap_or_else(|| {

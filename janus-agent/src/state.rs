@@ -43,6 +43,9 @@ pub enum PathStatus {
     Missing(String),
     /// Not enforced by design, e.g. `onlyDir` on a file.
     Skipped(String),
+    /// What the path named was moved away or removed and is still guarded where it is;
+    /// whatever appears at the path is guarded too.
+    Moved(String),
     Failed(String),
 }
 

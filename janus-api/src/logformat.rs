@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 use crate::decide::Verdict;
 use crate::policy::Event;
 
-pub const DEFAULT_LOG_FORMAT: &str = "<{response}> {event} {ftype} '{path}' ({pod}:{node}) {tags}";
+/// The seed's default format, with `{via}` after the path: empty unless the object was
+/// reached by another name than the guarded one, so an ordinary line is the seed's own.
+pub const DEFAULT_LOG_FORMAT: &str =
+    "<{response}> {event} {ftype} '{path}'{via} ({pod}:{node}) {tags}";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Specifier {
@@ -24,9 +27,14 @@ pub enum Specifier {
     Pid,
     Comm,
     Guard,
+    /// The name the object was reached by (a rename, a hard link, a second mount), or the
+    /// guarded path when it is the same.
+    Name,
+    /// ` via '<name>'` when the name differs from the guarded path, else nothing.
+    Via,
 }
 
-const SPECIFIERS: [(&str, Specifier); 12] = [
+const SPECIFIERS: [(&str, Specifier); 14] = [
     ("pod", Specifier::Pod),
     ("node", Specifier::Node),
     ("response", Specifier::Response),
@@ -39,12 +47,14 @@ const SPECIFIERS: [(&str, Specifier); 12] = [
     ("pid", Specifier::Pid),
     ("comm", Specifier::Comm),
     ("guard", Specifier::Guard),
+    ("name", Specifier::Name),
+    ("via", Specifier::Via),
 ];
 
 /// What [`LogTemplate::parse`] accepts, as a regular expression (RE2, for the CRD's schema
 /// to refuse a bad `logFormat` at admission): single-line text, `{{`, `}}` and the known
 /// specifiers. A unit test keeps it in step with [`SPECIFIERS`].
-pub const LOG_FORMAT_PATTERN: &str = r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard)\})*$";
+pub const LOG_FORMAT_PATTERN: &str = r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard|name|via)\})*$";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -72,8 +82,11 @@ pub struct LogRecord<'a> {
     pub guard: &'a str,
     pub verdict: Verdict,
     pub event: Event,
-    /// As the container sees it; not necessarily UTF-8.
+    /// The guarded path of the object decided, as the container sees it; not necessarily
+    /// UTF-8.
     pub path: &'a [u8],
+    /// The name it was reached by, when that is not `path`.
+    pub name: Option<&'a [u8]>,
     pub is_dir: bool,
     pub tags: &'a str,
     pub pid: i32,
@@ -156,6 +169,14 @@ impl LogTemplate {
                     }
                     Specifier::Comm => escape_into(r.comm, out),
                     Specifier::Guard => escape_into(r.guard.as_bytes(), out),
+                    Specifier::Name => escape_into(r.name.unwrap_or(r.path), out),
+                    Specifier::Via => {
+                        if let Some(name) = r.name {
+                            out.push_str(" via '");
+                            escape_into(name, out);
+                            out.push('\'');
+                        }
+                    }
                 },
             }
         }
@@ -164,14 +185,16 @@ impl LogTemplate {
     }
 }
 
-/// Writes `bytes` so that any byte string yields one printable line: invalid UTF-8 and
-/// control characters become `\xNN`, a backslash becomes `\\`.
+/// Writes `bytes` so that any byte string yields one printable line that cannot end the
+/// quoted field it stands in: invalid UTF-8, control characters and line or paragraph
+/// separators become `\xNN`, a backslash `\\` and a quote `\'`.
 pub fn escape_into(bytes: &[u8], out: &mut String) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
                 '\\' => out.push_str("\\\\"),
-                c if c.is_control() => {
+                '\'' => out.push_str("\\'"),
+                c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => {
                     let mut buf = [0u8; 4];
                     for b in c.encode_utf8(&mut buf).bytes() {
                         let _ = write!(out, "\\x{b:02x}");
@@ -189,6 +212,74 @@ pub fn escape_into(bytes: &[u8], out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parser of the default line: the fields, with `\x`, `\\` and `\'` undone.
+    fn parse_default(line: &str) -> (String, Vec<u8>, Option<Vec<u8>>, String) {
+        let quoted = |s: &str| -> (Vec<u8>, usize) {
+            let b = s.as_bytes();
+            assert_eq!(b[0], b'\'');
+            let (mut out, mut i) = (Vec::new(), 1);
+            loop {
+                match b[i] {
+                    b'\'' => return (out, i + 1),
+                    b'\\' if b[i + 1] == b'x' => {
+                        out.push(u8::from_str_radix(&s[i + 2..i + 4], 16).unwrap());
+                        i += 4;
+                    }
+                    b'\\' => {
+                        out.push(b[i + 1]);
+                        i += 2;
+                    }
+                    c => {
+                        out.push(c);
+                        i += 1;
+                    }
+                }
+            }
+        };
+        let start = line.find('\'').unwrap();
+        let head = line[..start].to_owned();
+        let (path, n) = quoted(&line[start..]);
+        let mut rest = &line[start + n..];
+        let name = rest.strip_prefix(" via ").map(|r| {
+            let (name, n) = quoted(r);
+            rest = &r[n..];
+            name
+        });
+        (head, path, name, rest.to_owned())
+    }
+
+    #[test]
+    fn a_hostile_name_cannot_forge_a_field_or_a_line() {
+        let t = LogTemplate::default();
+        let forged: &[u8] =
+            b"/data/x' (payments-db-0:node-9) team=payments\n<ALLOW> \xff\\'\xe2\x80\xa8";
+        for (path, name) in [(forged, None), (b"/data/secret".as_slice(), Some(forged))] {
+            let mut line = String::new();
+            t.render(
+                &LogRecord {
+                    pod: "web-1",
+                    node: "node-a",
+                    guard: "g",
+                    verdict: Verdict::Deny,
+                    event: Event::Open,
+                    path,
+                    name,
+                    is_dir: false,
+                    tags: "team=a",
+                    pid: 1,
+                    comm: b"cat",
+                },
+                &mut line,
+            );
+            assert!(!line.contains('\n') && !line.contains('\u{2028}'), "{line}");
+            let (head, p, n, rest) = parse_default(&line);
+            assert_eq!(head, "<DENY> OPEN_PERM file ");
+            assert_eq!(p, path);
+            assert_eq!(n.as_deref(), name);
+            assert_eq!(rest, " (web-1:node-a) team=a");
+        }
+    }
 
     #[test]
     fn the_schema_pattern_names_exactly_the_specifiers() {

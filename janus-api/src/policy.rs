@@ -158,6 +158,20 @@ impl GuardPath {
         }
     }
 
+    /// `name` below this path; None for a name that is not one component (empty, `.`,
+    /// `..`, or holding `/` or NUL), as no directory entry is.
+    pub fn join(&self, name: &[u8]) -> Option<GuardPath> {
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+            return None;
+        }
+        let mut p = self.0.clone();
+        if p != b"/" {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name);
+        GuardPath::from_kernel(p)
+    }
+
     /// The path relative to `/`, for resolving inside a container root.
     pub fn relative(&self) -> &[u8] {
         &self.0[1..]

@@ -93,6 +93,7 @@ fn record<'a>(path: &'a [u8], tags: &'a str) -> LogRecord<'a> {
         tags,
         pid: 42,
         comm: b"cat",
+        name: None,
     }
 }
 

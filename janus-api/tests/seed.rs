@@ -67,6 +67,7 @@ fn custom_logformat_renders_the_seed_specifiers() {
             tags: "",
             pid: 1,
             comm: b"sh",
+            name: None,
         },
         &mut line,
     );

@@ -28,7 +28,7 @@ use janus_common::{
 
 use crate::decisions::{Entry, LogContext, LogSender};
 use crate::metrics::{DecisionCounters, Metrics};
-use crate::resolve::{self, ContainerRoot};
+use crate::resolve::{self, ContainerRoot, FileId};
 
 pub const BACKEND: &str = "bpf";
 
@@ -249,10 +249,10 @@ fn raise_memlock_limit() {
 
 /// The kernel's identity of an inode from what `stat` gives in user space: its `(st_dev,
 /// st_ino)`, in the kernel's `dev_t` encoding.
-fn stat_key((dev, ino): (u64, u64), scope: u32) -> InodeKey {
+fn stat_key(id: FileId, scope: u32) -> InodeKey {
     InodeKey {
-        ino,
-        dev: InodeKey::kernel_dev(libc::major(dev), libc::minor(dev)),
+        ino: id.ino,
+        dev: InodeKey::kernel_dev(libc::major(id.dev), libc::minor(id.dev)),
         scope,
     }
 }
@@ -392,7 +392,13 @@ impl Enforcer {
                 })
             })?;
             let at = rules::Resolved {
-                key: stat_key((st.st_dev, st.st_ino), scope_id),
+                key: stat_key(
+                    FileId {
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                    },
+                    scope_id,
+                ),
                 is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
                 path: canonical.as_bytes().to_vec(),
             };
@@ -567,6 +573,7 @@ fn handle(
         verdict,
         event,
         path,
+        name: None,
         is_dir: d.flags & DECISION_IS_DIR != 0,
         subject: (d.flags & DECISION_TOO_DEEP == 0).then_some(usize::from(d.subject)),
         pid: d.tgid as i32,

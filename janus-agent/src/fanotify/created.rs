@@ -1,5 +1,7 @@
-//! Directories that appear under marked ones, so that they are marked in turn
-//! (FAN_EVENT_ON_CHILD reaches one level only).
+//! Entries that appear in marked directories, so that they are marked in turn: a directory
+//! because FAN_EVENT_ON_CHILD reaches one level only, a file because only a mark of its own
+//! follows it when it is linked or moved elsewhere. And marked directories that move, so that
+//! what is created in them later is still decided under their guarded path.
 //!
 //! inotify, not a fanotify group reporting FAN_CREATE: those need file handles (FID
 //! reporting), which tmpfs before Linux 6.6 and overlayfs without `nfs_export` (every
@@ -12,17 +14,26 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::group::{AlignedBuf, FanotifyError};
 
-/// An inotify instance watching marked directories for subdirectories created or moved in.
+/// The agent's one inotify instance, watching every marked directory.
 pub struct CreateWatch {
     fd: OwnedFd,
 }
 
 /// What one read reported.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Created<'b> {
     /// The queue overflowed: some creations went unreported.
     Overflow,
-    /// A directory `name` appeared in the directory watched as `parent`.
-    Dir { parent: i32, name: &'b [u8] },
+    /// `name` appeared (created, or moved in) in the directory watched as `parent`.
+    Entry {
+        parent: i32,
+        name: &'b [u8],
+        is_dir: bool,
+    },
+    /// The directory watched as `wd` was moved.
+    Moved { wd: i32 },
+    /// The watch `wd` is gone (its directory was removed, or the watch taken off).
+    Gone { wd: i32 },
 }
 
 impl CreateWatch {
@@ -47,7 +58,7 @@ impl CreateWatch {
             libc::inotify_add_watch(
                 self.fd.as_raw_fd(),
                 path.as_ptr().cast(),
-                libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ONLYDIR,
+                libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_MOVE_SELF | libc::IN_ONLYDIR,
             )
         };
         if wd < 0 {
@@ -56,7 +67,13 @@ impl CreateWatch {
         Ok(wd)
     }
 
-    /// The directories reported since the last read (nothing if none: the descriptor does
+    /// Takes the watch `wd` off.
+    pub fn unwatch(&self, wd: i32) {
+        // SAFETY: a valid inotify descriptor; a stale wd is refused with EINVAL, harmlessly.
+        unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+    }
+
+    /// The entries reported since the last read (nothing if none: the descriptor does
     /// not block).
     pub fn read<'b>(&self, buf: &'b mut AlignedBuf) -> io::Result<Vec<Created<'b>>> {
         // SAFETY: reading into a buffer we own, of the length we pass.
@@ -75,7 +92,7 @@ impl AsFd for CreateWatch {
 }
 
 /// `struct inotify_event` records: wd, mask, cookie, len, then `len` bytes of name padded
-/// with NULs. Files created (no IN_ISDIR) need nothing: their directory's mark covers them.
+/// with NULs.
 fn parse(mut buf: &[u8]) -> Vec<Created<'_>> {
     const HEAD: usize = size_of::<libc::inotify_event>();
     let field = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
@@ -89,8 +106,16 @@ fn parse(mut buf: &[u8]) -> Vec<Created<'_>> {
         let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
         if mask & libc::IN_Q_OVERFLOW != 0 {
             out.push(Created::Overflow);
-        } else if mask & libc::IN_ISDIR != 0 && !name.is_empty() {
-            out.push(Created::Dir { parent: wd, name });
+        } else if mask & libc::IN_MOVE_SELF != 0 {
+            out.push(Created::Moved { wd });
+        } else if mask & libc::IN_IGNORED != 0 {
+            out.push(Created::Gone { wd });
+        } else if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 && !name.is_empty() {
+            out.push(Created::Entry {
+                parent: wd,
+                name,
+                is_dir: mask & libc::IN_ISDIR != 0,
+            });
         }
         buf = &buf[end..];
     }
@@ -114,22 +139,43 @@ mod tests {
     }
 
     #[test]
-    fn records_are_parsed_and_files_are_skipped() {
+    fn records_are_parsed() {
         let mut buf = record(3, libc::IN_CREATE | libc::IN_ISDIR, b"new\xffdir", 16);
         buf.extend(record(3, libc::IN_CREATE, b"file", 16));
         buf.extend(record(4, libc::IN_MOVED_TO | libc::IN_ISDIR, b"moved", 8));
+        buf.extend(record(4, libc::IN_MOVE_SELF, b"", 0));
+        buf.extend(record(4, libc::IN_IGNORED, b"", 0));
         buf.extend(record(-1, libc::IN_Q_OVERFLOW, b"", 0));
         // A truncated record at the end is not read past.
         buf.extend(&record(5, libc::IN_CREATE | libc::IN_ISDIR, b"cut", 16)[..20]);
-        let got: Vec<String> = parse(&buf)
-            .into_iter()
-            .map(|c| match c {
-                Created::Overflow => "overflow".into(),
-                Created::Dir { parent, name } => {
-                    format!("{parent}:{}", String::from_utf8_lossy(name))
-                }
-            })
-            .collect();
-        assert_eq!(got, ["3:new\u{fffd}dir", "4:moved", "overflow", "5:cut"]);
+        let got = parse(&buf);
+        assert_eq!(
+            got,
+            [
+                Created::Entry {
+                    parent: 3,
+                    name: b"new\xffdir",
+                    is_dir: true
+                },
+                Created::Entry {
+                    parent: 3,
+                    name: b"file",
+                    is_dir: false
+                },
+                Created::Entry {
+                    parent: 4,
+                    name: b"moved",
+                    is_dir: true
+                },
+                Created::Moved { wd: 4 },
+                Created::Gone { wd: 4 },
+                Created::Overflow,
+                Created::Entry {
+                    parent: 5,
+                    name: b"cut",
+                    is_dir: true
+                },
+            ]
+        );
     }
 }

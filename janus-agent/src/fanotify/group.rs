@@ -24,9 +24,11 @@ pub enum FanotifyError {
     Init(nix::Error),
     #[error("fanotify_mark: {0}")]
     Mark(nix::Error),
-    /// Watching a marked directory for new subdirectories (inotify).
+    /// Watching a marked directory for new entries (inotify).
     #[error("inotify: {0}")]
     Watch(io::Error),
+    #[error("statx: {0}")]
+    Stat(io::Error),
 }
 
 /// Maps guard events to the permission-event mask that enforces them. `modify` has no
@@ -111,6 +113,28 @@ impl PermGroup {
         } else {
             (mask, MarkFlags::FAN_MARK_ADD)
         };
+        self.fan
+            .mark(flags, mask, fd, Some(held(fd).as_str()))
+            .map_err(FanotifyError::Mark)
+    }
+
+    /// Takes `mask` off `fd`'s mark; with `whole`, the mark itself goes (a directory's
+    /// FAN_EVENT_ON_CHILD with it).
+    pub fn unmark(
+        &self,
+        fd: BorrowedFd<'_>,
+        mask: MaskFlags,
+        dir: bool,
+        whole: bool,
+    ) -> Result<(), FanotifyError> {
+        let mut flags = MarkFlags::FAN_MARK_REMOVE;
+        let mut mask = mask;
+        if dir {
+            flags |= MarkFlags::FAN_MARK_ONLYDIR;
+            if whole {
+                mask |= MaskFlags::FAN_EVENT_ON_CHILD | MaskFlags::FAN_ONDIR;
+            }
+        }
         self.fan
             .mark(flags, mask, fd, Some(held(fd).as_str()))
             .map_err(FanotifyError::Mark)

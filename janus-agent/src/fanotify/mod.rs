@@ -1,13 +1,19 @@
 //! The fanotify backend: permission events answered in user space.
 //!
-//! Each guarded target gets a permission group whose marks cover the guarded inodes
-//! (directories with FAN_EVENT_ON_CHILD), and an inotify watch that reports directories
-//! created or moved under guarded ones, which are then marked in turn.
+//! The agent has one permission group and one inotify instance, whatever the number of
+//! guards and containers (`fs.fanotify.max_user_groups` and `fs.inotify.max_user_instances`
+//! are 128 per uid, and uid 0 is shared with every container that runs as root without a
+//! user namespace). Every object below a guarded path carries a mark of its own, recorded
+//! with the guarded path it was marked under: an event is decided by the object's identity,
+//! not its current name, and for the container whose access it is.
 
+mod answer;
 mod created;
+mod engine;
 pub mod group;
+mod marks;
 pub mod target;
 mod tree;
 
+pub use engine::{Engine, TargetHandle};
 pub use group::{FanotifyError, PermGroup};
-pub use target::{start, TargetHandle};

@@ -1,29 +1,23 @@
-//! Enforcing one guard on one process: an answering thread that only decides and replies,
-//! and a marker thread that places marks, follows new directories and re-resolves paths.
+//! One guard on one process under fanotify: what the answering thread reads to decide
+//! ([`TargetShared`], its [`View`]) and what the marker thread keeps to place and follow the
+//! marks ([`Marker`]).
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
-use prometheus::Histogram;
-
-use janus_api::decide::Rule;
+use janus_api::decide::{Decision, Rule};
 use janus_api::{Event, GuardPath, GuardPolicy, RuleSet, Verdict};
 
-use super::created::{CreateWatch, Created};
-use super::group::{event_of, perm_mask, AlignedBuf, FanotifyError, PermGroup, RawEvent};
-use super::tree::Tree;
-use crate::decisions::{Entry, LogContext, LogSender};
+use super::group::{perm_mask, FanotifyError};
+use super::marks::{MarkTable, TargetId};
+use super::tree::{Found, Walk};
+use crate::decisions::LogContext;
 use crate::metrics::{DecisionCounters, Metrics};
-use crate::resolve::{self, ContainerRoot, ResolveError};
+use crate::resolve::{self, ContainerRoot, FileId, ResolveError};
 use crate::state::{PathState, PathStatus, Phase, TargetState};
 
 pub const BACKEND: &str = "fanotify";
-/// How often missing paths are retried and symlinked paths re-resolved.
-const RESOLVE_PERIOD: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -33,56 +27,8 @@ pub enum StartError {
     Fanotify(#[from] FanotifyError),
     #[error("pid {pid}: pidfd_open: {error}")]
     Pidfd { pid: i32, error: std::io::Error },
-    #[error("eventfd: {0}")]
-    EventFd(nix::Error),
-}
-
-/// What the answering thread needs to decide, swapped whole when paths re-resolve.
-struct View {
-    rules: RuleSet,
-    /// Mount IDs of the target's mount namespace, sorted. A file reached through another
-    /// mount is being opened by someone outside the target, in their own coordinates.
-    mounts: Vec<u64>,
-    /// Guarded files by inode (dev, ino), with their guarded path: a hard link elsewhere in
-    /// the container reaches the same inode by another name, and is decided as the file.
-    files: Vec<(u64, u64, GuardPath)>,
-}
-
-struct Shared {
-    perm: PermGroup,
-    root: ContainerRoot,
-    owners: [i32; 2],
-    view: RwLock<Arc<View>>,
-    stop: EventFd,
-    ctx: Arc<LogContext>,
-    counters: DecisionCounters,
-    /// `janus_decision_latency_seconds{backend="fanotify"}`, looked up once.
-    latency: Histogram,
-    metrics: Arc<Metrics>,
-    log: LogSender,
-    /// The answer for an event the agent could not decide: the strictest the guard can give.
-    on_error: Verdict,
-    state: Arc<Mutex<TargetState>>,
-}
-
-/// A running target. Dropping it without [`TargetHandle::stop`] leaves it running.
-pub struct TargetHandle {
-    shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl TargetHandle {
-    pub fn state(&self) -> TargetState {
-        self.shared.state.lock().expect("state lock").clone()
-    }
-
-    /// Lifts the guard: threads end and closing the groups removes every mark.
-    pub fn stop(self) {
-        let _ = self.shared.stop.write(1);
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
+    #[error("the fanotify engine has stopped")]
+    Stopped,
 }
 
 pub struct TargetSpec {
@@ -92,83 +38,137 @@ pub struct TargetSpec {
     pub node: String,
 }
 
-/// Guards `spec.pid`. Returns once the threads run; marking continues in the background
-/// and the state turns `enforcing` when every path has been handled.
-pub fn start(
-    spec: TargetSpec,
-    metrics: Arc<Metrics>,
-    log: LogSender,
-) -> Result<TargetHandle, StartError> {
-    let pid = spec.pid;
-    let root = ContainerRoot::open(pid)?;
-    let owners = [pid, resolve::parent_pid(pid)?];
-    let pidfd = pidfd_open(pid).map_err(|error| StartError::Pidfd { pid, error })?;
-    let perm = PermGroup::new()?;
-    let create = CreateWatch::new()?;
-    let guard = spec.guard;
-    let warnings = unsupported_warnings(&guard);
-    for w in &warnings {
-        tracing::warn!(guard = %guard.name, namespace = %guard.namespace, pid, "{w}");
+/// What the answering thread decides with, changed in place by the marker thread.
+#[derive(Default)]
+pub struct View {
+    pub rules: RuleSet,
+    /// Every object marked for this target, with the guarded path it was marked under (more
+    /// than one for a file with several names in guarded trees).
+    pub objects: HashMap<FileId, Vec<GuardPath>>,
+    /// Marked directories by the path they have now, as the container sees it: an entry
+    /// made in one after it moved is decided under the directory's guarded path until its
+    /// own mark is placed.
+    pub dirs: HashMap<Vec<u8>, GuardPath>,
+    /// Mount IDs of the target's mount namespace, sorted.
+    pub mounts: Vec<u64>,
+}
+
+/// A decision and the guarded path it was made on.
+pub struct Decided {
+    pub decision: Decision,
+    pub path: GuardPath,
+}
+
+impl View {
+    /// Decides `event` on object `id`, reached by the container path `name` (None when it
+    /// cannot be rendered there): by the guarded path the object was marked under, else by
+    /// its directory's, else by the name itself. Of several guarded paths, a deny wins.
+    pub fn decide(
+        &self,
+        id: FileId,
+        name: Option<&[u8]>,
+        event: Event,
+        is_owner: bool,
+    ) -> Option<Decided> {
+        let decide = |p: &GuardPath| {
+            let decision = self.rules.decide(p.as_bytes(), event, is_owner)?;
+            Some(Decided {
+                decision,
+                path: p.clone(),
+            })
+        };
+        if let Some(paths) = self.objects.get(&id) {
+            let mut best: Option<Decided> = None;
+            for d in paths.iter().filter_map(decide) {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| b.decision.verdict == Verdict::Allow)
+                {
+                    best = Some(d);
+                }
+            }
+            return best;
+        }
+        let name = name?;
+        let under_dir = name.iter().rposition(|b| *b == b'/').and_then(|slash| {
+            let parent = if slash == 0 {
+                &b"/"[..]
+            } else {
+                &name[..slash]
+            };
+            self.dirs.get(parent)?.join(&name[slash + 1..])
+        });
+        match under_dir {
+            Some(p) => decide(&p),
+            None => decide(&GuardPath::from_kernel(name.to_vec())?),
+        }
     }
-    let state = TargetState {
-        guard: guard.name.clone(),
-        namespace: guard.namespace.clone(),
-        pid,
-        pod: spec.pod.clone(),
-        backend: BACKEND,
-        phase: Phase::Pending,
-        reason: None,
-        warnings,
-        marks: 0,
-        audit: perm.audit_enabled(),
-        paths: Vec::new(),
-    };
-    let shared = Arc::new(Shared {
-        counters: metrics.decision_counters(&guard.name, &guard.namespace, BACKEND),
-        latency: metrics.latency.with_label_values(&[BACKEND]),
-        on_error: if guard.has_deny() {
-            Verdict::Deny
-        } else {
-            Verdict::Allow
-        },
-        ctx: Arc::new(LogContext {
-            guard,
-            pod: spec.pod,
-            node: spec.node,
-        }),
-        perm,
-        root,
-        owners,
-        view: RwLock::new(Arc::new(View {
-            rules: RuleSet::default(),
-            mounts: Vec::new(),
-            files: Vec::new(),
-        })),
-        stop: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(StartError::EventFd)?,
-        metrics,
-        log,
-        state: Arc::new(Mutex::new(state)),
-    });
-    // The answering thread first: marking lists directories, and those opens need answers.
-    let answer = {
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name(format!("answer-{pid}"))
-            .spawn(move || answer_loop(&s))
-            .expect("spawning a thread")
-    };
-    let marker = {
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name(format!("mark-{pid}"))
-            .spawn(move || marker_loop(&s, create, pidfd))
-            .expect("spawning a thread")
-    };
-    Ok(TargetHandle {
-        shared,
-        threads: vec![answer, marker],
-    })
+}
+
+/// A target as the answering thread sees it.
+pub struct TargetShared {
+    pub id: TargetId,
+    pub root: ContainerRoot,
+    /// The target process and its parent: the owner `autoAllowOwner` lets through.
+    pub owners: [i32; 2],
+    pub ctx: Arc<LogContext>,
+    pub counters: DecisionCounters,
+    /// The answer for an event the agent could not decide: the strictest the guard can give.
+    pub on_error: Verdict,
+    pub view: RwLock<View>,
+    pub state: Mutex<TargetState>,
+}
+
+impl TargetShared {
+    pub fn new(
+        id: TargetId,
+        spec: TargetSpec,
+        metrics: &Metrics,
+        audit: bool,
+    ) -> Result<TargetShared, StartError> {
+        let pid = spec.pid;
+        let root = ContainerRoot::open(pid)?;
+        let owners = [pid, resolve::parent_pid(pid)?];
+        let guard = spec.guard;
+        let warnings = unsupported_warnings(&guard);
+        for w in &warnings {
+            tracing::warn!(guard = %guard.name, namespace = %guard.namespace, pid, "{w}");
+        }
+        Ok(TargetShared {
+            id,
+            owners,
+            counters: metrics.decision_counters(&guard.name, &guard.namespace, BACKEND),
+            on_error: if guard.has_deny() {
+                Verdict::Deny
+            } else {
+                Verdict::Allow
+            },
+            state: Mutex::new(TargetState {
+                guard: guard.name.clone(),
+                namespace: guard.namespace.clone(),
+                pid,
+                pod: spec.pod.clone(),
+                backend: BACKEND,
+                phase: Phase::Pending,
+                reason: None,
+                warnings,
+                marks: 0,
+                audit,
+                paths: Vec::new(),
+            }),
+            ctx: Arc::new(LogContext {
+                guard,
+                pod: spec.pod,
+                node: spec.node,
+            }),
+            root,
+            view: RwLock::new(View::default()),
+        })
+    }
+
+    pub fn guard(&self) -> &GuardPolicy {
+        &self.ctx.guard
+    }
 }
 
 pub fn unsupported_warnings(guard: &GuardPolicy) -> Vec<String> {
@@ -186,7 +186,376 @@ pub fn unsupported_warnings(guard: &GuardPolicy) -> Vec<String> {
         .collect()
 }
 
+/// One guarded path of the target.
+struct PathSlot {
+    /// The rule as written; its events as fanotify enforces them.
+    rule: Rule,
+    /// Every canonical path it has resolved to: what they named stays guarded when a symlink
+    /// starts pointing elsewhere.
+    resolved: Vec<GuardPath>,
+    /// The object at the path when it was last resolved.
+    current: Option<FileId>,
+    state: PathState,
+}
+
+/// What the marker thread keeps of a target.
+pub struct Marker {
+    pub shared: Arc<TargetShared>,
+    pub pidfd: OwnedFd,
+    slots: Vec<PathSlot>,
+    /// Objects below guarded paths that could not be marked in the last walk.
+    failures: Vec<String>,
+    /// Marks as last counted in `janus_marks`.
+    published: usize,
+}
+
+/// How the target's rules are enforced under fanotify: `modify` not at all (it is warned
+/// about), and `access` also at the open. A read through a mapping raises no
+/// FAN_ACCESS_PERM, so a file whose reads are refused must not be opened.
+fn fanotify_rule(rule: &Rule) -> Rule {
+    let mut r = rule.clone();
+    r.events.remove(Event::Modify);
+    if r.events.contains(Event::Access) {
+        r.events.insert(Event::Open);
+    }
+    r
+}
+
+impl Marker {
+    pub fn new(shared: Arc<TargetShared>) -> Result<Marker, StartError> {
+        let pid = shared.root.pid;
+        let pidfd = pidfd_open(pid).map_err(|error| StartError::Pidfd { pid, error })?;
+        let slots = RuleSet::from_policy(shared.guard())
+            .rules()
+            .iter()
+            .map(|r| PathSlot {
+                state: PathState {
+                    subject: r.subject,
+                    path: r.path.to_string(),
+                    resolved: None,
+                    verdict: r.verdict.as_lower(),
+                    status: PathStatus::Missing("not resolved yet".into()),
+                },
+                rule: fanotify_rule(r),
+                resolved: Vec::new(),
+                current: None,
+            })
+            .collect();
+        Ok(Marker {
+            shared,
+            pidfd,
+            slots,
+            failures: Vec::new(),
+            published: 0,
+        })
+    }
+
+    pub fn id(&self) -> TargetId {
+        self.shared.id
+    }
+
+    /// Resolves every guarded path, marks what is new, forgets what was removed and reads
+    /// the target's mounts again. Returns whether the mounts changed.
+    pub fn refresh(&mut self, table: &mut MarkTable, metrics: &Metrics) -> bool {
+        self.prune(table);
+        if !self.failures.is_empty() {
+            // Something below a guarded path could not be marked: walk everything again.
+            self.failures.clear();
+            for slot in &mut self.slots {
+                slot.current = None;
+            }
+        }
+        let mut found = Vec::new();
+        for i in 0..self.slots.len() {
+            self.resolve(i, table, &mut found);
+        }
+        let mounts = mount_ids(self.shared.root.pid);
+        let rules = RuleSet::new(
+            self.slots
+                .iter()
+                .flat_map(|s| {
+                    s.resolved.iter().map(|p| Rule {
+                        path: p.clone(),
+                        ..s.rule.clone()
+                    })
+                })
+                .collect(),
+        );
+        let changed = {
+            let mut view = self.shared.view.write().expect("view lock");
+            view.rules = rules;
+            add_found(&mut view, found);
+            let changed = view.mounts != mounts;
+            view.mounts = mounts;
+            changed
+        };
+        self.on_moved(table);
+        self.publish(metrics);
+        changed
+    }
+
+    fn resolve(&mut self, i: usize, table: &mut MarkTable, found: &mut Vec<Found>) {
+        let target = self.shared.id;
+        let only_dir = self.shared.guard().subjects[self.slots[i].rule.subject].only_dir;
+        let slot = &mut self.slots[i];
+        match self.shared.root.resolve(&slot.rule.path) {
+            Err(e) => {
+                slot.current = None;
+                slot.state.resolved = None;
+                slot.state.status = match &e {
+                    ResolveError::Path { error, .. }
+                        if error.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        if slot.resolved.is_empty() {
+                            PathStatus::Missing("does not exist".into())
+                        } else {
+                            PathStatus::Moved(
+                                "nothing is at the path now; what it named is still guarded \
+                                 wherever it went, and whatever appears at the path will be"
+                                    .into(),
+                            )
+                        }
+                    }
+                    e => PathStatus::Failed(e.to_string()),
+                };
+            }
+            Ok((fd, canonical)) => {
+                let Ok(st) = resolve::statx(fd.as_fd()) else {
+                    return;
+                };
+                let id = FileId::of(&st);
+                let is_dir = resolve::is_dir(&st);
+                slot.state.resolved = Some(canonical.to_string());
+                if !slot.resolved.contains(&canonical) {
+                    slot.resolved.push(canonical.clone());
+                }
+                if slot.current == Some(id) && table.mask_of(target, id).is_some() {
+                    return;
+                }
+                slot.current = Some(id);
+                let mask = perm_mask(slot.rule.events);
+                slot.state.status = if only_dir && !is_dir {
+                    PathStatus::Skipped("not a directory (onlyDir)".into())
+                } else if mask.is_empty() {
+                    PathStatus::Skipped(
+                        "no event of this subject is enforceable by fanotify".into(),
+                    )
+                } else {
+                    let mut walk = Walk::new(table, target, mask);
+                    let result = walk.run(fd, canonical);
+                    found.append(&mut walk.found);
+                    match result {
+                        Ok(()) if walk.failures.is_empty() => PathStatus::Enforced,
+                        Ok(()) => {
+                            let n = walk.failures.len();
+                            let first = walk.failures[0].clone();
+                            self.failures.append(&mut walk.failures);
+                            PathStatus::Failed(format!(
+                                "{n} objects below it could not be marked, e.g. {first}"
+                            ))
+                        }
+                        Err(e) => PathStatus::Failed(e.to_string()),
+                    }
+                };
+                if matches!(slot.state.status, PathStatus::Failed(_)) {
+                    // Walked again on the next pass.
+                    slot.current = None;
+                }
+            }
+        }
+    }
+
+    /// Makes the next refresh walk every guarded path again (entries went unreported).
+    pub fn rewalk(&mut self) {
+        for slot in &mut self.slots {
+            slot.current = None;
+        }
+    }
+
+    /// Marks what appeared in a marked directory `dir` (watched as `wd`) for this target.
+    pub fn on_entry(
+        &mut self,
+        table: &mut MarkTable,
+        dir: FileId,
+        name: &[u8],
+        metrics: &Metrics,
+    ) -> usize {
+        let target = self.shared.id;
+        let (Some(mask), Some(dir_fd)) = (table.mask_of(target, dir), table.fd(dir)) else {
+            return 0;
+        };
+        let Ok(fd) = super::tree::open_entry(dir_fd, name) else {
+            return 0;
+        };
+        let parents: Vec<GuardPath> = self
+            .shared
+            .view
+            .read()
+            .expect("view lock")
+            .objects
+            .get(&dir)
+            .cloned()
+            .unwrap_or_default();
+        let Some(path) = parents.first().and_then(|p| p.join(name)) else {
+            return 0;
+        };
+        let mut walk = Walk::new(table, target, mask);
+        let result = walk.run(fd, path);
+        let dirs_made = walk.found.iter().filter(|f| f.is_dir).count();
+        if let Err(e) = result {
+            walk.failures.push(e.to_string());
+        }
+        self.failures.append(&mut walk.failures);
+        let found = std::mem::take(&mut walk.found);
+        let dirs = self.dir_paths(table, &found);
+        {
+            let mut view = self.shared.view.write().expect("view lock");
+            add_found(&mut view, found);
+            view.dirs.extend(dirs);
+        }
+        self.publish(metrics);
+        dirs_made
+    }
+
+    /// The current container paths of every marked directory, after one of them moved.
+    pub fn on_moved(&mut self, table: &MarkTable) {
+        let dirs: Vec<Found> = {
+            let view = self.shared.view.read().expect("view lock");
+            view.objects
+                .iter()
+                .filter(|(id, _)| table.is_dir(**id))
+                .filter_map(|(id, paths)| {
+                    Some(Found {
+                        id: *id,
+                        path: paths.first()?.clone(),
+                        is_dir: true,
+                    })
+                })
+                .collect()
+        };
+        let fresh = self.dir_paths(table, &dirs);
+        self.shared.view.write().expect("view lock").dirs = fresh.into_iter().collect();
+    }
+
+    /// (current container path, guarded path) of the directories among `found`.
+    fn dir_paths(&self, table: &MarkTable, found: &[Found]) -> Vec<(Vec<u8>, GuardPath)> {
+        let root = &self.shared.root;
+        found
+            .iter()
+            .filter(|f| f.is_dir)
+            .filter_map(|f| {
+                let rendered = resolve::fd_path(table.fd(f.id)?).ok()?;
+                let range = root.to_container(&rendered)?;
+                Some((rendered[range].to_vec(), f.path.clone()))
+            })
+            .collect()
+    }
+
+    /// Forgets the objects that were removed: their held descriptors pin them, so the
+    /// kernel never drops their marks by itself, and a container that makes and removes
+    /// files in a loop would otherwise run the agent out of descriptors.
+    fn prune(&mut self, table: &mut MarkTable) {
+        let ids: Vec<FileId> = {
+            let view = self.shared.view.read().expect("view lock");
+            view.objects.keys().copied().collect()
+        };
+        let gone: HashSet<FileId> = ids
+            .into_iter()
+            .filter(|id| {
+                table
+                    .fd(*id)
+                    .is_none_or(|fd| resolve::statx(fd).is_ok_and(|st| st.stx_nlink == 0))
+            })
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for id in &gone {
+            table.release(self.shared.id, *id);
+        }
+        let mut view = self.shared.view.write().expect("view lock");
+        view.objects.retain(|id, _| !gone.contains(id));
+    }
+
+    /// Takes every mark of the target off (it exited, or its guard was lifted).
+    pub fn release(&mut self, table: &mut MarkTable, metrics: &Metrics) {
+        let ids: Vec<FileId> = {
+            let mut view = self.shared.view.write().expect("view lock");
+            view.dirs.clear();
+            view.objects.drain().map(|(id, _)| id).collect()
+        };
+        for id in ids {
+            table.release(self.shared.id, id);
+        }
+        self.set_marks(0, metrics);
+        self.shared.state.lock().expect("state lock").marks = 0;
+    }
+
+    fn set_marks(&mut self, now: usize, metrics: &Metrics) {
+        let g = self.shared.guard();
+        metrics
+            .marks
+            .with_label_values(&[&g.name, &g.namespace])
+            .add(now as i64 - self.published as i64);
+        self.published = now;
+    }
+
+    fn publish(&mut self, metrics: &Metrics) {
+        let marks = self.shared.view.read().expect("view lock").objects.len();
+        self.set_marks(marks, metrics);
+        let mut failed: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|p| matches!(p.state.status, PathStatus::Failed(_)))
+            .map(|p| p.state.path.clone())
+            .collect();
+        if !self.failures.is_empty() {
+            failed.push(format!(
+                "{} objects created later could not be marked, e.g. {}",
+                self.failures.len(),
+                self.failures[0]
+            ));
+        }
+        let mut st = self.shared.state.lock().expect("state lock");
+        if st.phase == Phase::Exited {
+            return;
+        }
+        st.marks = marks;
+        st.paths = self.slots.iter().map(|p| p.state.clone()).collect();
+        // Every pass has placed what it could: enforcing, unless something that exists
+        // could not be marked.
+        (st.phase, st.reason) = if failed.is_empty() {
+            (Phase::Enforcing, None)
+        } else {
+            let reason = format!("not enforced, retried every second: {}", failed.join(", "));
+            (Phase::Failed, Some(reason))
+        };
+    }
+
+    /// The process exited: its marks go, and the state says so.
+    pub fn exited(&mut self, table: &mut MarkTable, metrics: &Metrics) {
+        self.release(table, metrics);
+        let mut st = self.shared.state.lock().expect("state lock");
+        st.phase = Phase::Exited;
+        st.reason = Some(format!(
+            "process {} exited; its marks were removed",
+            self.shared.root.pid
+        ));
+        tracing::info!(pid = self.shared.root.pid, guard = %self.shared.guard().name, "target exited; guard lifted");
+    }
+}
+
+fn add_found(view: &mut View, found: Vec<Found>) {
+    for f in found {
+        let paths = view.objects.entry(f.id).or_default();
+        if !paths.contains(&f.path) {
+            paths.push(f.path);
+        }
+    }
+}
+
 fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
     // SAFETY: plain syscall with integer arguments.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -196,543 +565,9 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Waits until one of `fds` is readable or `timeout` passes; returns which were.
-fn wait(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> Vec<bool> {
-    let mut polls: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-        .collect();
-    match poll(&mut polls, timeout) {
-        Ok(_) => polls
-            .iter()
-            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
-            .collect(),
-        Err(_) => vec![false; fds.len()],
-    }
-}
-
-fn answer_loop(s: &Shared) {
-    let mut buf = AlignedBuf::boxed();
-    let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
-    let mut batch = Batch::default();
-    let me = std::process::id() as i32;
-    let links = FdLinks::open();
-    let mut stopping = false;
-    loop {
-        let ready = wait(&[s.perm.as_fd(), s.stop.as_fd()], PollTimeout::NONE);
-        if ready[1] && !stopping {
-            // No new events once the marks are gone; those already queued are answered
-            // below, since nobody else would answer them while the group stays open.
-            stopping = true;
-            if let Err(e) = s.perm.flush() {
-                tracing::error!(error = %e, "removing the marks of a stopped target");
-            }
-        }
-        let events = match s.perm.read(&mut buf) {
-            Ok(events) => events,
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && stopping => return,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "reading permission events");
-                s.metrics
-                    .internal_errors
-                    .with_label_values(&[BACKEND, "read"])
-                    .inc();
-                continue;
-            }
-        };
-        let view = s.view.read().expect("view lock").clone();
-        for event in events {
-            s.answer(event, me, &view, &links, &mut path, &mut batch);
-        }
-        s.answer_batch(&mut batch);
-    }
-}
-
-/// The answers to one read's events, written together once every event in it is
-/// decided, and what follows them.
-#[derive(Default)]
-struct Batch {
-    responses: Vec<libc::fanotify_response>,
-    /// Each event's descriptor, closed once answered, and when the event was taken up.
-    held: Vec<(OwnedFd, Instant)>,
-    logs: Vec<Entry>,
-}
-
-impl Shared {
-    /// Answers the batch in one system call, then closes, measures and logs.
-    fn answer_batch(&self, batch: &mut Batch) {
-        let failed = self.perm.respond_all(&batch.responses);
-        batch.responses.clear();
-        if failed > 0 {
-            self.metrics
-                .response_errors
-                .with_label_values(&[BACKEND])
-                .inc_by(failed as u64);
-        }
-        for (fd, started) in batch.held.drain(..) {
-            drop(fd);
-            self.latency.observe(started.elapsed().as_secs_f64());
-        }
-        // Only now, with every event of the batch answered, does anything go to the log.
-        for entry in batch.logs.drain(..) {
-            self.log.send(entry);
-        }
-    }
-}
-
-/// How an event was classified, before answering.
-enum Outcome {
-    Guarded {
-        verdict: Verdict,
-        subject: usize,
-        audit: bool,
-    },
-    /// No rule guards this event on this file (a mark placed for another event or path).
-    Unguarded,
-    /// Opened through a mount outside the target: not the container's access.
-    Foreign,
-    Error(&'static str),
-}
-
-impl Shared {
-    fn answer(
-        &self,
-        ev: RawEvent,
-        me: i32,
-        view: &View,
-        links: &FdLinks,
-        path: &mut [u8],
-        batch: &mut Batch,
-    ) {
-        let started = Instant::now();
-        if ev.is_overflow() {
-            self.metrics.overflows.with_label_values(&["perm"]).inc();
-            return;
-        }
-        let Some(fd) = ev.fd else {
-            self.metrics
-                .internal_errors
-                .with_label_values(&[BACKEND, "no_fd"])
-                .inc();
-            return;
-        };
-        let event = event_of(ev.mask);
-        let (outcome, is_dir, len) = match event {
-            // The agent's own opens are its marking walks.
-            _ if ev.pid == me => (Outcome::Unguarded, false, 0),
-            None => (Outcome::Unguarded, false, 0),
-            Some(event) => self.classify(fd.as_fd(), event, ev.pid, view, links, path),
-        };
-        let (verdict, audit) = match outcome {
-            Outcome::Guarded { verdict, audit, .. } => (verdict, audit),
-            Outcome::Unguarded | Outcome::Foreign => (Verdict::Allow, false),
-            Outcome::Error(_) => (self.on_error, false),
-        };
-        batch.responses.push(
-            self.perm
-                .response(fd.as_fd(), verdict == Verdict::Allow, audit),
-        );
-        batch.held.push((fd, started));
-        let (Some(event), subject) = (
-            event,
-            match outcome {
-                Outcome::Guarded { subject, .. } => Some(subject),
-                Outcome::Error(kind) => {
-                    self.metrics
-                        .internal_errors
-                        .with_label_values(&[BACKEND, kind])
-                        .inc();
-                    None
-                }
-                Outcome::Unguarded | Outcome::Foreign => return,
-            },
-        ) else {
-            return;
-        };
-        self.counters.inc(verdict, event);
-        batch.logs.push(Entry {
-            ctx: self.ctx.clone(),
-            verdict,
-            event,
-            path: path[..len].to_vec(),
-            is_dir,
-            subject,
-            pid: ev.pid,
-        });
-    }
-
-    /// Decides without opening anything: statx and readlink on the event's descriptor.
-    /// On return `path[..len]` holds the path to log.
-    fn classify(
-        &self,
-        fd: BorrowedFd<'_>,
-        event: Event,
-        pid: i32,
-        view: &View,
-        links: &FdLinks,
-        path: &mut [u8],
-    ) -> (Outcome, bool, usize) {
-        let Ok(st) = statx(fd) else {
-            return (Outcome::Error("statx"), false, 0);
-        };
-        let is_dir = u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR;
-        let Ok(n) = links.path_into(fd, path) else {
-            return (Outcome::Error("readlink"), is_dir, 0);
-        };
-        let mut rendered = &path[..n];
-        if st.stx_nlink == 0 {
-            rendered = rendered.strip_suffix(b" (deleted)").unwrap_or(rendered);
-        }
-        // The target's own mounts, the fast path; otherwise a process of the container
-        // that made a mount namespace of its own, or the host reaching the same inode.
-        if view.mounts.binary_search(&st.stx_mnt_id).is_err() && !self.root.holds(pid) {
-            return (Outcome::Foreign, is_dir, 0);
-        }
-        let Some(container) = self.root.to_container(rendered) else {
-            return (Outcome::Foreign, is_dir, 0);
-        };
-        let (start, len) = (container.start, container.len());
-        let is_owner = self.owners.contains(&pid);
-        let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
-        // A guarded file reached by another name (a hard link) is decided, and logged, as
-        // the guarded file, as the BPF backend does by keying rules on the inode.
-        let (start, len) = match view
-            .files
-            .iter()
-            .find(|(d, i, _)| !is_dir && *d == dev && *i == st.stx_ino)
-        {
-            Some((_, _, guarded)) if guarded.as_bytes().len() <= path.len() => {
-                let g = guarded.as_bytes();
-                path[..g.len()].copy_from_slice(g);
-                (0, g.len())
-            }
-            _ => (start, len),
-        };
-        let outcome = match view
-            .rules
-            .decide(&path[start..start + len], event, is_owner)
-        {
-            Some(d) => Outcome::Guarded {
-                verdict: d.verdict,
-                subject: d.subject,
-                audit: self.ctx.guard.subjects[d.subject].audit,
-            },
-            None => Outcome::Unguarded,
-        };
-        path.copy_within(start..start + len, 0);
-        (outcome, is_dir, len)
-    }
-}
-
-/// The agent's `/proc/self/fd`, held open: an event descriptor's path is then one
-/// readlinkat of its number, not a walk of `/proc/self/fd/N` from `/` on every event.
-struct FdLinks(Option<OwnedFd>);
-
-impl FdLinks {
-    fn open() -> FdLinks {
-        match resolve::open_path(None, b"/proc/self/fd", libc::O_DIRECTORY) {
-            Ok(fd) => FdLinks(Some(fd)),
-            Err(e) => {
-                tracing::warn!(error = %e, "opening /proc/self/fd; reading each event's path from /");
-                FdLinks(None)
-            }
-        }
-    }
-
-    /// Like [`resolve::fd_path_into`].
-    fn path_into(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
-        let Some(dir) = &self.0 else {
-            return resolve::fd_path_into(fd, buf);
-        };
-        // The descriptor's number as a C string, without allocating.
-        let mut name = [0u8; 12];
-        let mut at = name.len() - 1;
-        let mut n = fd.as_raw_fd().unsigned_abs();
-        loop {
-            at -= 1;
-            name[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        // SAFETY: `name[at..]` is NUL-terminated; `buf` is writable for its length.
-        let n = unsafe {
-            libc::readlinkat(
-                dir.as_raw_fd(),
-                name[at..].as_ptr().cast(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let n = n as usize;
-        if n == buf.len() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "path too long",
-            ));
-        }
-        Ok(n)
-    }
-}
-
-fn statx(fd: BorrowedFd<'_>) -> std::io::Result<libc::statx> {
-    // SAFETY: statx is plain data the kernel fills in.
-    let mut st: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor, an empty C path with AT_EMPTY_PATH, and a statx buffer.
-    let r = unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_TYPE | libc::STATX_NLINK | libc::STATX_INO | libc::STATX_MNT_ID,
-            &mut st,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
-/// The identity of a resolved guarded path, to notice when a symlink starts pointing
-/// elsewhere or a missing path appears.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Identity {
-    dev: u64,
-    ino: u64,
-    is_dir: bool,
-}
-
-struct PathSlot {
-    rule: Rule,
-    /// The guard's own spelling of the path.
-    written: janus_api::GuardPath,
-    identity: Option<Identity>,
-    state: PathState,
-}
-
-fn marker_loop(s: &Shared, create: CreateWatch, pidfd: OwnedFd) {
-    let mut tree = Tree::new(&s.perm, &create);
-    let mut slots = path_slots(&s.ctx.guard);
-    let mut buf = AlignedBuf::boxed();
-    let mut marks = 0usize;
-    let refresh = |tree: &mut Tree<'_>, slots: &mut Vec<PathSlot>, marks: &mut usize| {
-        tree.prune(|fd| statx(fd).is_ok_and(|st| st.stx_nlink > 0));
-        let changed = resolve_all(s, tree, slots);
-        let mounts = mount_ids(s.root.pid);
-        if changed || mounts != s.view.read().expect("view lock").mounts {
-            let enforced = || {
-                slots
-                    .iter()
-                    .filter(|p| p.state.status == PathStatus::Enforced)
-            };
-            let files = enforced()
-                .filter_map(|p| {
-                    let id = p.identity.filter(|id| !id.is_dir)?;
-                    Some((id.dev, id.ino, p.rule.path.clone()))
-                })
-                .collect();
-            *s.view.write().expect("view lock") = Arc::new(View {
-                rules: RuleSet::new(enforced().map(|p| p.rule.clone()).collect()),
-                mounts,
-                files,
-            });
-        }
-        s.publish(slots, tree.marks(), marks);
-    };
-    refresh(&mut tree, &mut slots, &mut marks);
-    let mut refreshed = Instant::now();
-    let exited = loop {
-        let left = RESOLVE_PERIOD.saturating_sub(refreshed.elapsed());
-        let ready = wait(
-            &[create.as_fd(), pidfd.as_fd(), s.stop.as_fd()],
-            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
-        );
-        if ready[2] {
-            break false;
-        }
-        if ready[1] {
-            break true;
-        }
-        if ready[0] {
-            on_create_events(s, &create, &mut tree, &mut slots, &mut buf, &mut marks);
-        }
-        // Every second, even while directories keep being created.
-        if refreshed.elapsed() >= RESOLVE_PERIOD {
-            refresh(&mut tree, &mut slots, &mut marks);
-            refreshed = Instant::now();
-        }
-    };
-    s.metrics
-        .marks
-        .with_label_values(&[&s.ctx.guard.name, &s.ctx.guard.namespace])
-        .sub(marks as i64);
-    let mut st = s.state.lock().expect("state lock");
-    st.marks = 0;
-    if exited {
-        st.phase = Phase::Exited;
-        st.reason = Some(format!(
-            "process {} exited; its marks were removed",
-            s.root.pid
-        ));
-        tracing::info!(pid = s.root.pid, guard = %s.ctx.guard.name, "target exited; guard lifted");
-        // The answering thread removes the marks, answers what is queued and ends.
-        let _ = s.stop.write(1);
-    }
-}
-
-fn on_create_events(
-    s: &Shared,
-    create: &CreateWatch,
-    tree: &mut Tree<'_>,
-    slots: &mut [PathSlot],
-    buf: &mut AlignedBuf,
-    marks: &mut usize,
-) {
-    let Ok(events) = create.read(buf) else {
-        return;
-    };
-    let mut overflow = false;
-    let mut new_dirs = 0;
-    for ev in events {
-        match ev {
-            Created::Overflow => overflow = true,
-            Created::Dir { parent, name } => new_dirs += u64::from(tree.on_created(parent, name)),
-        }
-    }
-    if overflow {
-        // Some creations went unreported: walk every guarded tree again.
-        s.metrics.overflows.with_label_values(&["create"]).inc();
-        for slot in slots.iter_mut() {
-            slot.identity = None;
-        }
-        resolve_all(s, tree, slots);
-    }
-    s.metrics
-        .new_dirs
-        .with_label_values(&[&s.ctx.guard.name, &s.ctx.guard.namespace])
-        .inc_by(new_dirs);
-    s.publish(slots, tree.marks(), marks);
-}
-
-fn path_slots(guard: &GuardPolicy) -> Vec<PathSlot> {
-    let rules = RuleSet::from_policy(guard);
-    rules
-        .rules()
-        .iter()
-        .map(|r| {
-            let mut rule = r.clone();
-            rule.events.remove(Event::Modify);
-            PathSlot {
-                written: r.path.clone(),
-                identity: None,
-                state: PathState {
-                    subject: r.subject,
-                    path: r.path.to_string(),
-                    resolved: None,
-                    verdict: r.verdict.as_lower(),
-                    status: PathStatus::Missing("not resolved yet".into()),
-                },
-                rule,
-            }
-        })
-        .collect()
-}
-
-/// Resolves every guarded path and marks what is new. Returns whether any rule changed.
-fn resolve_all(s: &Shared, tree: &mut Tree<'_>, slots: &mut [PathSlot]) -> bool {
-    let mut changed = false;
-    for slot in slots.iter_mut() {
-        let subject = &s.ctx.guard.subjects[slot.rule.subject];
-        let before = (
-            slot.state.status.clone(),
-            slot.rule.path.clone(),
-            slot.identity,
-        );
-        match s.root.resolve(&slot.written) {
-            Err(e) => {
-                slot.identity = None;
-                slot.state.resolved = None;
-                slot.state.status = match &e {
-                    ResolveError::Path { error, .. }
-                        if error.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        PathStatus::Missing("does not exist".into())
-                    }
-                    e => PathStatus::Failed(e.to_string()),
-                };
-            }
-            Ok((fd, canonical)) => {
-                let Ok(st) = statx(fd.as_fd()) else { continue };
-                let is_dir = u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR;
-                let id = Identity {
-                    dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
-                    ino: st.stx_ino,
-                    is_dir,
-                };
-                slot.state.resolved = Some(canonical.to_string());
-                if slot.identity == Some(id) && slot.rule.path == canonical {
-                    continue;
-                }
-                slot.identity = Some(id);
-                slot.rule.path = canonical;
-                let mask = perm_mask(slot.rule.events);
-                slot.state.status = if subject.only_dir && !is_dir {
-                    PathStatus::Skipped("not a directory (onlyDir)".into())
-                } else if mask.is_empty() {
-                    PathStatus::Skipped(
-                        "no event of this subject is enforceable by fanotify".into(),
-                    )
-                } else {
-                    match tree.mark_root(fd, (id.dev, id.ino), is_dir, mask) {
-                        Ok(()) => PathStatus::Enforced,
-                        Err(e) => PathStatus::Failed(e.to_string()),
-                    }
-                };
-            }
-        }
-        changed |= before
-            != (
-                slot.state.status.clone(),
-                slot.rule.path.clone(),
-                slot.identity,
-            );
-    }
-    changed
-}
-
-impl Shared {
-    fn publish(&self, slots: &[PathSlot], now: usize, published: &mut usize) {
-        self.metrics
-            .marks
-            .with_label_values(&[&self.ctx.guard.name, &self.ctx.guard.namespace])
-            .add(now as i64 - *published as i64);
-        *published = now;
-        let failed: Vec<&str> = slots
-            .iter()
-            .filter(|p| matches!(p.state.status, PathStatus::Failed(_)))
-            .map(|p| p.state.path.as_str())
-            .collect();
-        let mut st = self.state.lock().expect("state lock");
-        st.marks = now;
-        st.paths = slots.iter().map(|p| p.state.clone()).collect();
-        // Every pass has placed what it could: enforcing, unless a path that exists failed.
-        (st.phase, st.reason) = if failed.is_empty() {
-            (Phase::Enforcing, None)
-        } else {
-            let reason = format!("not enforced, retried every second: {}", failed.join(", "));
-            (Phase::Failed, Some(reason))
-        };
-    }
-}
-
-/// Mount IDs in the target's mount namespace, sorted, from its mountinfo. Read here, off
-/// the answering thread, because reading a file there could wait on a mark.
+/// Mount IDs in the target's mount namespace, sorted, from its mountinfo. Read by the
+/// marker thread, off the answering thread, because reading a file there could wait on a
+/// mark.
 fn mount_ids(pid: i32) -> Vec<u64> {
     let text = std::fs::read(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
     let mut ids: Vec<u64> = text
@@ -742,4 +577,96 @@ fn mount_ids(pid: i32) -> Vec<u64> {
         .collect();
     ids.sort_unstable();
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use janus_api::EventSet;
+
+    fn view(rules: &[(&str, Verdict)]) -> View {
+        View {
+            rules: RuleSet::new(
+                rules
+                    .iter()
+                    .map(|(p, v)| Rule {
+                        path: GuardPath::parse(p).unwrap(),
+                        verdict: *v,
+                        subject: 0,
+                        events: EventSet::ALL_KEYWORD,
+                        auto_allow_owner: false,
+                    })
+                    .collect(),
+            ),
+            ..View::default()
+        }
+    }
+
+    const OBJ: FileId = FileId { dev: 1, ino: 42 };
+    const NEW: FileId = FileId { dev: 1, ino: 43 };
+
+    #[test]
+    fn an_object_is_decided_by_the_path_it_was_guarded_under() {
+        let mut v = view(&[("/data/d1", Verdict::Deny)]);
+        v.objects
+            .insert(OBJ, vec![GuardPath::parse("/data/d1/plain").unwrap()]);
+        // Renamed and moved: the current name is unguarded, the object is not.
+        let d = v
+            .decide(OBJ, Some(b"/data/moved/plain"), Event::Open, false)
+            .unwrap();
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert_eq!(d.path.as_bytes(), b"/data/d1/plain");
+        // An object the guard never named is decided by its name.
+        assert!(v.decide(NEW, Some(b"/tmp/x"), Event::Open, false).is_none());
+        let d = v.decide(NEW, Some(b"/data/d1/new"), Event::Open, false);
+        assert_eq!(d.unwrap().decision.verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn a_new_entry_of_a_moved_directory_is_decided_under_its_guarded_path() {
+        let mut v = view(&[("/data/d1", Verdict::Deny)]);
+        v.dirs.insert(
+            b"/data/moved".to_vec(),
+            GuardPath::parse("/data/d1").unwrap(),
+        );
+        let d = v
+            .decide(NEW, Some(b"/data/moved/fresh"), Event::Open, false)
+            .unwrap();
+        assert_eq!(d.path.as_bytes(), b"/data/d1/fresh");
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn of_several_guarded_names_a_deny_wins() {
+        let mut v = view(&[("/data", Verdict::Deny), ("/data/public", Verdict::Allow)]);
+        v.objects.insert(
+            OBJ,
+            vec![
+                GuardPath::parse("/data/public/x").unwrap(),
+                GuardPath::parse("/data/secret-x").unwrap(),
+            ],
+        );
+        let d = v.decide(OBJ, None, Event::Open, false).unwrap();
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert_eq!(d.path.as_bytes(), b"/data/secret-x");
+    }
+
+    #[test]
+    fn under_fanotify_an_access_rule_also_decides_the_open() {
+        let rule = Rule {
+            path: GuardPath::parse("/data/t4").unwrap(),
+            verdict: Verdict::Deny,
+            subject: 0,
+            events: {
+                let mut e = EventSet::EMPTY;
+                e.insert(Event::Access);
+                e.insert(Event::Modify);
+                e
+            },
+            auto_allow_owner: false,
+        };
+        let r = fanotify_rule(&rule);
+        assert!(r.events.contains(Event::Open) && r.events.contains(Event::Access));
+        assert!(!r.events.contains(Event::Modify));
+    }
 }

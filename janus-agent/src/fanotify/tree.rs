@@ -1,144 +1,108 @@
-//! Marking guarded trees. FAN_EVENT_ON_CHILD covers one level, so every directory below a
-//! guarded one carries its own mark, and directories that appear later are marked as the
-//! create group reports them.
+//! Marking a guarded tree. Every directory and every file below a guarded path gets a mark
+//! of its own, recorded with the guarded path it had when it was marked: a rename, a move or
+//! a hard link gives it another name, not another guard. FAN_EVENT_ON_CHILD on directories
+//! covers what is created in them until its own mark is placed.
 
-use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use janus_api::GuardPath;
 use nix::dir::{Dir, Type};
 use nix::fcntl::OFlag;
 use nix::sys::fanotify::MaskFlags;
 use nix::sys::stat::Mode;
 
-use super::created::CreateWatch;
-use super::group::{FanotifyError, PermGroup};
-use crate::resolve::openat2;
+use super::group::FanotifyError;
+use super::marks::{MarkTable, TargetId};
+use crate::resolve::{self, openat2, FileId};
 
-struct MarkedDir {
-    /// Kept open so that a name reported under it can be opened without a path lookup
-    /// from the container root, which a concurrent rename could redirect.
-    fd: OwnedFd,
-    mask: MaskFlags,
+/// An object marked for a target, under the guarded path it had then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub id: FileId,
+    pub path: GuardPath,
+    pub is_dir: bool,
 }
 
-pub struct Tree<'g> {
-    perm: &'g PermGroup,
-    create: &'g CreateWatch,
-    /// By inotify watch descriptor: one per directory, whatever path reached it.
-    dirs: HashMap<i32, MarkedDir>,
-    files: HashSet<(u64, u64)>,
-    /// Errors below a guarded root that did not stop the walk (a directory that vanished
-    /// is not one).
-    pub skipped: u64,
+/// One walk for one target: what it marked and what it could not.
+pub struct Walk<'t> {
+    pub table: &'t mut MarkTable,
+    pub target: TargetId,
+    pub mask: MaskFlags,
+    pub found: Vec<Found>,
+    /// Objects below the walk's root that could not be marked (vanishing ones are not).
+    pub failures: Vec<String>,
 }
 
-impl<'g> Tree<'g> {
-    pub fn new(perm: &'g PermGroup, create: &'g CreateWatch) -> Tree<'g> {
-        Tree {
-            perm,
-            create,
-            dirs: HashMap::new(),
-            files: HashSet::new(),
-            skipped: 0,
+impl<'t> Walk<'t> {
+    pub fn new(table: &'t mut MarkTable, target: TargetId, mask: MaskFlags) -> Walk<'t> {
+        Walk {
+            table,
+            target,
+            mask,
+            found: Vec::new(),
+            failures: Vec::new(),
         }
     }
 
-    pub fn marks(&self) -> usize {
-        self.dirs.len() + self.files.len()
-    }
-
-    /// Forgets the directories for which `exists` is false (removed ones). Their held
-    /// descriptors pin them, so the kernel never drops their marks by itself, and a
-    /// container that makes and removes directories in a loop would otherwise run the agent
-    /// out of descriptors.
-    pub fn prune(&mut self, exists: impl Fn(BorrowedFd<'_>) -> bool) {
-        self.dirs.retain(|_, d| exists(d.fd.as_fd()));
-    }
-
-    /// Marks a resolved guarded path; a directory with everything below it.
-    pub fn mark_root(
-        &mut self,
-        fd: OwnedFd,
-        dev_ino: (u64, u64),
-        is_dir: bool,
-        mask: MaskFlags,
-    ) -> Result<(), FanotifyError> {
-        if !is_dir {
-            self.perm.mark(fd.as_fd(), mask, false)?;
-            self.files.insert(dev_ino);
-            return Ok(());
-        }
-        self.mark_dir(fd, mask, true)
-    }
-
-    /// A directory entry appeared under a marked directory; marks it if it is a directory.
-    /// Returns whether it was.
-    pub fn on_created(&mut self, parent: i32, name: &[u8]) -> bool {
-        let Some(parent) = self.dirs.get(&parent) else {
-            return false;
-        };
-        let mask = parent.mask;
-        // Gone already, or not a directory: nothing to mark.
-        let Ok(child) = open_subdir(parent.fd.as_fd(), name) else {
-            return false;
-        };
-        self.mark_dir(child, mask, false).is_ok()
-    }
-
-    fn mark_dir(
-        &mut self,
-        root: OwnedFd,
-        mask: MaskFlags,
-        strict: bool,
-    ) -> Result<(), FanotifyError> {
-        let mut stack = vec![root];
-        let mut first = strict;
-        while let Some(dir) = stack.pop() {
-            let result = self.mark_one(dir, mask, &mut stack);
-            match result {
-                Err(e) if first => return Err(e),
-                Err(e) => {
-                    self.skipped += 1;
-                    tracing::warn!(error = %e, "a directory under a guarded path could not be marked");
-                }
+    /// Marks the object `fd` holds, known as `path`, and for a directory everything below
+    /// it. An error marking `fd` itself is returned; errors below it are in `failures`.
+    pub fn run(&mut self, fd: OwnedFd, path: GuardPath) -> Result<(), FanotifyError> {
+        let mut stack = vec![(fd, path)];
+        let mut root = true;
+        while let Some((fd, path)) = stack.pop() {
+            match self.one(fd, &path, &mut stack) {
+                Err(e) if root => return Err(e),
+                Err(e) => self.failures.push(format!("{path}: {e}")),
                 Ok(()) => {}
             }
-            first = false;
+            root = false;
         }
         Ok(())
     }
 
-    fn mark_one(
+    fn one(
         &mut self,
-        dir: OwnedFd,
-        mask: MaskFlags,
-        stack: &mut Vec<OwnedFd>,
+        fd: OwnedFd,
+        path: &GuardPath,
+        stack: &mut Vec<(OwnedFd, GuardPath)>,
     ) -> Result<(), FanotifyError> {
-        // Watched before listing: whatever is created meanwhile is reported.
-        let key = self.create.watch(dir.as_fd())?;
-        let mask = match self.dirs.get(&key) {
-            Some(known) if known.mask.contains(mask) => return Ok(()),
-            Some(known) => known.mask | mask,
-            None => mask,
-        };
-        self.perm.mark(dir.as_fd(), mask, true)?;
-        for_each_subdir(dir.as_fd(), |sub| stack.push(sub));
-        self.dirs.insert(key, MarkedDir { fd: dir, mask });
+        let st = resolve::statx(fd.as_fd()).map_err(FanotifyError::Stat)?;
+        let id = FileId::of(&st);
+        let is_dir = resolve::is_dir(&st);
+        // A symlink's own inode is never opened: what it points at is guarded by its own
+        // path, or not at all.
+        if u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(());
+        }
+        // Marked and watched before it is listed: whatever appears meanwhile is reported.
+        self.table.mark(self.target, fd, id, is_dir, self.mask)?;
+        self.found.push(Found {
+            id,
+            path: path.clone(),
+            is_dir,
+        });
+        if let (true, Some(dir)) = (is_dir, self.table.fd(id)) {
+            for_each_entry(dir, |name, fd| {
+                if let Some(p) = path.join(name) {
+                    stack.push((fd, p));
+                }
+            });
+        }
         Ok(())
     }
 }
 
-/// Opens a subdirectory by name without following symlinks or leaving `parent`.
-fn open_subdir(parent: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<OwnedFd> {
+/// Opens an entry of `parent` by name without following symlinks or leaving `parent`.
+pub fn open_entry(parent: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<OwnedFd> {
     openat2(
         parent,
         name,
-        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        libc::O_PATH | libc::O_NOFOLLOW,
         libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
     )
 }
 
-fn for_each_subdir(dir: BorrowedFd<'_>, mut f: impl FnMut(OwnedFd)) {
+fn for_each_entry(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8], OwnedFd)) {
     // Listing opens the directory, a marked one: the answering thread lets the agent's own
     // opens through, so this must never run on that thread.
     let Ok(mut listing) = Dir::openat(
@@ -151,13 +115,12 @@ fn for_each_subdir(dir: BorrowedFd<'_>, mut f: impl FnMut(OwnedFd)) {
     };
     for entry in listing.iter().flatten() {
         let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." {
+        if name == b"." || name == b".." || entry.file_type() == Some(Type::Symlink) {
             continue;
         }
-        if matches!(entry.file_type(), Some(Type::Directory) | None) {
-            if let Ok(sub) = open_subdir(dir, name) {
-                f(sub);
-            }
+        // Gone already: nothing to mark.
+        if let Ok(fd) = open_entry(dir, name) {
+            f(name, fd);
         }
     }
 }

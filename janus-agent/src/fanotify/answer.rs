@@ -1,0 +1,349 @@
+//! The answering thread: reads the agent's permission group, finds whose access each event
+//! is ([`Registry`]), decides it for every target that guards it and answers, all events of
+//! one read with one `writev`. It only decides and replies: `statx` and `readlink` on the
+//! event's descriptor, no open of any guarded file, no logging, no lock but read locks.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use janus_api::{Event, Verdict};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EventFd;
+use prometheus::Histogram;
+
+use super::group::{event_of, AlignedBuf, PermGroup, RawEvent};
+use super::target::{TargetShared, BACKEND};
+use crate::decisions::{Entry, LogSender};
+use crate::metrics::Metrics;
+use crate::resolve::{self, FileId};
+
+/// Which targets an event's process belongs to, rebuilt by the marker thread whenever a
+/// target comes, goes or its mounts change.
+#[derive(Default)]
+pub struct Registry {
+    /// By the mount the file was reached through: a container's own mounts.
+    by_mount: HashMap<u64, Vec<Arc<TargetShared>>>,
+    /// By root directory: a process of the container in a mount namespace of its own
+    /// making reaches files through copies of its mounts, but keeps its root.
+    by_root: HashMap<FileId, Vec<Arc<TargetShared>>>,
+    /// By PID namespace, for targets that have one: such a process may also have changed its
+    /// root, but stays in its container's PID namespace or one nested in it.
+    by_pid_ns: HashMap<u64, Vec<Arc<TargetShared>>>,
+    /// Whether any target can answer deny: what an event that cannot even be attributed
+    /// gets.
+    any_deny: bool,
+}
+
+impl Registry {
+    pub fn new<'a>(targets: impl IntoIterator<Item = &'a Arc<TargetShared>>) -> Registry {
+        let mut r = Registry::default();
+        for t in targets {
+            for m in &t.view.read().expect("view lock").mounts {
+                r.by_mount.entry(*m).or_default().push(t.clone());
+            }
+            r.by_root
+                .entry(t.root.root_id())
+                .or_default()
+                .push(t.clone());
+            if let Some(ns) = t.root.pid_ns() {
+                r.by_pid_ns.entry(ns).or_default().push(t.clone());
+            }
+            r.any_deny |= t.on_error == Verdict::Deny;
+        }
+        r
+    }
+
+    /// The targets whose access this is: by mount (the fast path), else by the process's
+    /// root or PID namespace (procfs reads, for files reached through other mounts only).
+    fn of(&self, mount: u64, pid: i32) -> &[Arc<TargetShared>] {
+        if let Some(t) = self.by_mount.get(&mount) {
+            return t;
+        }
+        if self.by_root.is_empty() {
+            return &[];
+        }
+        if let Some(t) = resolve::process_root(pid).and_then(|root| self.by_root.get(&root)) {
+            return t;
+        }
+        if self.by_pid_ns.is_empty() {
+            return &[];
+        }
+        resolve::pid_ns_chain(pid)
+            .iter()
+            .find_map(|ns| self.by_pid_ns.get(ns))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+pub struct Answerer {
+    pub perm: Arc<PermGroup>,
+    pub registry: Arc<RwLock<Arc<Registry>>>,
+    pub stop: Arc<EventFd>,
+    pub metrics: Arc<Metrics>,
+    pub log: LogSender,
+    /// `janus_decision_latency_seconds{backend="fanotify"}`, looked up once.
+    pub latency: Histogram,
+}
+
+/// The answers to one read's events, written together once every event in it is decided,
+/// and what follows them.
+#[derive(Default)]
+struct Batch {
+    responses: Vec<libc::fanotify_response>,
+    /// Each event's descriptor, closed once answered, and when the event was taken up.
+    held: Vec<(OwnedFd, Instant)>,
+    logs: Vec<Entry>,
+}
+
+impl Answerer {
+    pub fn run(&self) {
+        let mut buf = AlignedBuf::boxed();
+        let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
+        let mut batch = Batch::default();
+        let me = std::process::id() as i32;
+        let links = FdLinks::open();
+        let mut stopping = false;
+        loop {
+            let ready = wait(&[self.perm.as_fd(), self.stop.as_fd()]);
+            if ready[1] && !stopping {
+                // The marker thread removed every mark: no new events, and those queued are
+                // answered below, since nobody else would answer them while the group lives.
+                stopping = true;
+            }
+            let events = match self.perm.read(&mut buf) {
+                Ok(events) => events,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && stopping => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading permission events");
+                    self.metrics
+                        .internal_errors
+                        .with_label_values(&[BACKEND, "read"])
+                        .inc();
+                    continue;
+                }
+            };
+            let registry = self.registry.read().expect("registry lock").clone();
+            for event in events {
+                self.answer(event, me, &registry, &links, &mut path, &mut batch);
+            }
+            self.answer_batch(&mut batch);
+        }
+    }
+
+    /// Answers the batch in one system call, then closes, measures and logs.
+    fn answer_batch(&self, batch: &mut Batch) {
+        let failed = self.perm.respond_all(&batch.responses);
+        batch.responses.clear();
+        if failed > 0 {
+            self.metrics
+                .response_errors
+                .with_label_values(&[BACKEND])
+                .inc_by(failed as u64);
+        }
+        for (fd, started) in batch.held.drain(..) {
+            drop(fd);
+            self.latency.observe(started.elapsed().as_secs_f64());
+        }
+        // Only now, with every event of the batch answered, does anything go to the log.
+        for entry in batch.logs.drain(..) {
+            self.log.send(entry);
+        }
+    }
+
+    fn internal_error(&self, kind: &str) {
+        self.metrics
+            .internal_errors
+            .with_label_values(&[BACKEND, kind])
+            .inc();
+    }
+
+    fn answer(
+        &self,
+        ev: RawEvent,
+        me: i32,
+        registry: &Registry,
+        links: &FdLinks,
+        path: &mut [u8],
+        batch: &mut Batch,
+    ) {
+        let started = Instant::now();
+        if ev.is_overflow() {
+            self.metrics.overflows.with_label_values(&["perm"]).inc();
+            return;
+        }
+        let Some(fd) = ev.fd else {
+            self.internal_error("no_fd");
+            return;
+        };
+        let mut verdict = Verdict::Allow;
+        let mut audit = false;
+        // The agent's own opens are its marking walks.
+        if let (Some(event), false) = (event_of(ev.mask), ev.pid == me) {
+            match resolve::statx(fd.as_fd()) {
+                Err(_) => {
+                    // Whose access it is cannot be told: the strictest answer of all.
+                    self.internal_error("statx");
+                    if registry.any_deny {
+                        verdict = Verdict::Deny;
+                    }
+                }
+                Ok(st) => {
+                    let targets = registry.of(st.stx_mnt_id, ev.pid);
+                    if !targets.is_empty() {
+                        (verdict, audit) = self.decide(
+                            targets,
+                            &st,
+                            fd.as_fd(),
+                            event,
+                            ev.pid,
+                            links,
+                            path,
+                            batch,
+                        );
+                    }
+                }
+            }
+        }
+        batch.responses.push(
+            self.perm
+                .response(fd.as_fd(), verdict == Verdict::Allow, audit),
+        );
+        batch.held.push((fd, started));
+    }
+
+    /// Decides for every target the access belongs to; any deny refuses it.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        targets: &[Arc<TargetShared>],
+        st: &libc::statx,
+        fd: BorrowedFd<'_>,
+        event: Event,
+        pid: i32,
+        links: &FdLinks,
+        path: &mut [u8],
+        batch: &mut Batch,
+    ) -> (Verdict, bool) {
+        let id = FileId::of(st);
+        let is_dir = resolve::is_dir(st);
+        let rendered = match links.path_into(fd, path) {
+            Ok(n) => {
+                let mut r = &path[..n];
+                if st.stx_nlink == 0 {
+                    r = r.strip_suffix(b" (deleted)").unwrap_or(r);
+                }
+                Some(r)
+            }
+            Err(_) => None,
+        };
+        let (mut verdict, mut audit) = (Verdict::Allow, false);
+        for t in targets {
+            let name = rendered.and_then(|r| Some(&r[t.root.to_container(r)?]));
+            let decided = {
+                let view = t.view.read().expect("view lock");
+                let known = view.objects.contains_key(&id);
+                if !known && rendered.is_none() {
+                    // Neither the object nor its name is known.
+                    self.internal_error("readlink");
+                    if t.on_error == Verdict::Deny {
+                        verdict = Verdict::Deny;
+                    }
+                    continue;
+                }
+                view.decide(id, name, event, t.owners.contains(&pid))
+            };
+            let Some(d) = decided else { continue };
+            let v = d.decision.verdict;
+            t.counters.inc(v, event);
+            if v == Verdict::Deny {
+                verdict = Verdict::Deny;
+            }
+            audit |= t.guard().subjects[d.decision.subject].audit;
+            let path = d.path.as_bytes().to_vec();
+            batch.logs.push(Entry {
+                ctx: t.ctx.clone(),
+                verdict: v,
+                event,
+                name: name.filter(|n| *n != path.as_slice()).map(<[u8]>::to_vec),
+                path,
+                is_dir,
+                subject: Some(d.decision.subject),
+                pid,
+            });
+        }
+        (verdict, audit)
+    }
+}
+
+/// Waits until one of `fds` is readable; returns which were.
+fn wait(fds: &[BorrowedFd<'_>]) -> Vec<bool> {
+    let mut polls: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    match poll(&mut polls, PollTimeout::NONE) {
+        Ok(_) => polls
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect(),
+        Err(_) => vec![false; fds.len()],
+    }
+}
+
+/// The agent's `/proc/self/fd`, held open: an event descriptor's path is then one
+/// readlinkat of its number, not a walk of `/proc/self/fd/N` from `/` on every event.
+struct FdLinks(Option<OwnedFd>);
+
+impl FdLinks {
+    fn open() -> FdLinks {
+        match resolve::open_path(None, b"/proc/self/fd", libc::O_DIRECTORY) {
+            Ok(fd) => FdLinks(Some(fd)),
+            Err(e) => {
+                tracing::warn!(error = %e, "opening /proc/self/fd; reading each event's path from /");
+                FdLinks(None)
+            }
+        }
+    }
+
+    /// Like [`resolve::fd_path_into`].
+    fn path_into(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(dir) = &self.0 else {
+            return resolve::fd_path_into(fd, buf);
+        };
+        // The descriptor's number as a C string, without allocating.
+        let mut name = [0u8; 12];
+        let mut at = name.len() - 1;
+        let mut n = fd.as_raw_fd().unsigned_abs();
+        loop {
+            at -= 1;
+            name[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        // SAFETY: `name[at..]` is NUL-terminated; `buf` is writable for its length.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name[at..].as_ptr().cast(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n == buf.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "path too long",
+            ));
+        }
+        Ok(n)
+    }
+}
