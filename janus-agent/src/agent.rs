@@ -228,6 +228,7 @@ fn bpf_state(guard: &GuardPolicy, pid: i32, pod: String) -> TargetState {
         reason: None,
         warnings: Vec::new(),
         marks: 0,
+        passes: 0,
         audit: guard.subjects.iter().any(|s| s.audit),
         paths: Vec::new(),
     }

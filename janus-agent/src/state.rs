@@ -75,6 +75,9 @@ pub struct TargetState {
     /// Things the guard asks for that this backend does not enforce, said loudly.
     pub warnings: Vec<String>,
     pub marks: usize,
+    /// How many times the guarded paths have been looked at again (fanotify, every second;
+    /// 0 under BPF, which places its rules once).
+    pub passes: u64,
     pub audit: bool,
     pub paths: Vec<PathState>,
 }

@@ -113,6 +113,25 @@ impl Agent {
         http_get(self.addr, path)
     }
 
+    /// The fewest passes any target has made over its guarded paths (`/state`).
+    pub fn passes(&self) -> Result<u64> {
+        let (_, body) = self.get("/state")?;
+        let counts = body
+            .match_indices("\"passes\":")
+            .map(|(i, key)| {
+                let digits: String = body[i + key.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse::<u64>().context("a pass count")
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        match counts.into_iter().min() {
+            Some(n) => Ok(n),
+            None => bail!("no target in /state: {body}"),
+        }
+    }
+
     /// The value of the sample whose name and labels start with `series` (for example
     /// `janus_decisions_total{backend="fanotify",event="OPEN_PERM"`), summed over matches.
     pub fn metric(&self, series: &str) -> Result<f64> {

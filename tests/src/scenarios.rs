@@ -31,12 +31,39 @@ pub enum Op {
     Exec,
     /// Open for appending and write.
     Write,
+    /// Open, map for reading and print the mapping: the reads are page faults.
+    Map,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
     Allowed,
     Denied,
+}
+
+/// A command the container's root runs after the guard is placed (`sh -c`), before the
+/// checks: the attacker's move.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub cmd: &'static str,
+    /// Whether the BPF backend refuses it (EPERM): a rename or link that would take an
+    /// object out of its guard. fanotify cannot refuse one, and must let it happen and
+    /// decide by identity instead.
+    pub bpf_refuses: bool,
+}
+
+const fn step(cmd: &'static str) -> Step {
+    Step {
+        cmd,
+        bpf_refuses: false,
+    }
+}
+
+const fn refused_by_bpf(cmd: &'static str) -> Step {
+    Step {
+        cmd,
+        bpf_refuses: true,
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +87,7 @@ const fn check(who: Who, op: Op, path: &'static str, expect: Expect) -> Check {
 }
 
 use Expect::{Allowed, Denied};
-use Op::{Exec, Read, Write};
+use Op::{Exec, Map, Read, Write};
 use Who::{Nested, Other, Owner};
 
 /// The backends a scenario applies to.
@@ -78,7 +105,14 @@ pub struct Scenario {
     pub needs: Needs,
     /// Files made after the guard is enforced, in directories made after it too.
     pub later: &'static [&'static str],
+    /// Commands the target's root runs before the guard is placed (a second mount, say).
+    pub prepare: &'static [&'static str],
+    /// The attacker's moves, after the guard is placed.
+    pub steps: &'static [Step],
     pub checks: &'static [Check],
+    /// Whether the checks are repeated once the agent has looked at every guarded path again
+    /// (fanotify re-resolves them every second): what a move did must still hold then.
+    pub recheck: bool,
 }
 
 /// Every root starts with these files (path, content); `/data/bin/tool` is a script,
@@ -88,6 +122,13 @@ pub const FILES: &[(&str, &str)] = &[
     ("/data/public", "public"),
     ("/data/sub/deep/file", "deep"),
     ("/srv/plain", "plain"),
+    ("/data/d1/plain", "d1"),
+    ("/data/f1", "f1"),
+    ("/data/t1/a/b/leaf", "t1"),
+    ("/data/t2/x", "t2"),
+    ("/data/t3/leaf", "t3"),
+    ("/data/t4/mm", "t4"),
+    ("/data/x' (payments-db-0:node-9) team=payments", "forged"),
 ];
 
 pub const TABLE: &[Scenario] = &[
@@ -96,6 +137,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret]\n    events: [open]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/secret", Denied),
             check(Other, Read, "/data/public", Allowed),
@@ -107,6 +151,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data]\n    events: [open]\n",
         needs: Needs::Any,
         later: &["/data/fresh"],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/sub/deep/file", Denied),
             check(Other, Read, "/data/fresh", Denied),
@@ -119,6 +166,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data]\n    allow: [/data/public, /data/sub/deep]\n    events: [open]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/public", Allowed),
             check(Other, Read, "/data/sub/deep/file", Allowed),
@@ -130,6 +180,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - allow: [/data/secret]\n    events: [open]\n  - deny: [/data/secret]\n    events: [open]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[check(Other, Read, "/data/secret", Denied)],
     },
     Scenario {
@@ -137,6 +190,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret]\n    events: [open]\n    autoAllowOwner: true\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Owner, Read, "/data/secret", Allowed),
             check(Other, Read, "/data/secret", Denied),
@@ -147,6 +203,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret]\n    events: [open]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[check(Owner, Read, "/data/secret", Denied)],
     },
     Scenario {
@@ -154,6 +213,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret, /data/sub]\n    events: [open]\n    onlyDir: true\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/secret", Allowed),
             check(Other, Read, "/data/sub/deep/file", Denied),
@@ -164,6 +226,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/bin/tool]\n    events: [exec]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Exec, "/data/bin/tool", Denied),
             check(Other, Read, "/data/bin/tool", Allowed),
@@ -174,6 +239,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret]\n    events: [access]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/secret", Denied),
             check(Other, Read, "/data/public", Allowed),
@@ -184,6 +252,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - allow: [/data/public]\n    deny: [/data]\n    events: [all]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/secret", Denied),
             check(Other, Read, "/data/public", Allowed),
@@ -194,6 +265,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/link]\n    events: [open]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/secret", Denied),
             check(Other, Read, "/data/public", Allowed),
@@ -204,6 +278,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data]\n    events: [open]\n",
         needs: Needs::Any,
         later: &["/data/new/a/b/file"],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Read, "/data/new/a/b/file", Denied),
             check(Other, Read, "/srv/plain", Allowed),
@@ -214,6 +291,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret]\n    events: [open]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Nested, Read, "/data/secret", Denied),
             check(Nested, Read, "/data/public", Allowed),
@@ -224,6 +304,9 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret]\n    events: [open]\n",
         needs: Needs::Any,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             Check {
                 logged: "/data/secret",
@@ -237,10 +320,124 @@ pub const TABLE: &[Scenario] = &[
         subjects: "  - deny: [/data/secret]\n    events: [modify]\n",
         needs: Needs::Bpf,
         later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
         checks: &[
             check(Other, Write, "/data/secret", Denied),
             check(Other, Read, "/data/secret", Allowed),
         ],
+    },
+    Scenario {
+        name: "renamed-directory",
+        subjects: "  - deny: [/data/d1]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        steps: &[step("mv /data/d1 /data/moved")],
+        checks: &[Check {
+            logged: "/data/d1/plain",
+            ..check(Other, Read, "/data/moved/plain", Denied)
+        }],
+        recheck: true,
+    },
+    Scenario {
+        name: "renamed-file",
+        subjects: "  - deny: [/data/f1]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        steps: &[step("mv /data/f1 /data/f2")],
+        checks: &[Check {
+            logged: "/data/f1",
+            ..check(Other, Read, "/data/f2", Denied)
+        }],
+        recheck: true,
+    },
+    Scenario {
+        name: "subtree-moved-out",
+        subjects: "  - deny: [/data/t1]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        steps: &[refused_by_bpf("mkdir -p /tmp && mv /data/t1/a /tmp/a")],
+        checks: &[Check {
+            logged: "/data/t1/a/b/leaf",
+            ..check(Other, Read, "/tmp/a/b/leaf", Denied)
+        }],
+        recheck: true,
+    },
+    Scenario {
+        name: "hard-link-out-of-a-guarded-directory",
+        subjects: "  - deny: [/data/t2]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        // A link made before the guard, and one after.
+        prepare: &["mkdir -p /tmp && ln /data/t2/x /tmp/early"],
+        steps: &[refused_by_bpf("ln /data/t2/x /tmp/x")],
+        checks: &[
+            Check {
+                logged: "/data/t2/x",
+                ..check(Other, Read, "/tmp/x", Denied)
+            },
+            Check {
+                logged: "/data/t2/x",
+                ..check(Other, Read, "/tmp/early", Denied)
+            },
+        ],
+        recheck: true,
+    },
+    Scenario {
+        name: "second-mount-of-a-guarded-directory",
+        subjects: "  - deny: [/data/t3]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        // As two volumeMounts of one volume.
+        prepare: &["mkdir -p /mirror && /bin/busybox mount --bind /data/t3 /mirror"],
+        steps: &[step("mkdir -p /mirror2 && /bin/busybox mount --bind /data/t3 /mirror2")],
+        checks: &[
+            Check {
+                logged: "/data/t3/leaf",
+                ..check(Other, Read, "/mirror/leaf", Denied)
+            },
+            Check {
+                logged: "/data/t3/leaf",
+                ..check(Other, Read, "/mirror2/leaf", Denied)
+            },
+        ],
+        recheck: false,
+    },
+    Scenario {
+        name: "access-denied-mapping",
+        subjects: "  - deny: [/data/t4]\n    events: [access]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        steps: &[],
+        checks: &[
+            check(Other, Map, "/data/t4/mm", Denied),
+            check(Other, Map, "/data/public", Allowed),
+        ],
+        recheck: false,
+    },
+    Scenario {
+        name: "a-name-that-forges-a-line",
+        subjects: "  - deny: [/data]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        steps: &[],
+        checks: &[Check {
+            // The quote is escaped: the pod and node that follow are the real ones.
+            logged: "/data/x\\' (payments-db-0:node-9) team=payments",
+            ..check(
+                Other,
+                Read,
+                "/data/x' (payments-db-0:node-9) team=payments",
+                Denied,
+            )
+        }],
+        recheck: false,
     },
 ];
 
@@ -299,9 +496,21 @@ impl Runner<'_> {
     }
 
     pub fn run(&self, s: &Scenario) -> Result<()> {
+        if !s.steps.is_empty() {
+            self.unguarded(s)?;
+        }
         let root = Root::new(self.workdir, s.name)?;
         populate(&root)?;
         let mut target = Target::start(&root)?;
+        prepare(&target, s)?;
+        if s.steps.is_empty() {
+            // What the guard will refuse is readable before it is placed.
+            for c in s.checks.iter().filter(|c| c.expect == Expect::Denied) {
+                if !s.later.contains(&c.path) {
+                    readable(&mut target, c)?;
+                }
+            }
+        }
         let agent = Agent::start(
             &AgentConfig {
                 bin: self.agent_bin,
@@ -316,37 +525,31 @@ impl Runner<'_> {
         for path in s.later {
             root.write(path, b"later\n")?;
         }
-        for c in s.checks {
-            let window = if s.later.contains(&c.path) {
-                NEW_PATH_WINDOW
-            } else {
-                Duration::ZERO
-            };
-            let last = wait::until(
-                &format!("{:?} {:?} {} to be {:?}", c.who, c.op, c.path, c.expect),
-                window,
-                || {
-                    let got = attempt(&mut target, c).ok()?;
-                    let ok = match c.expect {
-                        Expect::Denied => got == Access::Denied,
-                        Expect::Allowed => matches!(got, Access::Ok(_)),
-                    };
-                    ok.then_some(got)
-                },
-            );
-            if let Err(e) = last {
-                let got = attempt(&mut target, c)?;
-                bail!(
-                    "{e}; last answer: {got:?}\nagent stderr:\n{}",
-                    agent.stderr()
-                );
+        let mut refused = false;
+        for step in s.steps {
+            let got = target.exec(&[BUSYBOX, "sh", "-c", step.cmd])?;
+            let want_refused = self.bpf && step.bpf_refuses;
+            match (&got, want_refused) {
+                (Access::Ok(_), false) => {}
+                (Access::Denied, true) => refused = true,
+                _ => bail!(
+                    "step {:?}: {got:?}, expected it {}",
+                    step.cmd,
+                    if want_refused { "refused" } else { "done" }
+                ),
             }
-            if c.expect == Expect::Denied {
-                let quoted = format!("'{}'", c.logged);
-                agent.wait_line(&format!("a DENY line for {}", c.logged), |l| {
-                    l.starts_with("<DENY>") && l.contains(&quoted)
-                })?;
-            }
+        }
+        self.checks(s, &mut target, &agent, refused)?;
+        if s.recheck && !self.bpf {
+            // fanotify looks at every guarded path again every second: what a move did
+            // must still hold once it has.
+            let passes = agent.passes()?;
+            wait::until(
+                "the agent to look at every guarded path twice more",
+                Duration::from_secs(10),
+                || (agent.passes().ok()? >= passes + 2).then_some(()),
+            )?;
+            self.checks(s, &mut target, &agent, refused)?;
         }
         let status = agent.stop()?;
         if !status.success() {
@@ -354,6 +557,98 @@ impl Runner<'_> {
         }
         target.kill()?;
         Ok(())
+    }
+
+    /// Without the guard the attacker's moves work and what the checks deny is readable
+    /// through the new names: the scenario tests the guard, not a typo.
+    fn unguarded(&self, s: &Scenario) -> Result<()> {
+        let root = Root::new(self.workdir, &format!("{}-unguarded", s.name))?;
+        populate(&root)?;
+        let mut target = Target::start(&root)?;
+        prepare(&target, s)?;
+        for step in s.steps {
+            match target.exec(&[BUSYBOX, "sh", "-c", step.cmd])? {
+                Access::Ok(_) => {}
+                other => bail!("unguarded step {:?}: {other:?}", step.cmd),
+            }
+        }
+        for c in s.checks.iter().filter(|c| c.expect == Expect::Denied) {
+            readable(&mut target, c).context("unguarded")?;
+        }
+        target.kill()
+    }
+
+    fn checks(
+        &self,
+        s: &Scenario,
+        target: &mut Target,
+        agent: &Agent,
+        refused: bool,
+    ) -> Result<()> {
+        for c in s.checks {
+            let window = if s.later.contains(&c.path) {
+                NEW_PATH_WINDOW
+            } else {
+                Duration::ZERO
+            };
+            // Where BPF refused the move, the new name does not exist.
+            let absent = |got: &Access| {
+                refused && matches!(got, Access::Failed(m) if m.contains("No such file"))
+            };
+            let last = wait::until(
+                &format!("{:?} {:?} {} to be {:?}", c.who, c.op, c.path, c.expect),
+                window,
+                || {
+                    let got = attempt(target, c).ok()?;
+                    let ok = match c.expect {
+                        Expect::Denied => got == Access::Denied || absent(&got),
+                        Expect::Allowed => matches!(got, Access::Ok(_)),
+                    };
+                    ok.then_some(got)
+                },
+            );
+            let got = match last {
+                Ok(got) => got,
+                Err(e) => {
+                    let got = attempt(target, c)?;
+                    bail!(
+                        "{e}; last answer: {got:?}\nagent stderr:\n{}",
+                        agent.stderr()
+                    );
+                }
+            };
+            if got == Access::Denied {
+                let quoted = format!("'{}'", c.logged);
+                agent.wait_line(&format!("a DENY line for {}", c.logged), |l| {
+                    l.starts_with("<DENY>") && l.contains(&quoted)
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the scenario's preparation in the target, as its root.
+fn prepare(target: &Target, s: &Scenario) -> Result<()> {
+    for cmd in s.prepare {
+        match target.exec(&[BUSYBOX, "sh", "-c", cmd])? {
+            Access::Ok(_) => {}
+            other => bail!("preparing with {cmd:?}: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless `c` works, as it must before a guard is placed.
+fn readable(target: &mut Target, c: &Check) -> Result<()> {
+    match attempt(target, c)? {
+        Access::Ok(_) => Ok(()),
+        other => bail!(
+            "{:?} {:?} {} before the guard: {other:?}",
+            c.who,
+            c.op,
+            c.path
+        ),
     }
 }
 
@@ -370,5 +665,7 @@ pub fn attempt(target: &mut Target, c: &Check) -> Result<Access> {
         (Who::Other, Op::Write) => {
             target.exec(&[BUSYBOX, "sh", "-c", &format!("echo x >> '{}'", c.path)])
         }
+        (Who::Other, Op::Map) => target.map_read(c.path),
+        (Who::Owner, Op::Map) => bail!("the table maps files as another process only"),
     }
 }

@@ -153,6 +153,7 @@ impl TargetShared {
                 reason: None,
                 warnings,
                 marks: 0,
+                passes: 0,
                 audit,
                 paths: Vec::new(),
             }),
@@ -291,6 +292,7 @@ impl Marker {
         };
         self.on_moved(table);
         self.publish(metrics);
+        self.shared.state.lock().expect("state lock").passes += 1;
         changed
     }
 
