@@ -37,6 +37,7 @@ pub struct Metrics {
     pub backend_info: IntGaugeVec,
     pub api_refused: IntCounterVec,
     pub kernel_marks: IntGauge,
+    pub placement_failures: IntCounterVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -157,6 +158,19 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let placement_failures = counter(
+            "janus_placement_failures_total",
+            "Marks, watches or map entries a guard needed that could not be placed (kind: mark|watch|stat|map), e.g. at a kernel quota; the target is failed until they are.",
+            &["backend", "kind"],
+        );
+        for (backend, kind) in [
+            ("fanotify", "mark"),
+            ("fanotify", "watch"),
+            ("fanotify", "stat"),
+            ("bpf", "map"),
+        ] {
+            placement_failures.with_label_values(&[backend, kind]);
+        }
         // Every series the backends count exists from the start, so alerts and dashboards
         // see 0 rather than nothing.
         for backend in ["fanotify", "bpf"] {
@@ -174,6 +188,7 @@ impl Metrics {
             backend_info,
             api_refused,
             kernel_marks,
+            placement_failures,
             decisions,
             internal_errors,
             overflows,

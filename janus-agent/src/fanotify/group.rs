@@ -31,6 +31,17 @@ pub enum FanotifyError {
     Stat(io::Error),
 }
 
+impl FanotifyError {
+    /// The `kind` label of `janus_placement_failures_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FanotifyError::Watch(_) => "watch",
+            FanotifyError::Stat(_) => "stat",
+            _ => "mark",
+        }
+    }
+}
+
 /// Maps guard events to the permission-event mask that enforces them. `modify` has no
 /// fanotify equivalent and is left out; callers report it.
 pub fn perm_mask(events: EventSet) -> MaskFlags {

@@ -56,8 +56,10 @@ impl MarkTable {
     }
 
     /// Marks `id` (held as `fd`) for `target`'s `mask`; a directory is also watched for what
-    /// appears in it. Returns whether `target` did not hold it before. On error nothing of
-    /// this call is left behind.
+    /// appears in it. A mark that cannot be placed is an error and leaves nothing behind; a
+    /// directory that is marked but cannot be watched (the inotify watch quota) stays marked,
+    /// so what is in it now is guarded, and the watch error is returned with it: what is
+    /// created in it later would not be.
     pub fn mark(
         &mut self,
         target: TargetId,
@@ -65,28 +67,33 @@ impl MarkTable {
         id: FileId,
         is_dir: bool,
         mask: MaskFlags,
-    ) -> Result<bool, FanotifyError> {
+    ) -> Result<Option<FanotifyError>, FanotifyError> {
         if let Some(m) = self.objects.get_mut(&id) {
             let before = m.union();
-            let mine = m.masks.get(&target).copied();
             if !before.contains(mask) {
                 self.perm.mark(m.fd.as_fd(), before | mask, m.is_dir)?;
             }
-            m.masks
-                .insert(target, mine.unwrap_or(MaskFlags::empty()) | mask);
-            return Ok(mine.is_none());
-        }
-        self.perm.mark(fd.as_fd(), mask, is_dir)?;
-        let wd = if is_dir {
-            match self.watch.watch(fd.as_fd()) {
-                Ok(wd) => Some(wd),
-                Err(e) => {
-                    let _ = self.perm.unmark(fd.as_fd(), mask, true, true);
-                    return Err(e);
+            *m.masks.entry(target).or_insert(MaskFlags::empty()) |= mask;
+            if m.is_dir && m.wd.is_none() {
+                // It could not be watched before: try again.
+                match self.watch.watch(m.fd.as_fd()) {
+                    Ok(wd) => {
+                        m.wd = Some(wd);
+                        self.by_wd.insert(wd, id);
+                    }
+                    Err(e) => return Ok(Some(e)),
                 }
             }
+            return Ok(None);
+        }
+        self.perm.mark(fd.as_fd(), mask, is_dir)?;
+        let (wd, unwatched) = if is_dir {
+            match self.watch.watch(fd.as_fd()) {
+                Ok(wd) => (Some(wd), None),
+                Err(e) => (None, Some(e)),
+            }
         } else {
-            None
+            (None, None)
         };
         if let Some(wd) = wd {
             self.by_wd.insert(wd, id);
@@ -100,7 +107,7 @@ impl MarkTable {
                 masks: BTreeMap::from([(target, mask)]),
             },
         );
-        Ok(true)
+        Ok(unwatched)
     }
 
     /// `target` no longer needs `id`: its events leave the mark, and the mark goes with the

@@ -11,7 +11,7 @@ use janus_api::{Event, GuardPath, GuardPolicy, RuleSet, Verdict};
 
 use super::group::{perm_mask, FanotifyError};
 use super::marks::{MarkTable, TargetId};
-use super::tree::{Found, Walk};
+use super::tree::{Failure, Found, Walk};
 use crate::decisions::LogContext;
 use crate::metrics::{DecisionCounters, Metrics};
 use crate::resolve::{self, ContainerRoot, FileId, ResolveError};
@@ -268,7 +268,7 @@ impl Marker {
         }
         let mut found = Vec::new();
         for i in 0..self.slots.len() {
-            self.resolve(i, table, &mut found);
+            self.resolve(i, table, &mut found, metrics);
         }
         let mounts = mount_ids(self.shared.root.pid);
         let rules = RuleSet::new(
@@ -296,7 +296,13 @@ impl Marker {
         changed
     }
 
-    fn resolve(&mut self, i: usize, table: &mut MarkTable, found: &mut Vec<Found>) {
+    fn resolve(
+        &mut self,
+        i: usize,
+        table: &mut MarkTable,
+        found: &mut Vec<Found>,
+        metrics: &Metrics,
+    ) {
         let target = self.shared.id;
         let only_dir = self.shared.guard().subjects[self.slots[i].rule.subject].only_dir;
         let slot = &mut self.slots[i];
@@ -346,18 +352,24 @@ impl Marker {
                     let mut walk = Walk::new(table, target, mask);
                     let result = walk.run(fd, canonical);
                     found.append(&mut walk.found);
-                    match result {
-                        Ok(()) if walk.failures.is_empty() => PathStatus::Enforced,
-                        Ok(()) => {
-                            let n = walk.failures.len();
-                            let first = walk.failures[0].clone();
-                            self.failures.append(&mut walk.failures);
-                            PathStatus::Failed(format!(
-                                "{n} objects below it could not be marked, e.g. {first}"
-                            ))
-                        }
-                        Err(e) => PathStatus::Failed(e.to_string()),
+                    let failures = std::mem::take(&mut walk.failures);
+                    let status = match (&result, failures.first()) {
+                        (Ok(()), None) => PathStatus::Enforced,
+                        (Ok(()), Some(first)) => PathStatus::Failed(format!(
+                            "{} objects at or below it could not be marked or watched, e.g. {}: {}",
+                            failures.len(),
+                            first.what,
+                            first.error
+                        )),
+                        (Err(e), _) => PathStatus::Failed(e.to_string()),
+                    };
+                    if let Err(e) = &result {
+                        count_failure(metrics, e);
                     }
+                    for f in &failures {
+                        count_failure(metrics, &f.error);
+                    }
+                    status
                 };
                 if matches!(slot.state.status, PathStatus::Failed(_)) {
                     // Walked again on the next pass.
@@ -402,12 +414,18 @@ impl Marker {
             return 0;
         };
         let mut walk = Walk::new(table, target, mask);
-        let result = walk.run(fd, path);
+        let result = walk.run(fd, path.clone());
         let dirs_made = walk.found.iter().filter(|f| f.is_dir).count();
-        if let Err(e) = result {
-            walk.failures.push(e.to_string());
+        if let Err(error) = result {
+            walk.failures.push(Failure {
+                what: path.to_string(),
+                error,
+            });
         }
-        self.failures.append(&mut walk.failures);
+        for f in walk.failures.drain(..) {
+            count_failure(metrics, &f.error);
+            self.failures.push(format!("{}: {}", f.what, f.error));
+        }
         let found = std::mem::take(&mut walk.found);
         let dirs = self.dir_paths(table, &found);
         {
@@ -545,6 +563,13 @@ impl Marker {
         ));
         tracing::info!(pid = self.shared.root.pid, guard = %self.shared.guard().name, "target exited; guard lifted");
     }
+}
+
+fn count_failure(metrics: &Metrics, e: &FanotifyError) {
+    metrics
+        .placement_failures
+        .with_label_values(&[BACKEND, e.kind()])
+        .inc();
 }
 
 fn add_found(view: &mut View, found: Vec<Found>) {

@@ -23,6 +23,13 @@ pub struct Found {
     pub is_dir: bool,
 }
 
+/// Something below a guarded path that could not be marked or watched.
+#[derive(Debug)]
+pub struct Failure {
+    pub what: String,
+    pub error: FanotifyError,
+}
+
 /// One walk for one target: what it marked and what it could not.
 pub struct Walk<'t> {
     pub table: &'t mut MarkTable,
@@ -30,7 +37,7 @@ pub struct Walk<'t> {
     pub mask: MaskFlags,
     pub found: Vec<Found>,
     /// Objects below the walk's root that could not be marked (vanishing ones are not).
-    pub failures: Vec<String>,
+    pub failures: Vec<Failure>,
 }
 
 impl<'t> Walk<'t> {
@@ -52,7 +59,10 @@ impl<'t> Walk<'t> {
         while let Some((fd, path)) = stack.pop() {
             match self.one(fd, &path, &mut stack) {
                 Err(e) if root => return Err(e),
-                Err(e) => self.failures.push(format!("{path}: {e}")),
+                Err(error) => self.failures.push(Failure {
+                    what: path.to_string(),
+                    error,
+                }),
                 Ok(()) => {}
             }
             root = false;
@@ -75,7 +85,12 @@ impl<'t> Walk<'t> {
             return Ok(());
         }
         // Marked and watched before it is listed: whatever appears meanwhile is reported.
-        self.table.mark(self.target, fd, id, is_dir, self.mask)?;
+        if let Some(error) = self.table.mark(self.target, fd, id, is_dir, self.mask)? {
+            self.failures.push(Failure {
+                what: path.to_string(),
+                error,
+            });
+        }
         self.found.push(Found {
             id,
             path: path.clone(),
