@@ -11,7 +11,7 @@ use janus_api::{Event, Verdict};
 use crate::state::Phase;
 
 /// The `kind`s of `janus_internal_errors_total`, by backend.
-const INTERNAL_ERROR_KINDS: [(&str, &str); 7] = [
+const INTERNAL_ERROR_KINDS: [(&str, &str); 8] = [
     ("fanotify", "read"),
     ("fanotify", "no_fd"),
     ("fanotify", "statx"),
@@ -19,6 +19,7 @@ const INTERNAL_ERROR_KINDS: [(&str, &str); 7] = [
     ("bpf", "short_record"),
     ("bpf", "unknown_guard"),
     ("bpf", "audit"),
+    ("bpf", "corrupt_record"),
 ];
 
 pub struct Metrics {
@@ -258,7 +259,7 @@ impl Default for Metrics {
 }
 
 pub struct DecisionCounters {
-    by: [[IntCounter; 2]; 4],
+    by: [[IntCounter; 2]; Event::ALL.len()],
 }
 
 impl DecisionCounters {

@@ -324,3 +324,39 @@ pub fn comm(pid: i32) -> Vec<u8> {
         Err(_) => b"?".to_vec(),
     }
 }
+
+/// Opens an entry of `parent` by name without following symlinks or leaving `parent`.
+pub fn open_entry(parent: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<OwnedFd> {
+    openat2(
+        parent,
+        name,
+        libc::O_PATH | libc::O_NOFOLLOW,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+pub fn for_each_entry(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8], OwnedFd)) {
+    // Listing opens the directory, perhaps a marked one: the fanotify answering thread lets
+    // the agent's own opens through, so this must never run on that thread.
+    use nix::dir::{Dir, Type};
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let Ok(mut listing) = Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    for entry in listing.iter().flatten() {
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." || entry.file_type() == Some(Type::Symlink) {
+            continue;
+        }
+        // Gone already: nothing to mark.
+        if let Ok(fd) = open_entry(dir, name) {
+            f(name, fd);
+        }
+    }
+}

@@ -18,10 +18,23 @@ pub enum Event {
     Exec,
     /// `modify`: an open for writing or a write. fanotify cannot tell these apart from reads.
     Modify,
+    /// A rename that would take an object out of the deny covering it: refused by the BPF
+    /// backend whatever the guard's events, never written in a guard.
+    Rename,
+    /// A hard link that would do the same.
+    Link,
 }
 
 impl Event {
-    pub const ALL: [Event; 4] = [Event::Open, Event::Access, Event::Exec, Event::Modify];
+    /// Every event, in the order of their values (`janus_common::EV_*`).
+    pub const ALL: [Event; 6] = [
+        Event::Open,
+        Event::Access,
+        Event::Exec,
+        Event::Modify,
+        Event::Rename,
+        Event::Link,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -29,6 +42,8 @@ impl Event {
             Event::Access => "access",
             Event::Exec => "exec",
             Event::Modify => "modify",
+            Event::Rename => "rename",
+            Event::Link => "link",
         }
     }
 
@@ -39,11 +54,29 @@ impl Event {
             Event::Access => "ACCESS_PERM",
             Event::Exec => "OPEN_EXEC_PERM",
             Event::Modify => "MODIFY_PERM",
+            Event::Rename => "RENAME_PERM",
+            Event::Link => "LINK_PERM",
         }
     }
 
     const fn bit(self) -> u8 {
         1 << self as u8
+    }
+}
+
+/// A value that is no event: a corrupt record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no event has the value {0}")]
+pub struct UnknownEvent(pub u8);
+
+impl TryFrom<u8> for Event {
+    type Error = UnknownEvent;
+
+    fn try_from(v: u8) -> Result<Event, UnknownEvent> {
+        Event::ALL
+            .get(usize::from(v))
+            .copied()
+            .ok_or(UnknownEvent(v))
     }
 }
 

@@ -24,6 +24,10 @@ pub const EV_ACCESS: usize = 1;
 pub const EV_EXEC: usize = 2;
 pub const EV_MODIFY: usize = 3;
 pub const EVENTS: usize = 4;
+/// [`Decision::event`] of a rename or a hard link refused because it would take an object
+/// out of the guard that covers it (no rule is keyed by these).
+pub const EV_RENAME: usize = 4;
+pub const EV_LINK: usize = 5;
 
 /// [`EventRule::verdict`] values.
 pub const VERDICT_NONE: u8 = 0;
@@ -44,7 +48,8 @@ pub const DECISION_AUDIT: u8 = 1;
 pub const DECISION_BY_OWNER: u8 = 2;
 /// The opened file is a directory.
 pub const DECISION_IS_DIR: u8 = 4;
-/// The ancestor walk ran out of depth: denied without a rule (fail closed).
+/// The ancestor walk ran out of depth, or a kernel read failed: denied without a rule
+/// (fail closed).
 pub const DECISION_TOO_DEEP: u8 = 8;
 
 /// Identity of an inode: the kernel's `super_block.s_dev` (kernel `dev_t` encoding,
@@ -151,7 +156,8 @@ pub struct Offsets {
     pub task_fs: u32,
     /// `fs_struct.root.dentry`: the task's root directory.
     pub fs_root_dentry: u32,
-    pub _pad: u32,
+    /// `vm_area_struct.vm_file`: the file a mapping maps (`file_mprotect`).
+    pub vma_vm_file: u32,
 }
 
 impl Offsets {

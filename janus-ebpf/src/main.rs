@@ -2,14 +2,19 @@
 //!
 //! - `file_open` decides `open`, `exec` (the file is opened for execution) and `modify`
 //!   (the file is opened for writing); `file_permission` decides `access` (a read) and
-//!   `modify` (a write).
+//!   `modify` (a write); `mmap_file` and `file_mprotect` decide `access` for a readable or
+//!   executable mapping (its reads are page faults, which `file_permission` never sees).
+//! - `inode_rename` and `inode_link` refuse a rename or a hard link that would take an
+//!   object out of a deny that covers it from above: the walk up from its new name would
+//!   not meet that rule. A rule keyed by the object itself goes wherever it goes.
 //! - Only tasks in a guarded mount namespace (`SCOPES`), or whose root directory is a guarded
 //!   target's (`ROOTS`: a mount namespace made inside the container), are considered: host
 //!   processes and other pods pay two map lookups and are never logged.
 //! - The file is covered by its nearest ancestor (walking `d_parent` up to the superblock's
 //!   root) that has a rule for the event in `RULES`: the longest guarded path wins, as in
 //!   the fanotify backend; the loader merged equal paths so that deny wins there. A walk
-//!   that runs out of depth denies (fail closed).
+//!   that runs out of depth, or a kernel read that fails, for a task in a guarded scope
+//!   denies (fail closed).
 //! - Every decision goes to the agent through `DECISIONS`; when the ring is full the
 //!   decision stands and `DROPPED` counts the loss.
 //!
@@ -29,9 +34,9 @@ use aya_ebpf::{
 };
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
-    DECISION_TOO_DEEP, EV_ACCESS, EV_EXEC, EV_MODIFY, EV_OPEN, MAX_DEPTH, MAX_NAMES, MAX_RULES,
-    MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW,
-    VERDICT_DENY, VERDICT_NONE,
+    DECISION_TOO_DEEP, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
+    MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT,
+    RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -78,7 +83,7 @@ static OFFSETS: Offsets = Offsets {
     fmode_backing: 0,
     task_fs: 0,
     fs_root_dentry: 0,
-    _pad: 0,
+    vma_vm_file: 0,
 };
 
 const EPERM: i32 = 1;
@@ -90,6 +95,8 @@ const MAY_WRITE: i32 = 0x2;
 const MAY_READ: i32 = 0x4;
 const S_IFMT: u16 = 0o170000;
 const S_IFDIR: u16 = 0o040000;
+const PROT_READ: u64 = 0x1;
+const PROT_EXEC: u64 = 0x4;
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
@@ -99,8 +106,10 @@ pub fn file_open(ctx: LsmContext) -> i32 {
         return retval;
     }
     let file: *const u8 = ctx.arg(0);
-    let Some((c, mode)) = prepare(file) else {
-        return 0;
+    let (c, mode) = match prepare(file) {
+        Prep::Skip => return 0,
+        Prep::Fail => return -EPERM,
+        Prep::Go(c, mode) => (c, mode),
     };
     // The order of fanotify's permission events: exec, then open; a write-open is also
     // a modify.
@@ -130,8 +139,10 @@ pub fn file_permission(ctx: LsmContext) -> i32 {
         return 0;
     }
     let file: *const u8 = ctx.arg(0);
-    let Some((c, _)) = prepare(file) else {
-        return 0;
+    let c = match prepare(file) {
+        Prep::Skip => return 0,
+        Prep::Fail => return -EPERM,
+        Prep::Go(c, _) => c,
     };
     if mask & MAY_READ != 0 {
         let r = check(&ctx, &c, EV_ACCESS);
@@ -143,6 +154,201 @@ pub fn file_permission(ctx: LsmContext) -> i32 {
         return check(&ctx, &c, EV_MODIFY);
     }
     0
+}
+
+#[lsm(hook = "mmap_file")]
+pub fn mmap_file(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, mmap_file, struct file *file, unsigned long reqprot,
+    //          unsigned long prot, unsigned long flags) + previous retval.
+    let retval: i32 = ctx.arg(4);
+    if retval != 0 {
+        return retval;
+    }
+    let file: *const u8 = ctx.arg(0);
+    let prot: u64 = ctx.arg(2);
+    map_check(&ctx, file, prot)
+}
+
+#[lsm(hook = "file_mprotect")]
+pub fn file_mprotect(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, file_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
+    //          unsigned long prot) + previous retval.
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    let vma: *const u8 = ctx.arg(0);
+    let prot: u64 = ctx.arg(2);
+    let off = offsets();
+    if !off.is_set() {
+        return 0;
+    }
+    let Ok(file) = read::<*const u8>(vma, off.vma_vm_file) else {
+        return fail_if_scoped();
+    };
+    map_check(&ctx, file, prot)
+}
+
+/// A mapping that can be read (or executed) reads the file by page faults: it is decided
+/// as a read.
+#[inline(always)]
+fn map_check(ctx: &LsmContext, file: *const u8, prot: u64) -> i32 {
+    if file.is_null() || prot & (PROT_READ | PROT_EXEC) == 0 {
+        return 0;
+    }
+    match prepare(file) {
+        Prep::Skip => 0,
+        Prep::Fail => -EPERM,
+        Prep::Go(c, _) => check(ctx, &c, EV_ACCESS),
+    }
+}
+
+#[lsm(hook = "inode_rename")]
+pub fn inode_rename(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, inode_rename, struct inode *old_dir, struct dentry *old_dentry,
+    //          struct inode *new_dir, struct dentry *new_dentry) + previous retval. An
+    // exchange calls it twice, once each way.
+    let retval: i32 = ctx.arg(4);
+    if retval != 0 {
+        return retval;
+    }
+    let old: *const u8 = ctx.arg(1);
+    let new: *const u8 = ctx.arg(3);
+    keep_in_guard(old, new, EV_RENAME)
+}
+
+#[lsm(hook = "inode_link")]
+pub fn inode_link(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, inode_link, struct dentry *old_dentry, struct inode *dir,
+    //          struct dentry *new_dentry) + previous retval.
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    let old: *const u8 = ctx.arg(0);
+    let new: *const u8 = ctx.arg(2);
+    keep_in_guard(old, new, EV_LINK)
+}
+
+/// Refuses giving the object `old` the name `new` when it lies below a directory with a
+/// deny rule and the new name would not: the walk up from it would no longer meet that
+/// rule. (A rule keyed by the object itself goes wherever it goes, so it is not looked at.)
+#[inline(always)]
+fn keep_in_guard(old: *const u8, new: *const u8, action: usize) -> i32 {
+    let off = offsets();
+    if !off.is_set() {
+        return 0;
+    }
+    let (scope, guard_id, tgid) = match task_scope(&off) {
+        Prep::Skip => return 0,
+        Prep::Fail => return -EPERM,
+        Prep::Go(c, _) => (c.scope, c.guard_id, c.tgid),
+    };
+    let (Ok(old_parent), Ok(new_parent)) = (
+        read::<*const u8>(old, off.dentry_parent),
+        read::<*const u8>(new, off.dentry_parent),
+    ) else {
+        return -EPERM;
+    };
+    let (key, rule, depth) = match nearest_deny(&off, old_parent, scope) {
+        Walk::Root => return 0,
+        Walk::Lost => return -EPERM,
+        Walk::Found(key, rule, depth) => (key, rule, depth),
+    };
+    match below(&off, new_parent, scope, key) {
+        Walk::Found(..) => return 0,
+        Walk::Lost => return -EPERM,
+        Walk::Root => {}
+    }
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return -EPERM;
+    };
+    let rec = unsafe { &mut *rec };
+    rec.guard_id = guard_id;
+    rec.scope = scope;
+    rec.tgid = tgid;
+    rec.event = action as u8;
+    rec.flags = if rule.flags & RULE_AUDIT != 0 {
+        DECISION_AUDIT
+    } else {
+        0
+    };
+    rec.verdict = VERDICT_DENY;
+    rec.subject = rule.subject;
+    // The object is one level below where the walk started.
+    rec.depth = depth as u8 + 1;
+    rec.rule = key;
+    copy_names(&off, rec, old, depth + 1);
+    emit(rec);
+    -EPERM
+}
+
+/// Where a walk up ended.
+enum Walk {
+    /// At the root, without a hit.
+    Root,
+    /// A kernel read failed, or the walk ran out of depth: a hit cannot be ruled out.
+    Lost,
+    /// The rule's key, its first deny, and how far up it is.
+    Found(InodeKey, janus_common::EventRule, usize),
+}
+
+/// The nearest directory at or above `dentry` with a deny rule for any event.
+#[inline(always)]
+fn nearest_deny(off: &Offsets, dentry: *const u8, scope: u32) -> Walk {
+    let mut dentry = dentry;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
+        if let Some(key) = inode_key(off, dentry, scope) {
+            if let Some(rule) = unsafe { RULES.get(&key) } {
+                let e = &rule.events;
+                let deny = if e[EV_OPEN].verdict == VERDICT_DENY {
+                    e[EV_OPEN]
+                } else if e[EV_ACCESS].verdict == VERDICT_DENY {
+                    e[EV_ACCESS]
+                } else if e[EV_EXEC].verdict == VERDICT_DENY {
+                    e[EV_EXEC]
+                } else {
+                    e[EV_MODIFY]
+                };
+                if deny.verdict == VERDICT_DENY {
+                    return Walk::Found(key, deny, depth);
+                }
+            }
+        }
+        let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {
+            return Walk::Lost;
+        };
+        if parent == dentry || parent.is_null() {
+            return Walk::Root;
+        }
+        dentry = parent;
+        depth += 1;
+    }
+    Walk::Lost
+}
+
+/// Whether the inode `want` is at or above `dentry`.
+#[inline(always)]
+fn below(off: &Offsets, dentry: *const u8, scope: u32, want: InodeKey) -> Walk {
+    let mut dentry = dentry;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
+        if let Some(key) = inode_key(off, dentry, scope) {
+            if key.ino == want.ino && key.dev == want.dev {
+                return Walk::Found(key, janus_common::EventRule::default(), depth);
+            }
+        }
+        let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {
+            return Walk::Lost;
+        };
+        if parent == dentry || parent.is_null() {
+            return Walk::Root;
+        }
+        dentry = parent;
+        depth += 1;
+    }
+    Walk::Lost
 }
 
 fn offsets() -> Offsets {
@@ -166,51 +372,102 @@ struct Call {
     leaf: *const u8,
 }
 
-/// `None` when the call is none of our business: no guarded scope, overlayfs' backing
-/// file, or the loader did not configure us.
+/// Whether a call is ours to decide.
+enum Prep {
+    /// No guarded scope, overlayfs' backing file, or the loader did not configure us.
+    Skip,
+    /// The task is in a guarded scope but a kernel read failed: deny (fail closed).
+    Fail,
+    Go(Call, u32),
+}
+
+/// The guarded scope of the current task, as a [`Call`] without a file.
 #[inline(always)]
-fn prepare(file: *const u8) -> Option<(Call, u32)> {
-    let off = offsets();
-    if !off.is_set() {
-        return None;
-    }
-    let mode: u32 = read(file, off.file_f_mode).ok()?;
-    // overlayfs opens (and reads) a backing file behind each overlay file: the overlay
-    // file was decided already, and the backing inode is not the guarded one.
-    if off.fmode_backing != 0 && mode & off.fmode_backing != 0 {
-        return None;
-    }
+fn task_scope(off: &Offsets) -> Prep {
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let nsproxy: *const u8 = read(task, off.task_nsproxy).ok()?;
+    let Ok(nsproxy) = read::<*const u8>(task, off.task_nsproxy) else {
+        return Prep::Skip;
+    };
     if nsproxy.is_null() {
         // An exiting task.
-        return None;
+        return Prep::Skip;
     }
-    let mnt_ns: *const u8 = read(nsproxy, off.nsproxy_mnt_ns).ok()?;
-    let mut ns: u32 = read(mnt_ns, off.mnt_ns_inum).ok()?;
+    let Ok(mnt_ns) = read::<*const u8>(nsproxy, off.nsproxy_mnt_ns) else {
+        return Prep::Skip;
+    };
+    let Ok(mut ns) = read::<u32>(mnt_ns, off.mnt_ns_inum) else {
+        return Prep::Skip;
+    };
     let scope = match unsafe { SCOPES.get(&ns) } {
         Some(scope) => scope,
         None => {
-            ns = root_scope(task, &off)?;
-            unsafe { SCOPES.get(&ns) }?
+            let Some(n) = root_scope(task, off) else {
+                return Prep::Skip;
+            };
+            ns = n;
+            match unsafe { SCOPES.get(&ns) } {
+                Some(scope) => scope,
+                None => return Prep::Skip,
+            }
         }
     };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let leaf: *const u8 = read(file, off.file_dentry).ok()?;
-    let inode: *const u8 = read(file, off.file_f_inode).ok()?;
-    let imode: u16 = read(inode, off.inode_mode).ok()?;
-    Some((
+    Prep::Go(
         Call {
-            off,
+            off: *off,
             scope: ns,
             guard_id: scope.guard_id,
             tgid,
             owner: tgid == scope.owners[0] || tgid == scope.owners[1],
-            is_dir: imode & S_IFMT == S_IFDIR,
-            leaf,
+            is_dir: false,
+            leaf: core::ptr::null(),
         },
-        mode,
-    ))
+        0,
+    )
+}
+
+/// Fails a call closed when the current task is in a guarded scope.
+#[inline(always)]
+fn fail_if_scoped() -> i32 {
+    match task_scope(&offsets()) {
+        Prep::Skip => 0,
+        _ => -EPERM,
+    }
+}
+
+#[inline(always)]
+fn prepare(file: *const u8) -> Prep {
+    let off = offsets();
+    if !off.is_set() {
+        return Prep::Skip;
+    }
+    let Ok(mode) = read::<u32>(file, off.file_f_mode) else {
+        return match task_scope(&off) {
+            Prep::Skip => Prep::Skip,
+            _ => Prep::Fail,
+        };
+    };
+    // overlayfs opens (and reads) a backing file behind each overlay file: the overlay
+    // file was decided already, and the backing inode is not the guarded one.
+    if off.fmode_backing != 0 && mode & off.fmode_backing != 0 {
+        return Prep::Skip;
+    }
+    let mut c = match task_scope(&off) {
+        Prep::Go(c, _) => c,
+        other => return other,
+    };
+    let Ok(leaf) = read::<*const u8>(file, off.file_dentry) else {
+        return Prep::Fail;
+    };
+    let Ok(inode) = read::<*const u8>(file, off.file_f_inode) else {
+        return Prep::Fail;
+    };
+    let Ok(imode) = read::<u16>(inode, off.inode_mode) else {
+        return Prep::Fail;
+    };
+    c.leaf = leaf;
+    c.is_dir = imode & S_IFMT == S_IFDIR;
+    Prep::Go(c, mode)
 }
 
 /// The scope whose target's root directory is the task's own, when its mount namespace is
@@ -230,7 +487,7 @@ fn root_scope(task: *const u8, off: &Offsets) -> Option<u32> {
 #[inline(always)]
 fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        return 0;
+        return -EPERM;
     };
     let rec = unsafe { &mut *rec };
     let off = &c.off;
@@ -248,7 +505,8 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
             }
         }
         let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {
-            return 0;
+            // An ancestor we cannot read might deny: deny.
+            return -EPERM;
         };
         if parent == dentry || parent.is_null() {
             // The root: nothing guards this file for this event.
@@ -259,24 +517,7 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     }
     // Names only now, for a decision: the log line needs those below the deciding rule (the
     // agent knows the rule's own path), so a file no rule covers copies none.
-    let mut named = c.leaf;
-    let mut i = 0;
-    while i < MAX_NAMES && i < depth {
-        if let Ok(name) = read::<*const u8>(named, off.dentry_name) {
-            unsafe {
-                generated::bpf_probe_read_kernel_str(
-                    rec.names[i].as_mut_ptr() as *mut c_void,
-                    NAME_LEN as u32,
-                    name as *const c_void,
-                )
-            };
-        }
-        let Ok(parent) = read::<*const u8>(named, off.dentry_parent) else {
-            break;
-        };
-        named = parent;
-        i += 1;
-    }
+    copy_names(off, rec, c.leaf, depth);
     rec.guard_id = c.guard_id;
     rec.scope = c.scope;
     rec.tgid = c.tgid;
@@ -315,6 +556,29 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
         -EPERM
     } else {
         0
+    }
+}
+
+/// The names of the first `depth` dentries from `leaf` up, for the log line.
+#[inline(always)]
+fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8, depth: usize) {
+    let mut named = leaf;
+    let mut i = 0;
+    while i < MAX_NAMES && i < depth {
+        if let Ok(name) = read::<*const u8>(named, off.dentry_name) {
+            unsafe {
+                generated::bpf_probe_read_kernel_str(
+                    rec.names[i].as_mut_ptr() as *mut c_void,
+                    NAME_LEN as u32,
+                    name as *const c_void,
+                )
+            };
+        }
+        let Ok(parent) = read::<*const u8>(named, off.dentry_parent) else {
+            break;
+        };
+        named = parent;
+        i += 1;
     }
 }
 

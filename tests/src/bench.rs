@@ -287,7 +287,7 @@ fn measure(inside: &Inside, setup: Setup, opts: &Options) -> Result<RoundFigures
         if case == Case::Unguarded {
             paths.push((CONTROL, false));
         }
-        let mut ns = latencies(inside, &paths, opts.iterations)
+        let mut ns = latencies(inside, &paths, opts.iterations, None)
             .with_context(|| format!("{} under {}", case.name(), setup.name()))?;
         for v in &mut ns {
             v.sort_unstable();
@@ -307,14 +307,14 @@ fn measure(inside: &Inside, setup: Setup, opts: &Options) -> Result<RoundFigures
     Ok(f)
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -324,13 +324,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The target's mount namespace and root, entered by opener threads.
-struct Inside {
+pub(crate) struct Inside {
     ns: OwnedFd,
     root: OwnedFd,
 }
 
 impl Inside {
-    fn of(target: &Target) -> Result<Inside> {
+    pub(crate) fn of(target: &Target) -> Result<Inside> {
         let pid = target.pid();
         Ok(Inside {
             ns: open_fd(&format!("/proc/{pid}/ns/mnt"), libc::O_RDONLY)?,
@@ -341,7 +341,7 @@ impl Inside {
     /// Moves the calling thread into the target, as `kubectl exec` moves a process. Threads
     /// share their root and working directory unless they unshare them first, and setns
     /// refuses a mount namespace change while they are shared.
-    fn enter(&self) -> Result<()> {
+    pub(crate) fn enter(&self) -> Result<()> {
         // SAFETY: plain system calls on descriptors we hold and constant C strings; they
         // change only this thread's filesystem context once CLONE_FS is unshared.
         unsafe {
@@ -357,7 +357,7 @@ impl Inside {
 }
 
 /// Opens and closes `path` once; whether it was refused with EPERM.
-fn open_close(path: &CStr) -> Result<bool> {
+pub(crate) fn open_close(path: &CStr) -> Result<bool> {
     // SAFETY: a C string path; the descriptor is closed at once.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd >= 0 {
@@ -376,7 +376,12 @@ fn open_close(path: &CStr) -> Result<bool> {
 /// `n` timed open+close calls of each of `paths` (path, whether it must be refused) from
 /// inside the target, in ns, after a warm-up. Several paths are timed in alternating
 /// chunks, so that they see the machine in the same state.
-fn latencies(inside: &Inside, paths: &[(&str, bool)], n: usize) -> Result<Vec<Vec<u64>>> {
+pub(crate) fn latencies(
+    inside: &Inside,
+    paths: &[(&str, bool)],
+    n: usize,
+    cpu: Option<usize>,
+) -> Result<Vec<Vec<u64>>> {
     const CHUNK: usize = 500;
     let paths: Vec<(CString, bool)> = paths
         .iter()
@@ -385,6 +390,9 @@ fn latencies(inside: &Inside, paths: &[(&str, bool)], n: usize) -> Result<Vec<Ve
     std::thread::scope(|s| {
         s.spawn(|| -> Result<Vec<Vec<u64>>> {
             inside.enter()?;
+            if let Some(cpu) = cpu {
+                pin(0, cpu)?;
+            }
             for (path, denied) in &paths {
                 for _ in 0..(n / 10).max(100) {
                     expect(open_close(path)?, *denied, path)?;
@@ -409,7 +417,7 @@ fn latencies(inside: &Inside, paths: &[(&str, bool)], n: usize) -> Result<Vec<Ve
     })
 }
 
-fn expect(refused: bool, denied: bool, path: &CStr) -> Result<()> {
+pub(crate) fn expect(refused: bool, denied: bool, path: &CStr) -> Result<()> {
     if refused != denied {
         bail!(
             "open {} was {}, expected it {}",
@@ -422,7 +430,7 @@ fn expect(refused: bool, denied: bool, path: &CStr) -> Result<()> {
 }
 
 /// Opens per second of `path` by `threads` openers inside the target for `duration`.
-fn rate(inside: &Inside, path: &str, threads: usize, duration: Duration) -> Result<f64> {
+pub(crate) fn rate(inside: &Inside, path: &str, threads: usize, duration: Duration) -> Result<f64> {
     let path = CString::new(path)?;
     let start = Barrier::new(threads + 1);
     let stop = AtomicBool::new(false);
@@ -494,6 +502,32 @@ fn new_dir_window(inside: &Inside, host_root: &OwnedFd, dir: &str) -> Result<Dur
     })
 }
 
+/// Pins thread `tid` (0: the calling thread) to `cpu`: on two cores, where the scheduler puts
+/// listener and opener decides a round trip's latency as much as the listener does.
+pub(crate) fn pin(tid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid set of the size we pass.
+    check(unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) })
+        .with_context(|| format!("pinning thread {tid} to CPU {cpu}"))
+}
+
+/// The thread of process `pid` named `name` (its `comm`).
+pub(crate) fn thread_named(pid: &str, name: &str) -> Result<i32> {
+    for e in fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            return e
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse().ok())
+                .context("a thread id");
+        }
+    }
+    bail!("no thread {name:?} in process {pid}")
+}
+
 fn open_dir(path: &Path) -> Result<OwnedFd> {
     open_fd(
         path.to_str().context("a UTF-8 path")?,
@@ -503,12 +537,12 @@ fn open_dir(path: &Path) -> Result<OwnedFd> {
 
 /// A tmpfs of our own for the roots: marks that other processes hold on the shared
 /// filesystem under the work directory would otherwise tax every open we time.
-struct Scratch {
+pub(crate) struct Scratch {
     dir: PathBuf,
 }
 
 impl Scratch {
-    fn mount(dir: PathBuf) -> Result<Scratch> {
+    pub(crate) fn mount(dir: PathBuf) -> Result<Scratch> {
         fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         let c = CString::new(dir.as_os_str().as_bytes())?;
         // SAFETY: C strings for source, target and type; no data.
@@ -525,7 +559,7 @@ impl Scratch {
         Ok(Scratch { dir })
     }
 
-    fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 }

@@ -6,7 +6,7 @@
 //! - [`agent`]: `janus-agent guard` as a real process, its decision lines and metrics.
 //! - [`scenarios`]: the table of guards, files and expected answers every backend passes.
 //! - [`bench`] and [`floor`]: the benchmark, and the minimal fanotify listener it compares
-//!   the agent with.
+//!   the agent with; [`scale`]: the node-scale benchmark (1,000 containers).
 //! - [`wait`]: waiting on a condition with a deadline, never a bare sleep.
 //! - [`isolate`]: one test case in a process group of its own, under a deadline (the VM
 //!   runners).
@@ -16,6 +16,7 @@ pub mod bench;
 pub mod containerd;
 pub mod floor;
 pub mod isolate;
+pub mod scale;
 pub mod scenarios;
 pub mod target;
 pub mod wait;

@@ -23,8 +23,20 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use janus_api::{Event, GuardPolicy, RuleSet, Verdict};
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_TOO_DEEP,
-    MAX_NAMES, MAX_RULES, NAME_LEN, VERDICT_DENY,
+    EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES, MAX_RULES, NAME_LEN,
+    VERDICT_DENY,
 };
+
+// The programs' event values are `janus_api::Event`'s: checked here, not by comment.
+const _: () = assert!(
+    Event::Open as usize == EV_OPEN
+        && Event::Access as usize == EV_ACCESS
+        && Event::Exec as usize == EV_EXEC
+        && Event::Modify as usize == EV_MODIFY
+        && Event::Rename as usize == EV_RENAME
+        && Event::Link as usize == EV_LINK
+        && Event::ALL.len() == EV_LINK + 1
+);
 
 use crate::decisions::{Entry, LogContext, LogSender};
 use crate::metrics::{DecisionCounters, Metrics};
@@ -41,7 +53,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("JANUS_EBPF_OBJ_PATH"));
 static OBJECT: &[u8] = &[];
 
 const LSM_LIST: &str = "/sys/kernel/security/lsm";
-const PROGRAMS: [&str; 2] = ["file_open", "file_permission"];
+const PROGRAMS: [&str; 6] = [
+    "file_open",
+    "file_permission",
+    "mmap_file",
+    "file_mprotect",
+    "inode_rename",
+    "inode_link",
+];
 
 /// `--backend`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -204,7 +223,7 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
         task_fs: b.member_offset("task_struct", "fs", Pointer)?,
         fs_root_dentry: b.member_offset("fs_struct", "root", Struct)?
             + b.member_offset("path", "dentry", Pointer)?,
-        _pad: 0,
+        vma_vm_file: b.member_offset("vm_area_struct", "vm_file", Pointer)?,
     })
 }
 
@@ -255,6 +274,30 @@ fn stat_key(id: FileId, scope: u32) -> InodeKey {
         dev: InodeKey::kernel_dev(libc::major(id.dev), libc::minor(id.dev)),
         scope,
     }
+}
+
+/// The files below the guarded directories `dirs` that have more than one name, with the
+/// name they have there: a hard link elsewhere, made before the guard, is a name whose walk
+/// up never meets the directory.
+fn linked_files(
+    dirs: Vec<(std::os::fd::OwnedFd, janus_api::GuardPath)>,
+    scope: u32,
+) -> Vec<(InodeKey, janus_api::GuardPath)> {
+    let mut out = Vec::new();
+    let mut stack = dirs;
+    while let Some((dir, path)) = stack.pop() {
+        resolve::for_each_entry(dir.as_fd(), |name, fd| {
+            let (Ok(st), Some(p)) = (resolve::statx(fd.as_fd()), path.join(name)) else {
+                return;
+            };
+            if resolve::is_dir(&st) {
+                stack.push((fd, p));
+            } else if st.stx_nlink > 1 {
+                out.push((stat_key(FileId::of(&st), scope), p));
+            }
+        });
+    }
+    out
 }
 
 /// How a map update failed, naming the map.
@@ -374,6 +417,8 @@ impl Enforcer {
             .filter(|&n| n != 0)
             .ok_or_else(|| GuardError::Unsupported(format!("pid {pid}: no mount namespace")))?;
         let mut table = rules::Table::default();
+        let mut resolved = Vec::new();
+        let mut dirs = Vec::new();
         for rule in RuleSet::from_policy(&guard).rules() {
             let (fd, canonical) = root.resolve(&rule.path).map_err(|e| match e {
                 resolve::ResolveError::Path { ref error, .. }
@@ -403,6 +448,23 @@ impl Enforcer {
                 path: canonical.as_bytes().to_vec(),
             };
             table.add(&guard, rule, &at);
+            resolved.push(janus_api::decide::Rule {
+                path: canonical.clone(),
+                ..rule.clone()
+            });
+            if at.is_dir {
+                dirs.push((fd, canonical));
+            }
+        }
+        let resolved = RuleSet::new(resolved);
+        for (key, path) in linked_files(dirs, scope_id) {
+            let at = rules::Resolved {
+                key,
+                is_dir: false,
+                path: path.as_bytes().to_vec(),
+            };
+            table.add_linked(&guard, &resolved, &at);
+            table.paths.entry(key).or_insert(at.path);
         }
         let owners = [pid as u32, resolve::parent_pid(pid)? as u32];
         let root_key = stat_key(root.root_id(), 0);
@@ -557,7 +619,13 @@ fn handle(
             .inc();
         return;
     };
-    let event = Event::ALL[usize::from(d.event) % Event::ALL.len()];
+    let Ok(event) = Event::try_from(d.event) else {
+        metrics
+            .internal_errors
+            .with_label_values(&[BACKEND, "corrupt_record"])
+            .inc();
+        return;
+    };
     let verdict = if d.verdict == VERDICT_DENY {
         Verdict::Deny
     } else {

@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 
-use janus_api::decide::{Rule as ApiRule, Verdict};
+use janus_api::decide::{Rule as ApiRule, RuleSet, Verdict};
 use janus_api::{Event, GuardPolicy};
 use janus_common::{
-    EventRule, InodeKey, Rule, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_IS_DIR, RULE_ONLY_DIR,
-    VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    EventRule, InodeKey, Rule, EVENTS, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_IS_DIR,
+    RULE_ONLY_DIR, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// One guarded path after resolution: what the kernel will find on its walk up.
@@ -30,6 +30,32 @@ impl Table {
     /// same path), so deny wins there; longer paths win in the kernel by being met first on
     /// the walk up. A subject with onlyDir guards directories only, as under fanotify.
     pub fn add(&mut self, guard: &GuardPolicy, rule: &ApiRule, at: &Resolved) {
+        self.add_events(guard, rule, at, rule.events.iter());
+    }
+
+    /// Keys a file that has names outside the guarded directory it lies in (a hard link
+    /// made before the guard): the walk up from such a name never meets the directory, so
+    /// the file gets a rule of its own, per event what `rules` (resolved paths) decide
+    /// for it where it lies.
+    pub fn add_linked(&mut self, guard: &GuardPolicy, rules: &RuleSet, at: &Resolved) {
+        for event in Event::ALL.into_iter().take(EVENTS) {
+            let winner = rules
+                .rules()
+                .iter()
+                .find(|r| r.events.contains(event) && r.path.covers(&at.path));
+            if let Some(r) = winner {
+                self.add_events(guard, r, at, std::iter::once(event));
+            }
+        }
+    }
+
+    fn add_events(
+        &mut self,
+        guard: &GuardPolicy,
+        rule: &ApiRule,
+        at: &Resolved,
+        events: impl Iterator<Item = Event>,
+    ) {
         let subject = &guard.subjects[rule.subject];
         if subject.only_dir && !at.is_dir {
             return;
@@ -52,7 +78,7 @@ impl Table {
             Verdict::Deny => VERDICT_DENY,
         };
         let entry = self.rules.entry(at.key).or_default();
-        for event in rule.events.iter() {
+        for event in events {
             let slot = &mut entry.events[event_index(event)];
             if slot.verdict == VERDICT_NONE
                 || (verdict == VERDICT_DENY && slot.verdict != VERDICT_DENY)

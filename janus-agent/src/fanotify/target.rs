@@ -398,7 +398,7 @@ impl Marker {
         let (Some(mask), Some(dir_fd)) = (table.mask_of(target, dir), table.fd(dir)) else {
             return 0;
         };
-        let Ok(fd) = super::tree::open_entry(dir_fd, name) else {
+        let Ok(fd) = resolve::open_entry(dir_fd, name) else {
             return 0;
         };
         let parents: Vec<GuardPath> = self

@@ -3,17 +3,14 @@
 //! a hard link gives it another name, not another guard. FAN_EVENT_ON_CHILD on directories
 //! covers what is created in them until its own mark is placed.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use janus_api::GuardPath;
-use nix::dir::{Dir, Type};
-use nix::fcntl::OFlag;
 use nix::sys::fanotify::MaskFlags;
-use nix::sys::stat::Mode;
 
 use super::group::FanotifyError;
 use super::marks::{MarkTable, TargetId};
-use crate::resolve::{self, openat2, FileId};
+use crate::resolve::{self, for_each_entry, FileId};
 
 /// An object marked for a target, under the guarded path it had then.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,38 +101,5 @@ impl<'t> Walk<'t> {
             });
         }
         Ok(())
-    }
-}
-
-/// Opens an entry of `parent` by name without following symlinks or leaving `parent`.
-pub fn open_entry(parent: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<OwnedFd> {
-    openat2(
-        parent,
-        name,
-        libc::O_PATH | libc::O_NOFOLLOW,
-        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
-    )
-}
-
-fn for_each_entry(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8], OwnedFd)) {
-    // Listing opens the directory, a marked one: the answering thread lets the agent's own
-    // opens through, so this must never run on that thread.
-    let Ok(mut listing) = Dir::openat(
-        dir,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) else {
-        return;
-    };
-    for entry in listing.iter().flatten() {
-        let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." || entry.file_type() == Some(Type::Symlink) {
-            continue;
-        }
-        // Gone already: nothing to mark.
-        if let Ok(fd) = open_entry(dir, name) {
-            f(name, fd);
-        }
     }
 }

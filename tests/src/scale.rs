@@ -1,0 +1,403 @@
+//! The node-scale benchmark: one agent guarding 1 container, 1 guard × N containers and
+//! 10 guards × N/10 containers, against the floor (a minimal fanotify listener marking the
+//! same inodes) in the same run. Per setup: the time until every target is enforced, the
+//! kernel marks and the agent's RSS, every container's deny and allow checked, decisions
+//! per second on one container with 2 and 4 openers, and the guarded open's latency with
+//! opener and listener pinned to the same core and to different ones.
+
+use std::ffi::CString;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::agent::{Agent, AgentConfig};
+use crate::bench::{self, Inside, Scratch};
+use crate::floor::{Floor, FloorMark};
+use crate::scenarios::guard_yaml;
+use crate::target::{Root, Target};
+
+pub struct Options {
+    pub agent: PathBuf,
+    pub containers: usize,
+    pub rounds: usize,
+    pub iterations: usize,
+    pub duration: Duration,
+    pub workdir: PathBuf,
+}
+
+/// Guards of the 10-guard setup: guard `k` denies `/data/s<k>` and allows `/data/public`.
+const GUARDS: usize = 10;
+const ALLOWED: &str = "/data/public";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// The floor marking one container's inodes.
+    Floor1,
+    /// The floor marking every container's.
+    FloorN,
+    /// The agent, one guard on one container.
+    Agent1,
+    /// The agent, one guard on every container.
+    AgentN,
+    /// The agent, ten guards on a tenth of the containers.
+    AgentTen,
+}
+
+impl Setup {
+    const ALL: [Setup; 5] = [
+        Setup::Floor1,
+        Setup::FloorN,
+        Setup::Agent1,
+        Setup::AgentN,
+        Setup::AgentTen,
+    ];
+
+    fn name(self, n: usize) -> String {
+        match self {
+            Setup::Floor1 => "floor, 1 container".into(),
+            Setup::FloorN => format!("floor, {n} containers"),
+            Setup::Agent1 => "agent, 1 guard x 1".into(),
+            Setup::AgentN => format!("agent, 1 guard x {n}"),
+            Setup::AgentTen => format!("agent, {GUARDS} guards x {}", n / GUARDS),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    enforced_after: Option<Duration>,
+    kernel_marks: Option<f64>,
+    rss_kib: Option<u64>,
+    /// (openers, decisions/s)
+    rates: Vec<(usize, f64)>,
+    /// Median open+close ns of the guarded-allowed file: same core, cross core.
+    same_core: f64,
+    cross_core: f64,
+}
+
+pub struct Report {
+    containers: usize,
+    rounds: usize,
+    figures: Vec<(Setup, Vec<Figures>)>,
+}
+
+fn guard_docs(k: usize) -> String {
+    guard_yaml(
+        &format!("g{k}"),
+        &format!("  - deny: [/data/s{k}]\n    allow: [{ALLOWED}]\n    events: [open]\n"),
+    )
+}
+
+pub fn run(o: &Options) -> Result<Report> {
+    let n = o.containers;
+    if n < GUARDS || n % GUARDS != 0 {
+        bail!("--containers must be a multiple of {GUARDS}");
+    }
+    let scratch = Scratch::mount(
+        o.workdir
+            .join(format!("janus-scale-{}", std::process::id())),
+    )?;
+    let mut roots = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    for i in 0..n {
+        let root = Root::new(scratch.dir(), &format!("c{i}"))?;
+        root.write(ALLOWED, b"public\n")?;
+        for k in 0..GUARDS {
+            root.write(format!("/data/s{k}"), b"secret\n")?;
+        }
+        targets.push(Target::start(&root).with_context(|| format!("container {i}"))?);
+        roots.push(root);
+    }
+    eprintln!("janus-scale-bench: {n} containers started");
+    let insides: Vec<Inside> = targets.iter().map(Inside::of).collect::<Result<_>>()?;
+    let pids: Vec<i32> = targets.iter().map(Target::pid).collect();
+    let one_guard = guard_docs(0);
+    let ten_guards: String = (0..GUARDS)
+        .map(guard_docs)
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let marks = |roots: &[Root]| -> Vec<FloorMark> {
+        roots
+            .iter()
+            .flat_map(|r| {
+                [
+                    FloorMark {
+                        path: r.host("/data"),
+                        dir: true,
+                    },
+                    FloorMark {
+                        path: r.host(ALLOWED),
+                        dir: false,
+                    },
+                ]
+            })
+            .collect()
+    };
+    let mut figures: Vec<(Setup, Vec<Figures>)> =
+        Setup::ALL.iter().map(|s| (*s, Vec::new())).collect();
+    for round in 0..o.rounds {
+        for k in 0..Setup::ALL.len() {
+            let setup = Setup::ALL[(round + k) % Setup::ALL.len()];
+            eprintln!(
+                "janus-scale-bench: round {}/{}: {}",
+                round + 1,
+                o.rounds,
+                setup.name(n)
+            );
+            let f = match setup {
+                Setup::Floor1 | Setup::FloorN => {
+                    let count = if setup == Setup::Floor1 { 1 } else { n };
+                    let floor = Floor::start(&marks(&roots[..count]), libc::FAN_OPEN_PERM)?;
+                    let tid = bench::thread_named("self", "floor")?;
+                    let f = measure(&insides[0], tid, o)?;
+                    floor.stop()?;
+                    f
+                }
+                Setup::Agent1 | Setup::AgentN | Setup::AgentTen => {
+                    let (guard, pids, guards) = match setup {
+                        Setup::Agent1 => (&one_guard, &pids[..1], 1),
+                        Setup::AgentN => (&one_guard, &pids[..], 1),
+                        _ => (&ten_guards, &pids[..n / GUARDS], GUARDS),
+                    };
+                    let dir = scratch.dir().join(format!("agent-{round}-{k}"));
+                    let started = Instant::now();
+                    let agent = Agent::start(
+                        &AgentConfig {
+                            bin: &o.agent,
+                            guard,
+                            pids,
+                            pod: "bench",
+                            node: "bench",
+                            extra: &["--backend", "fanotify"],
+                        },
+                        &dir,
+                    )?;
+                    let enforced_after = started.elapsed();
+                    check_every(&insides[..pids.len()], guards)?;
+                    let tid = bench::thread_named(&agent.pid().to_string(), "fanotify-answer")?;
+                    let mut f = measure(&insides[0], tid, o)?;
+                    f.enforced_after = Some(enforced_after);
+                    f.kernel_marks = Some(agent.metric("janus_kernel_marks")?);
+                    f.rss_kib = Some(rss_kib(agent.pid())?);
+                    let status = agent.stop()?;
+                    if !status.success() {
+                        bail!("the agent exited with {status}");
+                    }
+                    let _ = fs::remove_dir_all(&dir);
+                    f
+                }
+            };
+            figures
+                .iter_mut()
+                .find(|(s, _)| *s == setup)
+                .expect("every setup")
+                .1
+                .push(f);
+        }
+    }
+    drop(insides);
+    drop(targets);
+    Ok(Report {
+        containers: n,
+        rounds: o.rounds,
+        figures,
+    })
+}
+
+/// Every container's guarded files refused and its allowed file allowed, through its own
+/// mounts, for each of the first `guards` guards.
+fn check_every(insides: &[Inside], guards: usize) -> Result<()> {
+    let allowed = CString::new(ALLOWED)?;
+    let denied: Vec<CString> = (0..guards)
+        .map(|k| CString::new(format!("/data/s{k}")))
+        .collect::<Result<_, _>>()?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<()> {
+            for (i, inside) in insides.iter().enumerate() {
+                inside
+                    .enter()
+                    .with_context(|| format!("entering container {i}"))?;
+                bench::expect(bench::open_close(&allowed)?, false, &allowed)
+                    .with_context(|| format!("container {i}"))?;
+                for d in &denied {
+                    bench::expect(bench::open_close(d)?, true, d)
+                        .with_context(|| format!("container {i}"))?;
+                }
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("the checker panicked"))
+    })
+}
+
+/// Rates with 2 and 4 openers (the listener unpinned), then the latency with opener and
+/// listener (thread `listener`) on one core, and on two.
+fn measure(inside: &Inside, listener: i32, o: &Options) -> Result<Figures> {
+    let mut f = Figures::default();
+    for threads in [2, 4] {
+        f.rates
+            .push((threads, bench::rate(inside, ALLOWED, threads, o.duration)?));
+    }
+    let median_ns = |listener_cpu: usize| -> Result<f64> {
+        bench::pin(listener, listener_cpu)?;
+        let mut ns = bench::latencies(inside, &[(ALLOWED, false)], o.iterations, Some(0))?;
+        ns[0].sort_unstable();
+        Ok(bench::percentile(&ns[0], 0.5))
+    };
+    f.same_core = median_ns(0)?;
+    f.cross_core = median_ns(1)?;
+    // Unpinned again for whatever follows.
+    let all = std::thread::available_parallelism().map_or(2, usize::from);
+    for cpu in 0..all {
+        let _ = bench::pin(listener, cpu);
+    }
+    Ok(f)
+}
+
+fn rss_kib(pid: i32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")
+}
+
+impl Report {
+    fn of(&self, setup: Setup) -> &[Figures] {
+        &self
+            .figures
+            .iter()
+            .find(|(s, _)| *s == setup)
+            .expect("every setup")
+            .1
+    }
+
+    fn median(&self, setup: Setup, pick: impl Fn(&Figures) -> Option<f64>) -> Option<f64> {
+        let v: Vec<f64> = self.of(setup).iter().filter_map(pick).collect();
+        (!v.is_empty()).then(|| bench::median(v))
+    }
+
+    fn rate(&self, setup: Setup, threads: usize) -> Option<f64> {
+        self.median(setup, |f| {
+            f.rates.iter().find(|(t, _)| *t == threads).map(|(_, r)| *r)
+        })
+    }
+
+    /// (what, value, target, pass) of every target of the issue.
+    fn targets(&self) -> Vec<(String, String, &'static str, bool)> {
+        let n = self.containers;
+        let mut rows = Vec::new();
+        for (agent, floor) in [
+            (Setup::Agent1, Setup::Floor1),
+            (Setup::AgentN, Setup::FloorN),
+        ] {
+            for threads in [2, 4] {
+                let (Some(a), Some(f)) = (self.rate(agent, threads), self.rate(floor, threads))
+                else {
+                    continue;
+                };
+                let pct = 100.0 * a / f;
+                rows.push((
+                    format!("{} decisions/s vs floor, {threads} openers", agent.name(n)),
+                    format!("{pct:.1}%"),
+                    "≥ 90%",
+                    pct >= 90.0,
+                ));
+            }
+        }
+        for setup in [Setup::AgentN, Setup::AgentTen] {
+            if let Some(rss) = self.median(setup, |f| f.rss_kib.map(|r| r as f64)) {
+                let mib = rss / 1024.0;
+                rows.push((
+                    format!("{} agent RSS", setup.name(n)),
+                    format!("{mib:.1} MiB"),
+                    "< 64 MiB",
+                    mib < 64.0,
+                ));
+            }
+        }
+        rows
+    }
+
+    pub fn all_pass(&self) -> bool {
+        self.targets().iter().all(|t| t.3)
+    }
+
+    pub fn render(&self) -> String {
+        let n = self.containers;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "janus-scale-bench: {n} containers, {} rounds; figures are medians over rounds",
+            self.rounds
+        );
+        let _ = writeln!(
+            out,
+            "{:<46} {:<28} {:>12}",
+            "measurement", "setup", "median"
+        );
+        let mut row = |what: &str, setup: Setup, v: Option<f64>, unit: &str| {
+            if let Some(v) = v {
+                let _ = writeln!(out, "{what:<46} {:<28} {v:>12.0}{unit}", setup.name(n));
+            }
+        };
+        for setup in [Setup::Agent1, Setup::AgentN, Setup::AgentTen] {
+            row(
+                "every target enforced after ms",
+                setup,
+                self.median(setup, |f| f.enforced_after.map(|d| d.as_secs_f64() * 1e3)),
+                "",
+            );
+            row(
+                "kernel marks (one fanotify group)",
+                setup,
+                self.median(setup, |f| f.kernel_marks),
+                "",
+            );
+            row(
+                "agent RSS KiB",
+                setup,
+                self.median(setup, |f| f.rss_kib.map(|r| r as f64)),
+                "",
+            );
+        }
+        for threads in [2, 4] {
+            for setup in Setup::ALL {
+                row(
+                    &format!("decisions/s, {threads} openers"),
+                    setup,
+                    self.rate(setup, threads),
+                    "",
+                );
+            }
+        }
+        for (what, pick) in [
+            ("guarded open+close ns, same core", 0),
+            ("guarded open+close ns, cross core", 1),
+        ] {
+            for setup in Setup::ALL {
+                row(
+                    what,
+                    setup,
+                    self.median(setup, |f| {
+                        Some(if pick == 0 { f.same_core } else { f.cross_core })
+                    }),
+                    "",
+                );
+            }
+        }
+        for (what, value, target, pass) in self.targets() {
+            let _ = writeln!(
+                out,
+                "{what:<60} {target:<10} {value:>10} {}",
+                if pass { "PASS" } else { "FAIL" }
+            );
+        }
+        out
+    }
+}
