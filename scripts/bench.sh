@@ -5,6 +5,8 @@
 #
 #   bash scripts/bench.sh                      # defaults
 #   bash scripts/bench.sh --rounds 9           # any janus-bench argument
+#   bash scripts/bench.sh scale                # the node-scale benchmark (1,000 containers)
+#   bash scripts/bench.sh scale --containers 300   # any janus-scale-bench argument
 #
 # Needs root (fanotify permission events, mount namespaces) and busybox-static.
 set -euo pipefail
@@ -22,4 +24,8 @@ if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install 
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static
 fi
 cargo build --release --locked -p janus-agent -p janus-tests --bins >&2
+if [ "${1:-}" = scale ]; then
+    shift
+    exec ./target/release/janus-scale-bench --agent ./target/release/janus-agent "$@"
+fi
 exec ./target/release/janus-bench --agent ./target/release/janus-agent "$@"

@@ -22,6 +22,29 @@ pub enum GuardError {
     Bpf(#[from] bpf::GuardError),
 }
 
+/// How the agent enforces, for `guard` and `serve` alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnforceArgs {
+    /// Enforcement backend: BPF LSM where the kernel allows it (auto), or one of them.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Threads answering the node's one fanotify group. Two answer two openers faster than
+    /// the least listener can with one (BENCHMARKS.md).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub answer_threads: u8,
+}
+
+#[cfg(test)]
+impl EnforceArgs {
+    /// fanotify only, as the fanotify backend's own tests want it.
+    pub fn fanotify() -> EnforceArgs {
+        EnforceArgs {
+            backend: BackendChoice::Fanotify,
+            answer_threads: 2,
+        }
+    }
+}
+
 /// One guard on one process.
 enum Target {
     Fanotify(TargetHandle),
@@ -52,17 +75,17 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the backend `backend` asks for and logs which one runs and why.
+    /// Starts the backends `how` asks for and logs which one runs and why.
     pub fn new(
         metrics: Arc<Metrics>,
         log: LogSender,
         node: String,
-        backend: BackendChoice,
+        how: &EnforceArgs,
     ) -> anyhow::Result<Agent> {
         // First: where the kernel refuses permission events, say so in one line before
         // anything is loaded.
-        let fanotify = Engine::start(metrics.clone(), log.clone())?;
-        let bpf = bpf::select(backend, &metrics, &log)?;
+        let fanotify = Engine::start(metrics.clone(), log.clone(), how.answer_threads.into())?;
+        let bpf = bpf::select(how.backend, &metrics, &log)?;
         Ok(Agent {
             metrics,
             node,

@@ -46,9 +46,8 @@ pub struct ServeArgs {
     /// Lift a pod's guards once none of its processes has been seen for this long.
     #[arg(long, default_value_t = 30)]
     pub pod_gone_after_secs: u64,
-    /// Enforcement backend: BPF LSM where the kernel allows it (auto), or one of them.
-    #[arg(long, value_enum, default_value_t = crate::bpf::BackendChoice::Auto)]
-    pub backend: crate::bpf::BackendChoice,
+    #[command(flatten)]
+    pub enforce: crate::agent::EnforceArgs,
     #[command(flatten)]
     pub tls: tls::TlsArgs,
 }
@@ -533,7 +532,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "-".into())
     });
-    let agent = Arc::new(Agent::new(metrics, log, node.clone(), args.backend)?);
+    let agent = Arc::new(Agent::new(metrics, log, node.clone(), &args.enforce)?);
     let guards = Arc::new(Guards::new(
         agent.clone(),
         node,
@@ -641,7 +640,7 @@ mod tests {
             metrics,
             log,
             "node-a".into(),
-            crate::bpf::BackendChoice::Fanotify,
+            &crate::agent::EnforceArgs::fanotify(),
         )
         .expect("an agent without BPF");
         Guards::new(Arc::new(agent), "node-a".into(), Duration::from_secs(30))

@@ -9,7 +9,7 @@ use janus_api::guard::parse_documents;
 use janus_api::GuardPolicy;
 
 use crate::agent::Agent;
-use crate::{bpf, decisions, http, metrics::Metrics};
+use crate::{decisions, http, metrics::Metrics};
 
 #[derive(Debug, clap::Args)]
 pub struct GuardArgs {
@@ -28,9 +28,8 @@ pub struct GuardArgs {
     /// Serve /metrics, /healthz, /readyz and /state here.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
-    /// Enforcement backend: BPF LSM where the kernel allows it (auto), or one of them.
-    #[arg(long, value_enum, default_value_t = bpf::BackendChoice::Auto)]
-    pub backend: bpf::BackendChoice,
+    #[command(flatten)]
+    pub enforce: crate::agent::EnforceArgs,
 }
 
 /// Reads and validates every guard in `file`, naming the file, document and field of
@@ -71,7 +70,7 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "-".into())
     });
-    let agent = Arc::new(Agent::new(metrics, log, node, args.backend)?);
+    let agent = Arc::new(Agent::new(metrics, log, node, &args.enforce)?);
     let result = guard_all(&agent, &policies, &args.pids, &args.pod, args.metrics_addr).await;
     if result.is_ok() {
         shutdown.wait().await;

@@ -390,7 +390,7 @@ pub(crate) fn latencies(
     std::thread::scope(|s| {
         s.spawn(|| -> Result<Vec<Vec<u64>>> {
             inside.enter()?;
-            if let Some(cpu) = cpu {
+            if cpu.is_some() {
                 pin(0, cpu)?;
             }
             for (path, denied) in &paths {
@@ -502,30 +502,39 @@ fn new_dir_window(inside: &Inside, host_root: &OwnedFd, dir: &str) -> Result<Dur
     })
 }
 
-/// Pins thread `tid` (0: the calling thread) to `cpu`: on two cores, where the scheduler puts
-/// listener and opener decides a round trip's latency as much as the listener does.
-pub(crate) fn pin(tid: i32, cpu: usize) -> Result<()> {
+/// Pins thread `tid` (0: the calling thread) to `cpu`, or lets it run anywhere again
+/// (`None`): on two cores, where the scheduler puts listener and opener decides a round
+/// trip's latency as much as the listener does.
+pub(crate) fn pin(tid: i32, cpu: Option<usize>) -> Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    let all = std::thread::available_parallelism().map_or(1, usize::from);
+    for c in cpu.map_or(0..all, |c| c..c + 1) {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
     // SAFETY: a valid set of the size we pass.
     check(unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) })
-        .with_context(|| format!("pinning thread {tid} to CPU {cpu}"))
+        .with_context(|| format!("pinning thread {tid} to CPU {cpu:?}"))
 }
 
-/// The thread of process `pid` named `name` (its `comm`).
-pub(crate) fn thread_named(pid: &str, name: &str) -> Result<i32> {
-    for e in fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            return e
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse().ok())
-                .context("a thread id");
-        }
-    }
-    bail!("no thread {name:?} in process {pid}")
+/// The threads of process `pid` named `name` (their `comm`), once one has named itself (a
+/// new thread sets its own name as it starts).
+pub(crate) fn threads_named(pid: &str, name: &str) -> Result<Vec<i32>> {
+    crate::wait::until(
+        &format!("a thread {name:?} in process {pid}"),
+        Duration::from_secs(5),
+        || {
+            let tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+                .ok()?
+                .flatten()
+                .filter(|e| {
+                    fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+                })
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            (!tids.is_empty()).then_some(tids)
+        },
+    )
 }
 
 fn open_dir(path: &Path) -> Result<OwnedFd> {

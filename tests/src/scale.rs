@@ -151,8 +151,8 @@ pub fn run(o: &Options) -> Result<Report> {
                 Setup::Floor1 | Setup::FloorN => {
                     let count = if setup == Setup::Floor1 { 1 } else { n };
                     let floor = Floor::start(&marks(&roots[..count]), libc::FAN_OPEN_PERM)?;
-                    let tid = bench::thread_named("self", "floor")?;
-                    let f = measure(&insides[0], tid, o)?;
+                    let tids = bench::threads_named("self", "floor")?;
+                    let f = measure(&insides[0], &tids, o)?;
                     floor.stop()?;
                     f
                 }
@@ -177,8 +177,8 @@ pub fn run(o: &Options) -> Result<Report> {
                     )?;
                     let enforced_after = started.elapsed();
                     check_every(&insides[..pids.len()], guards)?;
-                    let tid = bench::thread_named(&agent.pid().to_string(), "fanotify-answer")?;
-                    let mut f = measure(&insides[0], tid, o)?;
+                    let tids = bench::threads_named(&agent.pid().to_string(), "fanotify-answer")?;
+                    let mut f = measure(&insides[0], &tids, o)?;
                     f.enforced_after = Some(enforced_after);
                     f.kernel_marks = Some(agent.metric("janus_kernel_marks")?);
                     f.rss_kib = Some(rss_kib(agent.pid())?);
@@ -234,16 +234,18 @@ fn check_every(insides: &[Inside], guards: usize) -> Result<()> {
     })
 }
 
-/// Rates with 2 and 4 openers (the listener unpinned), then the latency with opener and
-/// listener (thread `listener`) on one core, and on two.
-fn measure(inside: &Inside, listener: i32, o: &Options) -> Result<Figures> {
+/// Rates with 2 and 4 openers (the listener unpinned), then the latency with the opener and
+/// the listener's threads `listener` on one core, and on two.
+fn measure(inside: &Inside, listener: &[i32], o: &Options) -> Result<Figures> {
     let mut f = Figures::default();
     for threads in [2, 4] {
         f.rates
             .push((threads, bench::rate(inside, ALLOWED, threads, o.duration)?));
     }
     let median_ns = |listener_cpu: usize| -> Result<f64> {
-        bench::pin(listener, listener_cpu)?;
+        for tid in listener {
+            bench::pin(*tid, Some(listener_cpu))?;
+        }
         let mut ns = bench::latencies(inside, &[(ALLOWED, false)], o.iterations, Some(0))?;
         ns[0].sort_unstable();
         Ok(bench::percentile(&ns[0], 0.5))
@@ -251,9 +253,8 @@ fn measure(inside: &Inside, listener: i32, o: &Options) -> Result<Figures> {
     f.same_core = median_ns(0)?;
     f.cross_core = median_ns(1)?;
     // Unpinned again for whatever follows.
-    let all = std::thread::available_parallelism().map_or(2, usize::from);
-    for cpu in 0..all {
-        let _ = bench::pin(listener, cpu);
+    for tid in listener {
+        bench::pin(*tid, None)?;
     }
     Ok(f)
 }

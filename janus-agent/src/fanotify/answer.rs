@@ -95,6 +95,10 @@ struct Batch {
     /// Each event's descriptor, closed once answered, and when the event was taken up.
     held: Vec<(OwnedFd, Instant)>,
     logs: Vec<Entry>,
+    /// Lines about objects decided by identity, whose name (for `{via}`) is read once the
+    /// kernel has its answer: (index in `logs`, index in `held`, the target, whether the
+    /// object has no name left).
+    names: Vec<(usize, usize, Arc<TargetShared>, bool)>,
 }
 
 impl Answerer {
@@ -129,12 +133,12 @@ impl Answerer {
             for event in events {
                 self.answer(event, me, &registry, &links, &mut path, &mut batch);
             }
-            self.answer_batch(&mut batch);
+            self.answer_batch(&mut batch, &links, &mut path);
         }
     }
 
-    /// Answers the batch in one system call, then closes, measures and logs.
-    fn answer_batch(&self, batch: &mut Batch) {
+    /// Answers the batch in one system call, then names, closes, measures and logs.
+    fn answer_batch(&self, batch: &mut Batch, links: &FdLinks, path: &mut [u8]) {
         let failed = self.perm.respond_all(&batch.responses);
         batch.responses.clear();
         if failed > 0 {
@@ -142,6 +146,21 @@ impl Answerer {
                 .response_errors
                 .with_label_values(&[BACKEND])
                 .inc_by(failed as u64);
+        }
+        // Reading a path through procfs costs as much as the rest of a decision: for an
+        // object decided by identity it is only for the log, so it waits until the
+        // process has its answer.
+        for (log, held, t, deleted) in batch.names.drain(..) {
+            let Ok(n) = links.path_into(batch.held[held].0.as_fd(), path) else {
+                continue;
+            };
+            let name = rendered(&path[..n], deleted);
+            let entry = &mut batch.logs[log];
+            if let Some(r) = t.root.to_container(name) {
+                if name[r.clone()] != entry.path[..] {
+                    entry.name = Some(name[r].to_vec());
+                }
+            }
         }
         for (fd, started) in batch.held.drain(..) {
             drop(fd);
@@ -229,32 +248,30 @@ impl Answerer {
     ) -> (Verdict, bool) {
         let id = FileId::of(st);
         let is_dir = resolve::is_dir(st);
-        let rendered = match links.path_into(fd, path) {
-            Ok(n) => {
-                let mut r = &path[..n];
-                if st.stx_nlink == 0 {
-                    r = r.strip_suffix(b" (deleted)").unwrap_or(r);
-                }
-                Some(r)
-            }
-            Err(_) => None,
-        };
+        let deleted = st.stx_nlink == 0;
+        // The event's path, read only for an object no target knows by identity.
+        let mut len: Option<Option<usize>> = None;
         let (mut verdict, mut audit) = (Verdict::Allow, false);
         for t in targets {
-            let name = rendered.and_then(|r| Some(&r[t.root.to_container(r)?]));
-            let decided = {
-                let view = t.view.read().expect("view lock");
-                let known = view.objects.contains_key(&id);
-                if !known && rendered.is_none() {
+            let view = t.view.read().expect("view lock");
+            let known = view.objects.contains_key(&id);
+            let name = if known {
+                None
+            } else {
+                let n = *len.get_or_insert_with(|| links.path_into(fd, path).ok());
+                let Some(n) = n else {
                     // Neither the object nor its name is known.
                     self.internal_error("readlink");
                     if t.on_error == Verdict::Deny {
                         verdict = Verdict::Deny;
                     }
                     continue;
-                }
-                view.decide(id, name, event, t.owners.contains(&pid))
+                };
+                let r = rendered(&path[..n], deleted);
+                t.root.to_container(r).map(|range| &r[range])
             };
+            let decided = view.decide(id, name, event, t.owners.contains(&pid));
+            drop(view);
             let Some(d) = decided else { continue };
             let v = d.decision.verdict;
             t.counters.inc(v, event);
@@ -263,6 +280,12 @@ impl Answerer {
             }
             audit |= t.guard().subjects[d.decision.subject].audit;
             let path = d.path.as_bytes().to_vec();
+            if known {
+                // Its descriptor is pushed right after this returns.
+                batch
+                    .names
+                    .push((batch.logs.len(), batch.held.len(), t.clone(), deleted));
+            }
             batch.logs.push(Entry {
                 ctx: t.ctx.clone(),
                 verdict: v,
@@ -275,6 +298,15 @@ impl Answerer {
             });
         }
         (verdict, audit)
+    }
+}
+
+/// A path as the kernel renders an open file's, without the mark of a file with no name left.
+fn rendered(path: &[u8], deleted: bool) -> &[u8] {
+    if deleted {
+        path.strip_suffix(b" (deleted)").unwrap_or(path)
+    } else {
+        path
     }
 }
 

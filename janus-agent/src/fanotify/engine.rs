@@ -1,5 +1,6 @@
-//! The fanotify backend's two threads for the whole agent: one answers the permission group
-//! ([`super::answer`]), one places and follows every target's marks. Targets come and go by
+//! The fanotify backend's threads for the whole agent: some answer the permission group
+//! ([`super::answer`]; a read takes the events it gets, so two threads answer two openers at
+//! once), one places and follows every target's marks. Targets come and go by
 //! commands to the marker thread; neither thread is per target, and neither is the kernel
 //! state, so a node's thousand containers cost one group and one inotify instance.
 
@@ -80,7 +81,11 @@ impl Inner {
 impl Engine {
     /// Makes the agent's one permission group and one inotify instance, and starts the
     /// threads. Fails in one clear line where the kernel refuses permission events.
-    pub fn start(metrics: Arc<Metrics>, log: LogSender) -> Result<Engine, FanotifyError> {
+    pub fn start(
+        metrics: Arc<Metrics>,
+        log: LogSender,
+        answer_threads: usize,
+    ) -> Result<Engine, FanotifyError> {
         let perm = Arc::new(PermGroup::new()?);
         let watch = CreateWatch::new()?;
         let eventfd = || {
@@ -108,10 +113,16 @@ impl Engine {
         };
         // The answering thread first: marking lists directories, and those opens need
         // answers.
-        let answer = std::thread::Builder::new()
-            .name("fanotify-answer".into())
-            .spawn(move || answerer.run())
-            .expect("spawning a thread");
+        let answerer = Arc::new(answerer);
+        let mut threads: Vec<JoinHandle<()>> = (0..answer_threads.max(1))
+            .map(|_| {
+                let a = answerer.clone();
+                std::thread::Builder::new()
+                    .name("fanotify-answer".into())
+                    .spawn(move || a.run())
+                    .expect("spawning a thread")
+            })
+            .collect();
         let marker = {
             let inner = inner.clone();
             let stop = stop.clone();
@@ -131,10 +142,8 @@ impl Engine {
                 })
                 .expect("spawning a thread")
         };
-        Ok(Engine {
-            inner,
-            threads: vec![answer, marker],
-        })
+        threads.push(marker);
+        Ok(Engine { inner, threads })
     }
 
     /// Starts guarding `spec.pid`. Returns once the target is registered; its marks are
