@@ -83,7 +83,10 @@ async fn queried_metrics_exist_on_a_running_agent() {
             metrics,
             log,
             "node-a".into(),
-            janus_agent::bpf::BackendChoice::Auto,
+            &janus_agent::agent::EnforceArgs {
+                backend: janus_agent::bpf::BackendChoice::Auto,
+                answer_threads: 2,
+            },
         )
         .unwrap(),
     );
