@@ -37,7 +37,9 @@ impl FileId {
 }
 
 /// What the agent needs to know of an object it holds: type, links, identity and the mount
-/// it was reached through. `statx` on the descriptor: no path is looked up.
+/// it was reached through. `statx` on the descriptor: no path is looked up, and nothing is
+/// asked of the file system (AT_STATX_DONT_SYNC: a FUSE server that never answers cannot
+/// hold up an answering thread).
 pub fn statx(fd: BorrowedFd<'_>) -> io::Result<libc::statx> {
     // SAFETY: statx is plain data the kernel fills in.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
@@ -46,7 +48,7 @@ pub fn statx(fd: BorrowedFd<'_>) -> io::Result<libc::statx> {
         libc::statx(
             fd.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
             libc::STATX_TYPE | libc::STATX_NLINK | libc::STATX_INO | libc::STATX_MNT_ID,
             &mut st,
         )
@@ -177,12 +179,21 @@ impl ContainerRoot {
 /// container that made a mount namespace of its own (`unshare -m`) reaches files through
 /// copies of its mounts, but keeps its root. None once it is gone.
 pub fn process_root(pid: i32) -> Option<FileId> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(format!("/proc/{pid}/root")).ok()?;
-    Some(FileId {
-        dev: m.dev(),
-        ino: m.ino(),
-    })
+    let path = CString::new(format!("/proc/{pid}/root")).ok()?;
+    // SAFETY: statx is plain data the kernel fills in.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statx buffer; nothing is asked of the file
+    // system the root lies on.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            libc::STATX_INO,
+            &mut st,
+        )
+    };
+    (r == 0).then(|| FileId::of(&st))
 }
 
 /// The PID namespace of `pid` and every one it is nested in, innermost first (empty once
@@ -335,28 +346,65 @@ pub fn open_entry(parent: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<OwnedF
     )
 }
 
-pub fn for_each_entry(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8], OwnedFd)) {
+pub fn for_each_entry(
+    dir: BorrowedFd<'_>,
+    mut f: impl FnMut(&[u8], OwnedFd),
+) -> Vec<(Vec<u8>, io::Error)> {
     // Listing opens the directory, perhaps a marked one: the fanotify answering thread lets
     // the agent's own opens through, so this must never run on that thread.
     use nix::dir::{Dir, Type};
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode;
-    let Ok(mut listing) = Dir::openat(
+    let mut failed = Vec::new();
+    let mut listing = match Dir::openat(
         dir,
         ".",
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
-    ) else {
-        return;
+    ) {
+        Ok(l) => l,
+        Err(nix::Error::ENOENT) => return failed,
+        Err(e) => {
+            failed.push((b".".to_vec(), e.into()));
+            return failed;
+        }
     };
-    for entry in listing.iter().flatten() {
+    for entry in listing.iter() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                failed.push((b".".to_vec(), e.into()));
+                break;
+            }
+        };
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." || entry.file_type() == Some(Type::Symlink) {
             continue;
         }
-        // Gone already: nothing to mark.
-        if let Ok(fd) = open_entry(dir, name) {
-            f(name, fd);
+        match open_entry(dir, name) {
+            Ok(fd) => f(name, fd),
+            // Gone already: nothing to mark.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => failed.push((name.to_vec(), e)),
         }
+    }
+    failed
+}
+
+/// Whether `fd` lies on a kernel file system (procfs, sysfs, cgroupfs) whose objects are no
+/// files to guard: a guarded path made a symlink to `/` must not mark every process.
+pub fn on_kernel_fs(fd: BorrowedFd<'_>) -> bool {
+    match nix::sys::statfs::fstatfs(fd) {
+        Ok(fs) => [
+            nix::sys::statfs::PROC_SUPER_MAGIC,
+            nix::sys::statfs::SYSFS_MAGIC,
+            nix::sys::statfs::CGROUP_SUPER_MAGIC,
+            nix::sys::statfs::CGROUP2_SUPER_MAGIC,
+            nix::sys::statfs::DEBUGFS_MAGIC,
+            nix::sys::statfs::SECURITYFS_MAGIC,
+            nix::sys::statfs::BPF_FS_MAGIC,
+        ]
+        .contains(&fs.filesystem_type()),
+        Err(_) => false,
     }
 }

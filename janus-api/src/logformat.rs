@@ -186,15 +186,20 @@ impl LogTemplate {
 }
 
 /// Writes `bytes` so that any byte string yields one printable line that cannot end the
-/// quoted field it stands in: invalid UTF-8, control characters and line or paragraph
-/// separators become `\xNN`, a backslash `\\` and a quote `\'`.
+/// quoted field it stands in, nor read other than it is: invalid UTF-8, control characters,
+/// line and paragraph separators and bidi or zero-width format characters become `\xNN`, a
+/// backslash `\\` and a quote `\'`.
 pub fn escape_into(bytes: &[u8], out: &mut String) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
                 '\\' => out.push_str("\\\\"),
                 '\'' => out.push_str("\\'"),
-                c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => {
+                // Line and paragraph separators, and the format characters that reorder or
+                // hide text in a viewer (bidi overrides and isolates, zero widths).
+                c if c.is_control()
+                    || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}') =>
+                {
                     let mut buf = [0u8; 4];
                     for b in c.encode_utf8(&mut buf).bytes() {
                         let _ = write!(out, "\\x{b:02x}");

@@ -2,8 +2,9 @@
 //!
 //! - `file_open` decides `open`, `exec` (the file is opened for execution) and `modify`
 //!   (the file is opened for writing); `file_permission` decides `access` (a read) and
-//!   `modify` (a write); `mmap_file` and `file_mprotect` decide `access` for a readable or
-//!   executable mapping (its reads are page faults, which `file_permission` never sees).
+//!   `modify` (a write); `mmap_file` decides `access` for any mapping, and `file_mprotect`
+//!   for one made readable or executable (a mapping's reads are page faults, which
+//!   `file_permission` never sees).
 //! - `inode_rename` and `inode_link` refuse a rename or a hard link that would take an
 //!   object out of a deny that covers it from above: the walk up from its new name would
 //!   not meet that rule. A rule keyed by the object itself goes wherever it goes.
@@ -165,8 +166,7 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
         return retval;
     }
     let file: *const u8 = ctx.arg(0);
-    let prot: u64 = ctx.arg(2);
-    map_check(&ctx, file, prot)
+    map_check(&ctx, file)
 }
 
 #[lsm(hook = "file_mprotect")]
@@ -179,6 +179,9 @@ pub fn file_mprotect(ctx: LsmContext) -> i32 {
     }
     let vma: *const u8 = ctx.arg(0);
     let prot: u64 = ctx.arg(2);
+    if prot & (PROT_READ | PROT_EXEC) == 0 {
+        return 0;
+    }
     let off = offsets();
     if !off.is_set() {
         return 0;
@@ -186,14 +189,16 @@ pub fn file_mprotect(ctx: LsmContext) -> i32 {
     let Ok(file) = read::<*const u8>(vma, off.vma_vm_file) else {
         return fail_if_scoped();
     };
-    map_check(&ctx, file, prot)
+    map_check(&ctx, file)
 }
 
-/// A mapping that can be read (or executed) reads the file by page faults: it is decided
-/// as a read.
+/// A mapping reads the file by page faults: it is decided as a read. Any mapping, even a
+/// write-only or PROT_NONE one: a private writable mapping can be read on most
+/// architectures, and a mapping's protection can be raised later (`file_mprotect` sees
+/// overlayfs' backing file, not the container's, so it must not be the only check).
 #[inline(always)]
-fn map_check(ctx: &LsmContext, file: *const u8, prot: u64) -> i32 {
-    if file.is_null() || prot & (PROT_READ | PROT_EXEC) == 0 {
+fn map_check(ctx: &LsmContext, file: *const u8) -> i32 {
+    if file.is_null() {
         return 0;
     }
     match prepare(file) {
@@ -257,8 +262,7 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize) -> i32 {
     };
     match below(&off, new_parent, scope, key) {
         Walk::Found(..) => return 0,
-        Walk::Lost => return -EPERM,
-        Walk::Root => {}
+        Walk::Lost | Walk::Root => {}
     }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return -EPERM;
@@ -328,7 +332,8 @@ fn nearest_deny(off: &Offsets, dentry: *const u8, scope: u32) -> Walk {
     Walk::Lost
 }
 
-/// Whether the inode `want` is at or above `dentry`.
+/// Whether the inode `want` is at or above `dentry` with no other rule in between: a rule
+/// nearer the new name (an allow inside the deny) would decide for it instead.
 #[inline(always)]
 fn below(off: &Offsets, dentry: *const u8, scope: u32, want: InodeKey) -> Walk {
     let mut dentry = dentry;
@@ -337,6 +342,9 @@ fn below(off: &Offsets, dentry: *const u8, scope: u32, want: InodeKey) -> Walk {
         if let Some(key) = inode_key(off, dentry, scope) {
             if key.ino == want.ino && key.dev == want.dev {
                 return Walk::Found(key, janus_common::EventRule::default(), depth);
+            }
+            if unsafe { RULES.get(&key) }.is_some() {
+                return Walk::Lost;
             }
         }
         let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {

@@ -368,6 +368,19 @@ pub const TABLE: &[Scenario] = &[
         recheck: true,
     },
     Scenario {
+        name: "moved-into-an-allowed-directory-of-the-same-deny",
+        subjects: "  - deny: [/data]\n    allow: [/data/public-dir]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &["mkdir -p /data/public-dir"],
+        steps: &[refused_by_bpf("mv /data/secret /data/public-dir/x")],
+        checks: &[Check {
+            logged: "/data/secret",
+            ..check(Other, Read, "/data/public-dir/x", Denied)
+        }],
+        recheck: true,
+    },
+    Scenario {
         name: "hard-link-out-of-a-guarded-directory",
         subjects: "  - deny: [/data/t2]\n    events: [open]\n",
         needs: Needs::Any,

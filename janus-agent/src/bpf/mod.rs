@@ -284,12 +284,17 @@ fn linked_files(
     scope: u32,
 ) -> Vec<(InodeKey, janus_api::GuardPath)> {
     let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut stack = dirs;
     while let Some((dir, path)) = stack.pop() {
         resolve::for_each_entry(dir.as_fd(), |name, fd| {
             let (Ok(st), Some(p)) = (resolve::statx(fd.as_fd()), path.join(name)) else {
                 return;
             };
+            // A bind mount onto a descendant must not loop the walk.
+            if !seen.insert(FileId::of(&st)) || resolve::on_kernel_fs(fd.as_fd()) {
+                return;
+            }
             if resolve::is_dir(&st) {
                 stack.push((fd, p));
             } else if st.stx_nlink > 1 {

@@ -256,8 +256,10 @@ impl MarkerLoop {
             Command::Add(mut m, done) => {
                 m.refresh(&mut self.table, &self.metrics);
                 self.targets.insert(m.id(), *m);
+                // Its events are attributed to it before its caller hears it is guarded.
+                self.publish_registry();
                 let _ = done.send(());
-                true
+                false
             }
             Command::Remove(id, done) => {
                 let removed = self.targets.remove(&id);

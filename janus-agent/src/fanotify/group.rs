@@ -29,6 +29,8 @@ pub enum FanotifyError {
     Watch(io::Error),
     #[error("statx: {0}")]
     Stat(io::Error),
+    #[error("more than {0} objects below its guarded paths (a limit of the agent's)")]
+    TooMany(usize),
 }
 
 impl FanotifyError {
@@ -37,6 +39,7 @@ impl FanotifyError {
         match self {
             FanotifyError::Watch(_) => "watch",
             FanotifyError::Stat(_) => "stat",
+            FanotifyError::TooMany(_) => "limit",
             _ => "mark",
         }
     }

@@ -349,7 +349,8 @@ impl Marker {
                         "no event of this subject is enforceable by fanotify".into(),
                     )
                 } else {
-                    let mut walk = Walk::new(table, target, mask);
+                    let held = self.shared.view.read().expect("view lock").objects.len();
+                    let mut walk = Walk::new(table, target, mask, held);
                     let result = walk.run(fd, canonical);
                     found.append(&mut walk.found);
                     let failures = std::mem::take(&mut walk.failures);
@@ -398,22 +399,30 @@ impl Marker {
         let (Some(mask), Some(dir_fd)) = (table.mask_of(target, dir), table.fd(dir)) else {
             return 0;
         };
-        let Ok(fd) = resolve::open_entry(dir_fd, name) else {
-            return 0;
+        let (parents, held): (Vec<GuardPath>, usize) = {
+            let view = self.shared.view.read().expect("view lock");
+            (
+                view.objects.get(&dir).cloned().unwrap_or_default(),
+                view.objects.len(),
+            )
         };
-        let parents: Vec<GuardPath> = self
-            .shared
-            .view
-            .read()
-            .expect("view lock")
-            .objects
-            .get(&dir)
-            .cloned()
-            .unwrap_or_default();
         let Some(path) = parents.first().and_then(|p| p.join(name)) else {
             return 0;
         };
-        let mut walk = Walk::new(table, target, mask);
+        let fd = match resolve::open_entry(dir_fd, name) {
+            Ok(fd) => fd,
+            // Gone already (removed, or moved on: a move into a marked directory is
+            // reported there).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                let error = FanotifyError::Stat(e);
+                count_failure(metrics, &error);
+                self.failures.push(format!("{path}: {error}"));
+                self.publish(metrics);
+                return 0;
+            }
+        };
+        let mut walk = Walk::new(table, target, mask, held);
         let result = walk.run(fd, path.clone());
         let dirs_made = walk.found.iter().filter(|f| f.is_dir).count();
         if let Err(error) = result {
@@ -426,8 +435,26 @@ impl Marker {
             count_failure(metrics, &f.error);
             self.failures.push(format!("{}: {}", f.what, f.error));
         }
-        let found = std::mem::take(&mut walk.found);
+        let mut found = std::mem::take(&mut walk.found);
         let dirs = self.dir_paths(table, &found);
+        // A directory with several guarded names (moved in from elsewhere in the guard)
+        // passes every one of them on: deny wins among them.
+        let first = parents[0].as_bytes();
+        let more: Vec<Found> = parents[1..]
+            .iter()
+            .flat_map(|other| {
+                found.iter().filter_map(move |f| {
+                    let rest = f.path.as_bytes().strip_prefix(first)?;
+                    let mut p = other.as_bytes().to_vec();
+                    p.extend_from_slice(rest);
+                    Some(Found {
+                        path: GuardPath::from_kernel(p)?,
+                        ..f.clone()
+                    })
+                })
+            })
+            .collect();
+        found.extend(more);
         {
             let mut view = self.shared.view.write().expect("view lock");
             add_found(&mut view, found);
@@ -572,10 +599,14 @@ fn count_failure(metrics: &Metrics, e: &FanotifyError) {
         .inc();
 }
 
+/// The most guarded paths kept for one object: renaming a directory back and forth must not
+/// grow the agent. The first ones are the names the guard placed it under.
+const MAX_NAMES_PER_OBJECT: usize = 8;
+
 fn add_found(view: &mut View, found: Vec<Found>) {
     for f in found {
         let paths = view.objects.entry(f.id).or_default();
-        if !paths.contains(&f.path) {
+        if !paths.contains(&f.path) && paths.len() < MAX_NAMES_PER_OBJECT {
             paths.push(f.path);
         }
     }

@@ -3,6 +3,7 @@
 //! a hard link gives it another name, not another guard. FAN_EVENT_ON_CHILD on directories
 //! covers what is created in them until its own mark is placed.
 
+use std::collections::HashSet;
 use std::os::fd::{AsFd, OwnedFd};
 
 use janus_api::GuardPath;
@@ -27,6 +28,10 @@ pub struct Failure {
     pub error: FanotifyError,
 }
 
+/// The most objects one target marks: what a container can make in a writable guarded
+/// directory must not grow the agent without bound. Past it the target fails, loudly.
+pub const MAX_OBJECTS: usize = 64 * 1024;
+
 /// One walk for one target: what it marked and what it could not.
 pub struct Walk<'t> {
     pub table: &'t mut MarkTable,
@@ -35,16 +40,28 @@ pub struct Walk<'t> {
     pub found: Vec<Found>,
     /// Objects below the walk's root that could not be marked (vanishing ones are not).
     pub failures: Vec<Failure>,
+    /// Objects this walk may still add to the target.
+    budget: usize,
+    /// Every object met, so that a bind mount onto a descendant cannot loop the walk.
+    seen: HashSet<FileId>,
 }
 
 impl<'t> Walk<'t> {
-    pub fn new(table: &'t mut MarkTable, target: TargetId, mask: MaskFlags) -> Walk<'t> {
+    /// A walk for a target that holds `held` objects already.
+    pub fn new(
+        table: &'t mut MarkTable,
+        target: TargetId,
+        mask: MaskFlags,
+        held: usize,
+    ) -> Walk<'t> {
         Walk {
             table,
             target,
             mask,
             found: Vec::new(),
             failures: Vec::new(),
+            budget: MAX_OBJECTS.saturating_sub(held),
+            seen: HashSet::new(),
         }
     }
 
@@ -77,9 +94,18 @@ impl<'t> Walk<'t> {
         let id = FileId::of(&st);
         let is_dir = resolve::is_dir(&st);
         // A symlink's own inode is never opened: what it points at is guarded by its own
-        // path, or not at all.
-        if u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFLNK {
+        // path, or not at all. Kernel file systems hold no files to guard.
+        if u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFLNK
+            || !self.seen.insert(id)
+            || resolve::on_kernel_fs(fd.as_fd())
+        {
             return Ok(());
+        }
+        if self.table.mask_of(self.target, id).is_none() {
+            if self.budget == 0 {
+                return Err(FanotifyError::TooMany(MAX_OBJECTS));
+            }
+            self.budget -= 1;
         }
         // Marked and watched before it is listed: whatever appears meanwhile is reported.
         if let Some(error) = self.table.mark(self.target, fd, id, is_dir, self.mask)? {
@@ -94,11 +120,17 @@ impl<'t> Walk<'t> {
             is_dir,
         });
         if let (true, Some(dir)) = (is_dir, self.table.fd(id)) {
-            for_each_entry(dir, |name, fd| {
+            let failed = for_each_entry(dir, |name, fd| {
                 if let Some(p) = path.join(name) {
                     stack.push((fd, p));
                 }
             });
+            for (name, error) in failed {
+                self.failures.push(Failure {
+                    what: format!("{path}/{}", String::from_utf8_lossy(&name)),
+                    error: FanotifyError::Stat(error),
+                });
+            }
         }
         Ok(())
     }
