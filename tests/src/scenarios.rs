@@ -33,6 +33,10 @@ pub enum Op {
     Write,
     /// Open, map for reading and print the mapping: the reads are page faults.
     Map,
+    /// Read the file through its directory's name while another process of the container
+    /// renames that directory back and forth (`<dir>` and `<dir>2`): allowed if any read
+    /// succeeds.
+    ReadWhileRenaming,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +91,7 @@ const fn check(who: Who, op: Op, path: &'static str, expect: Expect) -> Check {
 }
 
 use Expect::{Allowed, Denied};
-use Op::{Exec, Map, Read, Write};
+use Op::{Exec, Map, Read, ReadWhileRenaming, Write};
 use Who::{Nested, Other, Owner};
 
 /// The backends a scenario applies to.
@@ -340,6 +344,16 @@ pub const TABLE: &[Scenario] = &[
             ..check(Other, Read, "/data/moved/plain", Denied)
         }],
         recheck: true,
+    },
+    Scenario {
+        name: "directory-renamed-back-and-forth-while-read",
+        subjects: "  - deny: [/data/d1]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        steps: &[],
+        checks: &[check(Other, ReadWhileRenaming, "/data/d1/plain", Denied)],
+        recheck: false,
     },
     Scenario {
         name: "renamed-file",
@@ -665,6 +679,23 @@ fn readable(target: &mut Target, c: &Check) -> Result<()> {
     }
 }
 
+/// 200 renames of `path`'s directory to `<dir>2` and back, and meanwhile 400 reads of the
+/// file through each name: `Denied` when none succeeded, else how many did.
+fn read_while_renaming(target: &Target, path: &str) -> Result<Access> {
+    let (dir, file) = path.rsplit_once('/').context("a path with a directory")?;
+    let script = format!(
+        ": >/race.out; i=0; while [ $i -lt 200 ]; do {BUSYBOX} mv {dir} {dir}2 && {BUSYBOX} mv {dir}2 {dir}; i=$((i+1)); done </race.out & \
+         ok=0; i=0; while [ $i -lt 400 ]; do \
+           {BUSYBOX} cat {dir}/{file} >/race.out 2>&1 && ok=$((ok+1)); \
+           {BUSYBOX} cat {dir}2/{file} >/race.out 2>&1 && ok=$((ok+1)); i=$((i+1)); done; \
+         wait; echo reads=$ok"
+    );
+    Ok(match target.exec(&[BUSYBOX, "sh", "-c", &script])? {
+        Access::Ok(out) if out.lines().any(|l| l == "reads=0") => Access::Denied,
+        other => other,
+    })
+}
+
 /// Does what `c` says once and reports the answer.
 pub fn attempt(target: &mut Target, c: &Check) -> Result<Access> {
     match (c.who, c.op) {
@@ -679,6 +710,9 @@ pub fn attempt(target: &mut Target, c: &Check) -> Result<Access> {
             target.exec(&[BUSYBOX, "sh", "-c", &format!("echo x >> '{}'", c.path)])
         }
         (Who::Other, Op::Map) => target.map_read(c.path),
-        (Who::Owner, Op::Map) => bail!("the table maps files as another process only"),
+        (Who::Other, Op::ReadWhileRenaming) => read_while_renaming(target, c.path),
+        (Who::Owner, Op::Map | Op::ReadWhileRenaming) => {
+            bail!("the table maps and races as another process only")
+        }
     }
 }
