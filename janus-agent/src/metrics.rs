@@ -161,7 +161,7 @@ impl Metrics {
         );
         let placement_failures = counter(
             "janus_placement_failures_total",
-            "Marks, watches or map entries a guard needed that could not be placed (kind: mark|watch|stat|limit|map), e.g. at a kernel quota; the target is failed until they are.",
+            "Marks, watches or map entries a guard needed that could not be placed (kind: mark|watch|stat|limit|escaped|map), e.g. at a kernel quota; the target is failed until they are.",
             &["backend", "kind"],
         );
         for (backend, kind) in [
@@ -169,6 +169,7 @@ impl Metrics {
             ("fanotify", "watch"),
             ("fanotify", "stat"),
             ("fanotify", "limit"),
+            ("fanotify", "escaped"),
             ("bpf", "map"),
         ] {
             placement_failures.with_label_values(&[backend, kind]);

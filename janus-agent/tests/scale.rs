@@ -282,3 +282,50 @@ fn a_full_inotify_watch_quota_fails_the_target_until_it_has_room() {
     )
     .unwrap();
 }
+
+/// A file made in a guarded directory and moved out before the agent could mark it is not
+/// guarded where it went: the agent says so (a warning, a count, the target failed until
+/// its next pass) rather than nothing. Made and moved through the node's view of the root,
+/// in a loop until the agent is outrun once.
+#[test]
+fn an_entry_moved_out_before_it_was_marked_is_reported() {
+    let _turn = TURNS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = workdir("escaped");
+    let root = Root::new(&dir, "root").unwrap();
+    populate(&root).unwrap();
+    root.mkdir("/outside").unwrap();
+    let target = Target::start(&root).unwrap();
+    let guard = guard_yaml("escape", "  - deny: [/data]\n    events: [open]\n");
+    let agent = Agent::start(
+        &AgentConfig {
+            bin: Path::new(AGENT),
+            guard: &guard,
+            pids: &[target.pid()],
+            pod: "p",
+            node: "n",
+            extra: &["--backend", "fanotify"],
+        },
+        &dir.join("agent"),
+    )
+    .unwrap();
+    let escaped = || {
+        agent
+            .metric("janus_placement_failures_total{backend=\"fanotify\",kind=\"escaped\"}")
+            .unwrap()
+    };
+    assert_eq!(escaped(), 0.0);
+    let mut i = 0;
+    wait::until("an escape to be reported", Duration::from_secs(20), || {
+        i += 1;
+        let inside = root.host(format!("/data/fresh-{i}"));
+        std::fs::write(&inside, b"x").ok()?;
+        std::fs::rename(&inside, root.host(format!("/outside/fresh-{i}"))).ok()?;
+        (escaped() > 0.0).then_some(())
+    })
+    .unwrap();
+    assert!(
+        agent.stderr().contains("moved out of the guarded tree before it could be marked"),
+        "{}",
+        agent.stderr()
+    );
+}

@@ -21,14 +21,22 @@ pub struct CreateWatch {
 
 /// What one read reported.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Created<'b> {
+pub enum Created {
     /// The queue overflowed: some creations went unreported.
     Overflow,
-    /// `name` appeared (created, or moved in) in the directory watched as `parent`.
+    /// `name` appeared (created, or moved in) in the directory watched as `parent`; a move
+    /// has the `cookie` of its other half.
     Entry {
         parent: i32,
-        name: &'b [u8],
+        name: Vec<u8>,
         is_dir: bool,
+        cookie: u32,
+    },
+    /// `name` was moved out of the directory watched as `parent`.
+    Left {
+        parent: i32,
+        name: Vec<u8>,
+        cookie: u32,
     },
     /// The directory watched as `wd` was moved.
     Moved { wd: i32 },
@@ -58,7 +66,11 @@ impl CreateWatch {
             libc::inotify_add_watch(
                 self.fd.as_raw_fd(),
                 path.as_ptr().cast(),
-                libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_MOVE_SELF | libc::IN_ONLYDIR,
+                libc::IN_CREATE
+                    | libc::IN_MOVED_TO
+                    | libc::IN_MOVED_FROM
+                    | libc::IN_MOVE_SELF
+                    | libc::IN_ONLYDIR,
             )
         };
         if wd < 0 {
@@ -75,7 +87,7 @@ impl CreateWatch {
 
     /// The entries reported since the last read (nothing if none: the descriptor does
     /// not block).
-    pub fn read<'b>(&self, buf: &'b mut AlignedBuf) -> io::Result<Vec<Created<'b>>> {
+    pub fn read(&self, buf: &mut AlignedBuf) -> io::Result<Vec<Created>> {
         // SAFETY: reading into a buffer we own, of the length we pass.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.0.as_mut_ptr().cast(), buf.0.len()) };
         if n < 0 {
@@ -93,13 +105,14 @@ impl AsFd for CreateWatch {
 
 /// `struct inotify_event` records: wd, mask, cookie, len, then `len` bytes of name padded
 /// with NULs.
-fn parse(mut buf: &[u8]) -> Vec<Created<'_>> {
+fn parse(mut buf: &[u8]) -> Vec<Created> {
     const HEAD: usize = size_of::<libc::inotify_event>();
     let field = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let mut out = Vec::new();
     while buf.len() >= HEAD {
         let wd = field(buf, 0) as i32;
         let mask = field(buf, 4);
+        let cookie = field(buf, 8);
         let len = field(buf, 12) as usize;
         let end = (HEAD + len).min(buf.len());
         let name = &buf[HEAD..end];
@@ -110,11 +123,18 @@ fn parse(mut buf: &[u8]) -> Vec<Created<'_>> {
             out.push(Created::Moved { wd });
         } else if mask & libc::IN_IGNORED != 0 {
             out.push(Created::Gone { wd });
+        } else if mask & libc::IN_MOVED_FROM != 0 && !name.is_empty() {
+            out.push(Created::Left {
+                parent: wd,
+                name: name.to_vec(),
+                cookie,
+            });
         } else if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 && !name.is_empty() {
             out.push(Created::Entry {
                 parent: wd,
-                name,
+                name: name.to_vec(),
                 is_dir: mask & libc::IN_ISDIR != 0,
+                cookie,
             });
         }
         buf = &buf[end..];
@@ -143,38 +163,34 @@ mod tests {
         let mut buf = record(3, libc::IN_CREATE | libc::IN_ISDIR, b"new\xffdir", 16);
         buf.extend(record(3, libc::IN_CREATE, b"file", 16));
         buf.extend(record(4, libc::IN_MOVED_TO | libc::IN_ISDIR, b"moved", 8));
+        buf.extend(record(4, libc::IN_MOVED_FROM, b"away", 8));
         buf.extend(record(4, libc::IN_MOVE_SELF, b"", 0));
         buf.extend(record(4, libc::IN_IGNORED, b"", 0));
         buf.extend(record(-1, libc::IN_Q_OVERFLOW, b"", 0));
         // A truncated record at the end is not read past.
         buf.extend(&record(5, libc::IN_CREATE | libc::IN_ISDIR, b"cut", 16)[..20]);
         let got = parse(&buf);
+        let entry = |parent, name: &[u8], is_dir| Created::Entry {
+            parent,
+            name: name.to_vec(),
+            is_dir,
+            cookie: 0,
+        };
         assert_eq!(
             got,
             [
-                Created::Entry {
-                    parent: 3,
-                    name: b"new\xffdir",
-                    is_dir: true
-                },
-                Created::Entry {
-                    parent: 3,
-                    name: b"file",
-                    is_dir: false
-                },
-                Created::Entry {
+                entry(3, b"new\xffdir", true),
+                entry(3, b"file", false),
+                entry(4, b"moved", true),
+                Created::Left {
                     parent: 4,
-                    name: b"moved",
-                    is_dir: true
+                    name: b"away".to_vec(),
+                    cookie: 0
                 },
                 Created::Moved { wd: 4 },
                 Created::Gone { wd: 4 },
                 Created::Overflow,
-                Created::Entry {
-                    parent: 5,
-                    name: b"cut",
-                    is_dir: true
-                },
+                entry(5, b"cut", true),
             ]
         );
     }

@@ -281,32 +281,27 @@ impl MarkerLoop {
     }
 
     /// Entries made in marked directories are marked for every target that holds the
-    /// directory; a moved directory's new path is learnt.
+    /// directory; a moved directory's new path is learnt; an entry moved out of the guarded
+    /// trees before it was marked is reported.
     fn on_watch(&mut self, buf: &mut AlignedBuf) {
         let Ok(events) = self.table.watch().read(buf) else {
             return;
         };
-        // Owned, so that the table can be changed while they are handled.
-        let events: Vec<(i32, Vec<u8>, u8)> = events
-            .into_iter()
-            .map(|e| match e {
-                Created::Overflow => (-1, Vec::new(), 0),
-                Created::Entry {
-                    parent,
-                    name,
-                    is_dir,
-                } => (parent, name.to_vec(), 1 + u8::from(is_dir)),
-                Created::Moved { wd } => (wd, Vec::new(), 3),
-                Created::Gone { wd } => (wd, Vec::new(), 4),
+        // The moves whose other half landed in a marked directory.
+        let arrived: std::collections::HashSet<u32> = events
+            .iter()
+            .filter_map(|e| match e {
+                Created::Entry { cookie, .. } if *cookie != 0 => Some(*cookie),
+                _ => None,
             })
             .collect();
         let mut moved = Vec::new();
         let mut overflow = false;
-        for (wd, name, kind) in events {
-            match kind {
-                0 => overflow = true,
-                1 | 2 => {
-                    let Some(dir) = self.table.dir_of(wd) else {
+        for event in events {
+            match event {
+                Created::Overflow => overflow = true,
+                Created::Entry { parent, name, .. } => {
+                    let Some(dir) = self.table.dir_of(parent) else {
                         continue;
                     };
                     for holder in self.table.holders(dir) {
@@ -320,12 +315,27 @@ impl MarkerLoop {
                         }
                     }
                 }
-                3 => {
+                Created::Left {
+                    parent,
+                    name,
+                    cookie,
+                } if !arrived.contains(&cookie) => {
+                    let Some(dir) = self.table.dir_of(parent) else {
+                        continue;
+                    };
+                    for holder in self.table.holders(dir) {
+                        if let Some(m) = self.targets.get_mut(&holder) {
+                            m.on_left(dir, &name, &self.metrics);
+                        }
+                    }
+                }
+                Created::Left { .. } => {}
+                Created::Moved { wd } => {
                     if let Some(dir) = self.table.dir_of(wd) {
                         moved.extend(self.table.holders(dir));
                     }
                 }
-                _ => self.table.watch_gone(wd),
+                Created::Gone { wd } => self.table.watch_gone(wd),
             }
         }
         moved.sort_unstable();

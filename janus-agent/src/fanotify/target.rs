@@ -464,6 +464,37 @@ impl Marker {
         dirs_made
     }
 
+    /// `name` was moved out of the marked directory `dir` to somewhere no marked directory
+    /// is. An object that was marked keeps its guard wherever it went; one that was not yet
+    /// (moved out within a moment of its creation) is not guarded where it went: said in
+    /// the log, counted, and the target is failed until the next pass.
+    pub fn on_left(&mut self, dir: FileId, name: &[u8], metrics: &Metrics) {
+        let escaped = {
+            let view = self.shared.view.read().expect("view lock");
+            let Some(path) = view
+                .objects
+                .get(&dir)
+                .and_then(|p| p.first())
+                .and_then(|p| p.join(name))
+            else {
+                return;
+            };
+            let marked = view.objects.values().any(|names| names.contains(&path));
+            (!marked).then_some(path)
+        };
+        let Some(path) = escaped else { return };
+        let g = self.shared.guard();
+        tracing::warn!(guard = %g.name, namespace = %g.namespace, pid = self.shared.root.pid, %path, "an entry was moved out of the guarded tree before it could be marked: it is not guarded where it went");
+        metrics
+            .placement_failures
+            .with_label_values(&[BACKEND, "escaped"])
+            .inc();
+        self.failures.push(format!(
+            "{path}: moved out of the guarded tree before it could be marked"
+        ));
+        self.publish(metrics);
+    }
+
     /// The current container paths of every marked directory, after one of them moved.
     pub fn on_moved(&mut self, table: &MarkTable) {
         let dirs: Vec<Found> = {
