@@ -324,7 +324,9 @@ fn an_entry_moved_out_before_it_was_marked_is_reported() {
     })
     .unwrap();
     assert!(
-        agent.stderr().contains("moved out of the guarded tree before it could be marked"),
+        agent
+            .stderr()
+            .contains("moved out of the guarded tree before it could be marked"),
         "{}",
         agent.stderr()
     );
