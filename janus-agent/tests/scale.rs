@@ -4,19 +4,21 @@
 //! loudly. Run as root; the tests in this file change per-uid kernel state, so they take
 //! turns.
 
-use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use janus_api::agent_v1::agent_client::AgentClient;
-use janus_api::agent_v1::{ApplyGuardRequest, ContainerPhase, GuardRef, PodRef};
+use janus_api::agent_v1::ContainerPhase;
 use janus_tests::agent::{Agent, AgentConfig, Serve};
 use janus_tests::containerd::Container;
 use janus_tests::scenarios::{guard_yaml, populate};
 use janus_tests::target::{Access, Root, Target, BUSYBOX};
 use janus_tests::wait;
+
+mod support;
+use support::DENY_SECRET;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_janus-agent");
 static TURNS: Mutex<()> = Mutex::new(());
@@ -26,6 +28,22 @@ fn workdir(test: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// `janus-agent guard` with `guard` on `pids`, fanotify only, enforcing.
+fn fanotify_agent(dir: &Path, guard: &str, pids: &[i32]) -> Agent {
+    Agent::start(
+        &AgentConfig {
+            bin: Path::new(AGENT),
+            guard,
+            pids,
+            pod: "p",
+            node: "n",
+            extra: &["--backend", "fanotify"],
+        },
+        &dir.join("agent"),
+    )
+    .unwrap()
 }
 
 /// The kernel objects the agent holds, from its descriptors: (fanotify groups, inotify
@@ -63,18 +81,7 @@ fn three_hundred_targets_in_one_group() {
         "many",
         "  - deny: [/data]\n    allow: [/data/public]\n    events: [open]\n",
     );
-    let agent = Agent::start(
-        &AgentConfig {
-            bin: Path::new(AGENT),
-            guard: &guard,
-            pids: &pids,
-            pod: "p",
-            node: "n",
-            extra: &["--backend", "fanotify"],
-        },
-        &dir.join("agent"),
-    )
-    .unwrap();
+    let agent = fanotify_agent(&dir, &guard, &pids);
     assert_eq!(
         kernel_objects(agent.pid()),
         (1, 1),
@@ -143,10 +150,7 @@ async fn guards_are_placed_while_the_uids_groups_and_instances_are_all_taken() {
             .push(Container::run(&root, &id, Some(&cgroup), &[BUSYBOX, "sleep", "600"]).unwrap());
         roots.push(root);
     }
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = support::free_addr();
     let args = ["--insecure-plaintext", "--backend", "fanotify"];
     let agent = Serve::start(Path::new(AGENT), addr, &args, &dir, "agent").unwrap();
 
@@ -166,26 +170,15 @@ async fn guards_are_placed_while_the_uids_groups_and_instances_are_all_taken() {
     let mut client = AgentClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
+    let ids: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
     let status = client
-        .apply_guard(ApplyGuardRequest {
-            guard: Some(GuardRef {
-                namespace: "default".into(),
-                name: "hog".into(),
-                uid: "u".into(),
-                generation: 1,
-            }),
-            pod: Some(PodRef {
-                uid: pod_uid.clone(),
-                namespace: "default".into(),
-                name: "web-1".into(),
-                container_ids: containers
-                    .iter()
-                    .map(|c| format!("containerd://{}", c.id))
-                    .collect(),
-            }),
-            spec_json: r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#.into(),
-            spec_digest: String::new(),
-        })
+        .apply_guard(support::apply(
+            "default",
+            "hog",
+            &pod_uid,
+            &ids,
+            DENY_SECRET,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -235,18 +228,7 @@ fn a_full_inotify_watch_quota_fails_the_target_until_it_has_room() {
     populate(&root).unwrap();
     let target = Target::start(&root).unwrap();
     let guard = guard_yaml("watched", "  - deny: [/data]\n    events: [open]\n");
-    let agent = Agent::start(
-        &AgentConfig {
-            bin: Path::new(AGENT),
-            guard: &guard,
-            pids: &[target.pid()],
-            pod: "p",
-            node: "n",
-            extra: &["--backend", "fanotify"],
-        },
-        &dir.join("agent"),
-    )
-    .unwrap();
+    let agent = fanotify_agent(&dir, &guard, &[target.pid()]);
     let failures = || {
         agent
             .metric("janus_placement_failures_total{backend=\"fanotify\",kind=\"watch\"}")
@@ -296,18 +278,7 @@ fn an_entry_moved_out_before_it_was_marked_is_reported() {
     root.mkdir("/outside").unwrap();
     let target = Target::start(&root).unwrap();
     let guard = guard_yaml("escape", "  - deny: [/data]\n    events: [open]\n");
-    let agent = Agent::start(
-        &AgentConfig {
-            bin: Path::new(AGENT),
-            guard: &guard,
-            pids: &[target.pid()],
-            pod: "p",
-            node: "n",
-            extra: &["--backend", "fanotify"],
-        },
-        &dir.join("agent"),
-    )
-    .unwrap();
+    let agent = fanotify_agent(&dir, &guard, &[target.pid()]);
     let escaped = || {
         agent
             .metric("janus_placement_failures_total{backend=\"fanotify\",kind=\"escaped\"}")

@@ -1,11 +1,10 @@
 //! `janus-agent serve` through its gRPC API, with containerd containers placed in a pod's
 //! cgroup as the kubelet places them. Needs root and a running containerd.
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use janus_api::agent_v1::agent_client::AgentClient;
-use janus_api::agent_v1::{ApplyGuardRequest, ContainerPhase, GuardRef, ListGuardsRequest, PodRef};
+use janus_api::agent_v1::{ContainerPhase, ListGuardsRequest};
 use janus_tests::agent::Serve;
 use janus_tests::containerd::Container;
 use janus_tests::scenarios::populate;
@@ -14,6 +13,9 @@ use janus_tests::wait;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+
+mod support;
+use support::DENY_SECRET;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
@@ -33,10 +35,7 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
     let sleep = [BUSYBOX, "sleep", "600"];
     let running = Container::run(&root, &first, Some(&cgroup(&first)), &sleep).unwrap();
 
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = support::free_addr();
     let args = [
         "--insecure-plaintext",
         "--backend",
@@ -64,22 +63,8 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
     let mut client = AgentClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let apply = |container: &str| ApplyGuardRequest {
-        guard: Some(GuardRef {
-            namespace: "default".into(),
-            name: "restart".into(),
-            uid: "guard-uid".into(),
-            generation: 1,
-        }),
-        pod: Some(PodRef {
-            uid: pod_uid.clone(),
-            namespace: "default".into(),
-            name: "web-1".into(),
-            container_ids: vec![format!("containerd://{container}")],
-        }),
-        spec_json: r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#.into(),
-        spec_digest: String::new(),
-    };
+    let apply =
+        |container: &str| support::apply("default", "restart", &pod_uid, &[container], DENY_SECRET);
     client.apply_guard(apply(&first)).await.unwrap();
     let denied = |c: &Container| {
         wait::until(
@@ -178,10 +163,7 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
         );
     }
 
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = support::free_addr();
     let args = ["--insecure-plaintext", "--backend", "fanotify"];
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
     let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
@@ -196,22 +178,13 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
         ),
     ] {
         let err = client
-            .apply_guard(ApplyGuardRequest {
-                guard: Some(GuardRef {
-                    namespace: "attacker".into(),
-                    name: "grab".into(),
-                    uid: "u".into(),
-                    generation: 1,
-                }),
-                pod: Some(PodRef {
-                    uid: format!("2222-{me}"),
-                    namespace: "attacker".into(),
-                    name: "invented".into(),
-                    container_ids: vec![format!("containerd://{leaf}")],
-                }),
-                spec_json: r#"{"subjects":[{"deny":["/data/secret"]}]}"#.into(),
-                spec_digest: String::new(),
-            })
+            .apply_guard(support::apply(
+                "attacker",
+                "grab",
+                &format!("2222-{me}"),
+                &[&leaf],
+                DENY_SECRET,
+            ))
             .await
             .expect_err("a container outside the pod is refused");
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -291,10 +264,7 @@ exec unshare --cgroup {agent} "$@"
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = support::free_addr();
     let args = [
         "--insecure-plaintext",
         "--backend",
@@ -311,22 +281,13 @@ exec unshare --cgroup {agent} "$@"
         .await
         .unwrap();
     let status = client
-        .apply_guard(ApplyGuardRequest {
-            guard: Some(GuardRef {
-                namespace: "default".into(),
-                name: "cgns".into(),
-                uid: "u".into(),
-                generation: 1,
-            }),
-            pod: Some(PodRef {
-                uid: pod_uid.clone(),
-                namespace: "default".into(),
-                name: "web-1".into(),
-                container_ids: vec![format!("containerd://{id}")],
-            }),
-            spec_json: r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#.into(),
-            spec_digest: String::new(),
-        })
+        .apply_guard(support::apply(
+            "default",
+            "cgns",
+            &pod_uid,
+            &[&id],
+            DENY_SECRET,
+        ))
         .await
         .unwrap()
         .into_inner()
