@@ -119,6 +119,51 @@ struct Maps {
     next_guard: u32,
 }
 
+impl Maps {
+    /// Inserts a guard's rules, its root and, last, its scope (until then the kernel ignores
+    /// the rules); all or nothing: on an error, what was inserted is taken out again.
+    fn place(
+        &mut self,
+        rules: &StdHashMap<InodeKey, Rule>,
+        root: InodeKey,
+        scope_id: u32,
+        scope: Scope,
+    ) -> Result<(), GuardError> {
+        let mut inserted = Vec::with_capacity(rules.len());
+        let mut result = Ok(());
+        for (key, rule) in rules {
+            if let Err(e) = self.rules.insert(key, rule, 0) {
+                result = Err(map_error("RULES")(e));
+                break;
+            }
+            inserted.push(*key);
+        }
+        let mut root_placed = false;
+        if result.is_ok() {
+            result = self
+                .roots
+                .insert(root, scope_id, 0)
+                .map_err(map_error("ROOTS"));
+            root_placed = result.is_ok();
+        }
+        if result.is_ok() {
+            result = self
+                .scopes
+                .insert(scope_id, scope, 0)
+                .map_err(map_error("SCOPES"));
+        }
+        if result.is_err() {
+            for key in &inserted {
+                let _ = self.rules.remove(key);
+            }
+            if root_placed {
+                let _ = self.roots.remove(&root);
+            }
+        }
+        result
+    }
+}
+
 /// The loaded, attached programs. Dropping it (or [`Enforcer::shutdown`]) detaches them.
 pub struct Enforcer {
     ebpf: Mutex<Option<Ebpf>>,
@@ -489,10 +534,17 @@ impl Enforcer {
         }
         let guard_id = maps.next_guard;
         maps.next_guard += 1;
-        for (key, rule) in &table.rules {
-            maps.rules
-                .insert(key, rule, 0)
-                .map_err(map_error("RULES"))?;
+        let scope = Scope {
+            guard_id,
+            owners,
+            _pad: 0,
+        };
+        if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope) {
+            self.metrics
+                .placement_failures
+                .with_label_values(&[BACKEND, "map"])
+                .inc();
+            return Err(e);
         }
         maps.rule_count += needed;
         self.guards.lock().expect("guards lock").insert(
@@ -507,21 +559,6 @@ impl Enforcer {
                 root: root_key,
             },
         );
-        maps.roots
-            .insert(root_key, scope_id, 0)
-            .map_err(map_error("ROOTS"))?;
-        // The scope goes in last: until then the kernel ignores the rules.
-        maps.scopes
-            .insert(
-                scope_id,
-                Scope {
-                    guard_id,
-                    owners,
-                    _pad: 0,
-                },
-                0,
-            )
-            .map_err(map_error("SCOPES"))?;
         Ok(guard_id)
     }
 
