@@ -534,3 +534,61 @@ fn two_overlay_roots_over_one_lower_layer_are_guarded_apart() {
     assert!(agent.stop().unwrap().success());
     drop((guarded, neighbour));
 }
+
+/// `access` is decided where the kernel sees it. On a file system with pre-content events
+/// (ext4 from Linux 6.14) a file whose reads are denied can be opened, and its reads and a
+/// mapping's page faults are refused; where a page fault raises no event (tmpfs, overlayfs,
+/// older kernels) the open itself is refused.
+#[test]
+fn access_is_decided_where_the_kernel_sees_it() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let pre_content_kernel = (v.next().unwrap(), v.next().unwrap()) >= (6, 14);
+    let subjects = "  - deny: [/data/secret]\n    events: [access]\n";
+    let open_only = [BUSYBOX, "sh", "-c", "exec 3</data/secret && echo opened"];
+
+    // The work directory: ext4 on this machine.
+    let (_root, target, _agent) = guarded("access-ext4", subjects);
+    assert_eq!(target.cat("/data/secret").unwrap(), Access::Denied);
+    assert_eq!(target.map_read("/data/secret").unwrap(), Access::Denied);
+    let opened = target.exec(&open_only).unwrap();
+    if pre_content_kernel {
+        assert_eq!(
+            opened,
+            Access::Ok("opened".into()),
+            "pre-content events: the open is allowed"
+        );
+    } else {
+        assert_eq!(opened, Access::Denied);
+    }
+
+    // A tmpfs root: no pre-content events whatever the kernel.
+    let dir = workdir("access-tmpfs");
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: C strings for source, target and type.
+    let r = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "mounting a tmpfs");
+    {
+        let root = Root::new(&dir, "root").unwrap();
+        populate(&root).unwrap();
+        let target = Target::start(&root).unwrap();
+        let guard = guard_yaml("access-tmpfs", subjects);
+        let _agent =
+            Agent::start(&config("t", &guard, &[target.pid()]), &dir.join("agent")).unwrap();
+        assert_eq!(target.exec(&open_only).unwrap(), Access::Denied);
+        assert_eq!(target.map_read("/data/secret").unwrap(), Access::Denied);
+    }
+    // SAFETY: a C string path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}

@@ -281,6 +281,8 @@ impl Target {
                 if map == libc::MAP_FAILED {
                     return Err(std::io::Error::last_os_error());
                 }
+                // A page fault from user space: refused, it is a SIGBUS.
+                std::ptr::read_volatile(map as *const u8);
                 libc::write(1, map, len);
                 libc::_exit(0);
             });
@@ -298,6 +300,10 @@ impl Target {
                 bail!("mapping {shown} in the target: no result within {OPERATION_DEADLINE:?}")
             }
         };
+        // A page fault refused (pre-content events) kills with SIGBUS.
+        if std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(libc::SIGBUS) {
+            return Ok(Access::Denied);
+        }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         Ok(Access::from_output(out.status.success(), &text))
     }

@@ -61,8 +61,15 @@ pub fn perm_mask(events: EventSet) -> MaskFlags {
     mask
 }
 
+/// `FAN_PRE_ACCESS` (Linux 6.14): before a read, or a page fault of a mapping, of a file
+/// on a file system with pre-content events.
+const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+
 /// The guard event a permission event answers, if it is one.
 pub fn event_of(mask: u64) -> Option<Event> {
+    if mask & FAN_PRE_ACCESS != 0 {
+        return Some(Event::Access);
+    }
     let mask = MaskFlags::from_bits_truncate(mask);
     if mask.contains(MaskFlags::FAN_OPEN_EXEC_PERM) {
         Some(Event::Exec)
@@ -79,6 +86,19 @@ pub fn event_of(mask: u64) -> Option<Event> {
 pub struct PermGroup {
     fan: Fanotify,
     audit: bool,
+    /// A pre-content group (Linux 6.14): files on file systems that support it can be
+    /// marked for `FAN_PRE_ACCESS`, which sees page faults of mappings too.
+    pre_content: bool,
+}
+
+/// How a file's mark came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// Reads and page faults raise `FAN_PRE_ACCESS`: `access` is decided where it happens.
+    PreContent,
+    /// Only `read` raises an event (`FAN_ACCESS_PERM`): a mapping's page faults do not, so
+    /// `access` must also be decided at the open.
+    ReadOnly,
 }
 
 impl PermGroup {
@@ -86,8 +106,7 @@ impl PermGroup {
         // An unlimited queue: a full bounded queue would drop events, and the kernel allows
         // what it drops. O_NONBLOCK on event fds: the kernel opening a FIFO for us must not
         // wait for a writer.
-        let flags = InitFlags::FAN_CLASS_CONTENT
-            | InitFlags::FAN_CLOEXEC
+        let flags = InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
             | InitFlags::FAN_UNLIMITED_QUEUE
             | InitFlags::FAN_UNLIMITED_MARKS;
@@ -95,25 +114,56 @@ impl PermGroup {
             | EventFFlags::O_LARGEFILE
             | EventFFlags::O_CLOEXEC
             | EventFFlags::O_NONBLOCK;
-        // FAN_ENABLE_AUDIT needs CAP_AUDIT_WRITE; without it guards still work, unaudited.
-        match Fanotify::init(
-            flags | InitFlags::from_bits_retain(libc::FAN_ENABLE_AUDIT),
-            fd_flags,
-        ) {
-            Ok(fan) => Ok(PermGroup { fan, audit: true }),
-            Err(nix::Error::EPERM | nix::Error::EINVAL) => Fanotify::init(flags, fd_flags)
-                .map(|fan| PermGroup { fan, audit: false })
-                .map_err(init_error),
-            Err(e) => Err(init_error(e)),
+        // A pre-content group where the kernel has one (6.14), else a content one;
+        // FAN_ENABLE_AUDIT needs CAP_AUDIT_WRITE: without it guards still work, unaudited.
+        let audit = InitFlags::from_bits_retain(libc::FAN_ENABLE_AUDIT);
+        let mut last = nix::Error::EINVAL;
+        for (class, pre_content) in [
+            (InitFlags::FAN_CLASS_PRE_CONTENT, true),
+            (InitFlags::FAN_CLASS_CONTENT, false),
+        ] {
+            for (extra, audit) in [(audit, true), (InitFlags::empty(), false)] {
+                match Fanotify::init(flags | class | extra, fd_flags) {
+                    Ok(fan) => {
+                        return Ok(PermGroup {
+                            fan,
+                            audit,
+                            pre_content,
+                        })
+                    }
+                    Err(e @ (nix::Error::EPERM | nix::Error::EINVAL)) => last = e,
+                    Err(e) => return Err(init_error(e)),
+                }
+            }
         }
+        Err(init_error(last))
     }
 
     pub fn audit_enabled(&self) -> bool {
         self.audit
     }
 
-    /// Marks `fd`'s inode; a directory mask also covers its direct children.
+    /// Marks `fd`'s inode; a directory mask also covers its direct children. A file whose
+    /// reads are guarded is marked for pre-content reads where its file system has them.
     pub fn mark(
+        &self,
+        fd: BorrowedFd<'_>,
+        mask: MaskFlags,
+        dir: bool,
+    ) -> Result<Reads, FanotifyError> {
+        if self.pre_content && !dir && mask.contains(MaskFlags::FAN_ACCESS_PERM) {
+            let pre = mask | MaskFlags::from_bits_retain(FAN_PRE_ACCESS);
+            match self.mark_exactly(fd, pre, false) {
+                Ok(()) => return Ok(Reads::PreContent),
+                // tmpfs and overlayfs have no pre-content events.
+                Err(FanotifyError::Mark(nix::Error::EOPNOTSUPP | nix::Error::EINVAL)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.mark_exactly(fd, mask, dir).map(|()| Reads::ReadOnly)
+    }
+
+    fn mark_exactly(
         &self,
         fd: BorrowedFd<'_>,
         mask: MaskFlags,
@@ -143,6 +193,9 @@ impl PermGroup {
     ) -> Result<(), FanotifyError> {
         let mut flags = MarkFlags::FAN_MARK_REMOVE;
         let mut mask = mask;
+        if mask.contains(MaskFlags::FAN_ACCESS_PERM) && self.pre_content && !dir {
+            mask |= MaskFlags::from_bits_retain(FAN_PRE_ACCESS);
+        }
         if dir {
             flags |= MarkFlags::FAN_MARK_ONLYDIR;
             if whole {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use nix::sys::fanotify::MaskFlags;
 
 use super::created::CreateWatch;
-use super::group::{FanotifyError, PermGroup};
+use super::group::{FanotifyError, PermGroup, Reads};
 use crate::resolve::FileId;
 
 /// One guard on one process, as the engine numbers it.
@@ -23,7 +23,17 @@ struct Marked {
     is_dir: bool,
     /// The inotify watch of a directory.
     wd: Option<i32>,
+    /// How its reads are seen.
+    reads: Reads,
     masks: BTreeMap<TargetId, MaskFlags>,
+}
+
+/// How a mark came out.
+pub struct Placed {
+    pub reads: Reads,
+    /// A directory marked but not watched (the inotify watch quota): what is in it now is
+    /// guarded, what would be created in it later would not be.
+    pub unwatched: Option<FanotifyError>,
 }
 
 impl Marked {
@@ -67,13 +77,14 @@ impl MarkTable {
         id: FileId,
         is_dir: bool,
         mask: MaskFlags,
-    ) -> Result<Option<FanotifyError>, FanotifyError> {
+    ) -> Result<Placed, FanotifyError> {
         if let Some(m) = self.objects.get_mut(&id) {
             let before = m.union();
             if !before.contains(mask) {
-                self.perm.mark(m.fd.as_fd(), before | mask, m.is_dir)?;
+                m.reads = self.perm.mark(m.fd.as_fd(), before | mask, m.is_dir)?;
             }
             *m.masks.entry(target).or_insert(MaskFlags::empty()) |= mask;
+            let reads = m.reads;
             if m.is_dir && m.wd.is_none() {
                 // It could not be watched before: try again.
                 match self.watch.watch(m.fd.as_fd()) {
@@ -81,12 +92,20 @@ impl MarkTable {
                         m.wd = Some(wd);
                         self.by_wd.insert(wd, id);
                     }
-                    Err(e) => return Ok(Some(e)),
+                    Err(e) => {
+                        return Ok(Placed {
+                            reads,
+                            unwatched: Some(e),
+                        })
+                    }
                 }
             }
-            return Ok(None);
+            return Ok(Placed {
+                reads,
+                unwatched: None,
+            });
         }
-        self.perm.mark(fd.as_fd(), mask, is_dir)?;
+        let reads = self.perm.mark(fd.as_fd(), mask, is_dir)?;
         let (wd, unwatched) = if is_dir {
             match self.watch.watch(fd.as_fd()) {
                 Ok(wd) => (Some(wd), None),
@@ -104,10 +123,11 @@ impl MarkTable {
                 fd,
                 is_dir,
                 wd,
+                reads,
                 masks: BTreeMap::from([(target, mask)]),
             },
         );
-        Ok(unwatched)
+        Ok(Placed { reads, unwatched })
     }
 
     /// `target` no longer needs `id`: its events leave the mark, and the mark goes with the

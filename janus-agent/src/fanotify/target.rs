@@ -41,7 +41,13 @@ pub struct TargetSpec {
 /// What the answering thread decides with, changed in place by the marker thread.
 #[derive(Default)]
 pub struct View {
+    /// The rules with `access` also deciding the open: for objects whose page faults raise
+    /// no event.
     pub rules: RuleSet,
+    /// The rules as written: for files whose reads and page faults raise pre-content
+    /// events (`pre_content`), where `access` is decided where it happens.
+    pub exact: RuleSet,
+    pub pre_content: HashSet<FileId>,
     /// Every object marked for this target, with the guarded path it was marked under (more
     /// than one for a file with several names in guarded trees).
     pub objects: HashMap<FileId, Vec<GuardPath>>,
@@ -70,8 +76,13 @@ impl View {
         event: Event,
         is_owner: bool,
     ) -> Option<Decided> {
+        let rules = if self.pre_content.contains(&id) {
+            &self.exact
+        } else {
+            &self.rules
+        };
         let decide = |p: &GuardPath| {
-            let decision = self.rules.decide(p.as_bytes(), event, is_owner)?;
+            let decision = rules.decide(p.as_bytes(), event, is_owner)?;
             Some(Decided {
                 decision,
                 path: p.clone(),
@@ -189,7 +200,7 @@ pub fn unsupported_warnings(guard: &GuardPolicy) -> Vec<String> {
 
 /// One guarded path of the target.
 struct PathSlot {
-    /// The rule as written; its events as fanotify enforces them.
+    /// The rule as written, less what fanotify cannot enforce (`modify`).
     rule: Rule,
     /// Every canonical path it has resolved to: what they named stays guarded when a symlink
     /// starts pointing elsewhere.
@@ -210,12 +221,18 @@ pub struct Marker {
     published: usize,
 }
 
-/// How the target's rules are enforced under fanotify: `modify` not at all (it is warned
-/// about), and `access` also at the open. A read through a mapping raises no
-/// FAN_ACCESS_PERM, so a file whose reads are refused must not be opened.
+/// A rule as fanotify enforces it: `modify` not at all (it is warned about).
 fn fanotify_rule(rule: &Rule) -> Rule {
     let mut r = rule.clone();
     r.events.remove(Event::Modify);
+    r
+}
+
+/// The rule for objects whose page faults raise no event: `access` decides the open too. A
+/// read through a mapping raises no FAN_ACCESS_PERM, so a file whose reads are refused must
+/// not be opened.
+fn at_the_open(rule: &Rule) -> Rule {
+    let mut r = rule.clone();
     if r.events.contains(Event::Access) {
         r.events.insert(Event::Open);
     }
@@ -271,20 +288,22 @@ impl Marker {
             self.resolve(i, table, &mut found, metrics);
         }
         let mounts = mount_ids(self.shared.root.pid);
-        let rules = RuleSet::new(
-            self.slots
-                .iter()
-                .flat_map(|s| {
-                    s.resolved.iter().map(|p| Rule {
-                        path: p.clone(),
-                        ..s.rule.clone()
-                    })
+        let exact: Vec<Rule> = self
+            .slots
+            .iter()
+            .flat_map(|s| {
+                s.resolved.iter().map(|p| Rule {
+                    path: p.clone(),
+                    ..s.rule.clone()
                 })
-                .collect(),
-        );
+            })
+            .collect();
+        let rules = RuleSet::new(exact.iter().map(at_the_open).collect());
+        let exact = RuleSet::new(exact);
         let changed = {
             let mut view = self.shared.view.write().expect("view lock");
             view.rules = rules;
+            view.exact = exact;
             add_found(&mut view, found);
             let changed = view.mounts != mounts;
             view.mounts = mounts;
@@ -341,7 +360,8 @@ impl Marker {
                     return;
                 }
                 slot.current = Some(id);
-                let mask = perm_mask(slot.rule.events);
+                // The open too, for the objects whose page faults raise no event.
+                let mask = perm_mask(at_the_open(&slot.rule).events);
                 slot.state.status = if only_dir && !is_dir {
                     PathStatus::Skipped("not a directory (onlyDir)".into())
                 } else if mask.is_empty() {
@@ -507,6 +527,7 @@ impl Marker {
                         id: *id,
                         path: paths.first()?.clone(),
                         is_dir: true,
+                        pre_content: false,
                     })
                 })
                 .collect()
@@ -553,6 +574,7 @@ impl Marker {
         }
         let mut view = self.shared.view.write().expect("view lock");
         view.objects.retain(|id, _| !gone.contains(id));
+        view.pre_content.retain(|id| !gone.contains(id));
     }
 
     /// Takes every mark of the target off (it exited, or its guard was lifted).
@@ -560,6 +582,7 @@ impl Marker {
         let ids: Vec<FileId> = {
             let mut view = self.shared.view.write().expect("view lock");
             view.dirs.clear();
+            view.pre_content.clear();
             view.objects.drain().map(|(id, _)| id).collect()
         };
         for id in ids {
@@ -636,6 +659,11 @@ const MAX_NAMES_PER_OBJECT: usize = 8;
 
 fn add_found(view: &mut View, found: Vec<Found>) {
     for f in found {
+        if f.pre_content {
+            view.pre_content.insert(f.id);
+        } else {
+            view.pre_content.remove(&f.id);
+        }
         let paths = view.objects.entry(f.id).or_default();
         if !paths.contains(&f.path) && paths.len() < MAX_NAMES_PER_OBJECT {
             paths.push(f.path);
@@ -741,6 +769,37 @@ mod tests {
     }
 
     #[test]
+    fn an_access_rule_decides_the_open_unless_page_faults_raise_events() {
+        let rule = Rule {
+            path: GuardPath::parse("/data/t4").unwrap(),
+            verdict: Verdict::Deny,
+            subject: 0,
+            events: {
+                let mut e = EventSet::EMPTY;
+                e.insert(Event::Access);
+                e
+            },
+            auto_allow_owner: false,
+        };
+        let mut v = View {
+            rules: RuleSet::new(vec![at_the_open(&rule)]),
+            exact: RuleSet::new(vec![rule]),
+            ..View::default()
+        };
+        let file = GuardPath::parse("/data/t4/mm").unwrap();
+        v.objects.insert(OBJ, vec![file.clone()]);
+        v.objects.insert(NEW, vec![file]);
+        v.pre_content.insert(NEW);
+        // Its mapping's page faults would go unseen: refused at the open.
+        let d = v.decide(OBJ, None, Event::Open, false).unwrap();
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        // Pre-content events see them: opened, its reads refused.
+        assert!(v.decide(NEW, None, Event::Open, false).is_none());
+        let d = v.decide(NEW, None, Event::Access, false).unwrap();
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+    }
+
+    #[test]
     fn under_fanotify_an_access_rule_also_decides_the_open() {
         let rule = Rule {
             path: GuardPath::parse("/data/t4").unwrap(),
@@ -754,7 +813,7 @@ mod tests {
             },
             auto_allow_owner: false,
         };
-        let r = fanotify_rule(&rule);
+        let r = at_the_open(&fanotify_rule(&rule));
         assert!(r.events.contains(Event::Open) && r.events.contains(Event::Access));
         assert!(!r.events.contains(Event::Modify));
     }

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use janus_api::GuardPath;
 use nix::sys::fanotify::MaskFlags;
 
-use super::group::FanotifyError;
+use super::group::{FanotifyError, Reads};
 use super::marks::{MarkTable, TargetId};
 use crate::resolve::{self, for_each_entry, FileId};
 
@@ -19,6 +19,8 @@ pub struct Found {
     pub id: FileId,
     pub path: GuardPath,
     pub is_dir: bool,
+    /// Its reads and page faults raise pre-content events.
+    pub pre_content: bool,
 }
 
 /// Something below a guarded path that could not be marked or watched.
@@ -108,7 +110,8 @@ impl<'t> Walk<'t> {
             self.budget -= 1;
         }
         // Marked and watched before it is listed: whatever appears meanwhile is reported.
-        if let Some(error) = self.table.mark(self.target, fd, id, is_dir, self.mask)? {
+        let placed = self.table.mark(self.target, fd, id, is_dir, self.mask)?;
+        if let Some(error) = placed.unwatched {
             self.failures.push(Failure {
                 what: path.to_string(),
                 error,
@@ -118,6 +121,7 @@ impl<'t> Walk<'t> {
             id,
             path: path.clone(),
             is_dir,
+            pre_content: placed.reads == Reads::PreContent,
         });
         if let (true, Some(dir)) = (is_dir, self.table.fd(id)) {
             let failed = for_each_entry(dir, |name, fd| {
