@@ -179,24 +179,27 @@ impl Secrets<'_> {
             })
     }
 
-    /// Creates the Secret; None when another replica created it first.
-    async fn create(&self, name: &'static str, s: &Secret) -> Result<Option<()>, PkiError> {
-        match self.api.create(&PostParams::default(), s).await {
-            Ok(_) => Ok(Some(())),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
-            Err(source) => Err(PkiError::Write {
-                namespace: self.namespace.to_owned(),
-                name,
-                source,
-            }),
-        }
+    /// Creates the Secret; false when another replica created it first.
+    async fn create(&self, name: &'static str, s: &Secret) -> Result<bool, PkiError> {
+        let result = self.api.create(&PostParams::default(), s).await;
+        self.written(name, result)
     }
 
-    /// Replaces the Secret at the version `s` names; None when it changed meanwhile.
-    async fn replace(&self, name: &'static str, s: &Secret) -> Result<Option<()>, PkiError> {
-        match self.api.replace(name, &PostParams::default(), s).await {
-            Ok(_) => Ok(Some(())),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+    /// Replaces the Secret at the version `s` names; false when it changed meanwhile.
+    async fn replace(&self, name: &'static str, s: &Secret) -> Result<bool, PkiError> {
+        let result = self.api.replace(name, &PostParams::default(), s).await;
+        self.written(name, result)
+    }
+
+    /// Whether a write went through; a conflict (409) means someone else's did.
+    fn written(
+        &self,
+        name: &'static str,
+        result: Result<Secret, kube::Error>,
+    ) -> Result<bool, PkiError> {
+        match result {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(source) => Err(PkiError::Write {
                 namespace: self.namespace.to_owned(),
                 name,
@@ -245,7 +248,7 @@ pub async fn bootstrap(client: kube::Client, namespace: &str) -> Result<Material
         }
         let ca = new_ca().map_err(secrets.cert_error(CA_SECRET))?;
         let s = secret(CA_SECRET, &[("ca.pem", &ca.cert), ("ca-key.pem", &ca.key)]);
-        if secrets.create(CA_SECRET, &s).await?.is_some() {
+        if secrets.create(CA_SECRET, &s).await? {
             tracing::info!(namespace, secret = CA_SECRET, "created the agents' CA");
             break ca;
         }
@@ -279,18 +282,14 @@ pub async fn bootstrap(client: kube::Client, namespace: &str) -> Result<Material
                 let a = issue_agent()?;
                 let mut s = agent_secret(&a);
                 s.metadata.resource_version = old.metadata.resource_version;
-                if secrets.replace(AGENT_SECRET, &s).await?.is_some() {
+                if secrets.replace(AGENT_SECRET, &s).await? {
                     tracing::warn!(namespace, secret = AGENT_SECRET, "the agents' certificate was signed by another CA; issued a new one (restart the agents)");
                     break a;
                 }
             }
             None => {
                 let a = issue_agent()?;
-                if secrets
-                    .create(AGENT_SECRET, &agent_secret(&a))
-                    .await?
-                    .is_some()
-                {
+                if secrets.create(AGENT_SECRET, &agent_secret(&a)).await? {
                     tracing::info!(
                         namespace,
                         secret = AGENT_SECRET,
