@@ -719,6 +719,21 @@ mod tests {
         }
     }
 
+    /// A deny rule on /data/t4 for just these events.
+    fn deny_t4(events: &[Event]) -> Rule {
+        let mut e = EventSet::EMPTY;
+        for ev in events {
+            e.insert(*ev);
+        }
+        Rule {
+            path: GuardPath::parse("/data/t4").unwrap(),
+            verdict: Verdict::Deny,
+            subject: 0,
+            events: e,
+            auto_allow_owner: false,
+        }
+    }
+
     const OBJ: FileId = FileId { dev: 1, ino: 42 };
     const NEW: FileId = FileId { dev: 1, ino: 43 };
 
@@ -770,17 +785,7 @@ mod tests {
 
     #[test]
     fn an_access_rule_decides_the_open_unless_page_faults_raise_events() {
-        let rule = Rule {
-            path: GuardPath::parse("/data/t4").unwrap(),
-            verdict: Verdict::Deny,
-            subject: 0,
-            events: {
-                let mut e = EventSet::EMPTY;
-                e.insert(Event::Access);
-                e
-            },
-            auto_allow_owner: false,
-        };
+        let rule = deny_t4(&[Event::Access]);
         let mut v = View {
             rules: RuleSet::new(vec![at_the_open(&rule)]),
             exact: RuleSet::new(vec![rule]),
@@ -801,18 +806,7 @@ mod tests {
 
     #[test]
     fn under_fanotify_an_access_rule_also_decides_the_open() {
-        let rule = Rule {
-            path: GuardPath::parse("/data/t4").unwrap(),
-            verdict: Verdict::Deny,
-            subject: 0,
-            events: {
-                let mut e = EventSet::EMPTY;
-                e.insert(Event::Access);
-                e.insert(Event::Modify);
-                e
-            },
-            auto_allow_owner: false,
-        };
+        let rule = deny_t4(&[Event::Access, Event::Modify]);
         let r = at_the_open(&fanotify_rule(&rule));
         assert!(r.events.contains(Event::Open) && r.events.contains(Event::Access));
         assert!(!r.events.contains(Event::Modify));
