@@ -174,6 +174,10 @@ impl GuardPath {
         &self.0
     }
 
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
     /// Whether `path` is this path or lies below it.
     pub fn covers(&self, path: &[u8]) -> bool {
         let me = self.0.as_slice();

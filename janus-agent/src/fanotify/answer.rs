@@ -279,7 +279,7 @@ impl Answerer {
                 verdict = Verdict::Deny;
             }
             audit |= t.guard().subjects[d.decision.subject].audit;
-            let path = d.path.as_bytes().to_vec();
+            let path = d.path.into_bytes();
             if known {
                 // Its descriptor is pushed right after this returns.
                 batch
