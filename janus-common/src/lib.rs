@@ -15,8 +15,8 @@ pub const NAME_LEN: usize = 64;
 pub const MAX_RULES: u32 = 16 * 1024;
 /// Mount namespaces (targets) enforced in the kernel at once.
 pub const MAX_SCOPES: u32 = 1024;
-/// Bytes of the decision ring buffer.
-pub const RING_BYTES: u32 = 1 << 20;
+/// Bytes of the decision ring buffer: about 3,900 records, a burst the agent drains.
+pub const RING_BYTES: u32 = 1 << 22;
 
 /// Index of each event in [`Rule::events`]; the same order as `janus_api::Event`.
 pub const EV_OPEN: usize = 0;
@@ -51,6 +51,9 @@ pub const DECISION_IS_DIR: u8 = 4;
 /// The ancestor walk ran out of depth, or a kernel read failed: denied without a rule
 /// (fail closed).
 pub const DECISION_TOO_DEEP: u8 = 8;
+/// [`Decision::via`] holds only the last names of the path used: it has more than
+/// `MAX_NAMES`, or lies outside the task's root.
+pub const DECISION_VIA_CUT: u8 = 16;
 
 /// Identity of an inode: the kernel's `super_block.s_dev` (kernel `dev_t` encoding,
 /// `major << 20 | minor`) and `i_ino`, qualified by the scope (mount namespace) whose rule
@@ -119,13 +122,22 @@ pub struct Decision {
     pub flags: u8,
     /// How many levels above the file the deciding rule sits (0: the file itself).
     pub depth: u8,
-    pub _pad: [u8; 6],
+    /// How many names of the path used `via` holds (0: not known).
+    pub via_len: u8,
+    pub _pad: [u8; 5],
     /// The deciding rule's key (zero when `DECISION_TOO_DEEP`).
     pub rule: InodeKey,
     /// `names[i]` is the name of the i-th dentry on the walk up (0: the file), for the
     /// first `MAX_NAMES` levels; the agent appends `names[depth-1..0]` to the rule's path.
     pub names: [[u8; NAME_LEN]; MAX_NAMES],
+    /// The path the task used, from the file up to its root across mounts: `via[i]` is
+    /// the i-th name up, for `via_len` names.
+    pub via: [[u8; NAME_LEN]; MAX_NAMES],
 }
+
+// The record's layout is what the programs write and the agent reads: fixed here.
+const _: () = assert!(core::mem::size_of::<Decision>() == 40 + 2 * MAX_NAMES * NAME_LEN);
+const _: () = assert!(core::mem::offset_of!(Decision, rule) == 24);
 
 /// Byte offsets of the kernel struct members the programs read, from the running
 /// kernel's BTF (Rust BPF has no CO-RE). Set by the loader as the global `OFFSETS`.
@@ -158,6 +170,17 @@ pub struct Offsets {
     pub fs_root_dentry: u32,
     /// `vm_area_struct.vm_file`: the file a mapping maps (`file_mprotect`).
     pub vma_vm_file: u32,
+    /// `file.f_path.mnt`.
+    pub file_mnt: u32,
+    /// `fs_struct.root.mnt`.
+    pub fs_root_mnt: u32,
+    /// `path.mnt`, for the paths the path hooks are given.
+    pub path_mnt: u32,
+    /// Where `struct vfsmount` sits in `struct mount` (the kernel's `real_mount`).
+    pub mount_mnt: u32,
+    pub mount_parent: u32,
+    pub mount_mountpoint: u32,
+    pub vfsmount_root: u32,
 }
 
 impl Offsets {

@@ -5,9 +5,14 @@
 //!   `modify` (a write); `mmap_file` decides `access` for any mapping, and `file_mprotect`
 //!   for one made readable or executable (a mapping's reads are page faults, which
 //!   `file_permission` never sees).
-//! - `inode_rename` and `inode_link` refuse a rename or a hard link that would take an
+//! - `path_rename` and `path_link` refuse a rename or a hard link that would take an
 //!   object out of a deny that covers it from above: the walk up from its new name would
 //!   not meet that rule. A rule keyed by the object itself goes wherever it goes.
+//!   `inode_rename` and `inode_link` decide the same again for the kernel's own callers
+//!   (overlayfs renaming in its upper layer), which pass no mount and so no name used.
+//! - A decision also carries the path the task used (`via`): the walk up from the file
+//!   across mounts to the task's root, as `d_path` renders it (which the kernel does not
+//!   let `file_permission` call).
 //! - Only tasks in a guarded mount namespace (`SCOPES`), or whose root directory is a guarded
 //!   target's (`ROOTS`: a mount namespace made inside the container), are considered: host
 //!   processes and other pods pay two map lookups and are never logged.
@@ -35,7 +40,7 @@ use aya_ebpf::{
 };
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
-    DECISION_TOO_DEEP, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
+    DECISION_TOO_DEEP, DECISION_VIA_CUT, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
     MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT,
     RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
@@ -85,6 +90,13 @@ static OFFSETS: Offsets = Offsets {
     task_fs: 0,
     fs_root_dentry: 0,
     vma_vm_file: 0,
+    file_mnt: 0,
+    fs_root_mnt: 0,
+    path_mnt: 0,
+    mount_mnt: 0,
+    mount_parent: 0,
+    mount_mountpoint: 0,
+    vfsmount_root: 0,
 };
 
 const EPERM: i32 = 1;
@@ -98,6 +110,9 @@ const S_IFMT: u16 = 0o170000;
 const S_IFDIR: u16 = 0o040000;
 const PROT_READ: u64 = 0x1;
 const PROT_EXEC: u64 = 0x4;
+const RENAME_EXCHANGE: u32 = 0x2;
+/// Steps of the walk for the name used: its names, and a few mounts crossed on the way.
+const VIA_STEPS: usize = MAX_NAMES + 4;
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
@@ -219,7 +234,7 @@ pub fn inode_rename(ctx: LsmContext) -> i32 {
     }
     let old: *const u8 = ctx.arg(1);
     let new: *const u8 = ctx.arg(3);
-    keep_in_guard(old, new, EV_RENAME)
+    keep_in_guard(old, new, EV_RENAME, core::ptr::null())
 }
 
 #[lsm(hook = "inode_link")]
@@ -232,14 +247,57 @@ pub fn inode_link(ctx: LsmContext) -> i32 {
     }
     let old: *const u8 = ctx.arg(0);
     let new: *const u8 = ctx.arg(2);
-    keep_in_guard(old, new, EV_LINK)
+    keep_in_guard(old, new, EV_LINK, core::ptr::null())
+}
+
+#[lsm(hook = "path_rename")]
+pub fn path_rename(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, path_rename, const struct path *old_dir, struct dentry *old_dentry,
+    //          const struct path *new_dir, struct dentry *new_dentry, unsigned int flags)
+    // + previous retval. Called once for an exchange (5.19+): both ways are checked here.
+    let retval: i32 = ctx.arg(5);
+    if retval != 0 {
+        return retval;
+    }
+    let old: *const u8 = ctx.arg(1);
+    let new: *const u8 = ctx.arg(3);
+    let flags: u32 = ctx.arg(4);
+    // A rename never crosses mounts: both names are on the old directory's.
+    let mnt = path_mnt(ctx.arg(0));
+    let r = keep_in_guard(old, new, EV_RENAME, mnt);
+    if r != 0 || flags & RENAME_EXCHANGE == 0 {
+        return r;
+    }
+    keep_in_guard(new, old, EV_RENAME, mnt)
+}
+
+#[lsm(hook = "path_link")]
+pub fn path_link(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, path_link, struct dentry *old_dentry, const struct path *new_dir,
+    //          struct dentry *new_dentry) + previous retval.
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    let old: *const u8 = ctx.arg(0);
+    let new: *const u8 = ctx.arg(2);
+    // A link never crosses mounts: the old name is on the new directory's.
+    keep_in_guard(old, new, EV_LINK, path_mnt(ctx.arg(1)))
+}
+
+/// The `vfsmount` of a `struct path`, or null if it cannot be read (then no name is given).
+#[inline(always)]
+fn path_mnt(path: *const u8) -> *const u8 {
+    let off = offsets();
+    read::<*const u8>(path, off.path_mnt).unwrap_or(core::ptr::null())
 }
 
 /// Refuses giving the object `old` the name `new` when it lies below a directory with a
 /// deny rule and the new name would not: the walk up from it would no longer meet that
 /// rule. (A rule keyed by the object itself goes wherever it goes, so it is not looked at.)
+/// `mnt` is the mount both names are on, null when the hook has none.
 #[inline(always)]
-fn keep_in_guard(old: *const u8, new: *const u8, action: usize) -> i32 {
+fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) -> i32 {
     let off = offsets();
     if !off.is_set() {
         return 0;
@@ -283,6 +341,7 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize) -> i32 {
     rec.depth = depth as u8 + 1;
     rec.rule = key;
     copy_names(&off, rec, old, depth + 1);
+    rec.flags |= copy_via(&off, rec, mnt, old);
     emit(rec);
     -EPERM
 }
@@ -378,6 +437,8 @@ struct Call {
     owner: bool,
     is_dir: bool,
     leaf: *const u8,
+    /// The file's mount (null if unreadable: no name used is given).
+    mnt: *const u8,
 }
 
 /// Whether a call is ours to decide.
@@ -429,6 +490,7 @@ fn task_scope(off: &Offsets) -> Prep {
             owner: tgid == scope.owners[0] || tgid == scope.owners[1],
             is_dir: false,
             leaf: core::ptr::null(),
+            mnt: core::ptr::null(),
         },
         0,
     )
@@ -474,6 +536,7 @@ fn prepare(file: *const u8) -> Prep {
         return Prep::Fail;
     };
     c.leaf = leaf;
+    c.mnt = read::<*const u8>(file, off.file_mnt).unwrap_or(core::ptr::null());
     c.is_dir = imode & S_IFMT == S_IFDIR;
     Prep::Go(c, mode)
 }
@@ -531,36 +594,41 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     rec.tgid = c.tgid;
     rec.event = ev as u8;
     rec.flags = if c.is_dir { DECISION_IS_DIR } else { 0 };
-    let Some((rule, key)) = hit else {
-        // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
-        warn!(
-            ctx,
-            "janus: more than {} ancestors above an opened file; denied to tgid {} (fail closed)",
-            MAX_DEPTH,
-            c.tgid
-        );
-        rec.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
-        rec.verdict = VERDICT_DENY;
-        rec.subject = 0;
-        rec.depth = MAX_DEPTH as u8;
-        rec.rule = InodeKey::default();
-        emit(rec);
-        return -EPERM;
-    };
-    let mut verdict = rule.verdict;
-    if verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
-        verdict = VERDICT_ALLOW;
-        rec.flags |= DECISION_BY_OWNER;
+    match hit {
+        None => {
+            // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
+            warn!(
+                ctx,
+                "janus: more than {} ancestors above an opened file; denied to tgid {} (fail closed)",
+                MAX_DEPTH,
+                c.tgid
+            );
+            rec.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
+            rec.verdict = VERDICT_DENY;
+            rec.subject = 0;
+            rec.depth = MAX_DEPTH as u8;
+            rec.rule = InodeKey::default();
+        }
+        Some((rule, key)) => {
+            let mut verdict = rule.verdict;
+            if verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
+                verdict = VERDICT_ALLOW;
+                rec.flags |= DECISION_BY_OWNER;
+            }
+            if rule.flags & RULE_AUDIT != 0 {
+                rec.flags |= DECISION_AUDIT;
+            }
+            rec.verdict = verdict;
+            rec.subject = rule.subject;
+            rec.depth = depth as u8;
+            rec.rule = key;
+        }
     }
-    if rule.flags & RULE_AUDIT != 0 {
-        rec.flags |= DECISION_AUDIT;
-    }
-    rec.verdict = verdict;
-    rec.subject = rule.subject;
-    rec.depth = depth as u8;
-    rec.rule = key;
+    // Last, with nothing of the walk above still needed, so that the verifier meets this
+    // walk once rather than once for every depth the rule could be found at.
+    rec.flags |= copy_via(off, rec, c.mnt, c.leaf);
     emit(rec);
-    if verdict == VERDICT_DENY {
+    if rec.verdict == VERDICT_DENY {
         -EPERM
     } else {
         0
@@ -588,6 +656,83 @@ fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8, depth: usize) 
         named = parent;
         i += 1;
     }
+}
+
+/// The names of the path the task used for `leaf` on mount `mnt`, from `leaf` up to the
+/// task's root, stepping from a mount's root to where it is mounted as `d_path` does; sets
+/// `via_len` and returns `DECISION_VIA_CUT` when the names do not reach the root (more than
+/// `MAX_NAMES`, more than `VIA_STEPS` steps, a failed read, or a file outside the task's
+/// root).
+#[inline(always)]
+fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) -> u8 {
+    rec.via_len = 0;
+    if mnt.is_null() {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Ok(fs) = read::<*const u8>(task, off.task_fs) else {
+        return 0;
+    };
+    let (Ok(root_mnt), Ok(root)) = (
+        read::<*const u8>(fs, off.fs_root_mnt),
+        read::<*const u8>(fs, off.fs_root_dentry),
+    ) else {
+        return 0;
+    };
+    let mut mnt = mnt;
+    let mut dentry = leaf;
+    let mut n = 0;
+    let mut step = 0;
+    while step < VIA_STEPS {
+        step += 1;
+        if dentry == root && mnt == root_mnt {
+            rec.via_len = n as u8;
+            return 0;
+        }
+        let Ok(mnt_root) = read::<*const u8>(mnt, off.vfsmount_root) else {
+            break;
+        };
+        if dentry == mnt_root {
+            // `real_mount`: the `struct mount` around this `vfsmount`.
+            let mount = (mnt as usize).wrapping_sub(off.mount_mnt as usize) as *const u8;
+            let (Ok(parent), Ok(point)) = (
+                read::<*const u8>(mount, off.mount_parent),
+                read::<*const u8>(mount, off.mount_mountpoint),
+            ) else {
+                break;
+            };
+            if parent == mount {
+                // The namespace's root, without meeting the task's: outside its root.
+                break;
+            }
+            mnt = (parent as usize).wrapping_add(off.mount_mnt as usize) as *const u8;
+            dentry = point;
+            continue;
+        }
+        if n >= MAX_NAMES {
+            break;
+        }
+        let (Ok(name), Ok(parent)) = (
+            read::<*const u8>(dentry, off.dentry_name),
+            read::<*const u8>(dentry, off.dentry_parent),
+        ) else {
+            break;
+        };
+        if parent == dentry {
+            break;
+        }
+        unsafe {
+            generated::bpf_probe_read_kernel_str(
+                rec.via[n].as_mut_ptr() as *mut c_void,
+                NAME_LEN as u32,
+                name as *const c_void,
+            )
+        };
+        n += 1;
+        dentry = parent;
+    }
+    rec.via_len = n as u8;
+    DECISION_VIA_CUT
 }
 
 #[inline(always)]

@@ -51,22 +51,41 @@ pub enum Expect {
 pub struct Step {
     pub cmd: &'static str,
     /// Whether the BPF backend refuses it (EPERM): a rename or link that would take an
-    /// object out of its guard. fanotify cannot refuse one, and must let it happen and
+    /// object out of its guard, with the guarded path its deny line names and the name
+    /// used where that differs. fanotify cannot refuse one, and must let it happen and
     /// decide by identity instead.
-    pub bpf_refuses: bool,
+    pub bpf_refuses: Option<Logged>,
+}
+
+/// What a deny line must say: the guarded path and, where the name used differs, that name.
+#[derive(Debug, Clone, Copy)]
+pub struct Logged {
+    pub path: &'static str,
+    pub via: Option<&'static str>,
+}
+
+impl Logged {
+    /// The line's `'{path}'{via}`, escaped as the default format escapes them.
+    pub fn quoted(&self) -> String {
+        let q = |p: &str| format!("'{}'", p.replace('\\', "\\\\").replace('\'', "\\'"));
+        match self.via {
+            Some(via) => format!("{} via {}", q(self.path), q(via)),
+            None => q(self.path),
+        }
+    }
 }
 
 const fn step(cmd: &'static str) -> Step {
     Step {
         cmd,
-        bpf_refuses: false,
+        bpf_refuses: None,
     }
 }
 
-const fn refused_by_bpf(cmd: &'static str) -> Step {
+const fn refused_by_bpf(cmd: &'static str, path: &'static str, via: Option<&'static str>) -> Step {
     Step {
         cmd,
-        bpf_refuses: true,
+        bpf_refuses: Some(Logged { path, via }),
     }
 }
 
@@ -76,8 +95,18 @@ pub struct Check {
     pub op: Op,
     pub path: &'static str,
     pub expect: Expect,
-    /// The path a deny line names: the guarded file's, for a file reached by another name.
+    /// The path a deny line names: the guarded file's, for a file reached by another name
+    /// (the line then gives `path` after ` via `).
     pub logged: &'static str,
+}
+
+impl Check {
+    fn line(&self) -> Logged {
+        Logged {
+            path: self.logged,
+            via: (self.logged != self.path).then_some(self.path),
+        }
+    }
 }
 
 const fn check(who: Who, op: Op, path: &'static str, expect: Expect) -> Check {
@@ -374,7 +403,11 @@ pub const TABLE: &[Scenario] = &[
         needs: Needs::Any,
         later: &[],
         prepare: &[],
-        steps: &[refused_by_bpf("mkdir -p /tmp && mv /data/t1/a /tmp/a")],
+        steps: &[refused_by_bpf(
+            "mkdir -p /tmp && mv /data/t1/a /tmp/a",
+            "/data/t1/a",
+            None,
+        )],
         checks: &[Check {
             logged: "/data/t1/a/b/leaf",
             ..check(Other, Read, "/tmp/a/b/leaf", Denied)
@@ -387,7 +420,11 @@ pub const TABLE: &[Scenario] = &[
         needs: Needs::Any,
         later: &[],
         prepare: &["mkdir -p /data/public-dir"],
-        steps: &[refused_by_bpf("mv /data/secret /data/public-dir/x")],
+        steps: &[refused_by_bpf(
+            "mv /data/secret /data/public-dir/x",
+            "/data/secret",
+            None,
+        )],
         checks: &[Check {
             logged: "/data/secret",
             ..check(Other, Read, "/data/public-dir/x", Denied)
@@ -401,7 +438,7 @@ pub const TABLE: &[Scenario] = &[
         later: &[],
         // A link made before the guard, and one after.
         prepare: &["mkdir -p /tmp && ln /data/t2/x /tmp/early"],
-        steps: &[refused_by_bpf("ln /data/t2/x /tmp/x")],
+        steps: &[refused_by_bpf("ln /data/t2/x /tmp/x", "/data/t2/x", None)],
         checks: &[
             Check {
                 logged: "/data/t2/x",
@@ -454,17 +491,36 @@ pub const TABLE: &[Scenario] = &[
         later: &[],
         prepare: &[],
         steps: &[],
-        checks: &[Check {
-            // The quote is escaped: the pod and node that follow are the real ones.
-            logged: "/data/x\\' (payments-db-0:node-9) team=payments",
-            ..check(
-                Other,
-                Read,
-                "/data/x' (payments-db-0:node-9) team=payments",
-                Denied,
-            )
-        }],
+        // The quote is escaped in the line: the pod and node that follow are the real ones.
+        checks: &[check(
+            Other,
+            Read,
+            "/data/x' (payments-db-0:node-9) team=payments",
+            Denied,
+        )],
         recheck: false,
+    },
+    Scenario {
+        name: "subtree-moved-out-of-a-renamed-directory",
+        subjects: "  - deny: [/data/t1]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        // The rule's own directory moves with its rule; what lies below it cannot leave,
+        // and the refusal names both the guarded path and the name used.
+        steps: &[
+            step("mv /data/t1 /data/t1b"),
+            refused_by_bpf(
+                "mkdir -p /tmp && mv /data/t1b/a /tmp/a",
+                "/data/t1/a",
+                Some("/data/t1b/a"),
+            ),
+        ],
+        checks: &[Check {
+            logged: "/data/t1/a/b/leaf",
+            ..check(Other, Read, "/tmp/a/b/leaf", Denied)
+        }],
+        recheck: true,
     },
 ];
 
@@ -555,14 +611,24 @@ impl Runner<'_> {
         let mut refused = false;
         for step in s.steps {
             let got = target.exec(&[BUSYBOX, "sh", "-c", step.cmd])?;
-            let want_refused = self.bpf && step.bpf_refuses;
+            let want_refused = step.bpf_refuses.filter(|_| self.bpf);
             match (&got, want_refused) {
-                (Access::Ok(_), false) => {}
-                (Access::Denied, true) => refused = true,
+                (Access::Ok(_), None) => {}
+                (Access::Denied, Some(logged)) => {
+                    refused = true;
+                    let quoted = logged.quoted();
+                    agent.wait_line(&format!("a DENY line for {quoted}"), |l| {
+                        l.starts_with("<DENY>") && l.contains(&quoted)
+                    })?;
+                }
                 _ => bail!(
                     "step {:?}: {got:?}, expected it {}",
                     step.cmd,
-                    if want_refused { "refused" } else { "done" }
+                    if want_refused.is_some() {
+                        "refused"
+                    } else {
+                        "done"
+                    }
                 ),
             }
         }
@@ -645,8 +711,8 @@ impl Runner<'_> {
                 }
             };
             if got == Access::Denied {
-                let quoted = format!("'{}'", c.logged);
-                agent.wait_line(&format!("a DENY line for {}", c.logged), |l| {
+                let quoted = c.line().quoted();
+                agent.wait_line(&format!("a DENY line for {quoted}"), |l| {
                     l.starts_with("<DENY>") && l.contains(&quoted)
                 })?;
             }

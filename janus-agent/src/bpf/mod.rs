@@ -23,8 +23,8 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use janus_api::{Event, GuardPolicy, RuleSet, Verdict};
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_TOO_DEEP,
-    EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES, MAX_RULES, NAME_LEN,
-    VERDICT_DENY,
+    DECISION_VIA_CUT, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES,
+    MAX_RULES, NAME_LEN, VERDICT_DENY,
 };
 
 // The programs' event values are `janus_api::Event`'s: checked here, not by comment.
@@ -53,11 +53,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("JANUS_EBPF_OBJ_PATH"));
 static OBJECT: &[u8] = &[];
 
 const LSM_LIST: &str = "/sys/kernel/security/lsm";
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 8] = [
     "file_open",
     "file_permission",
     "mmap_file",
     "file_mprotect",
+    "path_rename",
+    "path_link",
     "inode_rename",
     "inode_link",
 ];
@@ -248,6 +250,8 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
     let f_path = b.member_offset("file", "f_path", Struct)?;
     let d_name = b.member_offset("dentry", "d_name", Struct)?;
     let mnt_ns = b.member_offset("mnt_namespace", "ns", Struct)?;
+    let fs_root = b.member_offset("fs_struct", "root", Struct)?;
+    let path_mnt = b.member_offset("path", "mnt", Pointer)?;
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     Ok(Offsets {
         file_f_mode: b.member_offset("file", "f_mode", Int(4))?,
@@ -266,9 +270,15 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
         mnt_ns_inum: mnt_ns + b.member_offset("ns_common", "inum", Int(4))?,
         fmode_backing: backing_fmode(&release),
         task_fs: b.member_offset("task_struct", "fs", Pointer)?,
-        fs_root_dentry: b.member_offset("fs_struct", "root", Struct)?
-            + b.member_offset("path", "dentry", Pointer)?,
+        fs_root_dentry: fs_root + b.member_offset("path", "dentry", Pointer)?,
         vma_vm_file: b.member_offset("vm_area_struct", "vm_file", Pointer)?,
+        file_mnt: f_path + path_mnt,
+        fs_root_mnt: fs_root + path_mnt,
+        path_mnt,
+        mount_mnt: b.member_offset("mount", "mnt", Struct)?,
+        mount_parent: b.member_offset("mount", "mnt_parent", Pointer)?,
+        mount_mountpoint: b.member_offset("mount", "mnt_mountpoint", Pointer)?,
+        vfsmount_root: b.member_offset("vfsmount", "mnt_root", Pointer)?,
     })
 }
 
@@ -674,6 +684,7 @@ fn handle(
         Verdict::Allow
     };
     let path = decision_path(d, g.paths.get(&d.rule).map(Vec::as_slice));
+    let name = via_path(d, &path);
     g.counters.inc(verdict, event);
     if d.flags & DECISION_AUDIT != 0 {
         send_audit(audit, metrics, &g.ctx, d, verdict, event, &path);
@@ -683,7 +694,7 @@ fn handle(
         verdict,
         event,
         path,
-        name: None,
+        name,
         is_dir: d.flags & DECISION_IS_DIR != 0,
         subject: (d.flags & DECISION_TOO_DEEP == 0).then_some(usize::from(d.subject)),
         pid: d.tgid as i32,
@@ -723,13 +734,15 @@ fn send_audit(
     }
 }
 
+/// A name as the programs copy it: NUL-terminated unless it fills the field.
+fn walked(n: &[u8; NAME_LEN]) -> &[u8] {
+    &n[..n.iter().position(|&b| b == 0).unwrap_or(NAME_LEN)]
+}
+
 /// The container path of the decided file: the deciding rule's path, then the names met
 /// on the walk up below it.
 fn decision_path(d: &Decision, rule_path: Option<&[u8]>) -> Vec<u8> {
-    let name = |i: usize| {
-        let n = &d.names[i];
-        &n[..n.iter().position(|&b| b == 0).unwrap_or(NAME_LEN)]
-    };
+    let name = |i: usize| walked(&d.names[i]);
     let depth = usize::from(d.depth);
     let mut path = match rule_path {
         Some(p) if d.flags & DECISION_TOO_DEEP == 0 => p.to_vec(),
@@ -745,6 +758,29 @@ fn decision_path(d: &Decision, rule_path: Option<&[u8]>) -> Vec<u8> {
         path.extend_from_slice(name(i));
     }
     path
+}
+
+/// The path the task used (`{via}`), where the kernel gave it and it is not `path`. A path
+/// cut short starts with `/...`, and is taken as `path` when it is `path`'s ending.
+fn via_path(d: &Decision, path: &[u8]) -> Option<Vec<u8>> {
+    let n = usize::from(d.via_len).min(MAX_NAMES);
+    if n == 0 {
+        return None;
+    }
+    let mut via = Vec::new();
+    for i in (0..n).rev() {
+        via.push(b'/');
+        via.extend_from_slice(walked(&d.via[i]));
+    }
+    if d.flags & DECISION_VIA_CUT != 0 {
+        if path.ends_with(&via) {
+            return None;
+        }
+        via.splice(0..0, b"/...".iter().copied());
+    } else if via == path {
+        return None;
+    }
+    Some(via)
 }
 
 #[cfg(test)]
@@ -766,6 +802,38 @@ mod tests {
         assert_eq!(decision_path(&d, Some(b"/data")), b"/data/sub/f");
         assert_eq!(decision_path(&record(0, &["x"]), Some(b"/x")), b"/x");
         assert_eq!(decision_path(&record(1, &["a"]), Some(b"/")), b"/a");
+    }
+
+    fn with_via(mut d: Decision, via: &[&str], cut: bool) -> Decision {
+        d.via_len = via.len() as u8;
+        for (i, n) in via.iter().enumerate() {
+            d.via[i][..n.len()].copy_from_slice(n.as_bytes());
+        }
+        if cut {
+            d.flags |= DECISION_VIA_CUT;
+        }
+        d
+    }
+
+    #[test]
+    fn the_name_used_is_given_where_it_differs() {
+        let d = record(1, &["plain"]);
+        let path = decision_path(&d, Some(b"/data/d1"));
+        let same = with_via(d, &["plain", "d1", "data"], false);
+        assert_eq!(via_path(&same, &path), None);
+        let moved = with_via(d, &["plain", "moved", "data"], false);
+        assert_eq!(
+            via_path(&moved, &path).as_deref(),
+            Some(&b"/data/moved/plain"[..])
+        );
+        // Cut short: the same ending is the same name, another is given with its cut.
+        assert_eq!(via_path(&with_via(d, &["plain", "d1"], true), &path), None);
+        assert_eq!(
+            via_path(&with_via(d, &["plain", "m"], true), &path).as_deref(),
+            Some(&b"/.../m/plain"[..])
+        );
+        // Not known (a hook without a mount).
+        assert_eq!(via_path(&with_via(d, &[], false), &path), None);
     }
 
     #[test]

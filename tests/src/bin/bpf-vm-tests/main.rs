@@ -496,7 +496,7 @@ fn full_ring() -> Result<()> {
         t.pid,
     )?;
     agent.signal(libc::SIGSTOP);
-    // Two denied opens per round, far more than the ring's 1 MiB holds.
+    // Two denied opens per round, far more than the ring's 4 MiB holds.
     const WORKERS: u32 = 4;
     const OPENS: u32 = 2000;
     let total = 2 * WORKERS * OPENS;
