@@ -86,6 +86,7 @@ async fn queried_metrics_exist_on_a_running_agent() {
             &janus_agent::agent::EnforceArgs {
                 backend: janus_agent::bpf::BackendChoice::Auto,
                 answer_threads: 2,
+                bpf_capacity: janus_agent::bpf::Capacity::default(),
             },
         )
         .unwrap(),

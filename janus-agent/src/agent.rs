@@ -32,6 +32,8 @@ pub struct EnforceArgs {
     /// the least listener can with one (BENCHMARKS.md).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub answer_threads: u8,
+    #[command(flatten)]
+    pub bpf_capacity: bpf::Capacity,
 }
 
 #[cfg(test)]
@@ -41,6 +43,7 @@ impl EnforceArgs {
         EnforceArgs {
             backend: BackendChoice::Fanotify,
             answer_threads: 2,
+            bpf_capacity: bpf::Capacity::default(),
         }
     }
 }
@@ -85,7 +88,7 @@ impl Agent {
         // First: where the kernel refuses permission events, say so in one line before
         // anything is loaded.
         let fanotify = Engine::start(metrics.clone(), log.clone(), how.answer_threads.into())?;
-        let bpf = bpf::select(how.backend, &metrics, &log)?;
+        let bpf = bpf::select(how.backend, how.bpf_capacity, &metrics, &log)?;
         Ok(Agent {
             metrics,
             node,

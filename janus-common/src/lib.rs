@@ -11,10 +11,13 @@ pub const MAX_DEPTH: usize = 32;
 pub const MAX_NAMES: usize = 8;
 /// Bytes kept of each component name (NUL-terminated).
 pub const NAME_LEN: usize = 64;
-/// Entries of the rule map: every guarded path of every guard enforced in the kernel.
-pub const MAX_RULES: u32 = 16 * 1024;
-/// Mount namespaces (targets) enforced in the kernel at once.
-pub const MAX_SCOPES: u32 = 1024;
+/// Entries of the rule map by default (the agent's `--bpf-max-rules` sets it at load):
+/// every guarded path of every guard enforced in the kernel; 64 paths for each of 1,000
+/// containers.
+pub const MAX_RULES: u32 = 64 * 1024;
+/// Mount namespaces (targets) enforced in the kernel at once by default
+/// (`--bpf-max-targets`): twice the 1,000 containers of a busy node.
+pub const MAX_SCOPES: u32 = 2048;
 /// Bytes of the decision ring buffer: about 3,900 records, a burst the agent drains.
 pub const RING_BYTES: u32 = 1 << 22;
 
@@ -51,9 +54,11 @@ pub const DECISION_IS_DIR: u8 = 4;
 /// The ancestor walk ran out of depth, or a kernel read failed: denied without a rule
 /// (fail closed).
 pub const DECISION_TOO_DEEP: u8 = 8;
-/// [`Decision::via`] holds only the last names of the path used: it has more than
-/// `MAX_NAMES`, or lies outside the task's root.
+/// [`Decision::via`] holds the last `MAX_NAMES` names of a longer path used.
 pub const DECISION_VIA_CUT: u8 = 16;
+/// [`Decision::via`] holds the names walked up a path that did not lead to the task's root
+/// (a detached mount, one outside its root, or a read that failed on the way).
+pub const DECISION_VIA_DETACHED: u8 = 32;
 
 /// Identity of an inode: the kernel's `super_block.s_dev` (kernel `dev_t` encoding,
 /// `major << 20 | minor`) and `i_ino`, qualified by the scope (mount namespace) whose rule

@@ -40,7 +40,7 @@ use aya_ebpf::{
 };
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
-    DECISION_TOO_DEEP, DECISION_VIA_CUT, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
+    DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
     MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT,
     RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
@@ -65,10 +65,6 @@ static DECISIONS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 /// Decisions the ring buffer had no room for (index 0).
 #[map(name = "DROPPED")]
 static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// Working space for one decision record (too large for the BPF stack).
-#[map(name = "SCRATCH")]
-static SCRATCH: PerCpuArray<Decision> = PerCpuArray::with_max_entries(1, 0);
 
 #[no_mangle]
 static OFFSETS: Offsets = Offsets {
@@ -111,8 +107,9 @@ const S_IFDIR: u16 = 0o040000;
 const PROT_READ: u64 = 0x1;
 const PROT_EXEC: u64 = 0x4;
 const RENAME_EXCHANGE: u32 = 0x2;
-/// Steps of the walk for the name used: its names, and a few mounts crossed on the way.
-const VIA_STEPS: usize = MAX_NAMES + 4;
+/// Mounts the walk for the name used crosses at most (a volume, a bind mount of it, ...):
+/// its steps are the names kept and these.
+const MAX_HOPS: usize = 8;
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
@@ -322,27 +319,23 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
         Walk::Found(..) => return 0,
         Walk::Lost | Walk::Root => {}
     }
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        return -EPERM;
+    let head = Head {
+        guard_id,
+        scope,
+        tgid,
+        subject: rule.subject,
+        event: action as u8,
+        verdict: VERDICT_DENY,
+        flags: if rule.flags & RULE_AUDIT != 0 {
+            DECISION_AUDIT
+        } else {
+            0
+        },
+        // The object is one level below where the walk started.
+        depth: depth as u8 + 1,
+        rule: key,
     };
-    let rec = unsafe { &mut *rec };
-    rec.guard_id = guard_id;
-    rec.scope = scope;
-    rec.tgid = tgid;
-    rec.event = action as u8;
-    rec.flags = if rule.flags & RULE_AUDIT != 0 {
-        DECISION_AUDIT
-    } else {
-        0
-    };
-    rec.verdict = VERDICT_DENY;
-    rec.subject = rule.subject;
-    // The object is one level below where the walk started.
-    rec.depth = depth as u8 + 1;
-    rec.rule = key;
-    copy_names(&off, rec, old, depth + 1);
-    rec.flags |= copy_via(&off, rec, mnt, old);
-    emit(rec);
+    emit(&off, &head, old, mnt);
     -EPERM
 }
 
@@ -557,10 +550,6 @@ fn root_scope(task: *const u8, off: &Offsets) -> Option<u32> {
 /// Decides one event: walks up from the file to the nearest ancestor with a rule for it.
 #[inline(always)]
 fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        return -EPERM;
-    };
-    let rec = unsafe { &mut *rec };
     let off = &c.off;
     let mut dentry = c.leaf;
     let mut hit = None;
@@ -586,14 +575,17 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
         dentry = parent;
         depth += 1;
     }
-    // Names only now, for a decision: the log line needs those below the deciding rule (the
-    // agent knows the rule's own path), so a file no rule covers copies none.
-    copy_names(off, rec, c.leaf, depth);
-    rec.guard_id = c.guard_id;
-    rec.scope = c.scope;
-    rec.tgid = c.tgid;
-    rec.event = ev as u8;
-    rec.flags = if c.is_dir { DECISION_IS_DIR } else { 0 };
+    let mut head = Head {
+        guard_id: c.guard_id,
+        scope: c.scope,
+        tgid: c.tgid,
+        subject: 0,
+        event: ev as u8,
+        verdict: VERDICT_DENY,
+        flags: if c.is_dir { DECISION_IS_DIR } else { 0 },
+        depth: MAX_DEPTH as u8,
+        rule: InodeKey::default(),
+    };
     match hit {
         None => {
             // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
@@ -603,52 +595,95 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
                 MAX_DEPTH,
                 c.tgid
             );
-            rec.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
-            rec.verdict = VERDICT_DENY;
-            rec.subject = 0;
-            rec.depth = MAX_DEPTH as u8;
-            rec.rule = InodeKey::default();
+            head.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
         }
         Some((rule, key)) => {
-            let mut verdict = rule.verdict;
-            if verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
-                verdict = VERDICT_ALLOW;
-                rec.flags |= DECISION_BY_OWNER;
+            head.verdict = rule.verdict;
+            if head.verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0
+            {
+                head.verdict = VERDICT_ALLOW;
+                head.flags |= DECISION_BY_OWNER;
             }
             if rule.flags & RULE_AUDIT != 0 {
-                rec.flags |= DECISION_AUDIT;
+                head.flags |= DECISION_AUDIT;
             }
-            rec.verdict = verdict;
-            rec.subject = rule.subject;
-            rec.depth = depth as u8;
-            rec.rule = key;
+            head.subject = rule.subject;
+            head.depth = depth as u8;
+            head.rule = key;
         }
     }
-    // Last, with nothing of the walk above still needed, so that the verifier meets this
-    // walk once rather than once for every depth the rule could be found at.
-    rec.flags |= copy_via(off, rec, c.mnt, c.leaf);
-    emit(rec);
-    if rec.verdict == VERDICT_DENY {
+    let deny = head.verdict == VERDICT_DENY;
+    // Names only now, for a decision: the log line needs those below the deciding rule (the
+    // agent knows the rule's own path), so a file no rule covers copies none.
+    emit(off, &head, c.leaf, c.mnt);
+    if deny {
         -EPERM
     } else {
         0
     }
 }
 
-/// The names of the first `depth` dentries from `leaf` up, for the log line.
+/// The fixed part of a decision record.
+struct Head {
+    guard_id: u32,
+    scope: u32,
+    tgid: u32,
+    subject: u16,
+    event: u8,
+    verdict: u8,
+    flags: u8,
+    depth: u8,
+    rule: InodeKey,
+}
+
+/// Writes a decision to the ring: `head`, the first `head.depth` names from `leaf` up (those
+/// below the rule), and the path used on mount `mnt`. The record is the caller's own reservation, which no other
+/// program run can touch (a task preempted mid-run shares no working space); when the ring
+/// is full the record is lost and counted, never the decision, which the caller has made.
 #[inline(always)]
-fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8, depth: usize) {
+fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
+    let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
+        if let Some(n) = DROPPED.get_ptr_mut(0) {
+            unsafe { *n += 1 };
+        }
+        return;
+    };
+    let rec = unsafe { &mut *entry.as_mut_ptr() };
+    rec.guard_id = head.guard_id;
+    rec.scope = head.scope;
+    rec.tgid = head.tgid;
+    rec.subject = head.subject;
+    rec.event = head.event;
+    rec.verdict = head.verdict;
+    rec.depth = head.depth;
+    rec.rule = head.rule;
+    rec.flags = head.flags;
+    copy_names(off, rec, leaf);
+    copy_via(off, rec, mnt, leaf);
+    entry.submit(0);
+}
+
+/// The names of the first `rec.depth` dentries from `leaf` up, for the log line.
+#[inline(always)]
+fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8) {
     let mut named = leaf;
     let mut i = 0;
-    while i < MAX_NAMES && i < depth {
-        if let Ok(name) = read::<*const u8>(named, off.dentry_name) {
-            unsafe {
+    // The count is read from the record, untracked by the verifier (see `copy_via`).
+    while i < MAX_NAMES && i < usize::from(unsafe { core::ptr::read_volatile(&rec.depth) }) {
+        let copied = match read::<*const u8>(named, off.dentry_name) {
+            Ok(name) => unsafe {
                 generated::bpf_probe_read_kernel_str(
                     rec.names[i].as_mut_ptr() as *mut c_void,
                     NAME_LEN as u32,
                     name as *const c_void,
                 )
-            };
+            },
+            Err(e) => e as i64,
+        };
+        if copied < 0 {
+            // Never what an earlier record left in the ring.
+            rec.names[i][0] = b'?';
+            rec.names[i][1] = 0;
         }
         let Ok(parent) = read::<*const u8>(named, off.dentry_parent) else {
             break;
@@ -659,38 +694,42 @@ fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8, depth: usize) 
 }
 
 /// The names of the path the task used for `leaf` on mount `mnt`, from `leaf` up to the
-/// task's root, stepping from a mount's root to where it is mounted as `d_path` does; sets
-/// `via_len` and returns `DECISION_VIA_CUT` when the names do not reach the root (more than
-/// `MAX_NAMES`, more than `VIA_STEPS` steps, a failed read, or a file outside the task's
-/// root).
+/// task's root, stepping from a mount's root to where it is mounted as `d_path` does. Sets
+/// `via_len` (0: not known) and, in `flags`, `DECISION_VIA_CUT` when more names lie above
+/// the `MAX_NAMES` kept, or `DECISION_VIA_DETACHED` when the walk did not reach the root (a
+/// mount detached or outside the task's root, more mounts than its steps allow, a failed read).
+///
+/// The count of names lives in the record, not in a register: the verifier does not track
+/// values in ring memory, so the states it meets at the loop's head differ by the step alone
+/// (tracked counters would multiply them, past its budget in `file_open`).
 #[inline(always)]
-fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) -> u8 {
-    rec.via_len = 0;
+fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) {
+    unsafe { core::ptr::write_volatile(&mut rec.via_len, 0) };
     if mnt.is_null() {
-        return 0;
+        return;
     }
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let Ok(fs) = read::<*const u8>(task, off.task_fs) else {
-        return 0;
+        return;
     };
     let (Ok(root_mnt), Ok(root)) = (
         read::<*const u8>(fs, off.fs_root_mnt),
         read::<*const u8>(fs, off.fs_root_dentry),
     ) else {
-        return 0;
+        return;
     };
+    rec.flags |= DECISION_VIA_DETACHED;
     let mut mnt = mnt;
     let mut dentry = leaf;
-    let mut n = 0;
     let mut step = 0;
-    while step < VIA_STEPS {
+    while step < MAX_NAMES + MAX_HOPS + 1 {
         step += 1;
         if dentry == root && mnt == root_mnt {
-            rec.via_len = n as u8;
-            return 0;
+            rec.flags &= !DECISION_VIA_DETACHED;
+            return;
         }
         let Ok(mnt_root) = read::<*const u8>(mnt, off.vfsmount_root) else {
-            break;
+            return;
         };
         if dentry == mnt_root {
             // `real_mount`: the `struct mount` around this `vfsmount`.
@@ -699,40 +738,43 @@ fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) 
                 read::<*const u8>(mount, off.mount_parent),
                 read::<*const u8>(mount, off.mount_mountpoint),
             ) else {
-                break;
+                return;
             };
             if parent == mount {
                 // The namespace's root, without meeting the task's: outside its root.
-                break;
+                return;
             }
             mnt = (parent as usize).wrapping_add(off.mount_mnt as usize) as *const u8;
             dentry = point;
             continue;
         }
-        if n >= MAX_NAMES {
-            break;
-        }
         let (Ok(name), Ok(parent)) = (
             read::<*const u8>(dentry, off.dentry_name),
             read::<*const u8>(dentry, off.dentry_parent),
         ) else {
-            break;
+            return;
         };
         if parent == dentry {
-            break;
+            return;
         }
-        unsafe {
+        let n = usize::from(unsafe { core::ptr::read_volatile(&rec.via_len) });
+        if n >= MAX_NAMES {
+            rec.flags = (rec.flags & !DECISION_VIA_DETACHED) | DECISION_VIA_CUT;
+            return;
+        }
+        let copied = unsafe {
             generated::bpf_probe_read_kernel_str(
                 rec.via[n].as_mut_ptr() as *mut c_void,
                 NAME_LEN as u32,
                 name as *const c_void,
             )
         };
-        n += 1;
+        if copied < 0 {
+            return;
+        }
+        unsafe { core::ptr::write_volatile(&mut rec.via_len, n as u8 + 1) };
         dentry = parent;
     }
-    rec.via_len = n as u8;
-    DECISION_VIA_CUT
 }
 
 #[inline(always)]
@@ -747,14 +789,6 @@ fn inode_key(off: &Offsets, dentry: *const u8, scope: u32) -> Option<InodeKey> {
     Some(InodeKey { ino, dev, scope })
 }
 
-#[inline(always)]
-fn emit(rec: &Decision) {
-    if DECISIONS.output::<Decision>(rec, 0).is_err() {
-        if let Some(n) = DROPPED.get_ptr_mut(0) {
-            unsafe { *n += 1 };
-        }
-    }
-}
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

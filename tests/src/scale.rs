@@ -26,6 +26,8 @@ pub struct Options {
     pub iterations: usize,
     pub duration: Duration,
     pub workdir: PathBuf,
+    /// The agent's `--backend`: `fanotify`, or `bpf` (in the VM) to size the BPF maps.
+    pub backend: String,
 }
 
 /// Guards of the 10-guard setup: guard `k` denies `/data/s<k>` and allows `/data/public`.
@@ -71,6 +73,8 @@ struct Figures {
     enforced_after: Option<Duration>,
     kernel_marks: Option<f64>,
     rss_kib: Option<u64>,
+    /// Kernel memory of the agent's BPF maps (their `memlock`), under BPF.
+    bpf_map_kib: Option<u64>,
     /// (openers, decisions/s)
     rates: Vec<(usize, f64)>,
     /// Median open+close ns of the guarded-allowed file: same core, cross core.
@@ -81,6 +85,7 @@ struct Figures {
 pub struct Report {
     containers: usize,
     rounds: usize,
+    backend: String,
     figures: Vec<(Setup, Vec<Figures>)>,
 }
 
@@ -171,17 +176,30 @@ pub fn run(o: &Options) -> Result<Report> {
                             pids,
                             pod: "bench",
                             node: "bench",
-                            extra: &["--backend", "fanotify"],
+                            extra: &["--backend", &o.backend],
                         },
                         &dir,
                     )?;
                     let enforced_after = started.elapsed();
                     check_every(&insides[..pids.len()], guards)?;
-                    let tids = bench::threads_named(&agent.pid().to_string(), "fanotify-answer")?;
+                    // BPF decides in the opener's own context: no listener to pin.
+                    let fanotify = o.backend == "fanotify";
+                    let tids = if fanotify {
+                        bench::threads_named(&agent.pid().to_string(), "fanotify-answer")?
+                    } else {
+                        Vec::new()
+                    };
                     let mut f = measure(&insides[0], &tids, o)?;
                     f.enforced_after = Some(enforced_after);
-                    f.kernel_marks = Some(agent.metric("janus_kernel_marks")?);
+                    f.kernel_marks = if fanotify {
+                        Some(agent.metric("janus_kernel_marks")?)
+                    } else {
+                        None
+                    };
                     f.rss_kib = Some(rss_kib(agent.pid())?);
+                    if !fanotify {
+                        f.bpf_map_kib = Some(bpf_map_kib(agent.pid())?);
+                    }
                     let status = agent.stop()?;
                     if !status.success() {
                         bail!("the agent exited with {status}");
@@ -203,6 +221,7 @@ pub fn run(o: &Options) -> Result<Report> {
     Ok(Report {
         containers: n,
         rounds: o.rounds,
+        backend: o.backend.clone(),
         figures,
     })
 }
@@ -257,6 +276,25 @@ fn measure(inside: &Inside, listener: &[i32], o: &Options) -> Result<Figures> {
         bench::pin(*tid, None)?;
     }
     Ok(f)
+}
+
+/// The `memlock` of every BPF map the process holds, from its descriptors' fdinfo.
+fn bpf_map_kib(pid: i32) -> Result<u64> {
+    let mut bytes = 0;
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = fs::read_to_string(fd?.path()) else {
+            continue;
+        };
+        if !info.lines().any(|l| l.starts_with("map_type:")) {
+            continue;
+        }
+        bytes += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .context("a BPF map's memlock")?;
+    }
+    Ok(bytes / 1024)
 }
 
 fn rss_kib(pid: i32) -> Result<u64> {
@@ -334,8 +372,9 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "janus-scale-bench: {n} containers, {} rounds; figures are medians over rounds",
-            self.rounds
+            "janus-scale-bench: {n} containers, {} rounds, agent --backend {}; figures are \
+             medians over rounds",
+            self.rounds, self.backend
         );
         let _ = writeln!(
             out,
@@ -364,6 +403,12 @@ impl Report {
                 "agent RSS KiB",
                 setup,
                 self.median(setup, |f| f.rss_kib.map(|r| r as f64)),
+                "",
+            );
+            row(
+                "BPF maps KiB (kernel memory)",
+                setup,
+                self.median(setup, |f| f.bpf_map_kib.map(|k| k as f64)),
                 "",
             );
         }

@@ -65,12 +65,13 @@ pub struct Logged {
 }
 
 impl Logged {
-    /// The line's `'{path}'{via}`, escaped as the default format escapes them.
+    /// The line's `'{path}'{via} (`, escaped as the default format escapes them: without a
+    /// name used, the pod follows the path at once.
     pub fn quoted(&self) -> String {
         let q = |p: &str| format!("'{}'", p.replace('\\', "\\\\").replace('\'', "\\'"));
         match self.via {
-            Some(via) => format!("{} via {}", q(self.path), q(via)),
-            None => q(self.path),
+            Some(via) => format!("{} via {} (", q(self.path), q(via)),
+            None => format!("{} (", q(self.path)),
         }
     }
 }

@@ -64,6 +64,10 @@ pub struct VmTestOptions {
     /// Also run the benchmark (janus-bench) with no agent, fanotify and bpf in this boot.
     #[arg(long)]
     bench: bool,
+    /// Also run the node-scale benchmark (janus-scale-bench) with the BPF backend: 1,000
+    /// containers in the BPF maps, each checked.
+    #[arg(long)]
+    scale_bench: bool,
     /// Deadline in seconds for the VM run (boot, tests and power-off).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -137,7 +141,9 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     // The agent embeds the object just built (its build script looks for it).
     let agent = build_static_bin("janus-agent", "janus-agent")?;
     image.add_host_file(AGENT_VM_PATH, &agent, 0o755)?;
-    if opts.bpf_tests || (opts.bins.is_empty() && opts.command.is_empty() && !opts.bench) {
+    let default_tests =
+        opts.bins.is_empty() && opts.command.is_empty() && !opts.bench && !opts.scale_bench;
+    if opts.bpf_tests || default_tests {
         let bin = build_static_bin("janus-tests", BPF_TESTS_BIN)?;
         tests.push(image.add_test(&bin, Vec::new())?);
         // The same table under both backends on the same kernel: the same answers.
@@ -178,6 +184,25 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
             ];
             tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec())?);
         }
+    }
+    if opts.scale_bench {
+        let bench = build_static_bin("janus-tests", "janus-scale-bench")?;
+        // One round under TCG; the floor setups are its fanotify baseline in the same boot.
+        let args = [
+            "--agent",
+            AGENT_VM_PATH,
+            "--backend",
+            "bpf",
+            "--containers",
+            "1000",
+            "--rounds",
+            "1",
+            "--iterations",
+            "1000",
+            "--workdir",
+            "/tmp",
+        ];
+        tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec())?);
     }
     for bin in &opts.bins {
         tests.push(image.add_test(bin, Vec::new())?);

@@ -23,8 +23,8 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use janus_api::{Event, GuardPolicy, RuleSet, Verdict};
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_TOO_DEEP,
-    DECISION_VIA_CUT, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES,
-    MAX_RULES, NAME_LEN, VERDICT_DENY,
+    DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN,
+    EV_RENAME, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, VERDICT_DENY,
 };
 
 // The programs' event values are `janus_api::Event`'s: checked here, not by comment.
@@ -63,6 +63,8 @@ const PROGRAMS: [&str; 8] = [
     "inode_rename",
     "inode_link",
 ];
+/// Programs whose absence loses only a log line's ` via `, never a refusal.
+const NAMING_ONLY: [&str; 2] = ["path_rename", "path_link"];
 
 /// `--backend`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -117,8 +119,34 @@ struct Maps {
     scopes: HashMap<MapData, u32, Scope>,
     roots: HashMap<MapData, InodeKey, u32>,
     rules: HashMap<MapData, InodeKey, Rule>,
+    capacity: Capacity,
     rule_count: u32,
     next_guard: u32,
+}
+
+/// How many entries the kernel maps hold, set when the programs are loaded. The maps are
+/// preallocated, so this is kernel memory the node spends whether used or not (about 100
+/// bytes an entry, BENCHMARKS.md); a target that does not fit goes to fanotify, counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Args)]
+pub struct Capacity {
+    /// Rule map entries for the node: one per guarded path of each target, and per file
+    /// with other names below a guarded directory.
+    #[arg(long = "bpf-max-rules", default_value_t = MAX_RULES,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub rules: u32,
+    /// Targets (a guard on one container) the BPF backend holds at once.
+    #[arg(long = "bpf-max-targets", default_value_t = MAX_SCOPES,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 16))]
+    pub targets: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            rules: MAX_RULES,
+            targets: MAX_SCOPES,
+        }
+    }
 }
 
 impl Maps {
@@ -180,6 +208,7 @@ pub struct Enforcer {
 /// does not. `None` means fanotify only. `--backend bpf` fails when BPF cannot run.
 pub fn select(
     choice: BackendChoice,
+    capacity: Capacity,
     metrics: &Arc<Metrics>,
     log: &LogSender,
 ) -> anyhow::Result<Option<Enforcer>> {
@@ -199,10 +228,10 @@ pub fn select(
             None
         }
         BackendChoice::Bpf => Some(
-            Enforcer::start(metrics.clone(), log.clone())
+            Enforcer::start(capacity, metrics.clone(), log.clone())
                 .map_err(|e| anyhow::anyhow!("--backend bpf: {e}"))?,
         ),
-        BackendChoice::Auto => match Enforcer::start(metrics.clone(), log.clone()) {
+        BackendChoice::Auto => match Enforcer::start(capacity, metrics.clone(), log.clone()) {
             Ok(e) => Some(e),
             Err(why) => {
                 tracing::info!(backend = "fanotify", reason = %why, "enforcement backend: BPF LSM unavailable, falling back to fanotify");
@@ -396,7 +425,11 @@ fn read_bpf_log(ebpf: &mut Ebpf) {
 
 impl Enforcer {
     /// Loads and attaches the programs; an error says why this kernel cannot run them.
-    pub fn start(metrics: Arc<Metrics>, log: LogSender) -> Result<Enforcer, StartError> {
+    pub fn start(
+        capacity: Capacity,
+        metrics: Arc<Metrics>,
+        log: LogSender,
+    ) -> Result<Enforcer, StartError> {
         if !EMBEDDED {
             return Err(StartError::NotCompiledIn);
         }
@@ -410,6 +443,9 @@ impl Enforcer {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&kernel_btf))
             .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("RULES", capacity.rules)
+            .map_max_entries("SCOPES", capacity.targets)
+            .map_max_entries("ROOTS", capacity.targets)
             .load(OBJECT)
             .map_err(|e| load(&e))?;
         read_bpf_log(&mut ebpf);
@@ -419,13 +455,26 @@ impl Enforcer {
                 .ok_or_else(|| StartError::Load(format!("no {name} program in the object")))?
                 .try_into()
                 .map_err(|e| load(&e))?;
-            program
+            let attached = program
                 .load(name, &kernel_btf)
-                .map_err(|e| StartError::Load(format!("{name}: {}", chain(&e))))?;
-            program
-                .attach()
-                .map_err(|e| StartError::Load(format!("attaching {name}: {e:#}")))?;
-            tracing::debug!(program = name, elapsed = ?t0.elapsed(), "attached");
+                .map_err(|e| StartError::Load(format!("{name}: {}", chain(&e))))
+                .and_then(|()| {
+                    program
+                        .attach()
+                        .map(drop)
+                        .map_err(|e| StartError::Load(format!("attaching {name}: {e:#}")))
+                });
+            match attached {
+                Ok(()) => tracing::debug!(program = name, elapsed = ?t0.elapsed(), "attached"),
+                // The inode hooks refuse the same moves; these only add the name used.
+                Err(e) if NAMING_ONLY.contains(&name) => tracing::warn!(
+                    program = name,
+                    error = %e,
+                    "refused moves and links are logged without the name used \
+                     (the kernel needs CONFIG_SECURITY_PATH and 5.19 or later)"
+                ),
+                Err(e) => return Err(e),
+            }
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -452,6 +501,7 @@ impl Enforcer {
                 scopes,
                 roots,
                 rules,
+                capacity,
                 rule_count: 0,
                 next_guard: 1,
             }),
@@ -536,10 +586,19 @@ impl Enforcer {
             )));
         }
         let needed = table.rules.len() as u32;
-        if maps.rule_count + needed > MAX_RULES {
+        let held = self.guards.lock().expect("guards lock").len() as u32;
+        let cap = maps.capacity;
+        if maps.rule_count + needed > cap.rules || held >= cap.targets {
+            // Full maps are a sizing fault the operator must see, not a partial guard: the
+            // target goes to fanotify whole, and the failure is counted.
+            self.metrics
+                .placement_failures
+                .with_label_values(&[BACKEND, "map"])
+                .inc();
             return Err(GuardError::Unsupported(format!(
-                "{needed} rules do not fit the BPF rule map ({} of {MAX_RULES} used)",
-                maps.rule_count
+                "the BPF maps are full: {needed} rules with {} of {} used (--bpf-max-rules), \
+                 {held} of {} targets held (--bpf-max-targets)",
+                maps.rule_count, cap.rules, cap.targets
             )));
         }
         let guard_id = maps.next_guard;
@@ -687,7 +746,15 @@ fn handle(
     let name = via_path(d, &path);
     g.counters.inc(verdict, event);
     if d.flags & DECISION_AUDIT != 0 {
-        send_audit(audit, metrics, &g.ctx, d, verdict, event, &path);
+        send_audit(
+            audit,
+            metrics,
+            &g.ctx,
+            d,
+            (verdict, event),
+            &path,
+            name.as_deref(),
+        );
     }
     log.send(Entry {
         ctx: g.ctx.clone(),
@@ -706,9 +773,9 @@ fn send_audit(
     metrics: &Metrics,
     ctx: &LogContext,
     d: &Decision,
-    verdict: Verdict,
-    event: Event,
+    (verdict, event): (Verdict, Event),
     path: &[u8],
+    via: Option<&[u8]>,
 ) {
     if audit.is_none() {
         *audit = audit::AuditLog::open().ok();
@@ -724,7 +791,17 @@ fn send_audit(
     )
     .into_bytes();
     // Hex like the kernel's own audit fields, so any byte is safe in the record.
-    text.extend(path.iter().flat_map(|b| format!("{b:02X}").into_bytes()));
+    let hex = |bytes: &[u8]| -> Vec<u8> {
+        bytes
+            .iter()
+            .flat_map(|b| format!("{b:02X}").into_bytes())
+            .collect()
+    };
+    text.extend(hex(path));
+    if let Some(via) = via {
+        text.extend_from_slice(b" via=");
+        text.extend(hex(via));
+    }
     let sent = audit.as_mut().map(|a| a.send(&text));
     if !matches!(sent, Some(Ok(()))) {
         metrics
@@ -734,15 +811,22 @@ fn send_audit(
     }
 }
 
-/// A name as the programs copy it: NUL-terminated unless it fills the field.
-fn walked(n: &[u8; NAME_LEN]) -> &[u8] {
-    &n[..n.iter().position(|&b| b == 0).unwrap_or(NAME_LEN)]
+/// Appends `/` and a name as the programs copy it (NUL-terminated, at most `NAME_LEN - 1`
+/// bytes): a name that fills the field may have been cut, and is marked so with `…`.
+fn push_walked(path: &mut Vec<u8>, n: &[u8; NAME_LEN]) {
+    let len = n.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+    if path.last() != Some(&b'/') {
+        path.push(b'/');
+    }
+    path.extend_from_slice(&n[..len]);
+    if len >= NAME_LEN - 1 {
+        path.extend_from_slice("…".as_bytes());
+    }
 }
 
 /// The container path of the decided file: the deciding rule's path, then the names met
 /// on the walk up below it.
 fn decision_path(d: &Decision, rule_path: Option<&[u8]>) -> Vec<u8> {
-    let name = |i: usize| walked(&d.names[i]);
     let depth = usize::from(d.depth);
     let mut path = match rule_path {
         Some(p) if d.flags & DECISION_TOO_DEEP == 0 => p.to_vec(),
@@ -752,16 +836,15 @@ fn decision_path(d: &Decision, rule_path: Option<&[u8]>) -> Vec<u8> {
         path.extend_from_slice(b"/...");
     }
     for i in (0..depth.min(MAX_NAMES)).rev() {
-        if path.last() != Some(&b'/') {
-            path.push(b'/');
-        }
-        path.extend_from_slice(name(i));
+        push_walked(&mut path, &d.names[i]);
     }
     path
 }
 
 /// The path the task used (`{via}`), where the kernel gave it and it is not `path`. A path
-/// cut short starts with `/...`, and is taken as `path` when it is `path`'s ending.
+/// longer than the names kept starts with `/...`, and is taken as `path` when it is `path`'s
+/// ending; one that did not lead to the process's root starts with `(detached)` and is
+/// always given.
 fn via_path(d: &Decision, path: &[u8]) -> Option<Vec<u8>> {
     let n = usize::from(d.via_len).min(MAX_NAMES);
     if n == 0 {
@@ -769,10 +852,11 @@ fn via_path(d: &Decision, path: &[u8]) -> Option<Vec<u8>> {
     }
     let mut via = Vec::new();
     for i in (0..n).rev() {
-        via.push(b'/');
-        via.extend_from_slice(walked(&d.via[i]));
+        push_walked(&mut via, &d.via[i]);
     }
-    if d.flags & DECISION_VIA_CUT != 0 {
+    if d.flags & DECISION_VIA_DETACHED != 0 {
+        via.splice(0..0, b"(detached)".iter().copied());
+    } else if d.flags & DECISION_VIA_CUT != 0 {
         if path.ends_with(&via) {
             return None;
         }
@@ -834,6 +918,28 @@ mod tests {
         );
         // Not known (a hook without a mount).
         assert_eq!(via_path(&with_via(d, &[], false), &path), None);
+        // Not leading to the root: always given, marked, even where it looks the same.
+        let mut detached = with_via(d, &["plain", "d1", "data"], false);
+        detached.flags |= DECISION_VIA_DETACHED;
+        assert_eq!(
+            via_path(&detached, &path).as_deref(),
+            Some(&b"(detached)/data/d1/plain"[..])
+        );
+    }
+
+    #[test]
+    fn names_that_fill_the_field_are_marked_cut() {
+        let long = "n".repeat(NAME_LEN - 1);
+        let d = record(1, &[long.as_str()]);
+        let path = decision_path(&d, Some(b"/data"));
+        assert_eq!(path, format!("/data/{long}…").into_bytes());
+        // A link named by the long name and more is not taken for the guarded name.
+        let linked = with_via(record(0, &[]), &[long.as_str(), "data"], false);
+        let guarded = format!("/data/{long}").into_bytes();
+        assert_eq!(
+            via_path(&linked, &guarded),
+            Some(format!("/data/{long}…").into_bytes())
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The node-scale benchmark: `janus-scale-bench --agent PATH [--containers N] [--rounds N]
-//! [--iterations N] [--seconds S] [--workdir DIR]`. Prints one table; exits 1 when the agent
+//! [--iterations N] [--seconds S] [--workdir DIR] [--backend fanotify|bpf]`. Prints one table; exits 1 when the agent
 //! misses a target, 2 on bad arguments.
 
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use janus_tests::scale::{self, Options};
 
 const USAGE: &str = "usage: janus-scale-bench --agent PATH [--containers N] [--rounds N] \
-    [--iterations N] [--seconds S] [--workdir DIR]";
+    [--iterations N] [--seconds S] [--workdir DIR] [--backend fanotify|bpf]";
 
 fn parse() -> Result<Options> {
     let mut o = Options {
@@ -20,6 +20,7 @@ fn parse() -> Result<Options> {
         iterations: 5000,
         duration: Duration::from_millis(500),
         workdir: std::env::temp_dir(),
+        backend: "fanotify".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -33,11 +34,15 @@ fn parse() -> Result<Options> {
                 o.duration = Duration::from_secs_f64(value()?.parse().context("--seconds")?)
             }
             "--workdir" => o.workdir = PathBuf::from(value()?),
+            "--backend" => o.backend = value()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
     if o.agent.as_os_str().is_empty() {
         bail!("--agent is required");
+    }
+    if o.backend != "fanotify" && o.backend != "bpf" {
+        bail!("--backend is fanotify or bpf");
     }
     if o.rounds == 0 || o.iterations == 0 {
         bail!("--rounds and --iterations must be positive");

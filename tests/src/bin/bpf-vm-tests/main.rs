@@ -34,7 +34,7 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: [(&str, Scenario); 13] = [
+    let scenarios: [(&str, Scenario); 15] = [
         ("deny", deny),
         ("allow-longest-path", allow_longest_path),
         ("recursion", recursion),
@@ -48,6 +48,8 @@ fn main() -> ExitCode {
         ("log-format", log_format),
         ("fallback-to-fanotify", fallback_to_fanotify),
         ("audit", audit),
+        ("full-maps", full_maps),
+        ("exchange", exchange),
     ];
     let mut failed = 0;
     for (name, f) in scenarios {
@@ -102,6 +104,11 @@ struct Agent {
 
 impl Agent {
     fn start(name: &str, yaml: &str, pid: i32) -> Result<Agent> {
+        Agent::start_with(name, yaml, &[pid], &[])
+    }
+
+    /// The agent on every process of `pids`, with `extra` arguments.
+    fn start_with(name: &str, yaml: &str, pids: &[i32], extra: &[&str]) -> Result<Agent> {
         let dir = Path::new(WORK).join(format!("agent-{name}"));
         fs::create_dir_all(&dir)?;
         let file = dir.join("guard.yaml");
@@ -120,7 +127,11 @@ impl Agent {
             ])
             .arg("--file")
             .arg(&file)
-            .args(["--pid", &pid.to_string()])
+            .args(
+                pids.iter()
+                    .flat_map(|p| ["--pid".to_owned(), p.to_string()]),
+            )
+            .args(extra)
             .args(["--metrics-addr", &metrics.to_string()])
             .stdin(Stdio::null())
             .stdout(fs::File::create(&out)?)
@@ -515,6 +526,77 @@ fn full_ring() -> Result<()> {
             matches!((logged, dropped), (Ok(l), Ok(d)) if d > 0.0 && l + d == f64::from(total))
         },
         "decisions counted plus drops to make up every open",
+    )?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// BPF maps sized for one target: the second goes to fanotify whole, the failure counted and
+/// named, and both are enforced (a full map is never a partial guard).
+fn full_maps() -> Result<()> {
+    let files = ["secret/f", "public/f"];
+    let (a, b) = (tree("full-maps-a", &files)?, tree("full-maps-b", &files)?);
+    let (a, b) = (Target::start(&a)?, Target::start(&b)?);
+    let mut agent = Agent::start_with(
+        "full-maps",
+        &guard_yaml("  - deny: [/secret]\n    events: [open]\n"),
+        &[a.pid, b.pid],
+        &["--bpf-max-targets", "1"],
+    )?;
+    agent.wait_for(
+        |_, err| err.contains("--bpf-max-targets") && err.matches("guarding").count() >= 2,
+        "the second target on fanotify, with the reason",
+    )?;
+    for t in [&a, &b] {
+        ensure!(
+            t.child_open("/secret/f", false)? == Opened::Eperm,
+            "/secret/f must be denied in pid {}",
+            t.pid
+        );
+        ensure!(
+            t.child_open("/public/f", false)? == Opened::Ok,
+            "/public/f must open in pid {}",
+            t.pid
+        );
+    }
+    let full = metric(
+        agent.metrics,
+        "janus_placement_failures_total{backend=\"bpf\",kind=\"map\"}",
+    )?;
+    ensure!(full == 1.0, "one full-map placement counted, got {full}");
+    agent.stop()?;
+    Ok(())
+}
+
+/// A rule's own directory may be renamed (its rule goes with it); swapping what lies below
+/// it with a file outside (`RENAME_EXCHANGE`, one call of `path_rename` for both ways) is
+/// refused either way round, and the line names the guarded path and the name used.
+fn exchange() -> Result<()> {
+    let root = tree("exchange", &["secret/a", "public/b"])?;
+    let t = Target::start(&root)?;
+    let mut agent = Agent::start(
+        "exchange",
+        &guard_yaml("  - deny: [/secret]\n    events: [open]\n"),
+        t.pid,
+    )?;
+    ensure!(
+        t.child_rename("/secret", "/hidden", 0)? == Opened::Ok,
+        "renaming the guarded directory itself must work"
+    );
+    for (from, to) in [("/hidden/a", "/public/b"), ("/public/b", "/hidden/a")] {
+        ensure!(
+            t.child_rename(from, to, libc::RENAME_EXCHANGE)? == Opened::Eperm,
+            "exchanging {from} with {to} must be refused"
+        );
+    }
+    ensure!(
+        t.child_open("/hidden/a", false)? == Opened::Eperm,
+        "/hidden/a must still be denied"
+    );
+    let line = "<DENY> RENAME_PERM file '/secret/a' via '/hidden/a' (vm-pod:vm)";
+    agent.wait_for(
+        |out, _| out.lines().filter(|l| l.trim_end() == line).count() == 2,
+        "both refusals logged with the name used",
     )?;
     agent.stop()?;
     Ok(())

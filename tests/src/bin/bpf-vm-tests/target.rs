@@ -53,6 +53,30 @@ fn try_open(path: &[u8], write: bool) -> u8 {
     }
 }
 
+/// Renames `from` to `to` with `renameat2` flags, as a one-byte code like [`try_open`]'s.
+fn try_rename(from: &[u8], to: &[u8], flags: u32) -> u8 {
+    let (Ok(from), Ok(to)) = (CString::new(from), CString::new(to)) else {
+        return 3;
+    };
+    // SAFETY: both paths are NUL-terminated.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        0
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+        1
+    } else {
+        2
+    }
+}
+
 fn decode(code: u8) -> Opened {
     match code {
         0 => Opened::Ok,
@@ -139,6 +163,14 @@ impl Target {
         Ok(decode(self.request(b'C', path, write, "")?[0]))
     }
 
+    /// A child of the target renames `from` to `to` with `renameat2` `flags`
+    /// (`RENAME_EXCHANGE` swaps them).
+    pub fn child_rename(&self, from: &str, to: &str, flags: u32) -> Result<Opened> {
+        Ok(decode(
+            self.request(b'R', from, false, &format!("{to} {flags}"))?[0],
+        ))
+    }
+
     /// `workers` children at once each open `denied` and `allowed` `opens` times; returns
     /// (EPERM count on denied, success count on allowed).
     pub fn child_load(
@@ -196,6 +228,10 @@ fn serve(root: &CString, cmd: std::fs::File, mut reply: std::fs::File) -> i32 {
         let answer: Vec<u8> = match kind {
             "S" => vec![try_open(&path, write)],
             "C" => vec![in_child(|| try_open(&path, write))],
+            "R" => {
+                let flags = parts[4].parse().unwrap_or(0);
+                vec![in_child(|| try_rename(&path, parts[3].as_bytes(), flags))]
+            }
             _ => {
                 let allowed = parts[3].as_bytes().to_vec();
                 let workers: u32 = parts[4].parse().unwrap_or(1);
