@@ -104,12 +104,18 @@ impl Agent {
 
     /// Starts enforcing `guard` on `pid` until [`Agent::shutdown`].
     pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), GuardError> {
-        let key = format!("{}/{}/{pid}", guard.namespace, guard.name);
-        self.add(&key, guard, pid, pod)
+        self.add(&Agent::key(&guard, pid), guard, pid, pod)
     }
 
-    /// Starts enforcing `guard` on `pid` under `key`, replacing (and lifting) whatever the
-    /// key held. On error the key holds nothing.
+    /// The key [`Agent::guard`] holds `guard` on `pid` under.
+    pub fn key(guard: &GuardPolicy, pid: i32) -> String {
+        format!("{}/{}/{pid}", guard.namespace, guard.name)
+    }
+
+    /// Starts enforcing `guard` on `pid` under `key`, replacing whatever the key held: the
+    /// old target is lifted only once the new one is in place (a BPF target on the same
+    /// mount namespace is swapped in place in the maps), so a re-applied or changed guard
+    /// leaves no unguarded moment. On error the key keeps what it held.
     pub fn add(
         &self,
         key: &str,
@@ -117,24 +123,48 @@ impl Agent {
         pid: i32,
         pod: String,
     ) -> Result<(), GuardError> {
-        self.remove(key);
-        let target = self.start(guard, pid, pod)?;
-        self.targets
+        let in_bpf = match self.targets.lock().expect("targets lock").get(key) {
+            Some(Target::Bpf { id, .. }) => Some(*id),
+            _ => None,
+        };
+        let (target, swapped) = self.start(guard, pid, pod, in_bpf)?;
+        let old = self
+            .targets
             .lock()
             .expect("targets lock")
             .insert(key.to_owned(), target);
+        match old {
+            // Its map entries are the new target's now.
+            Some(Target::Bpf { .. }) if swapped => {}
+            Some(old) => self.stop(old),
+            None => {}
+        }
         Ok(())
     }
 
-    fn start(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<Target, GuardError> {
+    /// The new target, and whether it took the BPF guard `replacing`'s place in the maps.
+    fn start(
+        &self,
+        guard: Arc<GuardPolicy>,
+        pid: i32,
+        pod: String,
+        replacing: Option<u32>,
+    ) -> Result<(Target, bool), GuardError> {
         if let Some(enforcer) = &self.bpf {
-            match enforcer.guard(guard.clone(), pid, pod.clone(), self.node.clone()) {
-                Ok(id) => {
+            match enforcer.guard(
+                guard.clone(),
+                pid,
+                pod.clone(),
+                self.node.clone(),
+                replacing,
+            ) {
+                Ok((id, swapped)) => {
                     tracing::info!(guard = %guard.name, pid, backend = bpf::BACKEND, "guarding");
-                    return Ok(Target::Bpf {
+                    let target = Target::Bpf {
                         id,
                         state: bpf_state(&guard, pid, pod),
-                    });
+                    };
+                    return Ok((target, swapped));
                 }
                 Err(bpf::GuardError::Unsupported(why)) => {
                     tracing::warn!(guard = %guard.name, pid, reason = %why, "guard not expressible in BPF; enforcing it with fanotify");
@@ -159,7 +189,7 @@ impl Agent {
                 node: self.node.clone(),
             })?;
         tracing::info!(guard = %guard.name, pid, backend = fanotify::target::BACKEND, "guarding");
-        Ok(Target::Fanotify(handle))
+        Ok((Target::Fanotify(handle), false))
     }
 
     /// Lifts the guard held under `key`; false if there was none.

@@ -193,6 +193,7 @@ impl Guards {
         }
         let mut containers = containers;
         let mut baseline = None;
+        let mut replaced = Vec::new();
         if let Some(old) = held.remove(&key) {
             if old.same_spec(&asked) {
                 // Only the containers changed: those that stay keep their targets.
@@ -215,7 +216,10 @@ impl Guards {
                     }
                 }
             } else {
-                self.lift(&key, &old);
+                // A changed spec: each container's new target takes its old one's place
+                // (`Agent::add`: placed before the old is lifted); the old targets of
+                // containers not guarded again are lifted after.
+                replaced = old.containers;
             }
         }
         let mut h = Held {
@@ -231,6 +235,15 @@ impl Guards {
         };
         let scan = pods::scan(&wanted(&key, &h));
         self.sync(&key, &mut h, &scan, Instant::now());
+        for o in replaced.iter().filter(|o| o.pid.is_some()) {
+            let again = h
+                .containers
+                .iter()
+                .any(|c| c.raw == o.raw && c.pid == o.pid);
+            if !again {
+                self.agent.remove(&target_key(&key, &o.raw));
+            }
+        }
         tracing::info!(guard = %key.guard_name, namespace = %key.guard_namespace, pod = %h.pod_name, generation = h.generation, digest = %h.spec_digest, "guard applied");
         let status = self.status(&key, &h);
         held.insert(key, h);

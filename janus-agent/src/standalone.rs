@@ -62,10 +62,12 @@ pub fn load_guards(file: &std::path::Path) -> anyhow::Result<Vec<Arc<GuardPolicy
 
 pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::listen()?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing a SIGHUP handler")?;
     let policies = load_guards(&args.file)?;
     let metrics = Arc::new(Metrics::new());
     let (log, writer) = decisions::start(Box::new(std::io::stdout()), metrics.log_dropped.clone());
-    let node = args.node.unwrap_or_else(|| {
+    let node = args.node.clone().unwrap_or_else(|| {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "-".into())
@@ -73,7 +75,14 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(metrics, log, node, &args.enforce)?);
     let result = guard_all(&agent, &policies, &args.pids, &args.pod, args.metrics_addr).await;
     if result.is_ok() {
-        shutdown.wait().await;
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hangup.recv() => reload(&agent, &args),
+            }
+        }
         tracing::info!("signal received; lifting guards");
     }
     agent.shutdown();
@@ -102,6 +111,35 @@ async fn guard_all(
         tracing::info!(%bound, "serving /metrics, /healthz, /readyz, /state");
     }
     Ok(())
+}
+
+/// SIGHUP: the file again. Each target's new guard is placed before its old one is lifted
+/// (`Agent::add`), so editing a guard leaves no unguarded moment; a guard gone from the file
+/// is lifted; a file that does not validate, or a guard that cannot be placed, keeps what
+/// was enforced, and says so.
+fn reload(agent: &Agent, args: &GuardArgs) {
+    let policies = match load_guards(&args.file) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: the guards stay as they were");
+            return;
+        }
+    };
+    let mut kept = std::collections::HashSet::new();
+    for policy in &policies {
+        for &pid in &args.pids {
+            kept.insert(Agent::key(policy, pid));
+            if let Err(e) = agent.guard(policy.clone(), pid, args.pod.clone()) {
+                tracing::error!(guard = %policy.name, pid, error = %e, "SIGHUP: this target keeps its guard as it was");
+            }
+        }
+    }
+    for key in agent.keyed_states().into_keys() {
+        if !kept.contains(&key) {
+            agent.remove(&key);
+        }
+    }
+    tracing::info!(file = %args.file.display(), "SIGHUP: guards applied again");
 }
 
 /// SIGTERM and SIGINT, caught from the moment this is made: one that arrives while guards

@@ -311,3 +311,105 @@ exec unshare --cgroup {agent} "$@"
         let _ = std::fs::remove_dir(pod);
     }
 }
+
+/// A guard applied again with a changed spec, twenty times, while a process of the
+/// container reads the denied file in a loop: every new target is placed before the old one
+/// is lifted, so no read succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_read_succeeds_across_re_applies() {
+    let dir = std::env::temp_dir().join("janus-serve-reapply-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "rootfs").unwrap();
+    populate(&root).unwrap();
+    let me = std::process::id();
+    let pod_uid = format!("0000-cccc-{me}");
+    let id = format!("janus-reapply-{me}");
+    let cgroup = format!("/kubepods/besteffort/pod{pod_uid}/{id}");
+    let container = std::sync::Arc::new(
+        Container::run(&root, &id, Some(&cgroup), &[BUSYBOX, "sleep", "600"]).unwrap(),
+    );
+
+    let addr = support::free_addr();
+    let args = ["--insecure-plaintext", "--backend", "fanotify"];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let spec = |round: usize| {
+        format!(
+            r#"{{"subjects":[{{"deny":["/data/secret"],"events":["open"],"tags":{{"round":"{round}"}}}}]}}"#
+        )
+    };
+    let apply = |round: usize| support::apply("default", "reapply", &pod_uid, &[&id], &spec(round));
+    client.apply_guard(apply(0)).await.unwrap();
+    wait::until(
+        "the container to be denied",
+        Duration::from_secs(10),
+        || {
+            (container.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()? == Access::Denied)
+                .then_some(())
+        },
+    )
+    .unwrap();
+
+    let reader = std::thread::spawn({
+        let container = container.clone();
+        move || {
+            container.exec(&[
+                BUSYBOX,
+                "sh",
+                "-c",
+                "n=0; t=0; while [ ! -e /tmp/stop ]; do t=$((t+1)); echo $t >/tmp/progress; \
+                 cat /data/secret >/dev/null 2>&1 && n=$((n+1)); done; echo reads=$n tries=$t",
+            ])
+        }
+    });
+    // How many reads the reader has tried, as it writes in its root.
+    let progress = || -> Option<u64> {
+        std::fs::read_to_string(root.dir().join("tmp/progress"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    for round in 1..=20 {
+        // Reads go on between every two applies.
+        let before = wait::until("the reader to read", Duration::from_secs(10), progress).unwrap();
+        wait::until("the reader to read on", Duration::from_secs(10), || {
+            progress().filter(|&p| p >= before + 2)
+        })
+        .unwrap();
+        let status = client
+            .apply_guard(apply(round))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(
+            status.containers[0].phase,
+            ContainerPhase::Enforced as i32,
+            "round {round}: {status:?}"
+        );
+    }
+    root.write("/tmp/stop", b"").unwrap();
+    let out = match reader.join().unwrap().unwrap() {
+        Access::Ok(out) => out,
+        other => panic!("the reader: {other:?}"),
+    };
+    let tries: u64 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tries="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {out:?}"));
+    assert!(
+        tries > 20,
+        "the reader must have run across the re-applies: {out}"
+    );
+    assert!(
+        out.starts_with("reads=0 "),
+        "reads succeeded across re-applies: {out}"
+    );
+}

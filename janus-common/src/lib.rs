@@ -129,7 +129,11 @@ pub struct Decision {
     pub depth: u8,
     /// How many names of the path used `via` holds (0: not known).
     pub via_len: u8,
-    pub _pad: [u8; 5],
+    /// Bit `i`: `names[i]` was longer than the field, and is cut.
+    pub names_cut: u8,
+    /// Bit `i`: `via[i]` was longer than the field, and is cut.
+    pub via_cut: u8,
+    pub _pad: [u8; 3],
     /// The deciding rule's key (zero when `DECISION_TOO_DEEP`).
     pub rule: InodeKey,
     /// `names[i]` is the name of the i-th dentry on the walk up (0: the file), for the

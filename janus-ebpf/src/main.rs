@@ -107,9 +107,10 @@ const S_IFDIR: u16 = 0o040000;
 const PROT_READ: u64 = 0x1;
 const PROT_EXEC: u64 = 0x4;
 const RENAME_EXCHANGE: u32 = 0x2;
-/// Mounts the walk for the name used crosses at most (a volume, a bind mount of it, ...):
-/// its steps are the names kept and these.
-const MAX_HOPS: usize = 8;
+/// Steps of the walk for the name used: names (it keeps the last `MAX_NAMES`, and walks on to
+/// find the root) and mounts crossed. Deeper, the path is given as not reaching the root.
+const VIA_STEPS: usize = 3 * MAX_NAMES;
+const _: () = assert!(MAX_NAMES.is_power_of_two());
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
@@ -644,6 +645,8 @@ struct Head {
 fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
     let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
         if let Some(n) = DROPPED.get_ptr_mut(0) {
+            // Per CPU; a run that preempts this one between the load and the store could
+            // lose a count (the BPF target has no atomic add in `core`).
             unsafe { *n += 1 };
         }
         return;
@@ -663,41 +666,59 @@ fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
     entry.submit(0);
 }
 
-/// The names of the first `rec.depth` dentries from `leaf` up, for the log line.
+/// The names of the first `rec.depth` dentries from `leaf` up, for the log line; a name
+/// that cannot be read is `?`, never what an earlier record left in the ring.
 #[inline(always)]
 fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8) {
+    rec.names_cut = 0;
     let mut named = leaf;
     let mut i = 0;
     // The count is read from the record, untracked by the verifier (see `copy_via`).
     while i < MAX_NAMES && i < usize::from(unsafe { core::ptr::read_volatile(&rec.depth) }) {
-        let copied = match read::<*const u8>(named, off.dentry_name) {
-            Ok(name) => unsafe {
-                generated::bpf_probe_read_kernel_str(
-                    rec.names[i].as_mut_ptr() as *mut c_void,
-                    NAME_LEN as u32,
-                    name as *const c_void,
-                )
-            },
-            Err(e) => e as i64,
-        };
-        if copied < 0 {
-            // Never what an earlier record left in the ring.
-            rec.names[i][0] = b'?';
-            rec.names[i][1] = 0;
+        match read::<*const u8>(named, off.dentry_name) {
+            Ok(name) => {
+                if copy_name(&mut rec.names[i], name) == Some(true) {
+                    rec.names_cut |= 1 << i;
+                }
+            }
+            Err(_) => {
+                rec.names[i][0] = b'?';
+                rec.names[i][1] = 0;
+            }
         }
-        let Ok(parent) = read::<*const u8>(named, off.dentry_parent) else {
-            break;
-        };
-        named = parent;
+        named = read::<*const u8>(named, off.dentry_parent).unwrap_or(core::ptr::null());
         i += 1;
     }
+}
+
+/// Copies a dentry's name into `dst`, NUL-terminated: whether it was longer than the field
+/// holds, or `None` (and `?`) if it could not be read.
+#[inline(always)]
+fn copy_name(dst: &mut [u8; NAME_LEN], name: *const u8) -> Option<bool> {
+    let copied = unsafe {
+        generated::bpf_probe_read_kernel_str(
+            dst.as_mut_ptr() as *mut c_void,
+            NAME_LEN as u32,
+            name as *const c_void,
+        )
+    };
+    if copied < 0 {
+        dst[0] = b'?';
+        dst[1] = 0;
+        return None;
+    }
+    // A full field: the name goes on if the byte the NUL took the place of is not its end.
+    Some(
+        copied as usize == NAME_LEN
+            && read::<u8>(name, (NAME_LEN - 1) as u32).is_ok_and(|b| b != 0),
+    )
 }
 
 /// The names of the path the task used for `leaf` on mount `mnt`, from `leaf` up to the
 /// task's root, stepping from a mount's root to where it is mounted as `d_path` does. Sets
 /// `via_len` (0: not known) and, in `flags`, `DECISION_VIA_CUT` when more names lie above
-/// the `MAX_NAMES` kept, or `DECISION_VIA_DETACHED` when the walk did not reach the root (a
-/// mount detached or outside the task's root, more mounts than its steps allow, a failed read).
+/// the `MAX_NAMES` kept, and `DECISION_VIA_DETACHED` unless the walk reached the root (a
+/// mount detached or outside the task's root, more than `VIA_STEPS` steps, a failed read).
 ///
 /// The count of names lives in the record, not in a register: the verifier does not track
 /// values in ring memory, so the states it meets at the loop's head differ by the step alone
@@ -705,6 +726,7 @@ fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8) {
 #[inline(always)]
 fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) {
     unsafe { core::ptr::write_volatile(&mut rec.via_len, 0) };
+    rec.via_cut = 0;
     if mnt.is_null() {
         return;
     }
@@ -722,7 +744,7 @@ fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) 
     let mut mnt = mnt;
     let mut dentry = leaf;
     let mut step = 0;
-    while step < MAX_NAMES + MAX_HOPS + 1 {
+    while step < VIA_STEPS {
         step += 1;
         if dentry == root && mnt == root_mnt {
             rec.flags &= !DECISION_VIA_DETACHED;
@@ -759,20 +781,20 @@ fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) 
         }
         let n = usize::from(unsafe { core::ptr::read_volatile(&rec.via_len) });
         if n >= MAX_NAMES {
-            rec.flags = (rec.flags & !DECISION_VIA_DETACHED) | DECISION_VIA_CUT;
-            return;
+            // Only the last names are kept; the walk goes on to tell whether the path
+            // reaches the root.
+            rec.flags |= DECISION_VIA_CUT;
+        } else {
+            // The verifier needs the bound on the register that indexes, which the compiler
+            // may not be the one it checked: masked where the compiler cannot drop it.
+            let n = core::hint::black_box(n) & (MAX_NAMES - 1);
+            match copy_name(&mut rec.via[n], name) {
+                None => return,
+                Some(true) => rec.via_cut |= 1 << n,
+                Some(false) => {}
+            }
+            unsafe { core::ptr::write_volatile(&mut rec.via_len, n as u8 + 1) };
         }
-        let copied = unsafe {
-            generated::bpf_probe_read_kernel_str(
-                rec.via[n].as_mut_ptr() as *mut c_void,
-                NAME_LEN as u32,
-                name as *const c_void,
-            )
-        };
-        if copied < 0 {
-            return;
-        }
-        unsafe { core::ptr::write_volatile(&mut rec.via_len, n as u8 + 1) };
         dentry = parent;
     }
 }

@@ -42,8 +42,17 @@ impl Root {
         // the test process inherits the write descriptor and exec fails with ETXTBSY.
         let dest = root.host("/bin/busybox");
         if fs::hard_link(BUSYBOX, &dest).is_err() {
-            fs::copy(BUSYBOX, &dest)
-                .with_context(|| format!("copying {BUSYBOX} (install busybox-static)"))?;
+            // Across file systems: one copy in `parent`, linked into each of its roots (a
+            // thousand copies would not fit a small VM's memory).
+            let shared = parent.join(".busybox");
+            if !shared.exists() {
+                let partial = parent.join(format!(".busybox.{}", std::process::id()));
+                fs::copy(BUSYBOX, &partial)
+                    .with_context(|| format!("copying {BUSYBOX} (install busybox-static)"))?;
+                fs::rename(&partial, &shared)?;
+            }
+            fs::hard_link(&shared, &dest)
+                .with_context(|| format!("linking {} into a root", shared.display()))?;
         }
         std::os::unix::fs::symlink("busybox", root.host("/bin/sh"))?;
         Ok(root)

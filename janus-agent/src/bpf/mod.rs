@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::Lsm;
@@ -113,7 +113,13 @@ struct GuardEntry {
     scope: u32,
     /// The target's root directory, its key in `ROOTS`.
     root: InodeKey,
+    /// Since when the guard is lifted or replaced: kept a while for the records the ring
+    /// still holds, then forgotten.
+    retired: Option<Instant>,
 }
+
+/// How long a lifted guard's entry stays for records still in the ring.
+const RETIRED_FOR: Duration = Duration::from_secs(10);
 
 struct Maps {
     scopes: HashMap<MapData, u32, Scope>,
@@ -151,30 +157,34 @@ impl Default for Capacity {
 
 impl Maps {
     /// Inserts a guard's rules, its root and, last, its scope (until then the kernel ignores
-    /// the rules); all or nothing: on an error, what was inserted is taken out again.
+    /// the rules); all or nothing: on an error, the map holds what it held before. `old` are
+    /// the keys of the guard it replaces on the same scope: its rules are overwritten in
+    /// place, the scope entry then names the new guard, and the keys only it had go last,
+    /// so every object either guard covers is decided all along.
     fn place(
         &mut self,
         rules: &StdHashMap<InodeKey, Rule>,
         root: InodeKey,
         scope_id: u32,
         scope: Scope,
+        old: &[InodeKey],
     ) -> Result<(), GuardError> {
-        let mut inserted = Vec::with_capacity(rules.len());
+        let mut undo = Vec::with_capacity(rules.len());
         let mut result = Ok(());
         for (key, rule) in rules {
+            let before = self.rules.get(key, 0).ok();
             if let Err(e) = self.rules.insert(key, rule, 0) {
                 result = Err(map_error("RULES")(e));
                 break;
             }
-            inserted.push(*key);
+            undo.push((*key, before));
         }
-        let mut root_placed = false;
+        let root_before = self.roots.get(&root, 0).ok();
         if result.is_ok() {
             result = self
                 .roots
                 .insert(root, scope_id, 0)
                 .map_err(map_error("ROOTS"));
-            root_placed = result.is_ok();
         }
         if result.is_ok() {
             result = self
@@ -183,14 +193,26 @@ impl Maps {
                 .map_err(map_error("SCOPES"));
         }
         if result.is_err() {
-            for key in &inserted {
-                let _ = self.rules.remove(key);
+            for (key, before) in undo {
+                let _ = match before {
+                    Some(rule) => self.rules.insert(key, rule, 0),
+                    None => self.rules.remove(&key),
+                };
             }
-            if root_placed {
-                let _ = self.roots.remove(&root);
+            let _ = match root_before {
+                Some(s) => self.roots.insert(root, s, 0),
+                None => self.roots.remove(&root),
+            };
+            return result;
+        }
+        // Counted by what the map did: a guard's keys include names that have no rule.
+        self.rule_count += undo.iter().filter(|(_, before)| before.is_none()).count() as u32;
+        for key in old.iter().filter(|k| !rules.contains_key(k)) {
+            if self.rules.remove(key).is_ok() {
+                self.rule_count -= 1;
             }
         }
-        result
+        Ok(())
     }
 }
 
@@ -435,7 +457,7 @@ impl Enforcer {
         }
         lsm_active()?;
         raise_memlock_limit();
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let offsets = kernel_offsets().map_err(StartError::Btf)?;
         let kernel_btf = Btf::from_sys_fs().map_err(|e| StartError::Btf(e.into()))?;
         tracing::debug!(elapsed = ?t0.elapsed(), ?offsets, "read the kernel's BTF");
@@ -513,14 +535,17 @@ impl Enforcer {
     }
 
     /// Enforces `guard` on the mount namespace of `pid` in the kernel; returns the id that
-    /// [`Enforcer::remove`] takes.
+    /// [`Enforcer::remove`] takes, and whether it took the place of the guard `replacing`
+    /// (the same target's, on the same mount namespace) in the maps, with no moment
+    /// between the two; that guard is then retired and must not be removed.
     pub fn guard(
         &self,
         guard: Arc<GuardPolicy>,
         pid: i32,
         pod: String,
         node: String,
-    ) -> Result<u32, GuardError> {
+        replacing: Option<u32>,
+    ) -> Result<(u32, bool), GuardError> {
         let root = ContainerRoot::open(pid)?;
         let scope_id = u32::try_from(root.mnt_ns)
             .ok()
@@ -580,13 +605,32 @@ impl Enforcer {
         let root_key = stat_key(root.root_id(), 0);
 
         let mut maps = self.maps.lock().expect("maps lock");
-        if maps.scopes.get(&scope_id, 0).is_ok() {
-            return Err(GuardError::Unsupported(format!(
-                "mount namespace {scope_id} of pid {pid} already has a guard in BPF"
-            )));
-        }
-        let needed = table.rules.len() as u32;
-        let held = self.guards.lock().expect("guards lock").len() as u32;
+        let mut guards = self.guards.lock().expect("guards lock");
+        let now = Instant::now();
+        guards.retain(|_, g| {
+            g.retired
+                .is_none_or(|t| now.duration_since(t) < RETIRED_FOR)
+        });
+        // The guard replaced in place: the same target's, still on this mount namespace.
+        let replaced = replacing.and_then(|id| {
+            guards
+                .get(&id)
+                .filter(|g| g.scope == scope_id && g.retired.is_none())
+        });
+        let old: Vec<InodeKey> = match replaced {
+            Some(g) => g.paths.keys().copied().collect(),
+            None if maps.scopes.get(&scope_id, 0).is_ok() => {
+                return Err(GuardError::Unsupported(format!(
+                    "mount namespace {scope_id} of pid {pid} already has a guard in BPF"
+                )))
+            }
+            None => Vec::new(),
+        };
+        let replaced = replaced.is_some();
+        // While both are in the maps, the new keys come on top of the old.
+        let needed = table.rules.keys().filter(|k| !old.contains(k)).count() as u32;
+        let held =
+            guards.values().filter(|g| g.retired.is_none()).count() as u32 - u32::from(replaced);
         let cap = maps.capacity;
         if maps.rule_count + needed > cap.rules || held >= cap.targets {
             // Full maps are a sizing fault the operator must see, not a partial guard: the
@@ -608,15 +652,19 @@ impl Enforcer {
             owners,
             _pad: 0,
         };
-        if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope) {
+        if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope, &old) {
             self.metrics
                 .placement_failures
                 .with_label_values(&[BACKEND, "map"])
                 .inc();
             return Err(e);
         }
-        maps.rule_count += needed;
-        self.guards.lock().expect("guards lock").insert(
+        if replaced {
+            if let Some(g) = replacing.and_then(|id| guards.get_mut(&id)) {
+                g.retired = Some(now);
+            }
+        }
+        guards.insert(
             guard_id,
             GuardEntry {
                 counters: self
@@ -626,18 +674,22 @@ impl Enforcer {
                 paths: table.paths,
                 scope: scope_id,
                 root: root_key,
+                retired: None,
             },
         );
-        Ok(guard_id)
+        Ok((guard_id, replaced))
     }
 
     /// Lifts a guard: the scope goes first, so the kernel stops deciding for it before its
     /// rules disappear.
     pub fn remove(&self, guard_id: u32) {
         let mut maps = self.maps.lock().expect("maps lock");
-        let Some(entry) = self.guards.lock().expect("guards lock").remove(&guard_id) else {
+        let mut guards = self.guards.lock().expect("guards lock");
+        // A guard replaced in place is retired already: its scope is its successor's.
+        let Some(entry) = guards.get_mut(&guard_id).filter(|g| g.retired.is_none()) else {
             return;
         };
+        entry.retired = Some(Instant::now());
         if let Err(e) = maps.scopes.remove(&entry.scope) {
             tracing::error!(guard = %entry.ctx.guard.name, error = %e, "removing a BPF scope");
         }
@@ -811,15 +863,15 @@ fn send_audit(
     }
 }
 
-/// Appends `/` and a name as the programs copy it (NUL-terminated, at most `NAME_LEN - 1`
-/// bytes): a name that fills the field may have been cut, and is marked so with `…`.
-fn push_walked(path: &mut Vec<u8>, n: &[u8; NAME_LEN]) {
+/// Appends `/` and a name as the programs copy it (NUL-terminated), marked `…` where the
+/// program found it longer than the field (bit `i` of `cut`).
+fn push_walked(path: &mut Vec<u8>, n: &[u8; NAME_LEN], cut: u8, i: usize) {
     let len = n.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
     if path.last() != Some(&b'/') {
         path.push(b'/');
     }
     path.extend_from_slice(&n[..len]);
-    if len >= NAME_LEN - 1 {
+    if cut & (1 << i) != 0 {
         path.extend_from_slice("…".as_bytes());
     }
 }
@@ -836,15 +888,15 @@ fn decision_path(d: &Decision, rule_path: Option<&[u8]>) -> Vec<u8> {
         path.extend_from_slice(b"/...");
     }
     for i in (0..depth.min(MAX_NAMES)).rev() {
-        push_walked(&mut path, &d.names[i]);
+        push_walked(&mut path, &d.names[i], d.names_cut, i);
     }
     path
 }
 
 /// The path the task used (`{via}`), where the kernel gave it and it is not `path`. A path
-/// longer than the names kept starts with `/...`, and is taken as `path` when it is `path`'s
-/// ending; one that did not lead to the process's root starts with `(detached)` and is
-/// always given.
+/// longer than the names kept starts with `/...`, and is taken as `path` when it reached the
+/// root and is `path`'s ending; one that did not lead to the process's root starts with
+/// `(detached)` and is always given.
 fn via_path(d: &Decision, path: &[u8]) -> Option<Vec<u8>> {
     let n = usize::from(d.via_len).min(MAX_NAMES);
     if n == 0 {
@@ -852,17 +904,20 @@ fn via_path(d: &Decision, path: &[u8]) -> Option<Vec<u8>> {
     }
     let mut via = Vec::new();
     for i in (0..n).rev() {
-        push_walked(&mut via, &d.via[i]);
+        push_walked(&mut via, &d.via[i], d.via_cut, i);
     }
-    if d.flags & DECISION_VIA_DETACHED != 0 {
-        via.splice(0..0, b"(detached)".iter().copied());
-    } else if d.flags & DECISION_VIA_CUT != 0 {
-        if path.ends_with(&via) {
-            return None;
-        }
-        via.splice(0..0, b"/...".iter().copied());
-    } else if via == path {
+    let (cut, detached) = (
+        d.flags & DECISION_VIA_CUT != 0,
+        d.flags & DECISION_VIA_DETACHED != 0,
+    );
+    if !detached && (via == path || cut && path.ends_with(&via)) {
         return None;
+    }
+    if cut {
+        via.splice(0..0, b"/...".iter().copied());
+    }
+    if detached {
+        via.splice(0..0, b"(detached)".iter().copied());
     }
     Some(via)
 }
@@ -928,17 +983,41 @@ mod tests {
     }
 
     #[test]
-    fn names_that_fill_the_field_are_marked_cut() {
+    fn names_longer_than_the_field_are_marked_cut() {
         let long = "n".repeat(NAME_LEN - 1);
-        let d = record(1, &[long.as_str()]);
-        let path = decision_path(&d, Some(b"/data"));
-        assert_eq!(path, format!("/data/{long}…").into_bytes());
-        // A link named by the long name and more is not taken for the guarded name.
-        let linked = with_via(record(0, &[]), &[long.as_str(), "data"], false);
+        let mut d = record(1, &[long.as_str()]);
+        // 63 bytes fit: no mark.
+        assert_eq!(
+            decision_path(&d, Some(b"/data")),
+            format!("/data/{long}").into_bytes()
+        );
+        d.names_cut = 1;
+        assert_eq!(
+            decision_path(&d, Some(b"/data")),
+            format!("/data/{long}…").into_bytes()
+        );
+        // A link named by the long name and more is not taken for the guarded name, and
+        // the guarded name itself is.
         let guarded = format!("/data/{long}").into_bytes();
+        let same = with_via(record(0, &[]), &[long.as_str(), "data"], false);
+        assert_eq!(via_path(&same, &guarded), None);
+        let mut linked = same;
+        linked.via_cut = 1;
         assert_eq!(
             via_path(&linked, &guarded),
             Some(format!("/data/{long}…").into_bytes())
+        );
+    }
+
+    #[test]
+    fn a_cut_path_that_did_not_reach_the_root_is_given() {
+        let d = record(1, &["plain"]);
+        let path = decision_path(&d, Some(b"/data/d1"));
+        let mut v = with_via(d, &["plain", "d1"], true);
+        v.flags |= DECISION_VIA_DETACHED;
+        assert_eq!(
+            via_path(&v, &path).as_deref(),
+            Some(&b"(detached)/.../d1/plain"[..])
         );
     }
 

@@ -34,7 +34,7 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: [(&str, Scenario); 15] = [
+    let scenarios: [(&str, Scenario); 17] = [
         ("deny", deny),
         ("allow-longest-path", allow_longest_path),
         ("recursion", recursion),
@@ -50,6 +50,8 @@ fn main() -> ExitCode {
         ("audit", audit),
         ("full-maps", full_maps),
         ("exchange", exchange),
+        ("reapply", reapply),
+        ("names", names),
     ];
     let mut failed = 0;
     for (name, f) in scenarios {
@@ -565,6 +567,30 @@ fn full_maps() -> Result<()> {
     )?;
     ensure!(full == 1.0, "one full-map placement counted, got {full}");
     agent.stop()?;
+
+    // A rule map for one rule, and a guard of two paths: the target goes to fanotify whole.
+    let mut agent = Agent::start_with(
+        "full-rules",
+        &guard_yaml("  - deny: [/secret/f, /public/f]\n    events: [open]\n"),
+        &[a.pid],
+        &["--bpf-max-rules", "1"],
+    )?;
+    agent.wait_for(
+        |_, err| err.contains("--bpf-max-rules") && err.contains("guarding"),
+        "the target on fanotify, with the reason",
+    )?;
+    for path in ["/secret/f", "/public/f"] {
+        ensure!(
+            a.child_open(path, false)? == Opened::Eperm,
+            "{path} must be denied"
+        );
+    }
+    let full = metric(
+        agent.metrics,
+        "janus_placement_failures_total{backend=\"bpf\",kind=\"map\"}",
+    )?;
+    ensure!(full == 1.0, "one full-map placement counted, got {full}");
+    agent.stop()?;
     Ok(())
 }
 
@@ -598,6 +624,103 @@ fn exchange() -> Result<()> {
         |out, _| out.lines().filter(|l| l.trim_end() == line).count() == 2,
         "both refusals logged with the name used",
     )?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// The guard file edited and applied again (SIGHUP) twenty times while children of the
+/// target open the denied file in a loop: each new guard takes the old one's place in the
+/// maps, so every open is refused, and the target stays in BPF.
+fn reapply() -> Result<()> {
+    let root = tree("reapply", &["secret/f", "public/f"])?;
+    let t = Target::start(&root)?;
+    let yaml = |round: usize| {
+        guard_yaml(&format!(
+            "  - deny: [/secret]\n    events: [open]\n    tags: {{round: r{round}}}\n"
+        ))
+    };
+    let mut agent = Agent::start("reapply", &yaml(0), t.pid)?;
+    let file = Path::new(WORK).join("agent-reapply/guard.yaml");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    const ROUNDS: usize = 20;
+    let (denied, allowed, tries) = std::thread::scope(|s| -> Result<(u32, u32, u32)> {
+        let reader = s.spawn(|| -> Result<(u32, u32, u32)> {
+            let (mut denied, mut allowed, mut tries) = (0, 0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (d, a) = t.child_load("/secret/f", "/public/f", 2, 50)?;
+                (denied, allowed, tries) = (denied + d, allowed + a, tries + 2 * 50);
+            }
+            Ok((denied, allowed, tries))
+        });
+        // `n` applies done, and opens refused under the last: opens go on between any two.
+        let applied = |out: &str, err: &str, n: usize| {
+            let tag = format!("round=r{n}");
+            err.matches("SIGHUP: guards applied again").count() == n
+                && out.lines().filter(|l| l.trim_end().ends_with(&tag)).count() >= 2
+        };
+        for round in 1..=ROUNDS {
+            agent.wait_for(
+                |out, err| applied(out, err, round - 1),
+                "opens under the last apply",
+            )?;
+            fs::write(&file, yaml(round))?;
+            agent.signal(libc::SIGHUP);
+        }
+        agent.wait_for(
+            |out, err| applied(out, err, ROUNDS),
+            "opens under the last apply",
+        )?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().expect("the reader")
+    })?;
+    ensure!(
+        denied == tries && allowed == tries,
+        "of {tries} opens each, {denied} of /secret/f refused and {allowed} of /public/f allowed"
+    );
+    let err = agent.stderr();
+    ensure!(
+        !err.contains("with fanotify"),
+        "the re-applied guard left BPF:\n{err}"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// Names as lines give them: a guarded name of 63 bytes (what a record holds) whole, with no
+/// name used; a hard link named by it and more, cut (`…`) after ` via `, never taken for
+/// it; a path of more names than a record keeps, by its last ones.
+fn names() -> Result<()> {
+    // The most a record holds of one name (janus_common::NAME_LEN, less its NUL).
+    let long = "n".repeat(63);
+    let deep = "secret/1/2/3/4/5/6/7/8/9/leaf";
+    let root = tree("names", &[&format!("data/{long}"), deep])?;
+    fs::hard_link(
+        root.join(format!("data/{long}")),
+        root.join(format!("data/{long}-link")),
+    )?;
+    let t = Target::start(&root)?;
+    let mut agent = Agent::start(
+        "names",
+        &guard_yaml(&format!(
+            "  - deny: [/data/{long}, /secret]\n    events: [open]\n"
+        )),
+        t.pid,
+    )?;
+    for path in [
+        format!("/data/{long}"),
+        format!("/data/{long}-link"),
+        format!("/{deep}"),
+    ] {
+        ensure!(
+            t.child_open(&path, false)? == Opened::Eperm,
+            "{path} must be denied"
+        );
+    }
+    agent.expect_line(&format!("<DENY> OPEN_PERM file '/data/{long}' (vm-pod:vm)"))?;
+    agent.expect_line(&format!(
+        "<DENY> OPEN_PERM file '/data/{long}' via '/data/{long}…' (vm-pod:vm)"
+    ))?;
+    agent.expect_line("<DENY> OPEN_PERM file '/secret/.../3/4/5/6/7/8/9/leaf' (vm-pod:vm)")?;
     agent.stop()?;
     Ok(())
 }
