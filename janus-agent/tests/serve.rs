@@ -214,21 +214,8 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
 /// It joins the host's cgroup namespace and still finds and guards the container.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_in_its_own_cgroup_namespace_finds_containers() {
-    let dir = std::env::temp_dir().join("janus-serve-cgroupns-test");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let root = Root::new(&dir, "rootfs").unwrap();
-    populate(&root).unwrap();
+    let (dir, _root, pod_uid, id, container) = support::pod_container("cgroupns", "3333");
     let me = std::process::id();
-    let pod_uid = format!("3333-{me}");
-    let id = format!("janus-cgns-{me}");
-    let container = Container::run(
-        &root,
-        &id,
-        Some(&format!("/kubepods/besteffort/pod{pod_uid}/{id}")),
-        &[BUSYBOX, "sleep", "600"],
-    )
-    .unwrap();
     // The agent's own pod cgroup, in every hierarchy, and a wrapper that enters it and a
     // new cgroup namespace before it execs the agent.
     let agent_cgroup = format!("kubepods/besteffort/pod4444-{me}/agent");
@@ -317,18 +304,8 @@ exec unshare --cgroup {agent} "$@"
 /// is lifted, so no read succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_read_succeeds_across_re_applies() {
-    let dir = std::env::temp_dir().join("janus-serve-reapply-test");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let root = Root::new(&dir, "rootfs").unwrap();
-    populate(&root).unwrap();
-    let me = std::process::id();
-    let pod_uid = format!("0000-cccc-{me}");
-    let id = format!("janus-reapply-{me}");
-    let cgroup = format!("/kubepods/besteffort/pod{pod_uid}/{id}");
-    let container = std::sync::Arc::new(
-        Container::run(&root, &id, Some(&cgroup), &[BUSYBOX, "sleep", "600"]).unwrap(),
-    );
+    let (dir, root, pod_uid, id, container) = support::pod_container("reapply", "0000-cccc");
+    let container = std::sync::Arc::new(container);
 
     let addr = support::free_addr();
     let args = ["--insecure-plaintext", "--backend", "fanotify"];

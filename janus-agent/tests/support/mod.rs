@@ -6,6 +6,9 @@
 use std::net::{SocketAddr, TcpListener};
 
 use janus_api::agent_v1::{ApplyGuardRequest, GuardRef, PodRef};
+use janus_tests::containerd::Container;
+use janus_tests::scenarios::populate;
+use janus_tests::target::{Root, BUSYBOX};
 
 /// A loopback address nobody listens on.
 pub fn free_addr() -> SocketAddr {
@@ -47,3 +50,24 @@ pub fn apply(
 
 /// Denies opening `/data/secret`.
 pub const DENY_SECRET: &str = r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#;
+
+/// A pod's container for test `name`: a fresh directory, a root with the standard files, and
+/// `sleep` running in containerd under the pod's cgroup as the kubelet's cgroupfs driver
+/// places it, the pod's UID starting with `uid` (hex, as the kubelet's are). Returns
+/// (directory, root, pod UID, container ID, container).
+pub fn pod_container(
+    name: &str,
+    uid: &str,
+) -> (std::path::PathBuf, Root, String, String, Container) {
+    let dir = std::env::temp_dir().join(format!("janus-serve-{name}-test"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "rootfs").unwrap();
+    populate(&root).unwrap();
+    let me = std::process::id();
+    let pod_uid = format!("{uid}-{me}");
+    let id = format!("janus-{name}-{me}");
+    let cgroup = format!("/kubepods/besteffort/pod{pod_uid}/{id}");
+    let container = Container::run(&root, &id, Some(&cgroup), &[BUSYBOX, "sleep", "600"]).unwrap();
+    (dir, root, pod_uid, id, container)
+}

@@ -539,50 +539,36 @@ fn full_maps() -> Result<()> {
     let files = ["secret/f", "public/f"];
     let (a, b) = (tree("full-maps-a", &files)?, tree("full-maps-b", &files)?);
     let (a, b) = (Target::start(&a)?, Target::start(&b)?);
-    let mut agent = Agent::start_with(
-        "full-maps",
-        &guard_yaml("  - deny: [/secret]\n    events: [open]\n"),
-        &[a.pid, b.pid],
-        &["--bpf-max-targets", "1"],
-    )?;
-    agent.wait_for(
-        |_, err| err.contains("--bpf-max-targets") && err.matches("guarding").count() >= 2,
-        "the second target on fanotify, with the reason",
-    )?;
-    for t in [&a, &b] {
-        ensure!(
-            t.child_open("/secret/f", false)? == Opened::Eperm,
-            "/secret/f must be denied in pid {}",
-            t.pid
-        );
-        ensure!(
-            t.child_open("/public/f", false)? == Opened::Ok,
-            "/public/f must open in pid {}",
-            t.pid
-        );
-    }
-    let full = metric(
-        agent.metrics,
-        "janus_placement_failures_total{backend=\"bpf\",kind=\"map\"}",
-    )?;
-    ensure!(full == 1.0, "one full-map placement counted, got {full}");
-    agent.stop()?;
+    // Targets for one: the second of two goes to fanotify.
+    let deny_secret = guard_yaml("  - deny: [/secret]\n    events: [open]\n");
+    let opens_of = |t| [(t, "/secret/f", true), (t, "/public/f", false)];
+    let opens = [opens_of(&a), opens_of(&b)].concat();
+    over_capacity(&deny_secret, &[a.pid, b.pid], "--bpf-max-targets", &opens)?;
+    // Rules for one, and a guard of two paths: the target goes to fanotify whole.
+    let deny_two = guard_yaml("  - deny: [/secret/f, /public/f]\n    events: [open]\n");
+    let opens = [(&a, "/secret/f", true), (&a, "/public/f", true)];
+    over_capacity(&deny_two, &[a.pid], "--bpf-max-rules", &opens)
+}
 
-    // A rule map for one rule, and a guard of two paths: the target goes to fanotify whole.
-    let mut agent = Agent::start_with(
-        "full-rules",
-        &guard_yaml("  - deny: [/secret/f, /public/f]\n    events: [open]\n"),
-        &[a.pid],
-        &["--bpf-max-rules", "1"],
-    )?;
+/// `yaml` on `pids` with the maps sized 1 by `flag`: the agent names the flag and counts one
+/// full-map placement, and every open of `opens` (target, path, denied) is answered right.
+fn over_capacity(
+    yaml: &str,
+    pids: &[i32],
+    flag: &str,
+    opens: &[(&Target, &str, bool)],
+) -> Result<()> {
+    let mut agent = Agent::start_with(&format!("full{flag}"), yaml, pids, &[flag, "1"])?;
     agent.wait_for(
-        |_, err| err.contains("--bpf-max-rules") && err.contains("guarding"),
-        "the target on fanotify, with the reason",
+        |_, err| err.contains(flag) && err.matches("guarding").count() >= pids.len(),
+        "the target over capacity on fanotify, with the reason",
     )?;
-    for path in ["/secret/f", "/public/f"] {
+    for (t, path, denied) in opens {
+        let want = if *denied { Opened::Eperm } else { Opened::Ok };
         ensure!(
-            a.child_open(path, false)? == Opened::Eperm,
-            "{path} must be denied"
+            t.child_open(path, false)? == want,
+            "{path} in pid {}: expected {want:?}",
+            t.pid
         );
     }
     let full = metric(
