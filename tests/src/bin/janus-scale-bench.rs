@@ -50,7 +50,24 @@ fn parse() -> Result<Options> {
     Ok(o)
 }
 
+/// The benchmark holds a few descriptors per container (its namespaces and root): more than
+/// a default soft limit of 1,024 allows at 1,000 containers. Root may raise both limits.
+fn raise_nofile_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: 1 << 16,
+        rlim_max: 1 << 16,
+    };
+    // SAFETY: setrlimit with a valid struct; on failure the default stays.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        eprintln!(
+            "janus-scale-bench: raising RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn main() -> ExitCode {
+    raise_nofile_limit();
     let opts = match parse() {
         Ok(o) => o,
         Err(e) => {
