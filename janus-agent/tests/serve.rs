@@ -66,20 +66,13 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
     let apply =
         |container: &str| support::apply("default", "restart", &pod_uid, &[container], DENY_SECRET);
     client.apply_guard(apply(&first)).await.unwrap();
-    let denied = |c: &Container| {
-        wait::until(
-            "the container to be denied",
-            Duration::from_secs(10),
-            || (c.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()? == Access::Denied).then_some(()),
-        )
-    };
-    denied(&running).unwrap();
+    support::wait_denied(&running);
 
     // The container restarts: the kubelet makes a new one, under a new ID, in the same pod.
     // Nobody tells the agent.
     drop(running);
     let restarted = Container::run(&root, &second, Some(&cgroup(&second)), &sleep).unwrap();
-    denied(&restarted).unwrap();
+    support::wait_denied(&restarted);
     let listed = client
         .list_guards(ListGuardsRequest {})
         .await
@@ -281,15 +274,7 @@ exec unshare --cgroup {agent} "$@"
         .status
         .unwrap();
     assert_eq!(status.containers[0].pid, container.pid(), "{status:?}");
-    wait::until(
-        "the container to be denied",
-        Duration::from_secs(10),
-        || {
-            (container.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()? == Access::Denied)
-                .then_some(())
-        },
-    )
-    .unwrap();
+    support::wait_denied(&container);
     drop(agent);
     drop(container);
     for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
@@ -321,15 +306,7 @@ async fn no_read_succeeds_across_re_applies() {
     };
     let apply = |round: usize| support::apply("default", "reapply", &pod_uid, &[&id], &spec(round));
     client.apply_guard(apply(0)).await.unwrap();
-    wait::until(
-        "the container to be denied",
-        Duration::from_secs(10),
-        || {
-            (container.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()? == Access::Denied)
-                .then_some(())
-        },
-    )
-    .unwrap();
+    support::wait_denied(&container);
 
     let reader = std::thread::spawn({
         let container = container.clone();

@@ -8,7 +8,8 @@ use std::net::{SocketAddr, TcpListener};
 use janus_api::agent_v1::{ApplyGuardRequest, GuardRef, PodRef};
 use janus_tests::containerd::Container;
 use janus_tests::scenarios::populate;
-use janus_tests::target::{Root, BUSYBOX};
+use janus_tests::target::{Access, Root, BUSYBOX};
+use janus_tests::wait;
 
 /// A loopback address nobody listens on.
 pub fn free_addr() -> SocketAddr {
@@ -70,4 +71,17 @@ pub fn pod_container(
     let cgroup = format!("/kubepods/besteffort/pod{pod_uid}/{id}");
     let container = Container::run(&root, &id, Some(&cgroup), &[BUSYBOX, "sleep", "600"]).unwrap();
     (dir, root, pod_uid, id, container)
+}
+
+/// Waits (10 s at most) until reading `/data/secret` in `container` is refused.
+pub fn wait_denied(container: &Container) {
+    wait::until(
+        "the container to be denied",
+        std::time::Duration::from_secs(10),
+        || {
+            (container.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()? == Access::Denied)
+                .then_some(())
+        },
+    )
+    .unwrap();
 }
