@@ -156,13 +156,7 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
         );
     }
 
-    let addr = support::free_addr();
-    let args = ["--insecure-plaintext", "--backend", "fanotify"];
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
-    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
-    let mut client = AgentClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let (_agent, mut client) = support::serve_plain(&dir).await;
     for (leaf, cgroup) in [
         (unit.clone(), format!("/system.slice/{unit}")),
         (
@@ -292,13 +286,7 @@ async fn no_read_succeeds_across_re_applies() {
     let (dir, root, pod_uid, id, container) = support::pod_container("reapply", "0000-cccc");
     let container = std::sync::Arc::new(container);
 
-    let addr = support::free_addr();
-    let args = ["--insecure-plaintext", "--backend", "fanotify"];
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
-    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
-    let mut client = AgentClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let (_agent, mut client) = support::serve_plain(&dir).await;
     let spec = |round: usize| {
         format!(
             r#"{{"subjects":[{{"deny":["/data/secret"],"events":["open"],"tags":{{"round":"{round}"}}}}]}}"#

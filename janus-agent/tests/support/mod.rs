@@ -85,3 +85,21 @@ pub fn wait_denied(container: &Container) {
     )
     .unwrap();
 }
+
+/// `janus-agent serve` in plaintext with the fanotify backend, its files in `dir`, and a
+/// client of its API.
+pub async fn serve_plain(
+    dir: &std::path::Path,
+) -> (
+    janus_tests::agent::Serve,
+    janus_api::agent_v1::agent_client::AgentClient<tonic::transport::Channel>,
+) {
+    let addr = free_addr();
+    let args = ["--insecure-plaintext", "--backend", "fanotify"];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let agent = janus_tests::agent::Serve::start(bin, addr, &args, dir, "agent").unwrap();
+    let client = janus_api::agent_v1::agent_client::AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    (agent, client)
+}
