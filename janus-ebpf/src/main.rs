@@ -30,7 +30,6 @@
 #![no_std]
 #![no_main]
 
-use aya_log_ebpf::warn;
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, generated},
@@ -38,11 +37,12 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::LsmContext,
 };
+use aya_log_ebpf::warn;
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
-    DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
-    MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT,
-    RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK,
+    EV_MODIFY, EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN,
+    RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -600,8 +600,7 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
         }
         Some((rule, key)) => {
             head.verdict = rule.verdict;
-            if head.verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0
-            {
+            if head.verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
                 head.verdict = VERDICT_ALLOW;
                 head.flags |= DECISION_BY_OWNER;
             }
@@ -638,9 +637,10 @@ struct Head {
 }
 
 /// Writes a decision to the ring: `head`, the first `head.depth` names from `leaf` up (those
-/// below the rule), and the path used on mount `mnt`. The record is the caller's own reservation, which no other
-/// program run can touch (a task preempted mid-run shares no working space); when the ring
-/// is full the record is lost and counted, never the decision, which the caller has made.
+/// below the rule), and the path used on mount `mnt`. The record is the caller's own
+/// reservation, which no other program run can touch (a task preempted mid-run shares no
+/// working space); when the ring is full the record is lost and counted, never the
+/// decision, which the caller has made.
 #[inline(always)]
 fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
     let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
@@ -675,16 +675,9 @@ fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8) {
     let mut i = 0;
     // The count is read from the record, untracked by the verifier (see `copy_via`).
     while i < MAX_NAMES && i < usize::from(unsafe { core::ptr::read_volatile(&rec.depth) }) {
-        match read::<*const u8>(named, off.dentry_name) {
-            Ok(name) => {
-                if copy_name(&mut rec.names[i], name) == Some(true) {
-                    rec.names_cut |= 1 << i;
-                }
-            }
-            Err(_) => {
-                rec.names[i][0] = b'?';
-                rec.names[i][1] = 0;
-            }
+        let name = read::<*const u8>(named, off.dentry_name).unwrap_or(core::ptr::null());
+        if copy_name(&mut rec.names[i], name) == Some(true) {
+            rec.names_cut |= 1 << i;
         }
         named = read::<*const u8>(named, off.dentry_parent).unwrap_or(core::ptr::null());
         i += 1;
@@ -692,7 +685,7 @@ fn copy_names(off: &Offsets, rec: &mut Decision, leaf: *const u8) {
 }
 
 /// Copies a dentry's name into `dst`, NUL-terminated: whether it was longer than the field
-/// holds, or `None` (and `?`) if it could not be read.
+/// holds, or `None` (and `?`) if it could not be read (a null `name` included).
 #[inline(always)]
 fn copy_name(dst: &mut [u8; NAME_LEN], name: *const u8) -> Option<bool> {
     let copied = unsafe {
@@ -810,7 +803,6 @@ fn inode_key(off: &Offsets, dentry: *const u8, scope: u32) -> Option<InodeKey> {
     let dev: u32 = read(sb, off.sb_dev).ok()?;
     Some(InodeKey { ino, dev, scope })
 }
-
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -10,7 +10,7 @@ mod audit;
 pub mod btf;
 pub mod rules;
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -167,7 +167,7 @@ impl Maps {
         root: InodeKey,
         scope_id: u32,
         scope: Scope,
-        old: &[InodeKey],
+        old: &HashSet<InodeKey>,
     ) -> Result<(), GuardError> {
         let mut undo = Vec::with_capacity(rules.len());
         let mut result = Ok(());
@@ -390,7 +390,7 @@ fn linked_files(
     scope: u32,
 ) -> Vec<(InodeKey, janus_api::GuardPath)> {
     let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     let mut stack = dirs;
     while let Some((dir, path)) = stack.pop() {
         resolve::for_each_entry(dir.as_fd(), |name, fd| {
@@ -617,14 +617,14 @@ impl Enforcer {
                 .get(&id)
                 .filter(|g| g.scope == scope_id && g.retired.is_none())
         });
-        let old: Vec<InodeKey> = match replaced {
+        let old: HashSet<InodeKey> = match replaced {
             Some(g) => g.paths.keys().copied().collect(),
             None if maps.scopes.get(&scope_id, 0).is_ok() => {
                 return Err(GuardError::Unsupported(format!(
                     "mount namespace {scope_id} of pid {pid} already has a guard in BPF"
                 )))
             }
-            None => Vec::new(),
+            None => HashSet::new(),
         };
         let replaced = replaced.is_some();
         // While both are in the maps, the new keys come on top of the old.
