@@ -53,8 +53,7 @@ impl Agent {
         fs::create_dir_all(dir)?;
         let guard_file = dir.join("guard.yaml");
         fs::write(&guard_file, cfg.guard)?;
-        // A free loopback port: bound, read, released, then handed to the agent.
-        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let addr = free_addr()?;
         let mut cmd = Command::new(cfg.bin);
         cmd.arg("guard").arg("--file").arg(&guard_file);
         for pid in cfg.pids {
@@ -169,6 +168,28 @@ impl Drop for Agent {
     }
 }
 
+/// A free loopback address for a process about to listen: bound, read and released.
+/// The port is taken below the ephemeral range, so no connect (waiting for the listener,
+/// say) can be handed the same port as its source and meet itself (TCP simultaneous open),
+/// holding the port the listener is about to bind.
+pub fn free_addr() -> Result<SocketAddr> {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let low: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("reading ip_local_port_range")?;
+    let span = u32::from(low.saturating_sub(10_000)).max(1);
+    // Start somewhere different in each process so parallel test binaries rarely meet.
+    let start = std::process::id() * 7919 % span;
+    (0..span)
+        .map(|i| 10_000 + ((start + i) % span) as u16)
+        .find_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
+        .context("no free port below the ephemeral range")?
+        .local_addr()
+        .map_err(Into::into)
+}
+
 /// `janus-agent serve` as a real process, killed on drop.
 pub struct Serve(Child);
 
@@ -190,9 +211,17 @@ impl Serve {
             .stderr(fs::File::create(dir.join(format!("{name}.err")))?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let serve = Serve(child);
+        let mut serve = Serve(child);
+        let err = dir.join(format!("{name}.err"));
         wait::until("the agent to listen", STARTUP, || {
-            TcpStream::connect(addr).ok()
+            if let Ok(Some(status)) = serve.0.try_wait() {
+                return Some(Err(status));
+            }
+            TcpStream::connect(addr).ok().map(Ok)
+        })?
+        .map_err(|status| {
+            let stderr = fs::read_to_string(&err).unwrap_or_default();
+            anyhow::anyhow!("the agent exited ({status}) before listening:\n{stderr}")
         })?;
         Ok(serve)
     }

@@ -1,9 +1,9 @@
-//! What the agent's integration tests share: requests to `janus-agent serve`, and a free
-//! loopback address to serve on.
+//! What the agent's integration tests share: requests to `janus-agent serve`, and an agent
+//! to send them to.
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 
 use janus_api::agent_v1::{ApplyGuardRequest, GuardRef, PodRef};
 use janus_tests::containerd::Container;
@@ -13,10 +13,7 @@ use janus_tests::wait;
 
 /// A loopback address nobody listens on.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    janus_tests::agent::free_addr().unwrap()
 }
 
 /// An ApplyGuard of guard `namespace/name` (generation 1) with `spec_json` for pod

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -406,10 +406,7 @@ pub fn agent_bin() -> PathBuf {
 }
 
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    janus_tests::agent::free_addr().unwrap()
 }
 
 /// Polls `check` (off the async threads) until it holds, failing after `within`.

@@ -13,7 +13,7 @@ mod target;
 
 use std::fs;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -116,7 +116,7 @@ impl Agent {
         let file = dir.join("guard.yaml");
         fs::write(&file, yaml)?;
         let (out, err) = (dir.join("stdout"), dir.join("stderr"));
-        let metrics = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let metrics = janus_tests::agent::free_addr()?;
         let child = Command::new(AGENT)
             .args([
                 "guard",
