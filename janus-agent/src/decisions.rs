@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use janus_api::logformat::Specifier;
-use janus_api::{Event, GuardPolicy, LogRecord, Verdict};
+use janus_api::{Event, GuardPolicy, LogRecord, Mode, Verdict};
 use prometheus::IntCounter;
 
 use crate::resolve;
@@ -39,6 +39,8 @@ pub struct Entry {
     /// Index of the deciding subject, for its tags; `None` for internal errors.
     pub subject: Option<usize>,
     pub pid: i32,
+    /// Whether the kernel was told `verdict`, or to allow.
+    pub mode: Mode,
 }
 
 enum Message {
@@ -141,6 +143,7 @@ fn render(e: &Entry, out: &mut String) {
             tags,
             pid: e.pid,
             comm: &comm,
+            mode: e.mode,
         },
         out,
     );

@@ -6,7 +6,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use janus_api::{Event, Verdict};
+use janus_api::{Event, Mode, Verdict};
 
 use crate::state::Phase;
 
@@ -64,12 +64,12 @@ impl Metrics {
         };
         let decisions = counter(
             "janus_decisions_total",
-            "Guard decisions, by guard, namespace, response (allow|deny), event and backend.",
-            &["guard", "namespace", "response", "event", "backend"],
+            "Guard decisions, by guard, namespace, response (allow|deny), event, backend and mode (enforce, or monitor: a deny the kernel was told to allow).",
+            &["guard", "namespace", "response", "event", "backend", "mode"],
         );
         let internal_errors = counter(
             "janus_internal_errors_total",
-            "Events answered without a full decision because of an internal error (answered deny if the guard has deny paths, else allow).",
+            "Events answered without a full decision because of an internal error (answered deny if the guard has enforced deny paths, else allow).",
             &["backend", "kind"],
         );
         let overflows = counter(
@@ -218,13 +218,16 @@ impl Metrics {
         for backend in ["fanotify", "bpf"] {
             for event in Event::ALL {
                 for verdict in [Verdict::Allow, Verdict::Deny] {
-                    let _ = self.decisions.remove_label_values(&[
-                        guard,
-                        namespace,
-                        verdict.as_lower(),
-                        event.kernel_name(),
-                        backend,
-                    ]);
+                    for mode in Mode::ALL {
+                        let _ = self.decisions.remove_label_values(&[
+                            guard,
+                            namespace,
+                            verdict.as_lower(),
+                            event.kernel_name(),
+                            backend,
+                            mode.name(),
+                        ]);
+                    }
                 }
             }
         }
@@ -232,24 +235,26 @@ impl Metrics {
         let _ = self.new_dirs.remove_label_values(&[guard, namespace]);
     }
 
-    /// The decision counters of one guard, one per (response, event).
+    /// The decision counters of one guard, one per (response, event, mode).
     pub fn decision_counters(
         &self,
         guard: &str,
         namespace: &str,
         backend: &str,
     ) -> DecisionCounters {
-        let c = |v: Verdict, e: Event| {
+        let c = |v: Verdict, e: Event, m: Mode| {
             self.decisions.with_label_values(&[
                 guard,
                 namespace,
                 v.as_lower(),
                 e.kernel_name(),
                 backend,
+                m.name(),
             ])
         };
         DecisionCounters {
-            by: Event::ALL.map(|e| [c(Verdict::Allow, e), c(Verdict::Deny, e)]),
+            by: Event::ALL
+                .map(|e| Mode::ALL.map(|m| [c(Verdict::Allow, e, m), c(Verdict::Deny, e, m)])),
         }
     }
 }
@@ -261,11 +266,11 @@ impl Default for Metrics {
 }
 
 pub struct DecisionCounters {
-    by: [[IntCounter; 2]; Event::ALL.len()],
+    by: [[[IntCounter; 2]; Mode::ALL.len()]; Event::ALL.len()],
 }
 
 impl DecisionCounters {
-    pub fn inc(&self, verdict: Verdict, event: Event) {
-        self.by[event as usize][(verdict == Verdict::Deny) as usize].inc();
+    pub fn inc(&self, verdict: Verdict, event: Event, mode: Mode) {
+        self.by[event as usize][mode as usize][(verdict == Verdict::Deny) as usize].inc();
     }
 }

@@ -97,7 +97,7 @@ fn three_hundred_targets_in_one_group() {
     }
     let enforcing = agent.metric("janus_targets{state=\"enforcing\"}").unwrap();
     assert_eq!(enforcing as usize, N);
-    let denied = agent.metric("janus_decisions_total{backend=\"fanotify\",event=\"OPEN_PERM\",guard=\"many\",namespace=\"tests\",response=\"deny\"}").unwrap();
+    let denied = agent.metric("janus_decisions_total{backend=\"fanotify\",event=\"OPEN_PERM\",guard=\"many\",mode=\"enforce\",namespace=\"tests\",response=\"deny\"}").unwrap();
     assert_eq!(denied as usize, N, "one deny line per target");
 }
 

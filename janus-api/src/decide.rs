@@ -1,8 +1,9 @@
 //! The decision rule every backend implements: among the guarded paths that contain the
 //! file and guard the event, the longest wins; at equal length deny wins; `autoAllowOwner`
-//! turns the owner's deny into an allow.
+//! turns the owner's deny into an allow. A subject in `monitor` mode decides the same way;
+//! what differs is only what the kernel is told.
 
-use crate::policy::{Event, EventSet, GuardPath, GuardPolicy};
+use crate::policy::{Event, EventSet, GuardPath, GuardPolicy, Mode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -36,6 +37,7 @@ pub struct Rule {
     pub subject: usize,
     pub events: EventSet,
     pub auto_allow_owner: bool,
+    pub mode: Mode,
 }
 
 /// The outcome for one event.
@@ -45,6 +47,14 @@ pub struct Decision {
     pub subject: usize,
     /// The rule said deny but the owner asked, and the subject has `autoAllowOwner`.
     pub by_owner: bool,
+    pub mode: Mode,
+}
+
+impl Decision {
+    /// Whether the kernel is told to refuse.
+    pub fn refuses(&self) -> bool {
+        self.verdict == Verdict::Deny && self.mode == Mode::Enforce
+    }
 }
 
 /// The rules of one guard in match order.
@@ -55,13 +65,14 @@ pub struct RuleSet {
 
 impl RuleSet {
     pub fn new(mut rules: Vec<Rule>) -> RuleSet {
-        // Longest first, deny before allow: the first covering rule is then the winner.
-        rules.sort_by(|a, b| {
-            b.path
-                .as_bytes()
-                .len()
-                .cmp(&a.path.as_bytes().len())
-                .then_with(|| (b.verdict == Verdict::Deny).cmp(&(a.verdict == Verdict::Deny)))
+        // Longest first, deny before allow, an enforced deny before a monitored one: the
+        // first covering rule is then the winner.
+        rules.sort_by_key(|r| {
+            (
+                std::cmp::Reverse(r.path.as_bytes().len()),
+                r.verdict != Verdict::Deny,
+                r.mode != Mode::Enforce,
+            )
         });
         RuleSet { rules }
     }
@@ -77,6 +88,7 @@ impl RuleSet {
                     subject: i,
                     events: s.events,
                     auto_allow_owner: s.auto_allow_owner,
+                    mode: s.mode,
                 }));
             }
         }
@@ -107,6 +119,7 @@ impl RuleSet {
             },
             subject: rule.subject,
             by_owner,
+            mode: rule.mode,
         })
     }
 }

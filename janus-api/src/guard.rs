@@ -40,6 +40,9 @@ pub struct JanusGuardSpec {
     pub subjects: Vec<Subject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    /// `enforce` (omitted) or `monitor`: decide and log, but let every access through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -60,6 +63,9 @@ pub struct Subject {
     pub audit: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Overrides the guard's `mode` for this subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {

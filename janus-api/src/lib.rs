@@ -14,7 +14,7 @@ pub mod policy;
 pub use decide::{Decision, RuleSet, Verdict};
 pub use guard::{JanusGuard, JanusGuardSpec, LabelSelector, Subject};
 pub use logformat::{LogRecord, LogTemplate};
-pub use policy::{Event, EventSet, GuardPath, GuardPolicy, SubjectPolicy, ValidationErrors};
+pub use policy::{Event, EventSet, GuardPath, GuardPolicy, Mode, SubjectPolicy, ValidationErrors};
 
 /// The agent's gRPC API, `janus.agent.v1`, generated from `proto/janus/agent/v1/agent.proto`.
 #[cfg(feature = "grpc")]

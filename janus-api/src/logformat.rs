@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::decide::Verdict;
-use crate::policy::Event;
+use crate::policy::{Event, Mode};
 
 /// The seed's default format, with `{via}` after the path: empty unless the object was
 /// reached by another name than the guarded one, so an ordinary line is the seed's own.
@@ -14,7 +14,8 @@ pub const DEFAULT_LOG_FORMAT: &str =
 pub enum Specifier {
     Pod,
     Node,
-    /// `ALLOW` or `DENY`.
+    /// `ALLOW` or `DENY`; a denial of a subject in monitor mode, which the kernel was told
+    /// to allow, is `DENY (monitor)`, so no line claims a refusal that did not happen.
     Response,
     /// The seed's own logFormat example prints the response as `{allow}`: an alias.
     Allow,
@@ -32,9 +33,11 @@ pub enum Specifier {
     Name,
     /// ` via '<name>'` when the name differs from the guarded path, else nothing.
     Via,
+    /// `enforce` or `monitor`: the deciding subject's mode.
+    Mode,
 }
 
-const SPECIFIERS: [(&str, Specifier); 14] = [
+const SPECIFIERS: [(&str, Specifier); 15] = [
     ("pod", Specifier::Pod),
     ("node", Specifier::Node),
     ("response", Specifier::Response),
@@ -49,12 +52,13 @@ const SPECIFIERS: [(&str, Specifier); 14] = [
     ("guard", Specifier::Guard),
     ("name", Specifier::Name),
     ("via", Specifier::Via),
+    ("mode", Specifier::Mode),
 ];
 
 /// What [`LogTemplate::parse`] accepts, as a regular expression (RE2, for the CRD's schema
 /// to refuse a bad `logFormat` at admission): single-line text, `{{`, `}}` and the known
 /// specifiers. A unit test keeps it in step with [`SPECIFIERS`].
-pub const LOG_FORMAT_PATTERN: &str = r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard|name|via)\})*$";
+pub const LOG_FORMAT_PATTERN: &str = r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard|name|via|mode)\})*$";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -91,6 +95,7 @@ pub struct LogRecord<'a> {
     pub tags: &'a str,
     pub pid: i32,
     pub comm: &'a [u8],
+    pub mode: Mode,
 }
 
 impl LogTemplate {
@@ -155,7 +160,13 @@ impl LogTemplate {
                 Piece::Spec(spec) => match spec {
                     Specifier::Pod => escape_into(r.pod.as_bytes(), out),
                     Specifier::Node => escape_into(r.node.as_bytes(), out),
-                    Specifier::Response | Specifier::Allow => out.push_str(r.verdict.as_upper()),
+                    Specifier::Response | Specifier::Allow => {
+                        out.push_str(r.verdict.as_upper());
+                        if r.verdict == Verdict::Deny && r.mode == Mode::Monitor {
+                            out.push_str(" (monitor)");
+                        }
+                    }
+                    Specifier::Mode => out.push_str(r.mode.name()),
                     Specifier::Event => out.push_str(r.event.kernel_name()),
                     Specifier::Path => escape_into(r.path, out),
                     Specifier::File => {
@@ -274,6 +285,7 @@ mod tests {
                     tags: "team=a",
                     pid: 1,
                     comm: b"cat",
+                    mode: Mode::Enforce,
                 },
                 &mut line,
             );
@@ -284,6 +296,48 @@ mod tests {
             assert_eq!(n.as_deref(), name);
             assert_eq!(rest, " (web-1:node-a) team=a");
         }
+    }
+
+    #[test]
+    fn a_monitored_denial_says_nothing_was_refused() {
+        let line = |verdict, mode, format: &str| {
+            let mut line = String::new();
+            LogTemplate::parse(format).unwrap().render(
+                &LogRecord {
+                    pod: "web-1",
+                    node: "node-a",
+                    guard: "g",
+                    verdict,
+                    event: Event::Open,
+                    path: b"/data/secret",
+                    name: None,
+                    is_dir: false,
+                    tags: "",
+                    pid: 1,
+                    comm: b"cat",
+                    mode,
+                },
+                &mut line,
+            );
+            line
+        };
+        assert_eq!(
+            line(Verdict::Deny, Mode::Monitor, DEFAULT_LOG_FORMAT),
+            "<DENY (monitor)> OPEN_PERM file '/data/secret' (web-1:node-a)"
+        );
+        assert_eq!(
+            line(Verdict::Deny, Mode::Enforce, DEFAULT_LOG_FORMAT),
+            "<DENY> OPEN_PERM file '/data/secret' (web-1:node-a)"
+        );
+        // An allow is an allow in either mode; the seed's `{allow}` alias says the same.
+        assert_eq!(
+            line(Verdict::Allow, Mode::Monitor, "{allow} {mode}"),
+            "ALLOW monitor"
+        );
+        assert_eq!(
+            line(Verdict::Deny, Mode::Monitor, "{allow} {mode}"),
+            "DENY (monitor) monitor"
+        );
     }
 
     #[test]

@@ -86,6 +86,48 @@ impl fmt::Display for Event {
     }
 }
 
+/// Whether a subject's denials are enforced or only reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The kernel is told the decision.
+    #[default]
+    Enforce,
+    /// Every decision is made, logged and counted, and the kernel is told to allow: what a
+    /// guard would refuse is seen before it refuses anything.
+    Monitor,
+}
+
+impl Mode {
+    /// Every mode, as `spec.mode` spells it.
+    pub const ALL: [Mode; 2] = [Mode::Enforce, Mode::Monitor];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+        }
+    }
+
+    fn parse(raw: &str, field: &str, errors: &mut ValidationErrors) -> Mode {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == raw)
+            .unwrap_or_else(|| {
+                errors.push(
+                    field,
+                    format!("unknown mode {raw:?}; expected enforce or monitor"),
+                );
+                Mode::Enforce
+            })
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A set of [`Event`]s.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct EventSet(u8);
@@ -233,6 +275,8 @@ pub struct SubjectPolicy {
     pub audit: bool,
     /// `key=value` pairs joined by commas, sorted by key, as `{tags}` prints them.
     pub tags: String,
+    /// The subject's own `mode`, else the guard's.
+    pub mode: Mode,
 }
 
 /// A validated label selector.
@@ -319,11 +363,15 @@ impl GuardPolicy {
                 format!("{paths} paths in all; a guard may list at most {MAX_PATHS}"),
             );
         }
+        let mode = spec
+            .mode
+            .as_deref()
+            .map_or(Mode::Enforce, |m| Mode::parse(m, "spec.mode", &mut errors));
         let subjects = spec
             .subjects
             .iter()
             .enumerate()
-            .map(|(i, s)| validate_subject(i, s, &mut errors))
+            .map(|(i, s)| validate_subject(i, s, mode, &mut errors))
             .collect();
         let log_format =
             match LogTemplate::parse(spec.log_format.as_deref().unwrap_or(DEFAULT_LOG_FORMAT)) {
@@ -345,9 +393,21 @@ impl GuardPolicy {
         })
     }
 
-    /// Whether any subject can answer "deny": what an internal error answers for this guard.
-    pub fn has_deny(&self) -> bool {
-        self.subjects.iter().any(|s| !s.deny.is_empty())
+    /// Whether any subject can refuse (deny paths, enforced): then an internal error
+    /// refuses too, else it allows.
+    pub fn can_refuse(&self) -> bool {
+        self.subjects
+            .iter()
+            .any(|s| !s.deny.is_empty() && s.mode == Mode::Enforce)
+    }
+
+    /// The mode of every subject, or `None` when they differ.
+    pub fn mode(&self) -> Option<Mode> {
+        let first = self.subjects.first().map_or(Mode::Enforce, |s| s.mode);
+        self.subjects
+            .iter()
+            .all(|s| s.mode == first)
+            .then_some(first)
     }
 }
 
@@ -375,6 +435,7 @@ fn parse_events(raw: &[String], field: &str, errors: &mut ValidationErrors) -> E
 fn validate_subject(
     i: usize,
     subject: &crate::guard::Subject,
+    guard_mode: Mode,
     errors: &mut ValidationErrors,
 ) -> SubjectPolicy {
     let field = format!("spec.subjects[{i}]");
@@ -421,6 +482,9 @@ fn validate_subject(
         tags.push('=');
         tags.push_str(v);
     }
+    let mode = subject.mode.as_deref().map_or(guard_mode, |m| {
+        Mode::parse(m, &format!("{field}.mode"), errors)
+    });
     SubjectPolicy {
         allow,
         deny,
@@ -429,6 +493,7 @@ fn validate_subject(
         auto_allow_owner: subject.auto_allow_owner,
         audit: subject.audit,
         tags,
+        mode,
     }
 }
 

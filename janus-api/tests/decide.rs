@@ -2,7 +2,7 @@
 
 use janus_api::guard::parse_documents;
 use janus_api::logformat::{escape_into, LogRecord};
-use janus_api::{Event, GuardPolicy, LogTemplate, RuleSet, Verdict};
+use janus_api::{Event, GuardPolicy, LogTemplate, Mode, RuleSet, Verdict};
 
 fn rules(subjects: &str) -> RuleSet {
     let text = format!(
@@ -81,6 +81,41 @@ fn owner_is_allowed_only_with_the_flag() {
     );
 }
 
+#[test]
+fn a_monitored_subject_decides_alike_and_refuses_nothing() {
+    let text = concat!(
+        "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n",
+        "metadata:\n  name: g\nspec:\n  mode: monitor\n  subjects:\n  - deny: [/m]\n",
+        "  - deny: [/e]\n    mode: enforce\n",
+        "  - deny: [/both]\n  - deny: [/both]\n    mode: enforce\n",
+    );
+    let policy = GuardPolicy::from_guard(&parse_documents(text).unwrap()[0]).unwrap();
+    assert_eq!(policy.mode(), None, "the subjects' modes differ");
+    assert!(policy.can_refuse());
+    let r = RuleSet::from_policy(&policy);
+    let d = r.decide(b"/m/x", Event::Open, false).unwrap();
+    assert_eq!(
+        (d.verdict, d.mode, d.refuses()),
+        (Verdict::Deny, Mode::Monitor, false)
+    );
+    let d = r.decide(b"/e/x", Event::Open, false).unwrap();
+    assert_eq!(
+        (d.verdict, d.mode, d.refuses()),
+        (Verdict::Deny, Mode::Enforce, true)
+    );
+    // Two subjects deny one path: the enforced one decides, whatever the order written.
+    let d = r.decide(b"/both", Event::Open, false).unwrap();
+    assert_eq!((d.subject, d.refuses()), (3, true));
+
+    let monitor_only = text.replace("    mode: enforce\n", "");
+    let policy = GuardPolicy::from_guard(&parse_documents(&monitor_only).unwrap()[0]).unwrap();
+    assert_eq!(policy.mode(), Some(Mode::Monitor));
+    assert!(
+        !policy.can_refuse(),
+        "a monitored guard's errors refuse nothing either"
+    );
+}
+
 fn record<'a>(path: &'a [u8], tags: &'a str) -> LogRecord<'a> {
     LogRecord {
         pod: "foo-1-pod",
@@ -94,6 +129,7 @@ fn record<'a>(path: &'a [u8], tags: &'a str) -> LogRecord<'a> {
         pid: 42,
         comm: b"cat",
         name: None,
+        mode: Mode::Enforce,
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use janus_api::guard::parse_documents;
 use janus_api::logformat::LogRecord;
-use janus_api::{Event, GuardPolicy, Verdict};
+use janus_api::{Event, GuardPolicy, Mode, Verdict};
 
 fn fixture(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -68,6 +68,7 @@ fn custom_logformat_renders_the_seed_specifiers() {
             pid: 1,
             comm: b"sh",
             name: None,
+            mode: Mode::Enforce,
         },
         &mut line,
     );

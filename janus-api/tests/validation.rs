@@ -52,6 +52,18 @@ fn unknown_event_is_named_with_its_index() {
 }
 
 #[test]
+fn unknown_modes_are_named_with_their_field() {
+    let e = errors(&guard(
+        "  mode: audit\n  subjects:\n  - deny: [/a]\n  - deny: [/b]\n    mode: Monitor\n",
+    ));
+    assert_eq!(
+        e,
+        "spec.mode: unknown mode \"audit\"; expected enforce or monitor\n\
+         spec.subjects[1].mode: unknown mode \"Monitor\"; expected enforce or monitor"
+    );
+}
+
+#[test]
 fn unknown_log_specifier() {
     let e = errors(&guard(
         "  logFormat: \"{path} {user}\"\n  subjects:\n  - deny: [/a]\n",

@@ -44,6 +44,8 @@ pub const RULE_AUDIT: u8 = 2;
 pub const RULE_ONLY_DIR: u8 = 4;
 /// The guarded inode is a directory: it covers what lies below it.
 pub const RULE_IS_DIR: u8 = 8;
+/// The subject is in monitor mode: its deny is recorded, and the access allowed.
+pub const RULE_MONITOR: u8 = 16;
 
 /// [`Decision::flags`].
 pub const DECISION_AUDIT: u8 = 1;
@@ -59,6 +61,13 @@ pub const DECISION_VIA_CUT: u8 = 16;
 /// [`Decision::via`] holds the names walked up a path that did not lead to the task's root
 /// (a detached mount, one outside its root, or a read that failed on the way).
 pub const DECISION_VIA_DETACHED: u8 = 32;
+/// A deny the kernel was not told: a subject in monitor mode, or a fail-closed denial in a
+/// scope of [`SCOPE_MONITOR`].
+pub const DECISION_MONITOR: u8 = 64;
+
+/// [`Scope::flags`]: every subject of the guard is in monitor mode, so the denials no rule
+/// made (a walk out of depth, a kernel read that failed) are only recorded too.
+pub const SCOPE_MONITOR: u32 = 1;
 
 /// Identity of an inode: the kernel's `super_block.s_dev` (kernel `dev_t` encoding,
 /// `major << 20 | minor`) and `i_ino`, qualified by the scope (mount namespace) whose rule
@@ -107,7 +116,8 @@ pub struct Scope {
     pub guard_id: u32,
     /// autoAllowOwner: the target's process and its parent (host tgids); 0 = none.
     pub owners: [u32; 2],
-    pub _pad: u32,
+    /// `SCOPE_*`.
+    pub flags: u32,
 }
 
 /// One decision, as the ring buffer carries it.

@@ -35,6 +35,7 @@ pub const REQUIREMENT_RULE: &str = "self.operator == 'In' || self.operator == 'N
     status = "JanusGuardStatus",
     shortname = "jg",
     doc = "Guards files in the pods its selector picks: paths to allow or deny, for which events",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".status.mode"}"#,
     printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.podsGuarded"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Degraded","type":"string","jsonPath":".status.conditions[?(@.type==\"Degraded\")].status"}"#,
@@ -49,6 +50,11 @@ pub struct JanusGuardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = janus_api::logformat::LOG_FORMAT_PATTERN))]
     pub log_format: Option<String>,
+    /// `enforce` (the default) or `monitor`: every decision is made, logged and counted,
+    /// but nothing is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "mode_schema")]
+    pub mode: Option<ModeName>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -75,6 +81,10 @@ pub struct Subject {
     pub audit: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Overrides the guard's `mode` for this subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "mode_schema")]
+    pub mode: Option<ModeName>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -89,6 +99,20 @@ pub enum EventName {
     Access,
     Exec,
     Modify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    Enforce,
+    Monitor,
+}
+
+/// The agent's modes, as a plain string enum: schemars would make an optional enum list
+/// `null` among the values, which the API server's structural schemas do not take.
+fn mode_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = janus_api::Mode::ALL.iter().map(|m| m.name()).collect();
+    schemars::json_schema!({ "type": "string", "enum": names })
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -131,6 +155,10 @@ pub struct JanusGuardStatus {
     pub pods_guarded: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `enforce`, `monitor`, or `mixed` when subjects override the guard's mode; absent
+    /// while the spec is not valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -286,7 +286,12 @@ impl Core {
             msgs.sort();
             msgs.dedup();
         }
-        self.update_status(guard, guarded, pending, results.len(), &problems)
+        // `mixed` when subjects override the guard's mode.
+        let mode = policy
+            .as_ref()
+            .ok()
+            .map(|p| p.mode().map_or("mixed", |m| m.name()));
+        self.update_status(guard, guarded, pending, results.len(), &problems, mode)
             .await
     }
 
@@ -376,6 +381,7 @@ impl Core {
         pending: usize,
         selected: usize,
         problems: &Problems,
+        mode: Option<&str>,
     ) -> Result<(), Error> {
         let old = guard.status.clone().unwrap_or_default();
         let now = chrono_now();
@@ -437,6 +443,7 @@ impl Core {
             conditions: vec![ready, degraded.clone()],
             pods_guarded: guarded,
             observed_generation: guard.meta().generation,
+            mode: mode.map(str::to_owned),
         };
         if status == old {
             return Ok(());

@@ -37,7 +37,7 @@ fn crd_is_namespaced_with_status_and_printer_columns() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Pods", "Ready", "Degraded", "Age"]);
+    assert_eq!(columns, ["Mode", "Pods", "Ready", "Degraded", "Age"]);
     let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert_eq!(spec["properties"]["subjects"]["minItems"], 1);
     let subject = &spec["properties"]["subjects"]["items"]["properties"];
@@ -51,6 +51,13 @@ fn crd_is_namespaced_with_status_and_printer_columns() {
         .map(|e| e.as_str().unwrap())
         .collect();
     assert_eq!(events, ["all", "open", "access", "exec", "modify"]);
+    // The API server refuses an unknown mode at `spec.mode` or `spec.subjects[i].mode`
+    // (`Unsupported value`), as the agent does.
+    let modes: Vec<&str> = janus_api::Mode::ALL.iter().map(|m| m.name()).collect();
+    for at in [&spec["properties"]["mode"], &subject["mode"]] {
+        assert_eq!(at["type"], "string");
+        assert_eq!(at["enum"], serde_json::json!(modes));
+    }
 }
 
 #[test]

@@ -222,6 +222,64 @@ async fn a_changed_spec_is_pushed_again() {
     assert_eq!(w.api.status("web").unwrap()["observedGeneration"], 2);
 }
 
+#[tokio::test]
+async fn a_mode_switch_is_pushed_and_shown_in_the_status() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    assert_eq!(w.api.status("web").unwrap()["mode"], "enforce");
+    let with_mode = |generation, spec: serde_json::Value| {
+        let mut g = web_guard(generation);
+        g.spec = serde_json::from_value(spec).unwrap();
+        g
+    };
+    let subjects = json!([{"deny": ["/etc/secret"], "events": ["open"]}]);
+    let selector = json!({"matchLabels": {"app": "web"}});
+    for (generation, spec, shown) in [
+        (
+            2,
+            json!({"selector": selector, "subjects": subjects, "mode": "monitor"}),
+            "monitor",
+        ),
+        (
+            3,
+            json!({"selector": selector, "mode": "monitor",
+                   "subjects": [{"deny": ["/etc/secret"], "mode": "enforce"}, {"deny": ["/tmp/x"]}]}),
+            "mixed",
+        ),
+        (
+            4,
+            json!({"selector": selector, "subjects": subjects, "mode": "enforce"}),
+            "enforce",
+        ),
+    ] {
+        let g = with_mode(generation, spec);
+        let before = w.a.applies.load(Ordering::SeqCst);
+        w.stores.guard(g.clone());
+        w.core.sync_guard(&g).await.unwrap();
+        assert!(
+            w.a.applies.load(Ordering::SeqCst) > before,
+            "{shown}: pushed again"
+        );
+        let digest = janus_api::holding::spec_digest(&g.spec.to_json());
+        assert!(w
+            .a
+            .held
+            .lock()
+            .unwrap()
+            .values()
+            .all(|s| s.spec_digest == digest));
+        let status = w.api.status("web").unwrap();
+        assert_eq!(
+            (
+                status["mode"].as_str(),
+                status["observedGeneration"].as_i64()
+            ),
+            (Some(shown), Some(generation))
+        );
+    }
+}
+
 /// Whatever generation an agent reports, a spec other than the controller's is replaced by
 /// the next pass; one that is the controller's is left alone.
 #[tokio::test]

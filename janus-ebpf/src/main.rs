@@ -34,15 +34,16 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, generated},
     macros::{lsm, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::LsmContext,
 };
 use aya_log_ebpf::warn;
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
-    DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK,
-    EV_MODIFY, EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN,
-    RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    DECISION_MONITOR, DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS,
+    EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES,
+    NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_MONITOR, SCOPE_MONITOR,
+    VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -63,6 +64,12 @@ static RULES: HashMap<InodeKey, Rule> = HashMap::with_max_entries(MAX_RULES, 0);
 static DECISIONS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 /// Decisions the ring buffer had no room for (index 0).
+/// `[EV_RENAME - EV_RENAME]`, `[EV_LINK - EV_RENAME]`: 1 once the loader attached
+/// `path_rename`, `path_link`. A move those let through (monitor mode) is then recorded
+/// there, with the name used, and the `inode_*` hook that follows records nothing more.
+#[map(name = "NAMED")]
+static NAMED: Array<u32> = Array::with_max_entries(2, 0);
+
 #[map(name = "DROPPED")]
 static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -122,7 +129,7 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     let file: *const u8 = ctx.arg(0);
     let (c, mode) = match prepare(file) {
         Prep::Skip => return 0,
-        Prep::Fail => return -EPERM,
+        Prep::Fail(r) => return r,
         Prep::Go(c, mode) => (c, mode),
     };
     // The order of fanotify's permission events: exec, then open; a write-open is also
@@ -155,7 +162,7 @@ pub fn file_permission(ctx: LsmContext) -> i32 {
     let file: *const u8 = ctx.arg(0);
     let c = match prepare(file) {
         Prep::Skip => return 0,
-        Prep::Fail => return -EPERM,
+        Prep::Fail(r) => return r,
         Prep::Go(c, _) => c,
     };
     if mask & MAY_READ != 0 {
@@ -216,7 +223,7 @@ fn map_check(ctx: &LsmContext, file: *const u8) -> i32 {
     }
     match prepare(file) {
         Prep::Skip => 0,
-        Prep::Fail => -EPERM,
+        Prep::Fail(r) => r,
         Prep::Go(c, _) => check(ctx, &c, EV_ACCESS),
     }
 }
@@ -300,44 +307,51 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
     if !off.is_set() {
         return 0;
     }
-    let (scope, guard_id, tgid) = match task_scope(&off) {
+    let (scope, guard_id, tgid, fail) = match task_scope(&off) {
         Prep::Skip => return 0,
-        Prep::Fail => return -EPERM,
-        Prep::Go(c, _) => (c.scope, c.guard_id, c.tgid),
+        Prep::Fail(r) => return r,
+        Prep::Go(c, _) => (c.scope, c.guard_id, c.tgid, c.fail),
     };
     let (Ok(old_parent), Ok(new_parent)) = (
         read::<*const u8>(old, off.dentry_parent),
         read::<*const u8>(new, off.dentry_parent),
     ) else {
-        return -EPERM;
+        return fail;
     };
     let (key, rule, depth) = match nearest_deny(&off, old_parent, scope) {
         Walk::Root => return 0,
-        Walk::Lost => return -EPERM,
+        Walk::Lost => return fail,
         Walk::Found(key, rule, depth) => (key, rule, depth),
     };
     match below(&off, new_parent, scope, key) {
         Walk::Found(..) => return 0,
         Walk::Lost | Walk::Root => {}
     }
-    let head = Head {
+    let monitor = rule.flags & RULE_MONITOR != 0;
+    if monitor && mnt.is_null() && NAMED.get((action - EV_RENAME) as u32) == Some(&1) {
+        return 0;
+    }
+    let mut head = Head {
         guard_id,
         scope,
         tgid,
         subject: rule.subject,
         event: action as u8,
         verdict: VERDICT_DENY,
-        flags: if rule.flags & RULE_AUDIT != 0 {
-            DECISION_AUDIT
-        } else {
-            0
-        },
+        flags: if monitor { DECISION_MONITOR } else { 0 },
         // The object is one level below where the walk started.
         depth: depth as u8 + 1,
         rule: key,
     };
+    if rule.flags & RULE_AUDIT != 0 {
+        head.flags |= DECISION_AUDIT;
+    }
     emit(&off, &head, old, mnt);
-    -EPERM
+    if monitor {
+        0
+    } else {
+        -EPERM
+    }
 }
 
 /// Where a walk up ended.
@@ -430,6 +444,9 @@ struct Call {
     tgid: u32,
     owner: bool,
     is_dir: bool,
+    /// What a failure to decide returns: -EPERM (fail closed), or 0 in a scope whose
+    /// subjects all only monitor.
+    fail: i32,
     leaf: *const u8,
     /// The file's mount (null if unreadable: no name used is given).
     mnt: *const u8,
@@ -439,8 +456,8 @@ struct Call {
 enum Prep {
     /// No guarded scope, overlayfs' backing file, or the loader did not configure us.
     Skip,
-    /// The task is in a guarded scope but a kernel read failed: deny (fail closed).
-    Fail,
+    /// The task is in a guarded scope but a kernel read failed: the scope's `fail`.
+    Fail(i32),
     Go(Call, u32),
 }
 
@@ -483,6 +500,11 @@ fn task_scope(off: &Offsets) -> Prep {
             tgid,
             owner: tgid == scope.owners[0] || tgid == scope.owners[1],
             is_dir: false,
+            fail: if scope.flags & SCOPE_MONITOR != 0 {
+                0
+            } else {
+                -EPERM
+            },
             leaf: core::ptr::null(),
             mnt: core::ptr::null(),
         },
@@ -495,7 +517,8 @@ fn task_scope(off: &Offsets) -> Prep {
 fn fail_if_scoped() -> i32 {
     match task_scope(&offsets()) {
         Prep::Skip => 0,
-        _ => -EPERM,
+        Prep::Fail(r) => r,
+        Prep::Go(c, _) => c.fail,
     }
 }
 
@@ -507,8 +530,8 @@ fn prepare(file: *const u8) -> Prep {
     }
     let Ok(mode) = read::<u32>(file, off.file_f_mode) else {
         return match task_scope(&off) {
-            Prep::Skip => Prep::Skip,
-            _ => Prep::Fail,
+            Prep::Go(c, _) => Prep::Fail(c.fail),
+            other => other,
         };
     };
     // overlayfs opens (and reads) a backing file behind each overlay file: the overlay
@@ -521,13 +544,13 @@ fn prepare(file: *const u8) -> Prep {
         other => return other,
     };
     let Ok(leaf) = read::<*const u8>(file, off.file_dentry) else {
-        return Prep::Fail;
+        return Prep::Fail(c.fail);
     };
     let Ok(inode) = read::<*const u8>(file, off.file_f_inode) else {
-        return Prep::Fail;
+        return Prep::Fail(c.fail);
     };
     let Ok(imode) = read::<u16>(inode, off.inode_mode) else {
-        return Prep::Fail;
+        return Prep::Fail(c.fail);
     };
     c.leaf = leaf;
     c.mnt = read::<*const u8>(file, off.file_mnt).unwrap_or(core::ptr::null());
@@ -567,7 +590,7 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
         }
         let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {
             // An ancestor we cannot read might deny: deny.
-            return -EPERM;
+            return c.fail;
         };
         if parent == dentry || parent.is_null() {
             // The root: nothing guards this file for this event.
@@ -597,6 +620,9 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
                 c.tgid
             );
             head.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
+            if c.fail == 0 {
+                head.flags |= DECISION_MONITOR;
+            }
         }
         Some((rule, key)) => {
             head.verdict = rule.verdict;
@@ -607,12 +633,15 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
             if rule.flags & RULE_AUDIT != 0 {
                 head.flags |= DECISION_AUDIT;
             }
+            if rule.flags & RULE_MONITOR != 0 {
+                head.flags |= DECISION_MONITOR;
+            }
             head.subject = rule.subject;
             head.depth = depth as u8;
             head.rule = key;
         }
     }
-    let deny = head.verdict == VERDICT_DENY;
+    let deny = head.verdict == VERDICT_DENY && head.flags & DECISION_MONITOR == 0;
     // Names only now, for a decision: the log line needs those below the deciding rule (the
     // agent knows the rule's own path), so a file no rule covers copies none.
     emit(off, &head, c.leaf, c.mnt);

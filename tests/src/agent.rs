@@ -180,10 +180,15 @@ pub fn free_addr() -> Result<SocketAddr> {
         .and_then(|p| p.parse().ok())
         .context("reading ip_local_port_range")?;
     let span = u32::from(low.saturating_sub(10_000)).max(1);
-    // Start somewhere different in each process so parallel test binaries rarely meet.
-    let start = std::process::id() * 7919 % span;
+    // Each try of this process takes the next port, so two threads never pick the same one
+    // between its release and their listeners' binds; each process starts elsewhere.
+    static TRIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
     (0..span)
-        .map(|i| 10_000 + ((start + i) % span) as u16)
+        .map(|_| {
+            let i = TRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            10_000 + (start.wrapping_add(i) % span) as u16
+        })
         .find_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
         .context("no free port below the ephemeral range")?
         .local_addr()

@@ -550,6 +550,20 @@ pub fn guard_yaml(name: &str, subjects: &str) -> String {
     )
 }
 
+/// The same guard in monitor mode.
+pub fn monitor_yaml(name: &str, subjects: &str) -> String {
+    guard_yaml(name, subjects).replace("\nspec:\n", "\nspec:\n  mode: monitor\n")
+}
+
+/// How a line starts for a denial the kernel was told (`<DENY>`), or was not.
+fn deny_mark(monitor: bool) -> &'static str {
+    if monitor {
+        "<DENY (monitor)>"
+    } else {
+        "<DENY>"
+    }
+}
+
 /// Where and how scenarios run.
 pub struct Runner<'a> {
     pub agent_bin: &'a Path,
@@ -557,14 +571,21 @@ pub struct Runner<'a> {
     pub agent_args: &'a [&'a str],
     /// Whether the backend under test enforces `modify`.
     pub bpf: bool,
+    /// Each guard in monitor mode: every check the table denies must succeed, with a
+    /// `<DENY (monitor)>` line and a count of it, and nothing may be refused.
+    pub monitor: bool,
     /// Parent of the roots and agent directories.
     pub workdir: &'a Path,
 }
 
 impl Runner<'_> {
-    /// The scenarios that apply to the backend under test.
+    /// The scenarios that apply to the backend under test (in monitor mode, those with
+    /// something to deny).
     pub fn applicable(&self) -> impl Iterator<Item = &'static Scenario> + '_ {
-        TABLE.iter().filter(|s| s.needs == Needs::Any || self.bpf)
+        TABLE.iter().filter(|s| {
+            (s.needs == Needs::Any || self.bpf)
+                && (!self.monitor || s.checks.iter().any(|c| c.expect == Expect::Denied))
+        })
     }
 
     /// Runs every applicable scenario; returns (name, outcome) for each.
@@ -595,10 +616,15 @@ impl Runner<'_> {
                 }
             }
         }
+        let guard = if self.monitor {
+            monitor_yaml(s.name, s.subjects)
+        } else {
+            guard_yaml(s.name, s.subjects)
+        };
         let agent = Agent::start(
             &AgentConfig {
                 bin: self.agent_bin,
-                guard: &guard_yaml(s.name, s.subjects),
+                guard: &guard,
                 pids: &[target.pid()],
                 pod: "scenario-pod",
                 node: "scenario-node",
@@ -609,23 +635,33 @@ impl Runner<'_> {
         for path in s.later {
             root.write(path, b"later\n")?;
         }
+        let mark = deny_mark(self.monitor);
+        // Whether BPF saw a move take an object out of its guard: refused, or in monitor
+        // mode let through (and then the object is outside every rule's walk).
         let mut refused = false;
         for step in s.steps {
             let got = target.exec(&[BUSYBOX, "sh", "-c", step.cmd])?;
             let want_refused = step.bpf_refuses.filter(|_| self.bpf);
             match (&got, want_refused) {
                 (Access::Ok(_), None) => {}
-                (Access::Denied, Some(logged)) => {
+                (Access::Ok(_), Some(logged)) if self.monitor => {
                     refused = true;
                     let quoted = logged.quoted();
-                    agent.wait_line(&format!("a DENY line for {quoted}"), |l| {
-                        l.starts_with("<DENY>") && l.contains(&quoted)
+                    agent.wait_line(&format!("a {mark} line for {quoted}"), |l| {
+                        l.starts_with(mark) && l.contains(&quoted)
+                    })?;
+                }
+                (Access::Denied, Some(logged)) if !self.monitor => {
+                    refused = true;
+                    let quoted = logged.quoted();
+                    agent.wait_line(&format!("a {mark} line for {quoted}"), |l| {
+                        l.starts_with(mark) && l.contains(&quoted)
                     })?;
                 }
                 _ => bail!(
                     "step {:?}: {got:?}, expected it {}",
                     step.cmd,
-                    if want_refused.is_some() {
+                    if want_refused.is_some() && !self.monitor {
                         "refused"
                     } else {
                         "done"
@@ -644,6 +680,24 @@ impl Runner<'_> {
                 || (agent.passes().ok()? >= passes + 2).then_some(()),
             )?;
             self.checks(s, &mut target, &agent, refused)?;
+        }
+        if self.monitor {
+            let counted = agent.metric(&format!(
+                "janus_decisions_total{{backend=\"{}\"",
+                if self.bpf { "bpf" } else { "fanotify" }
+            ))?;
+            let (_, body) = agent.get("/metrics")?;
+            let monitored = body
+                .lines()
+                .filter(|l| l.contains("mode=\"monitor\"") && l.contains("response=\"deny\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+            if monitored < 1.0 || counted < monitored {
+                bail!("janus_decisions_total counts {monitored} monitored denials of {counted}");
+            }
+            if let Some(l) = agent.lines().iter().find(|l| l.starts_with("<DENY>")) {
+                bail!("a guard in monitor mode claims a refusal: {l}");
+            }
         }
         let status = agent.stop()?;
         if !status.success() {
@@ -689,12 +743,32 @@ impl Runner<'_> {
             let absent = |got: &Access| {
                 refused && matches!(got, Access::Failed(m) if m.contains("No such file"))
             };
+            let mark = deny_mark(self.monitor);
+            let quoted = c.line().quoted();
+            let logged = || {
+                agent
+                    .lines()
+                    .iter()
+                    .any(|l| l.starts_with(mark) && l.contains(&quoted))
+            };
+            // In monitor mode what the table denies succeeds, with its line; but under BPF
+            // an object a move took out of its guard is no longer below the rule (the move's
+            // line was the trace).
+            let line_expected = !(self.bpf && refused);
+            let window = if self.monitor {
+                window.max(Duration::from_secs(10))
+            } else {
+                window
+            };
             let last = wait::until(
                 &format!("{:?} {:?} {} to be {:?}", c.who, c.op, c.path, c.expect),
                 window,
                 || {
                     let got = attempt(target, c).ok()?;
                     let ok = match c.expect {
+                        Expect::Denied if self.monitor => {
+                            matches!(got, Access::Ok(_)) && (!line_expected || logged())
+                        }
                         Expect::Denied => got == Access::Denied || absent(&got),
                         Expect::Allowed => matches!(got, Access::Ok(_)),
                     };
@@ -712,10 +786,7 @@ impl Runner<'_> {
                 }
             };
             if got == Access::Denied {
-                let quoted = c.line().quoted();
-                agent.wait_line(&format!("a DENY line for {quoted}"), |l| {
-                    l.starts_with("<DENY>") && l.contains(&quoted)
-                })?;
+                agent.wait_line(&format!("a {mark} line for {quoted}"), |_| logged())?;
             }
         }
         Ok(())

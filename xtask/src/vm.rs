@@ -146,14 +146,22 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     if opts.bpf_tests || default_tests {
         let bin = build_static_bin("janus-tests", BPF_TESTS_BIN)?;
         tests.push(image.add_test(&bin, Vec::new())?);
-        // The same table under both backends on the same kernel: the same answers.
+        // The same table under both backends on the same kernel: the same answers; and
+        // its deny cases again with the guards in monitor mode.
         let table = build_static_bin("janus-tests", "janus-scenarios")?;
-        for backend in ["bpf", "fanotify"] {
+        for (backend, mode) in [
+            ("bpf", "enforce"),
+            ("fanotify", "enforce"),
+            ("bpf", "monitor"),
+            ("fanotify", "monitor"),
+        ] {
             let args = [
                 "--agent",
                 AGENT_VM_PATH,
                 "--backend",
                 backend,
+                "--mode",
+                mode,
                 "--workdir",
                 "/tmp",
             ];

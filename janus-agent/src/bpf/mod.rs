@@ -17,14 +17,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::Lsm;
 use aya::{Btf, Ebpf, EbpfLoader};
-use janus_api::{Event, GuardPolicy, RuleSet, Verdict};
+use janus_api::{Event, GuardPolicy, Mode, RuleSet, Verdict};
 use janus_common::{
-    Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_TOO_DEEP,
-    DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN,
-    EV_RENAME, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, VERDICT_DENY,
+    Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_MONITOR,
+    DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK,
+    EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, SCOPE_MONITOR,
+    VERDICT_DENY,
 };
 
 // The programs' event values are `janus_api::Event`'s: checked here, not by comment.
@@ -63,7 +64,8 @@ const PROGRAMS: [&str; 8] = [
     "inode_rename",
     "inode_link",
 ];
-/// Programs whose absence loses only a log line's ` via `, never a refusal.
+/// Programs whose absence loses only a log line's ` via `, never a refusal; in the order
+/// of the programs' `NAMED` map (rename, link).
 const NAMING_ONLY: [&str; 2] = ["path_rename", "path_link"];
 
 /// `--backend`.
@@ -487,7 +489,18 @@ impl Enforcer {
                         .map_err(|e| StartError::Load(format!("attaching {name}: {e:#}")))
                 });
             match attached {
-                Ok(()) => tracing::debug!(program = name, elapsed = ?t0.elapsed(), "attached"),
+                Ok(()) => {
+                    tracing::debug!(program = name, elapsed = ?t0.elapsed(), "attached");
+                    if let Some(i) = NAMING_ONLY.iter().position(|n| *n == name) {
+                        // The inode hooks leave the record of a monitored move to it.
+                        let mut named: Array<_, u32> = ebpf
+                            .map_mut("NAMED")
+                            .ok_or_else(|| StartError::Load("no NAMED map in the object".into()))?
+                            .try_into()
+                            .map_err(|e| load(&e))?;
+                        named.set(i as u32, 1, 0).map_err(|e| load(&e))?;
+                    }
+                }
                 // The inode hooks refuse the same moves; these only add the name used.
                 Err(e) if NAMING_ONLY.contains(&name) => tracing::warn!(
                     program = name,
@@ -650,7 +663,11 @@ impl Enforcer {
         let scope = Scope {
             guard_id,
             owners,
-            _pad: 0,
+            flags: if guard.mode() == Some(Mode::Monitor) {
+                SCOPE_MONITOR
+            } else {
+                0
+            },
         };
         if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope, &old) {
             self.metrics
@@ -794,16 +811,21 @@ fn handle(
     } else {
         Verdict::Allow
     };
+    let mode = if d.flags & DECISION_MONITOR != 0 {
+        Mode::Monitor
+    } else {
+        Mode::Enforce
+    };
     let path = decision_path(d, g.paths.get(&d.rule).map(Vec::as_slice));
     let name = via_path(d, &path);
-    g.counters.inc(verdict, event);
+    g.counters.inc(verdict, event, mode);
     if d.flags & DECISION_AUDIT != 0 {
         send_audit(
             audit,
             metrics,
             &g.ctx,
             d,
-            (verdict, event),
+            (verdict, event, mode),
             &path,
             name.as_deref(),
         );
@@ -817,6 +839,7 @@ fn handle(
         is_dir: d.flags & DECISION_IS_DIR != 0,
         subject: (d.flags & DECISION_TOO_DEEP == 0).then_some(usize::from(d.subject)),
         pid: d.tgid as i32,
+        mode,
     });
 }
 
@@ -825,7 +848,7 @@ fn send_audit(
     metrics: &Metrics,
     ctx: &LogContext,
     d: &Decision,
-    (verdict, event): (Verdict, Event),
+    (verdict, event, mode): (Verdict, Event, Mode),
     path: &[u8],
     via: Option<&[u8]>,
 ) {
@@ -833,8 +856,9 @@ fn send_audit(
         *audit = audit::AuditLog::open().ok();
     }
     let mut text = format!(
-        "janus: response={} event={} guard={}/{} pod={} pid={} path=",
+        "janus: response={} mode={} event={} guard={}/{} pod={} pid={} path=",
         verdict.as_lower(),
+        mode,
         event.kernel_name(),
         ctx.guard.namespace,
         ctx.guard.name,

@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 
 use janus_api::decide::{Rule as ApiRule, RuleSet, Verdict};
-use janus_api::{Event, GuardPolicy};
+use janus_api::{Event, GuardPolicy, Mode};
 use janus_common::{
     EventRule, InodeKey, Rule, EVENTS, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_IS_DIR,
-    RULE_ONLY_DIR, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    RULE_MONITOR, RULE_ONLY_DIR, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// One guarded path after resolution: what the kernel will find on its walk up.
@@ -27,8 +27,9 @@ pub struct Table {
 
 impl Table {
     /// Adds `rule` at `at`. Two rules on one inode have the same path length (they are the
-    /// same path), so deny wins there; longer paths win in the kernel by being met first on
-    /// the walk up. A subject with onlyDir guards directories only, as under fanotify.
+    /// same path), so deny wins there, an enforced one over a monitored one; longer paths
+    /// win in the kernel by being met first on the walk up. A subject with onlyDir guards
+    /// directories only, as under fanotify.
     pub fn add(&mut self, guard: &GuardPolicy, rule: &ApiRule, at: &Resolved) {
         self.add_events(guard, rule, at, rule.events.iter());
     }
@@ -73,6 +74,9 @@ impl Table {
         if at.is_dir {
             flags |= RULE_IS_DIR;
         }
+        if subject.mode == Mode::Monitor {
+            flags |= RULE_MONITOR;
+        }
         let verdict = match rule.verdict {
             Verdict::Allow => VERDICT_ALLOW,
             Verdict::Deny => VERDICT_DENY,
@@ -80,8 +84,9 @@ impl Table {
         let entry = self.rules.entry(at.key).or_default();
         for event in events {
             let slot = &mut entry.events[event_index(event)];
-            if slot.verdict == VERDICT_NONE
-                || (verdict == VERDICT_DENY && slot.verdict != VERDICT_DENY)
+            let rank =
+                |verdict: u8, flags: u8| (verdict == VERDICT_DENY, flags & RULE_MONITOR == 0);
+            if slot.verdict == VERDICT_NONE || rank(verdict, flags) > rank(slot.verdict, slot.flags)
             {
                 *slot = EventRule {
                     verdict,
@@ -165,5 +170,39 @@ spec:
         assert_eq!(rule.events[EV_ACCESS].verdict, VERDICT_NONE);
         assert!(!t.rules.contains_key(&file.key), "onlyDir must skip a file");
         assert_eq!(t.paths[&dir.key], b"/data");
+    }
+
+    #[test]
+    fn an_enforced_deny_wins_over_a_monitored_one_on_one_inode() {
+        let p = policy(
+            "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
+             metadata: {name: g}\nspec:\n  subjects:\n\
+             \x20 - {deny: [/data], mode: monitor}\n\
+             \x20 - {deny: [/data], mode: enforce}\n",
+        );
+        let at = Resolved {
+            key: InodeKey {
+                ino: 5,
+                dev: 9,
+                scope: 1,
+            },
+            is_dir: true,
+            path: b"/data".to_vec(),
+        };
+        let rules = RuleSet::from_policy(&p);
+        // Added in either order, the map holds the enforced deny.
+        for reversed in [false, true] {
+            let mut t = Table::default();
+            let mut order: Vec<_> = rules.rules().iter().collect();
+            if reversed {
+                order.reverse();
+            }
+            for r in order {
+                t.add(&p, r, &at);
+            }
+            let slot = t.rules[&at.key].events[EV_OPEN];
+            assert_eq!(slot.verdict, VERDICT_DENY);
+            assert_eq!((slot.flags & RULE_MONITOR, slot.subject), (0, 1));
+        }
     }
 }

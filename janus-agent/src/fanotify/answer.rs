@@ -273,9 +273,9 @@ impl Answerer {
             let decided = view.decide(id, name, event, t.owners.contains(&pid));
             drop(view);
             let Some(d) = decided else { continue };
-            let v = d.decision.verdict;
-            t.counters.inc(v, event);
-            if v == Verdict::Deny {
+            let (v, mode) = (d.decision.verdict, d.decision.mode);
+            t.counters.inc(v, event, mode);
+            if d.decision.refuses() {
                 verdict = Verdict::Deny;
             }
             audit |= t.guard().subjects[d.decision.subject].audit;
@@ -295,6 +295,7 @@ impl Answerer {
                 is_dir,
                 subject: Some(d.decision.subject),
                 pid,
+                mode,
             });
         }
         (verdict, audit)

@@ -149,7 +149,7 @@ impl TargetShared {
             id,
             owners,
             counters: metrics.decision_counters(&guard.name, &guard.namespace, BACKEND),
-            on_error: if guard.has_deny() {
+            on_error: if guard.can_refuse() {
                 Verdict::Deny
             } else {
                 Verdict::Allow
@@ -699,7 +699,7 @@ fn mount_ids(pid: i32) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use janus_api::EventSet;
+    use janus_api::{EventSet, Mode};
 
     fn view(rules: &[(&str, Verdict)]) -> View {
         View {
@@ -712,6 +712,7 @@ mod tests {
                         subject: 0,
                         events: EventSet::ALL_KEYWORD,
                         auto_allow_owner: false,
+                        mode: Mode::Enforce,
                     })
                     .collect(),
             ),
@@ -731,6 +732,7 @@ mod tests {
             subject: 0,
             events: e,
             auto_allow_owner: false,
+            mode: Mode::Enforce,
         }
     }
 

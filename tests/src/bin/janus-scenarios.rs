@@ -1,5 +1,5 @@
 //! Runs the scenario table against a backend: `janus-scenarios --agent PATH [--backend B]
-//! [--workdir DIR]`. Prints one line per scenario and a summary; exits 1 if any failed.
+//! [--mode enforce|monitor] [--workdir DIR]`. Prints one line per scenario and a summary; exits 1 if any failed.
 //! Each scenario runs in a process group of its own under a deadline, so one that hangs
 //! fails alone.
 
@@ -16,12 +16,21 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
 fn main() -> ExitCode {
     let mut agent = None;
     let mut backend = None;
+    let mut monitor = false;
     let mut workdir = std::env::temp_dir();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--agent" => agent = args.next().map(PathBuf::from),
             "--backend" => backend = args.next(),
+            "--mode" => match args.next().as_deref() {
+                Some("enforce") => monitor = false,
+                Some("monitor") => monitor = true,
+                other => {
+                    eprintln!("janus-scenarios: --mode takes enforce or monitor, not {other:?}");
+                    return ExitCode::from(2);
+                }
+            },
             "--workdir" => workdir = args.next().map(PathBuf::from).unwrap_or(workdir),
             other => {
                 eprintln!("janus-scenarios: unknown argument {other:?}");
@@ -31,7 +40,8 @@ fn main() -> ExitCode {
     }
     let Some(agent) = agent else {
         eprintln!(
-            "usage: janus-scenarios --agent PATH [--backend auto|bpf|fanotify] [--workdir DIR]"
+            "usage: janus-scenarios --agent PATH [--backend auto|bpf|fanotify] \
+             [--mode enforce|monitor] [--workdir DIR]"
         );
         return ExitCode::from(2);
     };
@@ -43,8 +53,14 @@ fn main() -> ExitCode {
         agent_bin: &agent,
         agent_args: &backend_args,
         bpf: backend.as_deref() == Some("bpf"),
+        monitor,
         workdir: &workdir,
     };
+    println!(
+        "janus-scenarios: backend {}, mode {}",
+        backend.as_deref().unwrap_or("auto"),
+        if monitor { "monitor" } else { "enforce" }
+    );
     let (mut passed, mut failed) = (0, 0);
     for s in runner.applicable() {
         let started = Instant::now();
