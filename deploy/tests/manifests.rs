@@ -776,8 +776,8 @@ fn examples_validate() {
         }
     }
     assert_eq!(
-        seen, 4,
-        "three seed examples and the service-account token guard"
+        seen, 5,
+        "three seed examples and the service-account token guard, enforced and monitored"
     );
 }
 

@@ -296,33 +296,10 @@ async fn no_read_succeeds_across_re_applies() {
     client.apply_guard(apply(0)).await.unwrap();
     support::wait_denied(&container);
 
-    let reader = std::thread::spawn({
-        let container = container.clone();
-        move || {
-            container.exec(&[
-                BUSYBOX,
-                "sh",
-                "-c",
-                "n=0; t=0; while [ ! -e /tmp/stop ]; do t=$((t+1)); echo $t >/tmp/progress; \
-                 cat /data/secret >/dev/null 2>&1 && n=$((n+1)); done; echo reads=$n tries=$t",
-            ])
-        }
-    });
-    // How many reads the reader has tried, as it writes in its root.
-    let progress = || -> Option<u64> {
-        std::fs::read_to_string(root.dir().join("tmp/progress"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
+    let reader = support::LoopReader::start(container.clone(), &root);
     for round in 1..=20 {
         // Reads go on between every two applies.
-        let before = wait::until("the reader to read", Duration::from_secs(10), progress).unwrap();
-        wait::until("the reader to read on", Duration::from_secs(10), || {
-            progress().filter(|&p| p >= before + 2)
-        })
-        .unwrap();
+        reader.wait_tries(2);
         let status = client
             .apply_guard(apply(round))
             .await
@@ -336,22 +313,69 @@ async fn no_read_succeeds_across_re_applies() {
             "round {round}: {status:?}"
         );
     }
-    root.write("/tmp/stop", b"").unwrap();
-    let out = match reader.join().unwrap().unwrap() {
-        Access::Ok(out) => out,
-        other => panic!("the reader: {other:?}"),
+    let tries = reader.stop();
+    assert!(
+        tries.len() > 20,
+        "the reader must have run across the re-applies: {tries:?}"
+    );
+    assert!(
+        tries.iter().all(|&(read, _)| !read),
+        "reads succeeded across re-applies: {tries:?}"
+    );
+}
+
+/// A guard rolled out in monitor mode refuses nothing and logs each would-be denial; the
+/// controller switches it to enforce while a process of the container reads in a loop, and
+/// every read begun after the switch's apply returned is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_read_after_a_switch_from_monitor_to_enforce_is_refused() {
+    let (dir, root, pod_uid, id, container) = support::pod_container("monitor", "0000-dddd");
+    let (_agent, mut client) = support::serve_plain(&dir).await;
+    let spec = |mode: &str| {
+        format!(r#"{{"mode":"{mode}","subjects":[{{"deny":["/data/secret"],"events":["open"]}}]}}"#)
     };
-    let tries: u64 = out
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("tries="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {out:?}"));
+    let apply = |mode: &str| support::apply("default", "monitor", &pod_uid, &[&id], &spec(mode));
+    client.apply_guard(apply("monitor")).await.unwrap();
+    let logged = |start: &str| {
+        std::fs::read_to_string(dir.join("agent.out"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(start) && l.contains("'/data/secret'"))
+            .count()
+    };
+    // Every read goes through, and is logged as the denial it would have been.
+    wait::until("a would-be denial logged", Duration::from_secs(10), || {
+        let read = container.exec(&[BUSYBOX, "cat", "/data/secret"]).ok()?;
+        assert_eq!(read, Access::Ok("secret".into()), "monitor mode refused");
+        (logged("<DENY (monitor)> OPEN_PERM") > 0).then_some(())
+    })
+    .unwrap();
+
+    let reader = support::LoopReader::start(std::sync::Arc::new(container), &root);
+    reader.wait_tries(5);
+    let status = client
+        .apply_guard(apply("enforce"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.containers[0].phase, ContainerPhase::Enforced as i32);
+    // Tries up to `done` had ended; the next may have begun before the switch.
+    let done = reader.wait_tries(20);
+    let tries = reader.stop();
     assert!(
-        tries > 20,
-        "the reader must have run across the re-applies: {out}"
+        tries.iter().any(|&(read, n)| read && n <= done),
+        "under monitor reads went through: {tries:?}"
+    );
+    let late: Vec<_> = tries.iter().filter(|&&(_, n)| n > done + 1).collect();
+    assert!(
+        late.len() >= 19,
+        "too few reads after the switch: {tries:?}"
     );
     assert!(
-        out.starts_with("reads=0 "),
-        "reads succeeded across re-applies: {out}"
+        late.iter().all(|&&(read, _)| !read),
+        "a read after the switch went through: {tries:?}"
     );
+    assert!(logged("<DENY> OPEN_PERM") >= late.len());
 }

@@ -115,6 +115,19 @@ mod tests {
         GuardPolicy::from_guard(&parse_documents(yaml).unwrap()[0]).unwrap()
     }
 
+    /// Inode `ino` of scope 1, at `path`.
+    fn resolved(ino: u64, is_dir: bool, path: &str) -> Resolved {
+        Resolved {
+            key: InodeKey {
+                ino,
+                dev: 9,
+                scope: 1,
+            },
+            is_dir,
+            path: path.as_bytes().to_vec(),
+        }
+    }
+
     const GUARD: &str = r#"
 apiVersion: januscontroller.clustergarage.io/v1alpha1
 kind: JanusGuard
@@ -136,24 +149,7 @@ spec:
     fn deny_wins_on_one_inode_and_only_dir_skips_files() {
         let p = policy(GUARD);
         let mut t = Table::default();
-        let dir = Resolved {
-            key: InodeKey {
-                ino: 5,
-                dev: 9,
-                scope: 1,
-            },
-            is_dir: true,
-            path: b"/data".to_vec(),
-        };
-        let file = Resolved {
-            key: InodeKey {
-                ino: 6,
-                dev: 9,
-                scope: 1,
-            },
-            is_dir: false,
-            path: b"/only".to_vec(),
-        };
+        let (dir, file) = (resolved(5, true, "/data"), resolved(6, false, "/only"));
         for r in RuleSet::from_policy(&p).rules() {
             let at = if r.path.as_bytes() == b"/data" {
                 &dir
@@ -180,15 +176,7 @@ spec:
              \x20 - {deny: [/data], mode: monitor}\n\
              \x20 - {deny: [/data], mode: enforce}\n",
         );
-        let at = Resolved {
-            key: InodeKey {
-                ino: 5,
-                dev: 9,
-                scope: 1,
-            },
-            is_dir: true,
-            path: b"/data".to_vec(),
-        };
+        let at = resolved(5, true, "/data");
         let rules = RuleSet::from_policy(&p);
         // Added in either order, the map holds the enforced deny.
         for reversed in [false, true] {

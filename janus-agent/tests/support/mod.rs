@@ -100,3 +100,67 @@ pub async fn serve_plain(
         .unwrap();
     (agent, client)
 }
+
+/// A process of a container reading `/data/secret` in a loop until stopped: each try
+/// appends `ok N` or `no N` to `/tmp/reads` in the container's root, then writes `N` to
+/// `/tmp/progress`.
+pub struct LoopReader {
+    root: std::path::PathBuf,
+    thread: std::thread::JoinHandle<anyhow::Result<Access>>,
+}
+
+impl LoopReader {
+    pub fn start(container: std::sync::Arc<Container>, root: &Root) -> LoopReader {
+        let thread = std::thread::spawn(move || {
+            container.exec(&[
+                BUSYBOX,
+                "sh",
+                "-c",
+                "t=0; while [ ! -e /tmp/stop ]; do t=$((t+1)); \
+                 if cat /data/secret >/dev/null 2>&1; then echo ok $t; else echo no $t; fi >>/tmp/reads; \
+                 echo $t >/tmp/progress; done",
+            ])
+        });
+        LoopReader {
+            root: root.dir().to_owned(),
+            thread,
+        }
+    }
+
+    /// How many tries have ended.
+    pub fn progress(&self) -> Option<u64> {
+        std::fs::read_to_string(self.root.join("tmp/progress"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Waits (10 s at most) until `n` more tries have ended than had now; returns how many
+    /// had.
+    pub fn wait_tries(&self, n: u64) -> u64 {
+        let now = self.progress().unwrap_or(0);
+        wait::until(
+            "the reader to read on",
+            std::time::Duration::from_secs(10),
+            || self.progress().filter(|&p| p >= now + n),
+        )
+        .unwrap();
+        now
+    }
+
+    /// Stops the loop; returns each try, in order: (whether it read, its number).
+    pub fn stop(self) -> Vec<(bool, u64)> {
+        std::fs::write(self.root.join("tmp/stop"), b"").unwrap();
+        let out = self.thread.join().unwrap().unwrap();
+        assert!(matches!(out, Access::Ok(_)), "the reader: {out:?}");
+        std::fs::read_to_string(self.root.join("tmp/reads"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (read, n) = l.split_once(' ').expect("`ok N` or `no N`");
+                (read == "ok", n.parse().expect("a try's number"))
+            })
+            .collect()
+    }
+}

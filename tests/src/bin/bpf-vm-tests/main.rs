@@ -34,7 +34,7 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: [(&str, Scenario); 17] = [
+    let scenarios: [(&str, Scenario); 18] = [
         ("deny", deny),
         ("allow-longest-path", allow_longest_path),
         ("recursion", recursion),
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         ("full-maps", full_maps),
         ("exchange", exchange),
         ("reapply", reapply),
+        ("monitor-to-enforce", monitor_to_enforce),
         ("names", names),
     ];
     let mut failed = 0;
@@ -672,6 +673,78 @@ fn reapply() -> Result<()> {
     Ok(())
 }
 
+/// A guard in monitor mode lets reads of its denied file through and logs each as
+/// `<DENY (monitor)>`; switched to enforce (the file edited, SIGHUP) while children read in
+/// a loop, every read begun once the switch is applied is refused, and the target stays in
+/// BPF.
+fn monitor_to_enforce() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let root = tree("monitor-to-enforce", &["secret/f", "public/f"])?;
+    let t = Target::start(&root)?;
+    let yaml = |mode: &str| {
+        guard_yaml("  - deny: [/secret]\n    events: [open]\n")
+            .replace("spec:\n", &format!("spec:\n  mode: {mode}\n"))
+    };
+    let mut agent = Agent::start("monitor-to-enforce", &yaml("monitor"), t.pid)?;
+    let file = Path::new(WORK).join("agent-monitor-to-enforce/guard.yaml");
+    ensure!(
+        t.child_open("/secret/f", false)? == Opened::Ok,
+        "a guard in monitor mode must refuse nothing"
+    );
+    agent.wait_for(
+        |out, _| {
+            out.lines()
+                .any(|l| l.trim_end() == "<DENY (monitor)> OPEN_PERM file '/secret/f' (vm-pod:vm)")
+        },
+        "the would-be denial logged",
+    )?;
+    let (switched, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+    // (refused, tries) of the batches begun before and after the switch was applied.
+    type Counts = ((u32, u32), (u32, u32));
+    let (before, after) = std::thread::scope(|s| -> Result<Counts> {
+        let reader = s.spawn(|| -> Result<Counts> {
+            let (mut before, mut after) = ((0, 0), (0, 0));
+            while !stop.load(Relaxed) {
+                let late = switched.load(Relaxed);
+                let (refused, _) = t.child_load("/secret/f", "/public/f", 2, 20)?;
+                let counts: &mut (u32, u32) = if late { &mut after } else { &mut before };
+                *counts = (counts.0 + refused, counts.1 + 40);
+            }
+            Ok((before, after))
+        });
+        let lines = |out: &str, start: &str| out.lines().filter(|l| l.starts_with(start)).count();
+        agent.wait_for(
+            |out, _| lines(out, "<DENY (monitor)>") >= 40,
+            "reads under monitor",
+        )?;
+        fs::write(&file, yaml("enforce"))?;
+        agent.signal(libc::SIGHUP);
+        agent.wait_for(
+            |_, err| err.contains("SIGHUP: guards applied again"),
+            "the switch applied",
+        )?;
+        switched.store(true, Relaxed);
+        agent.wait_for(|out, _| lines(out, "<DENY> ") >= 200, "reads under enforce")?;
+        stop.store(true, Relaxed);
+        reader.join().expect("the reader")
+    })?;
+    ensure!(
+        before.1 > 0 && before.0 < before.1,
+        "under monitor reads must go through: {before:?} (refused, tries)"
+    );
+    ensure!(
+        after.1 > 0 && after.0 == after.1,
+        "every read begun after the switch must be refused: {after:?} (refused, tries)"
+    );
+    let err = agent.stderr();
+    ensure!(
+        !err.contains("with fanotify"),
+        "the switched guard left BPF:\n{err}"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
 /// Names as lines give them: a guarded name of 63 bytes (what a record holds) whole, with no
 /// name used; a hard link named by it and more, cut (`…`) after ` via `, never taken for
 /// it; a path of more names than a record keeps, by its last ones.
@@ -772,7 +845,7 @@ fn audit() -> Result<()> {
     )?;
     ensure!(t.child_open("/secret/a", false)? == Opened::Eperm, "denied");
     let path: String = "/secret/a".bytes().map(|b| format!("{b:02X}")).collect();
-    let record = "janus: response=deny event=OPEN_PERM guard=default/vm pod=vm-pod";
+    let record = "janus: response=deny mode=enforce event=OPEN_PERM guard=default/vm pod=vm-pod";
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let log = kernel_log()?;
