@@ -2,14 +2,14 @@
 # Installs what `cargo xtask build-ebpf` and `cargo xtask vm-test` need:
 #   - nightly Rust with rust-src (janus-ebpf is built with -Z build-std=core),
 #   - bpf-linker built against Debian's LLVM 22,
-#   - QEMU and a static busybox for the test VM.
+#   - QEMU and a static busybox for the test VM, xz to decompress kernel modules.
 # Idempotent: each step is skipped when already done, so a second run takes
 # about a second.
 set -euo pipefail
 
 LLVM_MAJOR=22
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=("llvm-${LLVM_MAJOR}-dev" qemu-system-x86 busybox-static)
+APT_PACKAGES=("llvm-${LLVM_MAJOR}-dev" qemu-system-x86 busybox-static xz-utils)
 # What vm-test boots (it downloads the newest one itself with apt-get download).
 KERNEL_PATTERN='^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$'
 

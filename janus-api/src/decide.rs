@@ -1,7 +1,8 @@
 //! The decision rule every backend implements: among the guarded paths that contain the
 //! file and guard the event, the longest wins; at equal length deny wins; `autoAllowOwner`
-//! turns the owner's deny into an allow. A subject in `monitor` mode decides the same way;
-//! what differs is only what the kernel is told.
+//! turns the owner's deny into an allow. Subjects in `monitor` mode never change what the
+//! kernel is told: the answer is the enforced subjects' alone, and a monitored deny that
+//! would have refused what they let through is reported as such.
 
 use crate::policy::{Event, EventSet, GuardPath, GuardPolicy, Mode};
 
@@ -55,6 +56,16 @@ impl Decision {
     pub fn refuses(&self) -> bool {
         self.verdict == Verdict::Deny && self.mode == Mode::Enforce
     }
+
+    /// Which of two decisions on one object (by two of its names) to report: a refusal,
+    /// else a would-be refusal, else the first.
+    pub fn rank(&self) -> u8 {
+        match (self.verdict, self.mode) {
+            (Verdict::Deny, Mode::Enforce) => 2,
+            (Verdict::Deny, Mode::Monitor) => 1,
+            (Verdict::Allow, _) => 0,
+        }
+    }
 }
 
 /// The rules of one guard in match order.
@@ -65,13 +76,12 @@ pub struct RuleSet {
 
 impl RuleSet {
     pub fn new(mut rules: Vec<Rule>) -> RuleSet {
-        // Longest first, deny before allow, an enforced deny before a monitored one: the
-        // first covering rule is then the winner.
+        // Longest first, deny before allow: the first covering rule of a mode is then that
+        // mode's winner.
         rules.sort_by_key(|r| {
             (
                 std::cmp::Reverse(r.path.as_bytes().len()),
                 r.verdict != Verdict::Deny,
-                r.mode != Mode::Enforce,
             )
         });
         RuleSet { rules }
@@ -104,22 +114,33 @@ impl RuleSet {
     }
 
     /// The decision for `event` on the file at `path` (as the container sees it), or `None`
-    /// when no rule guards it.
+    /// when no rule guards it: the enforced rules' (longest path first), unless it lets the
+    /// access through and the monitored rules' would refuse it.
     pub fn decide(&self, path: &[u8], event: Event, is_owner: bool) -> Option<Decision> {
-        let rule = self
+        let covering = self
             .rules
             .iter()
-            .find(|r| r.events.contains(event) && r.path.covers(path))?;
-        let by_owner = rule.verdict == Verdict::Deny && is_owner && rule.auto_allow_owner;
-        Some(Decision {
-            verdict: if by_owner {
-                Verdict::Allow
-            } else {
-                rule.verdict
-            },
-            subject: rule.subject,
-            by_owner,
-            mode: rule.mode,
-        })
+            .filter(|r| r.events.contains(event) && r.path.covers(path));
+        let by_mode = |mode| covering.clone().find(|r| r.mode == mode);
+        let outcome = |rule: &Rule| {
+            let by_owner = rule.verdict == Verdict::Deny && is_owner && rule.auto_allow_owner;
+            Decision {
+                verdict: if by_owner {
+                    Verdict::Allow
+                } else {
+                    rule.verdict
+                },
+                subject: rule.subject,
+                by_owner,
+                mode: rule.mode,
+            }
+        };
+        let enforced = by_mode(Mode::Enforce).map(outcome);
+        let monitored = by_mode(Mode::Monitor).map(outcome);
+        match (enforced, monitored) {
+            (Some(e), _) if e.refuses() => Some(e),
+            (_, Some(m)) if m.verdict == Verdict::Deny => Some(m),
+            (e, m) => e.or(m),
+        }
     }
 }

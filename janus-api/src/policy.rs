@@ -401,6 +401,16 @@ impl GuardPolicy {
             .any(|s| !s.deny.is_empty() && s.mode == Mode::Enforce)
     }
 
+    /// Whether the guard has deny paths and every one is in monitor mode: then nothing it
+    /// does may refuse, not even what would fail closed.
+    pub fn monitors_only(&self) -> bool {
+        !self.can_refuse()
+            && self
+                .subjects
+                .iter()
+                .any(|s| !s.deny.is_empty() && s.mode == Mode::Monitor)
+    }
+
     /// The mode of every subject, or `None` when they differ.
     pub fn mode(&self) -> Option<Mode> {
         let first = self.subjects.first().map_or(Mode::Enforce, |s| s.mode);

@@ -91,7 +91,7 @@ fn a_monitored_subject_decides_alike_and_refuses_nothing() {
     );
     let policy = GuardPolicy::from_guard(&parse_documents(text).unwrap()[0]).unwrap();
     assert_eq!(policy.mode(), None, "the subjects' modes differ");
-    assert!(policy.can_refuse());
+    assert!(policy.can_refuse() && !policy.monitors_only());
     let r = RuleSet::from_policy(&policy);
     let d = r.decide(b"/m/x", Event::Open, false).unwrap();
     assert_eq!(
@@ -107,11 +107,35 @@ fn a_monitored_subject_decides_alike_and_refuses_nothing() {
     let d = r.decide(b"/both", Event::Open, false).unwrap();
     assert_eq!((d.subject, d.refuses()), (3, true));
 
+    // A monitored subject never weakens an enforced one: neither a longer monitored allow
+    // nor a longer monitored deny inside an enforced deny lets the access through.
+    let nested = concat!(
+        "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n",
+        "metadata:\n  name: g\nspec:\n  subjects:\n  - deny: [/data]\n",
+        "  - {allow: [/data/trial], deny: [/data/trial/x], mode: monitor}\n",
+        "  - {allow: [/open], mode: enforce}\n  - {deny: [/open/x], mode: monitor}\n",
+    );
+    let r = RuleSet::from_policy(
+        &GuardPolicy::from_guard(&parse_documents(nested).unwrap()[0]).unwrap(),
+    );
+    for path in ["/data/trial/f", "/data/trial/x"] {
+        let d = r.decide(path.as_bytes(), Event::Open, false).unwrap();
+        assert_eq!((d.subject, d.refuses()), (0, true), "{path}");
+    }
+    // Inside an enforced allow, a monitored deny is reported, and nothing refused.
+    let d = r.decide(b"/open/x", Event::Open, false).unwrap();
+    assert_eq!(
+        (d.verdict, d.mode, d.refuses()),
+        (Verdict::Deny, Mode::Monitor, false)
+    );
+    let d = r.decide(b"/open/y", Event::Open, false).unwrap();
+    assert_eq!((d.verdict, d.mode), (Verdict::Allow, Mode::Enforce));
+
     let monitor_only = text.replace("    mode: enforce\n", "");
     let policy = GuardPolicy::from_guard(&parse_documents(&monitor_only).unwrap()[0]).unwrap();
     assert_eq!(policy.mode(), Some(Mode::Monitor));
     assert!(
-        !policy.can_refuse(),
+        !policy.can_refuse() && policy.monitors_only(),
         "a monitored guard's errors refuse nothing either"
     );
 }

@@ -65,8 +65,9 @@ pub const DECISION_VIA_DETACHED: u8 = 32;
 /// scope of [`SCOPE_MONITOR`].
 pub const DECISION_MONITOR: u8 = 64;
 
-/// [`Scope::flags`]: every subject of the guard is in monitor mode, so the denials no rule
-/// made (a walk out of depth, a kernel read that failed) are only recorded too.
+/// [`Scope::flags`]: the guard's denies are all in monitor mode, so what would fail closed
+/// (a walk out of depth, a kernel read that failed) is let through, and recorded as
+/// monitored; as fanotify answers its errors.
 pub const SCOPE_MONITOR: u32 = 1;
 
 /// Identity of an inode: the kernel's `super_block.s_dev` (kernel `dev_t` encoding,
@@ -99,14 +100,22 @@ pub struct EventRule {
     pub subject: u16,
 }
 
-/// Value of the rule map: what a guarded inode says per event. The loader merges the
-/// rules of one path so that deny wins at equal length; longer paths win by being nearer
-/// to the file on the walk up.
+/// Value of the rule map: what a guarded inode says per event, for the enforced subjects
+/// and for those in monitor mode apart. The loader merges the rules of one path so that
+/// deny wins at equal length; longer paths win by being nearer to the file on the walk
+/// up. The kernel's answer is the enforced rules' alone; a monitored deny only reports
+/// what they let through.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
     pub events: [EventRule; EVENTS],
+    /// The same for subjects in monitor mode (each with `RULE_MONITOR`).
+    pub monitor: [EventRule; EVENTS],
 }
+
+const _: () = assert!(core::mem::size_of::<EventRule>() == 4);
+const _: () = assert!(core::mem::size_of::<Rule>() == 2 * EVENTS * 4);
+const _: () = assert!(core::mem::offset_of!(Rule, monitor) == EVENTS * 4);
 
 /// Value of the scope map, keyed by mount namespace inode number: one enforced target.
 #[repr(C)]

@@ -39,11 +39,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use janus_common::{
-    Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR,
-    DECISION_MONITOR, DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS,
-    EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES,
-    NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_MONITOR, SCOPE_MONITOR,
-    VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    Decision, EventRule, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER,
+    DECISION_IS_DIR, DECISION_MONITOR, DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED,
+    EVENTS, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES,
+    MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_MONITOR,
+    SCOPE_MONITOR, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -114,6 +114,18 @@ const S_IFDIR: u16 = 0o040000;
 const PROT_READ: u64 = 0x1;
 const PROT_EXEC: u64 = 0x4;
 const RENAME_EXCHANGE: u32 = 0x2;
+/// What a program returns: 0, or -EPERM for any refusal (the previous program's too). The
+/// kernel (6.10 and later) checks that an LSM program's result is an error code, and an
+/// answer carried in a register across calls is not known to be one.
+#[inline(always)]
+fn exit_code(r: i32) -> i32 {
+    if r == 0 {
+        0
+    } else {
+        -EPERM
+    }
+}
+
 /// Steps of the walk for the name used: names (it keeps the last `MAX_NAMES`, and walks on to
 /// find the root) and mounts crossed. Deeper, the path is given as not reaching the root.
 const VIA_STEPS: usize = 3 * MAX_NAMES;
@@ -121,6 +133,11 @@ const _: () = assert!(MAX_NAMES.is_power_of_two());
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
+    exit_code(file_open_answer(ctx))
+}
+
+#[inline(always)]
+fn file_open_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, file_open, struct file *file) + the previous program's return value.
     let retval: i32 = ctx.arg(1);
     if retval != 0 {
@@ -150,6 +167,11 @@ pub fn file_open(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "file_permission")]
 pub fn file_permission(ctx: LsmContext) -> i32 {
+    exit_code(file_permission_answer(ctx))
+}
+
+#[inline(always)]
+fn file_permission_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, file_permission, struct file *file, int mask) + previous retval.
     let retval: i32 = ctx.arg(2);
     if retval != 0 {
@@ -179,6 +201,11 @@ pub fn file_permission(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "mmap_file")]
 pub fn mmap_file(ctx: LsmContext) -> i32 {
+    exit_code(mmap_file_answer(ctx))
+}
+
+#[inline(always)]
+fn mmap_file_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, mmap_file, struct file *file, unsigned long reqprot,
     //          unsigned long prot, unsigned long flags) + previous retval.
     let retval: i32 = ctx.arg(4);
@@ -191,6 +218,11 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "file_mprotect")]
 pub fn file_mprotect(ctx: LsmContext) -> i32 {
+    exit_code(file_mprotect_answer(ctx))
+}
+
+#[inline(always)]
+fn file_mprotect_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, file_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
     //          unsigned long prot) + previous retval.
     let retval: i32 = ctx.arg(3);
@@ -230,6 +262,11 @@ fn map_check(ctx: &LsmContext, file: *const u8) -> i32 {
 
 #[lsm(hook = "inode_rename")]
 pub fn inode_rename(ctx: LsmContext) -> i32 {
+    exit_code(inode_rename_answer(ctx))
+}
+
+#[inline(always)]
+fn inode_rename_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, inode_rename, struct inode *old_dir, struct dentry *old_dentry,
     //          struct inode *new_dir, struct dentry *new_dentry) + previous retval. An
     // exchange calls it twice, once each way.
@@ -244,6 +281,11 @@ pub fn inode_rename(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "inode_link")]
 pub fn inode_link(ctx: LsmContext) -> i32 {
+    exit_code(inode_link_answer(ctx))
+}
+
+#[inline(always)]
+fn inode_link_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, inode_link, struct dentry *old_dentry, struct inode *dir,
     //          struct dentry *new_dentry) + previous retval.
     let retval: i32 = ctx.arg(3);
@@ -257,6 +299,11 @@ pub fn inode_link(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "path_rename")]
 pub fn path_rename(ctx: LsmContext) -> i32 {
+    exit_code(path_rename_answer(ctx))
+}
+
+#[inline(always)]
+fn path_rename_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, path_rename, const struct path *old_dir, struct dentry *old_dentry,
     //          const struct path *new_dir, struct dentry *new_dentry, unsigned int flags)
     // + previous retval. Called once for an exchange (5.19+): both ways are checked here.
@@ -278,6 +325,11 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "path_link")]
 pub fn path_link(ctx: LsmContext) -> i32 {
+    exit_code(path_link_answer(ctx))
+}
+
+#[inline(always)]
+fn path_link_answer(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, path_link, struct dentry *old_dentry, const struct path *new_dir,
     //          struct dentry *new_dentry) + previous retval.
     let retval: i32 = ctx.arg(3);
@@ -318,16 +370,16 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
     ) else {
         return fail;
     };
-    let (key, rule, depth) = match nearest_deny(&off, old_parent, scope) {
-        Walk::Root => return 0,
+    // The enforced rules first: a move that takes an object out of one is refused.
+    let (key, rule, depth, monitor) = match escape(&off, old_parent, new_parent, scope, false) {
         Walk::Lost => return fail,
-        Walk::Found(key, rule, depth) => (key, rule, depth),
+        Walk::Found(key, rule, depth) => (key, rule, depth, false),
+        // Then the monitored ones: such a move is recorded, and let through.
+        Walk::Root => match escape(&off, old_parent, new_parent, scope, true) {
+            Walk::Found(key, rule, depth) => (key, rule, depth, true),
+            Walk::Root | Walk::Lost => return 0,
+        },
     };
-    match below(&off, new_parent, scope, key) {
-        Walk::Found(..) => return 0,
-        Walk::Lost | Walk::Root => {}
-    }
-    let monitor = rule.flags & RULE_MONITOR != 0;
     if monitor && mnt.is_null() && NAMED.get((action - EV_RENAME) as u32) == Some(&1) {
         return 0;
     }
@@ -361,18 +413,48 @@ enum Walk {
     /// A kernel read failed, or the walk ran out of depth: a hit cannot be ruled out.
     Lost,
     /// The rule's key, its first deny, and how far up it is.
-    Found(InodeKey, janus_common::EventRule, usize),
+    Found(InodeKey, EventRule, usize),
+}
+
+/// The enforced rules of an entry, or its monitored ones.
+#[inline(always)]
+fn slots(rule: &Rule, monitored: bool) -> &[EventRule; EVENTS] {
+    if monitored {
+        &rule.monitor
+    } else {
+        &rule.events
+    }
+}
+
+/// Whether moving the object below `old_parent` to below `new_parent` takes it out of the
+/// nearest directory denying it (among the enforced or the monitored rules): `Found` with
+/// that deny if it does, `Root` if it does not.
+#[inline(always)]
+fn escape(
+    off: &Offsets,
+    old_parent: *const u8,
+    new_parent: *const u8,
+    scope: u32,
+    monitored: bool,
+) -> Walk {
+    match nearest_deny(off, old_parent, scope, monitored) {
+        Walk::Found(key, rule, depth) => match below(off, new_parent, scope, key, monitored) {
+            Walk::Found(..) => Walk::Root,
+            Walk::Lost | Walk::Root => Walk::Found(key, rule, depth),
+        },
+        other => other,
+    }
 }
 
 /// The nearest directory at or above `dentry` with a deny rule for any event.
 #[inline(always)]
-fn nearest_deny(off: &Offsets, dentry: *const u8, scope: u32) -> Walk {
+fn nearest_deny(off: &Offsets, dentry: *const u8, scope: u32, monitored: bool) -> Walk {
     let mut dentry = dentry;
     let mut depth = 0;
     while depth < MAX_DEPTH {
         if let Some(key) = inode_key(off, dentry, scope) {
             if let Some(rule) = unsafe { RULES.get(&key) } {
-                let e = &rule.events;
+                let e = slots(rule, monitored);
                 let deny = if e[EV_OPEN].verdict == VERDICT_DENY {
                     e[EV_OPEN]
                 } else if e[EV_ACCESS].verdict == VERDICT_DENY {
@@ -399,19 +481,28 @@ fn nearest_deny(off: &Offsets, dentry: *const u8, scope: u32) -> Walk {
     Walk::Lost
 }
 
-/// Whether the inode `want` is at or above `dentry` with no other rule in between: a rule
-/// nearer the new name (an allow inside the deny) would decide for it instead.
+/// Whether the inode `want` is at or above `dentry` with no other rule (of the same mode)
+/// in between: a rule nearer the new name (an allow inside the deny) would decide for it
+/// instead.
 #[inline(always)]
-fn below(off: &Offsets, dentry: *const u8, scope: u32, want: InodeKey) -> Walk {
+fn below(off: &Offsets, dentry: *const u8, scope: u32, want: InodeKey, monitored: bool) -> Walk {
     let mut dentry = dentry;
     let mut depth = 0;
     while depth < MAX_DEPTH {
         if let Some(key) = inode_key(off, dentry, scope) {
             if key.ino == want.ino && key.dev == want.dev {
-                return Walk::Found(key, janus_common::EventRule::default(), depth);
+                return Walk::Found(key, EventRule::default(), depth);
             }
-            if unsafe { RULES.get(&key) }.is_some() {
-                return Walk::Lost;
+            if let Some(rule) = unsafe { RULES.get(&key) } {
+                let e = slots(rule, monitored);
+                if e[EV_OPEN].verdict
+                    | e[EV_ACCESS].verdict
+                    | e[EV_EXEC].verdict
+                    | e[EV_MODIFY].verdict
+                    != VERDICT_NONE
+                {
+                    return Walk::Lost;
+                }
             }
         }
         let Ok(parent) = read::<*const u8>(dentry, off.dentry_parent) else {
@@ -571,19 +662,34 @@ fn root_scope(task: *const u8, off: &Offsets) -> Option<u32> {
     unsafe { ROOTS.get(&key) }.copied()
 }
 
-/// Decides one event: walks up from the file to the nearest ancestor with a rule for it.
+/// Whether a rule refuses the caller: a deny, unless the owner asked and the rule lets it.
+#[inline(always)]
+fn refuses(rule: &EventRule, owner: bool) -> bool {
+    rule.verdict == VERDICT_DENY && !(owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0)
+}
+
+/// Decides one event: walks up from the file to the nearest ancestor with an enforced rule
+/// for it, noting on the way the nearest monitored one. The enforced rule answers; where
+/// it lets the access through and the monitored one would not, that is recorded instead
+/// (and the access allowed).
 #[inline(always)]
 fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     let off = &c.off;
     let mut dentry = c.leaf;
     let mut hit = None;
+    let mut watch = None;
     let mut depth = 0;
+    let mut at_root = false;
     while depth < MAX_DEPTH {
         if let Some(key) = inode_key(off, dentry, c.scope) {
             if let Some(rule) = unsafe { RULES.get(&key) } {
+                let m = rule.monitor[ev];
+                if watch.is_none() && m.verdict != VERDICT_NONE {
+                    watch = Some((m, key, depth));
+                }
                 let r = rule.events[ev];
                 if r.verdict != VERDICT_NONE {
-                    hit = Some((r, key));
+                    hit = Some((r, key, depth));
                     break;
                 }
             }
@@ -593,8 +699,8 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
             return c.fail;
         };
         if parent == dentry || parent.is_null() {
-            // The root: nothing guards this file for this event.
-            return 0;
+            at_root = true;
+            break;
         }
         dentry = parent;
         depth += 1;
@@ -610,7 +716,15 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
         depth: MAX_DEPTH as u8,
         rule: InodeKey::default(),
     };
-    match hit {
+    let decided = match (hit, watch) {
+        (Some(h), _) if refuses(&h.0, c.owner) => Some(h),
+        (_, Some(w)) if refuses(&w.0, c.owner) => Some(w),
+        (Some(h), _) => Some(h),
+        (None, w) if at_root => w,
+        (None, _) => None,
+    };
+    match decided {
+        None if at_root => return 0,
         None => {
             // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
             warn!(
@@ -624,9 +738,9 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
                 head.flags |= DECISION_MONITOR;
             }
         }
-        Some((rule, key)) => {
+        Some((rule, key, depth)) => {
             head.verdict = rule.verdict;
-            if head.verdict == VERDICT_DENY && c.owner && rule.flags & RULE_AUTO_ALLOW_OWNER != 0 {
+            if head.verdict == VERDICT_DENY && !refuses(&rule, c.owner) {
                 head.verdict = VERDICT_ALLOW;
                 head.flags |= DECISION_BY_OWNER;
             }

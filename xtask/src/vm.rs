@@ -27,8 +27,26 @@ use crate::{cpio, ebpf, util};
 /// default list leaves it out).
 const KERNEL_CMDLINE: &str =
     "console=ttyS0 panic=-1 lsm=lockdown,capability,landlock,yama,bpf quiet";
-const KERNEL_PACKAGE_PREFIX: &str = "linux-image-6.1.0-";
-const KERNEL_PACKAGE_SUFFIX: &str = "-cloud-amd64-unsigned";
+/// A series of Debian 12's cloud kernels: its packages are `<prefix><number><suffix>`, the
+/// newest the highest number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelSeries {
+    /// linux-image-6.1.0-<abi>-cloud-amd64-unsigned (Debian 12's own).
+    #[value(name = "6.1")]
+    V6_1,
+    /// linux-image-6.12.<n>+deb12-cloud-amd64-unsigned (bookworm's newer series).
+    #[value(name = "6.12")]
+    V6_12,
+}
+
+impl KernelSeries {
+    fn affixes(self) -> (&'static str, &'static str) {
+        match self {
+            KernelSeries::V6_1 => ("linux-image-6.1.0-", "-cloud-amd64-unsigned"),
+            KernelSeries::V6_12 => ("linux-image-6.12.", "+deb12-cloud-amd64-unsigned"),
+        }
+    }
+}
 /// Where the object lands inside the VM (also exported as JANUS_EBPF_OBJ).
 const VM_EBPF_OBJ: &str = "/bpf/janus-ebpf.o";
 const BUSYBOX: &str = "/bin/busybox";
@@ -45,6 +63,7 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 const MARK_RESULT: &str = "JANUS-VM-RESULT ";
 const MARK_DONE: &str = "JANUS-VM-DONE ";
 const MARK_START: &str = "JANUS-VM-START ";
+const MARK_INFO: &str = "JANUS-VM-INFO ";
 
 #[derive(Args, Debug)]
 pub struct VmTestOptions {
@@ -74,10 +93,13 @@ pub struct VmTestOptions {
     /// Boot this kernel image instead of the Debian package's.
     #[arg(long, value_name = "VMLINUZ")]
     kernel: Option<PathBuf>,
-    /// Debian kernel package to boot [default: newest
-    /// linux-image-6.1.0-*-cloud-amd64-unsigned that apt knows].
+    /// Debian kernel package to boot [default: the newest of --kernel-series that apt
+    /// knows].
     #[arg(long, value_name = "NAME")]
     kernel_package: Option<String>,
+    /// Which series of Debian's cloud kernels to boot the newest of.
+    #[arg(long, value_enum, default_value = "6.1")]
+    kernel_series: KernelSeries,
     /// Extra kernel command-line arguments.
     #[arg(long, value_name = "ARGS")]
     append: Option<String>,
@@ -228,7 +250,12 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
         }
     }
     image.add_bytes("/init", init_script(&tests).into_bytes(), 0o755);
-    let initramfs = vm_dir.join("initramfs.cpio");
+    // Named by the kernel's package, so runs on two kernels can go on at once.
+    let tag = kernel
+        .parent()
+        .and_then(Path::file_name)
+        .map_or_else(|| "custom".into(), |n| n.to_string_lossy().into_owned());
+    let initramfs = vm_dir.join(format!("initramfs-{tag}.cpio"));
     image.write(&initramfs)?;
 
     let mut cmdline = KERNEL_CMDLINE.to_owned();
@@ -258,8 +285,10 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
         .stderr(Stdio::inherit());
     // The deadline covers the VM only: the builds before it end on their own.
     let deadline = Instant::now() + Duration::from_secs(opts.timeout);
-    let outcome = supervise(qemu, deadline, &vm_dir.join("serial.log"))?;
-    report(&tests, &outcome, started.elapsed())
+    let serial = vm_dir.join(format!("serial-{tag}.log"));
+    let outcome = supervise(qemu, deadline, &serial)?;
+    fs::remove_file(&initramfs).ok();
+    report(&tests, &outcome, started.elapsed(), &serial)
 }
 
 /// What the serial console told us.
@@ -270,6 +299,8 @@ struct Outcome {
     done: bool,
     timed_out: bool,
     last_started: Option<String>,
+    /// `uname -r` and the cgroup version, as the VM reports them.
+    kernel: Option<String>,
 }
 
 /// Boots qemu, streams its serial output to stdout (and a log file) and
@@ -323,6 +354,12 @@ fn supervise(mut qemu: Command, deadline: Instant, log_path: &Path) -> Result<Ou
         writeln!(log, "{line}").ok();
         if let Some(rest) = find_marker(&line, MARK_START) {
             out.last_started = field(rest, "name").map(str::to_owned);
+        } else if let Some(rest) = find_marker(&line, MARK_INFO) {
+            out.kernel = Some(format!(
+                "{} (cgroup {})",
+                field(rest, "kernel").unwrap_or("?"),
+                field(rest, "cgroup").unwrap_or("?")
+            ));
         } else if let Some(rest) = find_marker(&line, MARK_RESULT) {
             if let Some(name) = field(rest, "name") {
                 out.results
@@ -377,10 +414,14 @@ fn field<'a>(rest: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn report(tests: &[VmTest], out: &Outcome, elapsed: Duration) -> Result<()> {
+fn report(tests: &[VmTest], out: &Outcome, elapsed: Duration, serial: &Path) -> Result<()> {
     let mut passed = 0;
     let mut failed = 0;
     println!("---- vm-test summary ({:.1?}) ----", elapsed);
+    println!(
+        "   kernel  {}",
+        out.kernel.as_deref().unwrap_or("(not reported)")
+    );
     for t in tests {
         let verdict = match out.results.get(&t.name) {
             Some(true) => {
@@ -404,7 +445,10 @@ fn report(tests: &[VmTest], out: &Outcome, elapsed: Duration) -> Result<()> {
         bail!("deadline exceeded while running {running}");
     }
     if !out.done {
-        bail!("the VM stopped before printing its completion marker (see target/vm/serial.log)");
+        bail!(
+            "the VM stopped before printing its completion marker (see {})",
+            serial.display()
+        );
     }
     if failed > 0 {
         bail!("{failed} VM test(s) failed");
@@ -436,7 +480,7 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 [ -f /lib/overlay.ko ] && insmod /lib/overlay.ko
 hostname janus-vm
-echo "JANUS-VM-INFO kernel=$(uname -r) lsm=$(cat /sys/kernel/security/lsm)"
+echo "JANUS-VM-INFO kernel=$(uname -r) cgroup=$([ -f /sys/fs/cgroup/cgroup.controllers ] && echo v2 || echo v1) lsm=$(cat /sys/kernel/security/lsm)"
 passed=0
 failed=0
 run_test() {
@@ -677,11 +721,11 @@ fn kernel_image(opts: &VmTestOptions, vm_dir: &Path) -> Result<PathBuf> {
     let cache = vm_dir.join("kernels");
     let package = match &opts.kernel_package {
         Some(p) => p.clone(),
-        None => match newest_cloud_kernel() {
+        None => match newest_cloud_kernel(opts.kernel_series) {
             Ok(p) => p,
             Err(e) => {
                 // Offline or no apt lists: any kernel cached before will do.
-                let cached = newest_cached_kernel(&cache);
+                let cached = newest_cached_kernel(&cache, opts.kernel_series);
                 match cached {
                     Some(k) => {
                         eprintln!("xtask: {e:#}; using cached {}", k.display());
@@ -728,7 +772,7 @@ fn download_kernel(package: &str, version: &str, tmp: &Path, dest: &Path) -> Res
         .context("apt-get download produced no .deb")?;
     let root = tmp.join("root");
     fs::create_dir_all(&root)?;
-    // Only ./boot and overlayfs (a module in this kernel) are needed.
+    // Only ./boot and overlayfs (a module in this kernel; `.ko.xz` from 6.12) are needed.
     let mut dpkg = Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(&deb)
@@ -739,7 +783,7 @@ fn download_kernel(package: &str, version: &str, tmp: &Path, dest: &Path) -> Res
         .args(["-x", "--wildcards", "-C"])
         .arg(&root)
         .arg("./boot/*")
-        .arg("*/overlayfs/overlay.ko")
+        .arg("*/overlayfs/overlay.ko*")
         .stdin(dpkg.stdout.take().context("dpkg-deb stdout")?)
         .status()
         .context("running tar")?;
@@ -764,12 +808,20 @@ fn download_kernel(package: &str, version: &str, tmp: &Path, dest: &Path) -> Res
             }
         }
     }
-    let module = fs::read_dir(root.join("lib/modules"))?
+    let dir = fs::read_dir(root.join("lib/modules"))?
         .filter_map(|e| e.ok())
-        .map(|e| e.path().join("kernel/fs/overlayfs/overlay.ko"))
-        .find(|p| p.is_file());
-    if let Some(module) = module {
-        fs::copy(module, dest.join(OVERLAY_MODULE))?;
+        .map(|e| e.path().join("kernel/fs/overlayfs"))
+        .find(|p| p.is_dir());
+    if let Some(dir) = dir {
+        let (plain, xz) = (dir.join("overlay.ko"), dir.join("overlay.ko.xz"));
+        if plain.is_file() {
+            fs::copy(plain, dest.join(OVERLAY_MODULE))?;
+        } else if xz.is_file() {
+            // busybox's insmod hands the file to init_module as it is: decompress here.
+            let out = fs::File::create(dest.join(OVERLAY_MODULE))?;
+            util::run(Command::new("xz").arg("-dc").arg(&xz).stdout(out))
+                .context("decompressing overlay.ko.xz (Debian package xz-utils)")?;
+        }
     }
     if !found {
         fs::remove_dir_all(dest).ok();
@@ -778,13 +830,13 @@ fn download_kernel(package: &str, version: &str, tmp: &Path, dest: &Path) -> Res
     Ok(())
 }
 
-/// The linux-image-6.1.0-<abi>-cloud-amd64-unsigned with the highest ABI
-/// number apt knows about.
-fn newest_cloud_kernel() -> Result<String> {
+/// The package of `series` with the highest number apt knows about.
+fn newest_cloud_kernel(series: KernelSeries) -> Result<String> {
+    let (prefix, suffix) = series.affixes();
     let pattern = format!(
         "^{}[0-9]+{}$",
-        KERNEL_PACKAGE_PREFIX.replace('.', r"\."),
-        KERNEL_PACKAGE_SUFFIX
+        prefix.replace('.', r"\."),
+        suffix.replace('+', r"\+")
     );
     let listing =
         util::output(Command::new("apt-cache").args(["search", "--names-only", &pattern]))?;
@@ -792,29 +844,27 @@ fn newest_cloud_kernel() -> Result<String> {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter_map(|name| {
-            let abi = name
-                .strip_prefix(KERNEL_PACKAGE_PREFIX)?
-                .strip_suffix(KERNEL_PACKAGE_SUFFIX)?
+            let n = name
+                .strip_prefix(prefix)?
+                .strip_suffix(suffix)?
                 .parse::<u32>()
                 .ok()?;
-            Some((abi, name.to_owned()))
+            Some((n, name.to_owned()))
         })
         .max()
         .map(|(_, name)| name)
-        .context(
-            "apt-cache knows no linux-image-6.1.0-*-cloud-amd64-unsigned (run `apt-get update`)",
-        )
+        .with_context(|| format!("apt-cache knows no {prefix}*{suffix} (run `apt-get update`)"))
 }
 
-fn newest_cached_kernel(cache: &Path) -> Option<PathBuf> {
+fn newest_cached_kernel(cache: &Path, series: KernelSeries) -> Option<PathBuf> {
+    let (prefix, suffix) = series.affixes();
     fs::read_dir(cache)
         .ok()?
         .filter_map(|e| e.ok())
-        // Only the default series; other --kernel-package downloads stay opt-in.
+        // Only the series asked for; other --kernel-package downloads stay opt-in.
         .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(KERNEL_PACKAGE_PREFIX)
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(prefix) && name.contains(&format!("{suffix}_"))
         })
         .map(|e| e.path().join("vmlinuz"))
         .filter(|p| p.is_file())

@@ -663,7 +663,7 @@ impl Enforcer {
         let scope = Scope {
             guard_id,
             owners,
-            flags: if guard.mode() == Some(Mode::Monitor) {
+            flags: if guard.monitors_only() {
                 SCOPE_MONITOR
             } else {
                 0

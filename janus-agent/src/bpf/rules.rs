@@ -26,26 +26,27 @@ pub struct Table {
 }
 
 impl Table {
-    /// Adds `rule` at `at`. Two rules on one inode have the same path length (they are the
-    /// same path), so deny wins there, an enforced one over a monitored one; longer paths
-    /// win in the kernel by being met first on the walk up. A subject with onlyDir guards
-    /// directories only, as under fanotify.
+    /// Adds `rule` at `at`, among the enforced or the monitored rules by its mode. Two
+    /// rules on one inode have the same path length (they are the same path), so deny wins
+    /// there; longer paths win in the kernel by being met first on the walk up. A subject
+    /// with onlyDir guards directories only, as under fanotify.
     pub fn add(&mut self, guard: &GuardPolicy, rule: &ApiRule, at: &Resolved) {
         self.add_events(guard, rule, at, rule.events.iter());
     }
 
     /// Keys a file that has names outside the guarded directory it lies in (a hard link
     /// made before the guard): the walk up from such a name never meets the directory, so
-    /// the file gets a rule of its own, per event what `rules` (resolved paths) decide
-    /// for it where it lies.
+    /// the file gets a rule of its own, per event and mode what `rules` (resolved paths)
+    /// decide for it where it lies.
     pub fn add_linked(&mut self, guard: &GuardPolicy, rules: &RuleSet, at: &Resolved) {
         for event in Event::ALL.into_iter().take(EVENTS) {
-            let winner = rules
-                .rules()
-                .iter()
-                .find(|r| r.events.contains(event) && r.path.covers(&at.path));
-            if let Some(r) = winner {
-                self.add_events(guard, r, at, std::iter::once(event));
+            for mode in Mode::ALL {
+                let winner = rules.rules().iter().find(|r| {
+                    r.mode == mode && r.events.contains(event) && r.path.covers(&at.path)
+                });
+                if let Some(r) = winner {
+                    self.add_events(guard, r, at, std::iter::once(event));
+                }
             }
         }
     }
@@ -82,11 +83,14 @@ impl Table {
             Verdict::Deny => VERDICT_DENY,
         };
         let entry = self.rules.entry(at.key).or_default();
+        let slots = match subject.mode {
+            Mode::Enforce => &mut entry.events,
+            Mode::Monitor => &mut entry.monitor,
+        };
         for event in events {
-            let slot = &mut entry.events[event_index(event)];
-            let rank =
-                |verdict: u8, flags: u8| (verdict == VERDICT_DENY, flags & RULE_MONITOR == 0);
-            if slot.verdict == VERDICT_NONE || rank(verdict, flags) > rank(slot.verdict, slot.flags)
+            let slot = &mut slots[event_index(event)];
+            if slot.verdict == VERDICT_NONE
+                || (verdict == VERDICT_DENY && slot.verdict != VERDICT_DENY)
             {
                 *slot = EventRule {
                     verdict,
@@ -169,7 +173,7 @@ spec:
     }
 
     #[test]
-    fn an_enforced_deny_wins_over_a_monitored_one_on_one_inode() {
+    fn enforced_and_monitored_rules_of_one_inode_are_kept_apart() {
         let p = policy(
             "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
              metadata: {name: g}\nspec:\n  subjects:\n\
@@ -178,7 +182,7 @@ spec:
         );
         let at = resolved(5, true, "/data");
         let rules = RuleSet::from_policy(&p);
-        // Added in either order, the map holds the enforced deny.
+        // Added in either order, the map holds both.
         for reversed in [false, true] {
             let mut t = Table::default();
             let mut order: Vec<_> = rules.rules().iter().collect();
@@ -188,9 +192,17 @@ spec:
             for r in order {
                 t.add(&p, r, &at);
             }
-            let slot = t.rules[&at.key].events[EV_OPEN];
-            assert_eq!(slot.verdict, VERDICT_DENY);
-            assert_eq!((slot.flags & RULE_MONITOR, slot.subject), (0, 1));
+            let rule = t.rules[&at.key];
+            let (enforced, monitored) = (rule.events[EV_OPEN], rule.monitor[EV_OPEN]);
+            assert_eq!(
+                (enforced.verdict, monitored.verdict),
+                (VERDICT_DENY, VERDICT_DENY)
+            );
+            assert_eq!((enforced.flags & RULE_MONITOR, enforced.subject), (0, 1));
+            assert_eq!(
+                (monitored.flags & RULE_MONITOR, monitored.subject),
+                (RULE_MONITOR, 0)
+            );
         }
     }
 }

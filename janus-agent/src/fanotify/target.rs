@@ -68,7 +68,8 @@ pub struct Decided {
 impl View {
     /// Decides `event` on object `id`, reached by the container path `name` (None when it
     /// cannot be rendered there): by the guarded path the object was marked under, else by
-    /// its directory's, else by the name itself. Of several guarded paths, a deny wins.
+    /// its directory's, else by the name itself. Of several guarded paths, a refusal wins,
+    /// then a would-be refusal (monitor mode).
     pub fn decide(
         &self,
         id: FileId,
@@ -93,7 +94,7 @@ impl View {
             for d in paths.iter().filter_map(decide) {
                 if best
                     .as_ref()
-                    .is_none_or(|b| b.decision.verdict == Verdict::Allow)
+                    .is_none_or(|b| d.decision.rank() > b.decision.rank())
                 {
                     best = Some(d);
                 }
