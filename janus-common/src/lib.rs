@@ -69,6 +69,9 @@ pub const DECISION_MONITOR: u8 = 64;
 /// (a walk out of depth, a kernel read that failed) is let through, and recorded as
 /// monitored; as fanotify answers its errors.
 pub const SCOPE_MONITOR: u32 = 1;
+/// [`Scope::flags`]: the guard has subjects in monitor mode, so what its enforced rules let
+/// through is also looked up among the monitored ones.
+pub const SCOPE_WATCHED: u32 = 2;
 
 /// Identity of an inode: the kernel's `super_block.s_dev` (kernel `dev_t` encoding,
 /// `major << 20 | minor`) and `i_ino`, qualified by the scope (mount namespace) whose rule

@@ -43,7 +43,7 @@ use janus_common::{
     DECISION_IS_DIR, DECISION_MONITOR, DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED,
     EVENTS, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES,
     MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_MONITOR,
-    SCOPE_MONITOR, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    SCOPE_MONITOR, SCOPE_WATCHED, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -538,6 +538,8 @@ struct Call {
     /// What a failure to decide returns: -EPERM (fail closed), or 0 in a scope whose
     /// subjects all only monitor.
     fail: i32,
+    /// The guard has subjects in monitor mode.
+    watched: bool,
     leaf: *const u8,
     /// The file's mount (null if unreadable: no name used is given).
     mnt: *const u8,
@@ -596,6 +598,7 @@ fn task_scope(off: &Offsets) -> Prep {
             } else {
                 -EPERM
             },
+            watched: scope.flags & SCOPE_WATCHED != 0,
             leaf: core::ptr::null(),
             mnt: core::ptr::null(),
         },
@@ -669,27 +672,21 @@ fn refuses(rule: &EventRule, owner: bool) -> bool {
 }
 
 /// Decides one event: walks up from the file to the nearest ancestor with an enforced rule
-/// for it, noting on the way the nearest monitored one. The enforced rule answers; where
-/// it lets the access through and the monitored one would not, that is recorded instead
-/// (and the access allowed).
+/// for it, which answers. Where it lets the access through and the guard has subjects in
+/// monitor mode, a second walk finds the nearest monitored rule: if that one would refuse,
+/// it is what the record says (and the access is still allowed).
 #[inline(always)]
 fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     let off = &c.off;
     let mut dentry = c.leaf;
     let mut hit = None;
-    let mut watch = None;
     let mut depth = 0;
-    let mut at_root = false;
     while depth < MAX_DEPTH {
         if let Some(key) = inode_key(off, dentry, c.scope) {
             if let Some(rule) = unsafe { RULES.get(&key) } {
-                let m = rule.monitor[ev];
-                if watch.is_none() && m.verdict != VERDICT_NONE {
-                    watch = Some((m, key, depth));
-                }
                 let r = rule.events[ev];
                 if r.verdict != VERDICT_NONE {
-                    hit = Some((r, key, depth));
+                    hit = Some((r, key));
                     break;
                 }
             }
@@ -699,32 +696,19 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
             return c.fail;
         };
         if parent == dentry || parent.is_null() {
-            at_root = true;
+            // The root: no enforced rule guards this file for this event.
+            if !c.watched {
+                return 0;
+            }
             break;
         }
         dentry = parent;
         depth += 1;
     }
-    let mut head = Head {
-        guard_id: c.guard_id,
-        scope: c.scope,
-        tgid: c.tgid,
-        subject: 0,
-        event: ev as u8,
-        verdict: VERDICT_DENY,
-        flags: if c.is_dir { DECISION_IS_DIR } else { 0 },
-        depth: MAX_DEPTH as u8,
-        rule: InodeKey::default(),
-    };
-    let decided = match (hit, watch) {
-        (Some(h), _) if refuses(&h.0, c.owner) => Some(h),
-        (_, Some(w)) if refuses(&w.0, c.owner) => Some(w),
-        (Some(h), _) => Some(h),
-        (None, w) if at_root => w,
-        (None, _) => None,
-    };
-    match decided {
-        None if at_root => return 0,
+    // No record yet (the root was reached without a rule).
+    let mut head = head_of(c, ev);
+    match hit {
+        None if depth < MAX_DEPTH => {}
         None => {
             // Out of depth: an ancestor we did not reach might deny, so deny (fail closed).
             warn!(
@@ -733,37 +717,112 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
                 MAX_DEPTH,
                 c.tgid
             );
+            head.verdict = VERDICT_DENY;
             head.flags |= DECISION_TOO_DEEP | DECISION_AUDIT;
             if c.fail == 0 {
                 head.flags |= DECISION_MONITOR;
             }
         }
-        Some((rule, key, depth)) => {
-            head.verdict = rule.verdict;
-            if head.verdict == VERDICT_DENY && !refuses(&rule, c.owner) {
-                head.verdict = VERDICT_ALLOW;
-                head.flags |= DECISION_BY_OWNER;
-            }
-            if rule.flags & RULE_AUDIT != 0 {
-                head.flags |= DECISION_AUDIT;
-            }
-            if rule.flags & RULE_MONITOR != 0 {
-                head.flags |= DECISION_MONITOR;
-            }
-            head.subject = rule.subject;
-            head.depth = depth as u8;
-            head.rule = key;
-        }
+        Some((rule, key)) => decided_by(&mut head, &rule, key, depth, c.owner),
     }
     let deny = head.verdict == VERDICT_DENY && head.flags & DECISION_MONITOR == 0;
+    let answer = if deny { -EPERM } else { 0 };
+    let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
+        dropped();
+        return answer;
+    };
+    let rec = unsafe { &mut *entry.as_mut_ptr() };
+    write_head(rec, &head);
+    if !deny && c.watched {
+        // The enforced rules let it through: the nearest monitored rule may say otherwise.
+        // The first record waits in the ring meanwhile, where the verifier does not carry
+        // its values through the walk.
+        if let Some((rule, key, depth)) = nearest_monitored(off, c.leaf, c.scope, ev) {
+            let none = unsafe { core::ptr::read_volatile(&rec.verdict) } == VERDICT_NONE;
+            if none || refuses(&rule, c.owner) {
+                let mut watched = head_of(c, ev);
+                decided_by(&mut watched, &rule, key, depth, c.owner);
+                write_head(rec, &watched);
+            }
+        }
+    }
+    if unsafe { core::ptr::read_volatile(&rec.verdict) } == VERDICT_NONE {
+        entry.discard(0);
+        return answer;
+    }
     // Names only now, for a decision: the log line needs those below the deciding rule (the
     // agent knows the rule's own path), so a file no rule covers copies none.
-    emit(off, &head, c.leaf, c.mnt);
-    if deny {
-        -EPERM
-    } else {
-        0
+    copy_names(off, rec, c.leaf);
+    copy_via(off, rec, c.mnt, c.leaf);
+    entry.submit(0);
+    answer
+}
+
+/// The head of a record of event `ev` in call `c`, before any rule decided.
+#[inline(always)]
+fn head_of(c: &Call, ev: usize) -> Head {
+    Head {
+        guard_id: c.guard_id,
+        scope: c.scope,
+        tgid: c.tgid,
+        subject: 0,
+        event: ev as u8,
+        verdict: VERDICT_NONE,
+        flags: if c.is_dir { DECISION_IS_DIR } else { 0 },
+        depth: MAX_DEPTH as u8,
+        rule: InodeKey::default(),
     }
+}
+
+/// Fills `head` with what `rule` (at `key`, `depth` levels above the file) decides.
+#[inline(always)]
+fn decided_by(head: &mut Head, rule: &EventRule, key: InodeKey, depth: usize, owner: bool) {
+    head.verdict = rule.verdict;
+    if head.verdict == VERDICT_DENY && !refuses(rule, owner) {
+        head.verdict = VERDICT_ALLOW;
+        head.flags |= DECISION_BY_OWNER;
+    }
+    if rule.flags & RULE_AUDIT != 0 {
+        head.flags |= DECISION_AUDIT;
+    }
+    if rule.flags & RULE_MONITOR != 0 {
+        head.flags |= DECISION_MONITOR;
+    }
+    head.subject = rule.subject;
+    head.depth = depth as u8;
+    head.rule = key;
+}
+
+/// The nearest ancestor of `leaf` with a monitored rule for `ev`, and how far up it is;
+/// `None` where there is none, or the walk cannot tell.
+#[inline(always)]
+fn nearest_monitored(
+    off: &Offsets,
+    leaf: *const u8,
+    scope: u32,
+    ev: usize,
+) -> Option<(EventRule, InodeKey, usize)> {
+    let mut dentry = leaf;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
+        if let Some(key) = inode_key(off, dentry, scope) {
+            if let Some(rule) = unsafe { RULES.get(&key) } {
+                let mut m = rule.monitor[ev];
+                if m.verdict != VERDICT_NONE {
+                    // Whatever the map holds, a monitored rule never refuses.
+                    m.flags |= RULE_MONITOR;
+                    return Some((m, key, depth));
+                }
+            }
+        }
+        let parent = read::<*const u8>(dentry, off.dentry_parent).ok()?;
+        if parent == dentry || parent.is_null() {
+            return None;
+        }
+        dentry = parent;
+        depth += 1;
+    }
+    None
 }
 
 /// The fixed part of a decision record.
@@ -787,14 +846,28 @@ struct Head {
 #[inline(always)]
 fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
     let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
-        if let Some(n) = DROPPED.get_ptr_mut(0) {
-            // Per CPU; a run that preempts this one between the load and the store could
-            // lose a count (the BPF target has no atomic add in `core`).
-            unsafe { *n += 1 };
-        }
+        dropped();
         return;
     };
     let rec = unsafe { &mut *entry.as_mut_ptr() };
+    write_head(rec, head);
+    copy_names(off, rec, leaf);
+    copy_via(off, rec, mnt, leaf);
+    entry.submit(0);
+}
+
+/// Counts a record the full ring could not take.
+#[inline(always)]
+fn dropped() {
+    if let Some(n) = DROPPED.get_ptr_mut(0) {
+        // Per CPU; a run that preempts this one between the load and the store could
+        // lose a count (the BPF target has no atomic add in `core`).
+        unsafe { *n += 1 };
+    }
+}
+
+#[inline(always)]
+fn write_head(rec: &mut Decision, head: &Head) {
     rec.guard_id = head.guard_id;
     rec.scope = head.scope;
     rec.tgid = head.tgid;
@@ -804,9 +877,6 @@ fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
     rec.depth = head.depth;
     rec.rule = head.rule;
     rec.flags = head.flags;
-    copy_names(off, rec, leaf);
-    copy_via(off, rec, mnt, leaf);
-    entry.submit(0);
 }
 
 /// The names of the first `rec.depth` dentries from `leaf` up, for the log line; a name

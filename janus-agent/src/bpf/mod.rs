@@ -24,7 +24,7 @@ use janus_api::{Event, GuardPolicy, Mode, RuleSet, Verdict};
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_MONITOR,
     DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK,
-    EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, SCOPE_MONITOR,
+    EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, SCOPE_MONITOR, SCOPE_WATCHED,
     VERDICT_DENY,
 };
 
@@ -667,6 +667,10 @@ impl Enforcer {
                 SCOPE_MONITOR
             } else {
                 0
+            } | if guard.mode() == Some(Mode::Enforce) {
+                0
+            } else {
+                SCOPE_WATCHED
             },
         };
         if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope, &old) {
