@@ -72,6 +72,8 @@ impl Decision {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// Whether any rule is in monitor mode (else one pass decides).
+    monitored: bool,
 }
 
 impl RuleSet {
@@ -84,7 +86,8 @@ impl RuleSet {
                 r.verdict != Verdict::Deny,
             )
         });
-        RuleSet { rules }
+        let monitored = rules.iter().any(|r| r.mode == Mode::Monitor);
+        RuleSet { rules, monitored }
     }
 
     /// The rules as written, before any backend resolved them inside a container.
@@ -135,6 +138,9 @@ impl RuleSet {
                 mode: rule.mode,
             }
         };
+        if !self.monitored {
+            return covering.clone().next().map(outcome);
+        }
         let enforced = by_mode(Mode::Enforce).map(outcome);
         let monitored = by_mode(Mode::Monitor).map(outcome);
         match (enforced, monitored) {
