@@ -728,7 +728,11 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     let deny = head.verdict == VERDICT_DENY && head.flags & DECISION_MONITOR == 0;
     let answer = if deny { -EPERM } else { 0 };
     let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
-        dropped();
+        // Counted where a record was due; where the monitored rules were still to be
+        // walked, one may have been.
+        if head.verdict != VERDICT_NONE {
+            dropped();
+        }
         return answer;
     };
     let rec = unsafe { &mut *entry.as_mut_ptr() };

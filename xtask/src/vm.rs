@@ -27,6 +27,13 @@ use crate::{cpio, ebpf, util};
 /// default list leaves it out).
 const KERNEL_CMDLINE: &str =
     "console=ttyS0 panic=-1 lsm=lockdown,capability,landlock,yama,bpf quiet";
+/// `janus-scenarios --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TableMode {
+    Enforce,
+    Monitor,
+}
+
 /// A series of Debian 12's cloud kernels: its packages are `<prefix><number><suffix>`, the
 /// newest the highest number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -100,6 +107,9 @@ pub struct VmTestOptions {
     /// Which series of Debian's cloud kernels to boot the newest of.
     #[arg(long, value_enum, default_value = "6.1")]
     kernel_series: KernelSeries,
+    /// The modes the scenario table runs its guards in, each under both backends.
+    #[arg(long, value_delimiter = ',', default_value = "enforce,monitor")]
+    table_modes: Vec<TableMode>,
     /// Extra kernel command-line arguments.
     #[arg(long, value_name = "ARGS")]
     append: Option<String>,
@@ -171,23 +181,24 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
         // The same table under both backends on the same kernel: the same answers; and
         // its deny cases again with the guards in monitor mode.
         let table = build_static_bin("janus-tests", "janus-scenarios")?;
-        for (backend, mode) in [
-            ("bpf", "enforce"),
-            ("fanotify", "enforce"),
-            ("bpf", "monitor"),
-            ("fanotify", "monitor"),
-        ] {
-            let args = [
-                "--agent",
-                AGENT_VM_PATH,
-                "--backend",
-                backend,
-                "--mode",
-                mode,
-                "--workdir",
-                "/tmp",
-            ];
-            tests.push(image.add_test(&table, args.map(str::to_owned).to_vec())?);
+        for mode in &opts.table_modes {
+            let mode = match mode {
+                TableMode::Enforce => "enforce",
+                TableMode::Monitor => "monitor",
+            };
+            for backend in ["bpf", "fanotify"] {
+                let args = [
+                    "--agent",
+                    AGENT_VM_PATH,
+                    "--backend",
+                    backend,
+                    "--mode",
+                    mode,
+                    "--workdir",
+                    "/tmp",
+                ];
+                tests.push(image.add_test(&table, args.map(str::to_owned).to_vec())?);
+            }
         }
     }
     if opts.bench {

@@ -24,8 +24,8 @@ use janus_api::{Event, GuardPolicy, Mode, RuleSet, Verdict};
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_MONITOR,
     DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK,
-    EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, SCOPE_MONITOR, SCOPE_WATCHED,
-    VERDICT_DENY,
+    EV_MODIFY, EV_OPEN, EV_RENAME, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, SCOPE_MONITOR,
+    SCOPE_WATCHED, VERDICT_DENY,
 };
 
 // The programs' event values are `janus_api::Event`'s: checked here, not by comment.
