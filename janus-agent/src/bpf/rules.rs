@@ -31,13 +31,16 @@ impl Table {
     /// there; longer paths win in the kernel by being met first on the walk up. A subject
     /// with onlyDir guards directories only, as under fanotify.
     pub fn add(&mut self, guard: &GuardPolicy, rule: &ApiRule, at: &Resolved) {
+        if guard.subjects[rule.subject].only_dir && !at.is_dir {
+            return;
+        }
         self.add_events(guard, rule, at, rule.events.iter());
     }
 
     /// Keys a file that has names outside the guarded directory it lies in (a hard link
     /// made before the guard): the walk up from such a name never meets the directory, so
     /// the file gets a rule of its own, per event and mode what `rules` (resolved paths)
-    /// decide for it where it lies.
+    /// decide for it where it lies (onlyDir or not: the directory covers it).
     pub fn add_linked(&mut self, guard: &GuardPolicy, rules: &RuleSet, at: &Resolved) {
         for event in Event::ALL.into_iter().take(EVENTS) {
             for mode in Mode::ALL {
@@ -59,9 +62,6 @@ impl Table {
         events: impl Iterator<Item = Event>,
     ) {
         let subject = &guard.subjects[rule.subject];
-        if subject.only_dir && !at.is_dir {
-            return;
-        }
         let mut flags = 0;
         if subject.auto_allow_owner {
             flags |= RULE_AUTO_ALLOW_OWNER;
@@ -204,5 +204,15 @@ spec:
                 (RULE_MONITOR, 0)
             );
         }
+    }
+
+    #[test]
+    fn a_linked_file_below_an_only_dir_directory_is_keyed() {
+        let p = policy(GUARD);
+        let rules = RuleSet::from_policy(&p);
+        let mut t = Table::default();
+        let linked = resolved(7, false, "/only/f");
+        t.add_linked(&p, &rules, &linked);
+        assert_eq!(t.rules[&linked.key].events[EV_OPEN].verdict, VERDICT_DENY);
     }
 }
