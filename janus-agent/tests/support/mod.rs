@@ -127,7 +127,8 @@ impl LoopReader {
         }
     }
 
-    /// How many tries have ended.
+    /// How many tries have ended (`None` before the first, or while the count is being
+    /// rewritten).
     pub fn progress(&self) -> Option<u64> {
         std::fs::read_to_string(self.root.join("tmp/progress"))
             .ok()?
@@ -139,7 +140,13 @@ impl LoopReader {
     /// Waits (10 s at most) until `n` more tries have ended than had now; returns how many
     /// had.
     pub fn wait_tries(&self, n: u64) -> u64 {
-        let now = self.progress().unwrap_or(0);
+        // The count is rewritten after each try: a read can meet the file empty.
+        let now = wait::until(
+            "the reader's count",
+            std::time::Duration::from_secs(10),
+            || self.progress(),
+        )
+        .unwrap();
         wait::until(
             "the reader to read on",
             std::time::Duration::from_secs(10),

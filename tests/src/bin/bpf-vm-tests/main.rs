@@ -29,8 +29,8 @@ type Scenario = fn() -> Result<()>;
 const WORK: &str = "/tmp/bpf-vm";
 
 /// A scenario that has not finished by then is killed and fails; the agent's own waits are
-/// 120 s, so this is only reached by a step that would otherwise block for ever.
-const SCENARIO_DEADLINE: Duration = Duration::from_secs(300);
+/// 240 s, so this is only reached by a step that would otherwise block for ever.
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(600);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
@@ -154,10 +154,10 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Waits (deadline 120 s: under TCG the agent's start, BTF parsing and the
-    /// verifier take a while) until `cond(stdout, stderr)` holds.
+    /// Waits (deadline 240 s: under TCG the agent's start, BTF parsing and the
+    /// verifier take a while, about 45 s on 6.1) until `cond(stdout, stderr)` holds.
     fn wait_for(&mut self, cond: impl Fn(&str, &str) -> bool, what: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(240);
         loop {
             let (out, err) = (self.stdout(), self.stderr());
             if cond(&out, &err) {
@@ -167,7 +167,7 @@ impl Agent {
                 bail!("agent exited ({status}) before {what}; stderr:\n{err}");
             }
             if Instant::now() > deadline {
-                bail!("no {what} within 120 s; stdout:\n{out}\nstderr:\n{err}");
+                bail!("no {what} within 240 s; stdout:\n{out}\nstderr:\n{err}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
