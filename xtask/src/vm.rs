@@ -110,6 +110,9 @@ pub struct VmTestOptions {
     /// The modes the scenario table runs its guards in, each under both backends.
     #[arg(long, value_delimiter = ',', default_value = "enforce,monitor")]
     table_modes: Vec<TableMode>,
+    /// Leave the scenario table out (the BPF tests only).
+    #[arg(long)]
+    no_table: bool,
     /// Extra kernel command-line arguments.
     #[arg(long, value_name = "ARGS")]
     append: Option<String>,
@@ -181,7 +184,12 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
         // The same table under both backends on the same kernel: the same answers; and
         // its deny cases again with the guards in monitor mode.
         let table = build_static_bin("janus-tests", "janus-scenarios")?;
-        for mode in &opts.table_modes {
+        let modes = if opts.no_table {
+            &[][..]
+        } else {
+            &opts.table_modes[..]
+        };
+        for mode in modes {
             let mode = match mode {
                 TableMode::Enforce => "enforce",
                 TableMode::Monitor => "monitor",
