@@ -660,18 +660,17 @@ impl Enforcer {
         }
         let guard_id = maps.next_guard;
         maps.next_guard += 1;
+        let mut flags = 0;
+        if guard.monitors_only() {
+            flags |= SCOPE_MONITOR;
+        }
+        if guard.mode() != Some(Mode::Enforce) {
+            flags |= SCOPE_WATCHED;
+        }
         let scope = Scope {
             guard_id,
             owners,
-            flags: if guard.monitors_only() {
-                SCOPE_MONITOR
-            } else {
-                0
-            } | if guard.mode() == Some(Mode::Enforce) {
-                0
-            } else {
-                SCOPE_WATCHED
-            },
+            flags,
         };
         if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope, &old) {
             self.metrics
