@@ -164,12 +164,7 @@ impl ContainerId {
 
     /// Whether a cgroup path's last component is this container's cgroup.
     fn is_leaf(&self, leaf: &str) -> bool {
-        if leaf == self.id {
-            return true;
-        }
-        leaf.strip_prefix(self.runtime.scope_prefix())
-            .and_then(|l| l.strip_suffix(".scope"))
-            == Some(self.id.as_str())
+        leaf == self.id || ContainerId::from_pod_child(leaf, self.runtime).as_ref() == Some(self)
     }
 }
 
@@ -467,6 +462,13 @@ mod tests {
         assert_eq!(
             misplaced_in(&procs, "mine", std::slice::from_ref(&mine)),
             None
+        );
+        // CRI-O under the cgroupfs driver names a container's cgroup `crio-<id>`, no scope.
+        let crio = [proc(5, &["/kubepods/besteffort/podother/crio-x"], true, 4)];
+        let x = cid("cri-o://x");
+        assert_eq!(
+            misplaced_in(&crio, "mine", std::slice::from_ref(&x)),
+            Some((x, "/kubepods/besteffort/podother/crio-x".to_owned()))
         );
         let s = scan_procs(&procs, &[("mine".into(), mine.clone())]);
         assert_eq!(s.inits.get(&mine), Some(&4));

@@ -3,7 +3,9 @@
 //!
 //! - [`target`]: a process in its own mount namespace, chrooted into a root of our making,
 //!   and ways to act inside it as its owner or as someone who entered it (`kubectl exec`).
-//! - [`agent`]: `janus-agent guard` as a real process, its decision lines and metrics.
+//! - [`agent`]: `janus-agent guard` as a real process, its decision lines and metrics;
+//!   [`api`]: requests to `janus-agent serve`'s gRPC API, as the controller makes them.
+//! - [`cgroups`]: pods laid out in cgroup v2 as the kubelet lays them out (the VM).
 //! - [`scenarios`]: the table of guards, files and expected answers every backend passes.
 //! - [`bench`] and [`floor`]: the benchmark, and the minimal fanotify listener it compares
 //!   the agent with; [`scale`]: the node-scale benchmark (1,000 containers).
@@ -12,7 +14,9 @@
 //!   runners).
 
 pub mod agent;
+pub mod api;
 pub mod bench;
+pub mod cgroups;
 pub mod containerd;
 pub mod floor;
 pub mod isolate;

@@ -4,10 +4,13 @@
 //! - `vm-test`: boots a Debian kernel with the BPF LSM enabled in QEMU and
 //!   runs test binaries inside it (the host kernel refuses BPF LSM programs).
 //! - `image`: static binaries and a container image of each (buildah).
+//! - `platform-table`: the table of what is tested where, for docs/limitations.md.
 
 mod cpio;
 mod ebpf;
 mod image;
+mod matrix;
+mod results;
 mod util;
 mod vm;
 
@@ -30,6 +33,8 @@ enum Command {
     VmTest(vm::VmTestOptions),
     /// Build static binaries and a FROM-scratch container image of each with buildah.
     Image(image::ImageOptions),
+    /// Print the platform table docs/limitations.md shows (what is tested where).
+    PlatformTable,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +43,10 @@ fn main() -> ExitCode {
         Command::BuildEbpf(opts) => ebpf::build(&opts).map(|obj| println!("{}", obj.display())),
         Command::VmTest(opts) => vm::run(opts),
         Command::Image(opts) => image::build(&opts),
+        Command::PlatformTable => {
+            print!("{}", matrix::table());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,7 +21,8 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 
-use crate::{cpio, ebpf, util};
+use crate::results::{report, Outcome, VmTest};
+use crate::{cpio, ebpf, matrix, util};
 
 /// Kernel command line: `lsm=...,bpf` is what turns the BPF LSM on (Debian's
 /// default list leaves it out).
@@ -47,6 +48,14 @@ pub enum KernelSeries {
 }
 
 impl KernelSeries {
+    /// As `--kernel-series` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSeries::V6_1 => "6.1",
+            KernelSeries::V6_12 => "6.12",
+        }
+    }
+
     fn affixes(self) -> (&'static str, &'static str) {
         match self {
             KernelSeries::V6_1 => ("linux-image-6.1.0-", "-cloud-amd64-unsigned"),
@@ -67,11 +76,6 @@ const TEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// After the completion marker, how long qemu gets to power off.
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 
-const MARK_RESULT: &str = "JANUS-VM-RESULT ";
-const MARK_DONE: &str = "JANUS-VM-DONE ";
-const MARK_START: &str = "JANUS-VM-START ";
-const MARK_INFO: &str = "JANUS-VM-INFO ";
-
 #[derive(Args, Debug)]
 pub struct VmTestOptions {
     /// Host binary to copy into the VM and run without arguments
@@ -83,8 +87,8 @@ pub struct VmTestOptions {
     /// default VM path /data/<file name>).
     #[arg(long = "file", value_name = "HOST[:VM]")]
     files: Vec<String>,
-    /// Also run the BPF backend's integration tests and the shared scenario table with
-    /// `--backend bpf` (the default when no test is given).
+    /// Also run the BPF backend's integration tests, the shared scenario table and
+    /// janus-cgroups under both backends (the default when no test is given).
     #[arg(long)]
     bpf_tests: bool,
     /// Also run the benchmark (janus-bench) with no agent, fanotify and bpf in this boot.
@@ -110,7 +114,7 @@ pub struct VmTestOptions {
     /// The modes the scenario table runs its guards in, each under both backends.
     #[arg(long, value_delimiter = ',', default_value = "enforce,monitor")]
     table_modes: Vec<TableMode>,
-    /// Leave the scenario table out (the BPF tests only).
+    /// Leave the scenario table out (the BPF tests and janus-cgroups only).
     #[arg(long)]
     no_table: bool,
     /// Extra kernel command-line arguments.
@@ -128,12 +132,6 @@ pub struct VmTestOptions {
     /// inside the VM (busybox applets), with its arguments.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
-}
-
-/// One test to run inside the VM.
-struct VmTest {
-    name: String,
-    argv: Vec<String>,
 }
 
 pub fn run(opts: VmTestOptions) -> Result<()> {
@@ -180,7 +178,7 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
         opts.bins.is_empty() && opts.command.is_empty() && !opts.bench && !opts.scale_bench;
     if opts.bpf_tests || default_tests {
         let bin = build_static_bin("janus-tests", BPF_TESTS_BIN)?;
-        tests.push(image.add_test(&bin, Vec::new())?);
+        tests.push(image.add_test(&bin, Vec::new(), "bpf")?);
         // The same table under both backends on the same kernel: the same answers; and
         // its deny cases again with the guards in monitor mode.
         let table = build_static_bin("janus-tests", "janus-scenarios")?;
@@ -205,8 +203,21 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
                     "--workdir",
                     "/tmp",
                 ];
-                tests.push(image.add_test(&table, args.map(str::to_owned).to_vec())?);
+                tests.push(image.add_test(&table, args.map(str::to_owned).to_vec(), backend)?);
             }
+        }
+        // Pods laid out in cgroup v2 as the kubelet lays them out, found by `serve`.
+        let cgroups = build_static_bin("janus-tests", "janus-cgroups")?;
+        for backend in ["bpf", "fanotify"] {
+            let args = [
+                "--agent",
+                AGENT_VM_PATH,
+                "--backend",
+                backend,
+                "--workdir",
+                "/tmp",
+            ];
+            tests.push(image.add_test(&cgroups, args.map(str::to_owned).to_vec(), backend)?);
         }
     }
     if opts.bench {
@@ -231,7 +242,7 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
                 "--workdir",
                 "/tmp",
             ];
-            tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec())?);
+            tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec(), backend)?);
         }
     }
     if opts.scale_bench {
@@ -251,20 +262,21 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
             "--workdir",
             "/tmp",
         ];
-        tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec())?);
+        tests.push(image.add_test(&bench, args.map(str::to_owned).to_vec(), "bpf")?);
     }
     for bin in &opts.bins {
-        tests.push(image.add_test(bin, Vec::new())?);
+        tests.push(image.add_test(bin, Vec::new(), "-")?);
     }
     if let Some((cmd, args)) = opts.command.split_first() {
         let host = Path::new(cmd);
         if host.is_file() {
-            tests.push(image.add_test(host, args.to_vec())?);
+            tests.push(image.add_test(host, args.to_vec(), "-")?);
         } else {
             eprintln!("xtask: {cmd} is not a host file; running it as a command inside the VM");
             tests.push(VmTest {
                 name: unique_name(&image, cmd.rsplit('/').next().unwrap_or(cmd)),
                 argv: opts.command.clone(),
+                backend: "-",
             });
         }
     }
@@ -307,19 +319,11 @@ pub fn run(opts: VmTestOptions) -> Result<()> {
     let serial = vm_dir.join(format!("serial-{tag}.log"));
     let outcome = supervise(qemu, deadline, &serial)?;
     fs::remove_file(&initramfs).ok();
-    report(&tests, &outcome, started.elapsed(), &serial)
-}
-
-/// What the serial console told us.
-#[derive(Default)]
-struct Outcome {
-    /// name -> passed
-    results: BTreeMap<String, bool>,
-    done: bool,
-    timed_out: bool,
-    last_started: Option<String>,
-    /// `uname -r` and the cgroup version, as the VM reports them.
-    kernel: Option<String>,
+    report(&tests, &outcome, started.elapsed(), &serial)?;
+    if opts.kernel.is_none() && opts.kernel_package.is_none() {
+        matrix::check_reported(opts.kernel_series, outcome.cgroup())?;
+    }
+    Ok(())
 }
 
 /// Boots qemu, streams its serial output to stdout (and a log file) and
@@ -371,21 +375,9 @@ fn supervise(mut qemu: Command, deadline: Instant, log_path: &Path) -> Result<Ou
         };
         println!("{line}");
         writeln!(log, "{line}").ok();
-        if let Some(rest) = find_marker(&line, MARK_START) {
-            out.last_started = field(rest, "name").map(str::to_owned);
-        } else if let Some(rest) = find_marker(&line, MARK_INFO) {
-            out.kernel = Some(format!(
-                "{} (cgroup {})",
-                field(rest, "kernel").unwrap_or("?"),
-                field(rest, "cgroup").unwrap_or("?")
-            ));
-        } else if let Some(rest) = find_marker(&line, MARK_RESULT) {
-            if let Some(name) = field(rest, "name") {
-                out.results
-                    .insert(name.to_owned(), field(rest, "status") == Some("pass"));
-            }
-        } else if find_marker(&line, MARK_DONE).is_some() {
-            out.done = true;
+        let was_done = out.done;
+        out.read(&line);
+        if out.done && !was_done {
             wait_until = deadline.min(Instant::now() + POWEROFF_GRACE);
         }
     }
@@ -421,58 +413,6 @@ fn plain_text(s: &str) -> String {
 fn kill(child: &mut Child) {
     // Already exited is fine; wait() below reaps it either way.
     child.kill().ok();
-}
-
-/// Markers may follow kernel messages on the same console line.
-fn find_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
-    line.find(marker).map(|i| &line[i + marker.len()..])
-}
-
-fn field<'a>(rest: &'a str, key: &str) -> Option<&'a str> {
-    rest.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn report(tests: &[VmTest], out: &Outcome, elapsed: Duration, serial: &Path) -> Result<()> {
-    let mut passed = 0;
-    let mut failed = 0;
-    println!("---- vm-test summary ({:.1?}) ----", elapsed);
-    println!(
-        "   kernel  {}",
-        out.kernel.as_deref().unwrap_or("(not reported)")
-    );
-    for t in tests {
-        let verdict = match out.results.get(&t.name) {
-            Some(true) => {
-                passed += 1;
-                "PASS"
-            }
-            Some(false) => {
-                failed += 1;
-                "FAIL"
-            }
-            None => {
-                failed += 1;
-                "NO RESULT"
-            }
-        };
-        println!("{verdict:>9}  {}", t.name);
-    }
-    println!("vm-test: {passed} passed, {failed} failed");
-    if out.timed_out {
-        let running = out.last_started.as_deref().unwrap_or("(boot)");
-        bail!("deadline exceeded while running {running}");
-    }
-    if !out.done {
-        bail!(
-            "the VM stopped before printing its completion marker (see {})",
-            serial.display()
-        );
-    }
-    if failed > 0 {
-        bail!("{failed} VM test(s) failed");
-    }
-    Ok(())
 }
 
 /// Shell script run as PID 1: mounts what BPF LSM tests need, runs each test
@@ -561,7 +501,12 @@ impl Image {
 
     /// Copies an executable to /tests/<name>, with its shared libraries when
     /// it is dynamically linked.
-    fn add_test(&mut self, host: &Path, args: Vec<String>) -> Result<VmTest> {
+    fn add_test(
+        &mut self,
+        host: &Path,
+        args: Vec<String>,
+        backend: &'static str,
+    ) -> Result<VmTest> {
         let base = host
             .file_name()
             .and_then(|n| n.to_str())
@@ -573,7 +518,11 @@ impl Image {
         self.test_names.insert(name.clone());
         let mut argv = vec![vm_path];
         argv.extend(args);
-        Ok(VmTest { name, argv })
+        Ok(VmTest {
+            name,
+            argv,
+            backend,
+        })
     }
 
     /// Static binaries are preferred (see `build_static_bin`), but copying
@@ -895,15 +844,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn markers_parse_after_kernel_noise() {
-        let line = "[   12.3] foo JANUS-VM-RESULT name=bpf-vm-tests status=pass rc=0";
-        let rest = find_marker(line, MARK_RESULT).unwrap();
-        assert_eq!(field(rest, "name"), Some("bpf-vm-tests"));
-        assert_eq!(field(rest, "status"), Some("pass"));
-        assert_eq!(field(rest, "rc"), Some("0"));
-    }
-
-    #[test]
     fn escapes_are_stripped() {
         assert_eq!(
             plain_text("\u{1b}c\u{1b}[?7l\u{1b}[2JSeaBIOS\r\n"),
@@ -922,6 +862,7 @@ mod tests {
         let s = init_script(&[VmTest {
             name: "t".into(),
             argv: vec!["/tests/t".into(), "x y".into()],
+            backend: "-",
         }]);
         assert!(s.contains("run_test 't' '/tests/t' 'x y'\n"));
         assert!(s.ends_with("poweroff -f\n"));

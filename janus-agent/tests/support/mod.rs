@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use janus_api::agent_v1::{ApplyGuardRequest, GuardRef, PodRef};
+use janus_api::agent_v1::ApplyGuardRequest;
 use janus_tests::containerd::Container;
 use janus_tests::scenarios::populate;
 use janus_tests::target::{Access, Root, BUSYBOX};
@@ -25,25 +25,11 @@ pub fn apply(
     containers: &[&str],
     spec_json: &str,
 ) -> ApplyGuardRequest {
-    ApplyGuardRequest {
-        guard: Some(GuardRef {
-            namespace: namespace.into(),
-            name: name.into(),
-            uid: "guard-uid".into(),
-            generation: 1,
-        }),
-        pod: Some(PodRef {
-            uid: pod_uid.into(),
-            namespace: namespace.into(),
-            name: "web-1".into(),
-            container_ids: containers
-                .iter()
-                .map(|c| format!("containerd://{c}"))
-                .collect(),
-        }),
-        spec_json: spec_json.into(),
-        spec_digest: String::new(),
-    }
+    let ids: Vec<String> = containers
+        .iter()
+        .map(|c| format!("containerd://{c}"))
+        .collect();
+    janus_tests::api::apply_request(namespace, name, pod_uid, &ids, spec_json)
 }
 
 /// Denies opening `/data/secret`.
