@@ -640,7 +640,7 @@ mod tests {
                 name: "web-1".into(),
                 container_ids: vec!["containerd://not-running-here".into()],
             }),
-            spec_json: format!(r#"{{"subjects":[{{"deny":["{path}"]}}]}}"#),
+            spec_json: format!(r#"{{"selector":{{}},"subjects":[{{"deny":["{path}"]}}]}}"#),
             spec_digest: String::new(),
         }
     }
@@ -676,7 +676,7 @@ mod tests {
         assert_eq!(held_path(&g), "/real");
         assert_eq!(
             status.spec_digest,
-            janus_api::holding::spec_digest(r#"{"subjects":[{"deny":["/real"]}]}"#)
+            janus_api::holding::spec_digest(r#"{"selector":{},"subjects":[{"deny":["/real"]}]}"#)
         );
         // The same spec again changes nothing.
         let again = g.apply(request("uid-1", 2, "/real")).unwrap();
@@ -696,7 +696,10 @@ mod tests {
             .map(|i| format!(r#""/p{i}""#))
             .collect();
         let mut r = request("uid-1", 1, "/x");
-        r.spec_json = format!(r#"{{"subjects":[{{"deny":[{}]}}]}}"#, many.join(","));
+        r.spec_json = format!(
+            r#"{{"selector":{{}},"subjects":[{{"deny":[{}]}}]}}"#,
+            many.join(",")
+        );
         let e = g.apply(r).unwrap_err();
         assert!(
             e.to_string().contains("spec.subjects: 1025 paths in all"),

@@ -289,7 +289,7 @@ async fn no_read_succeeds_across_re_applies() {
     let (_agent, mut client) = support::serve_plain(&dir).await;
     let spec = |round: usize| {
         format!(
-            r#"{{"subjects":[{{"deny":["/data/secret"],"events":["open"],"tags":{{"round":"{round}"}}}}]}}"#
+            r#"{{"selector":{{}},"subjects":[{{"deny":["/data/secret"],"events":["open"],"tags":{{"round":"{round}"}}}}]}}"#
         )
     };
     let apply = |round: usize| support::apply("default", "reapply", &pod_uid, &[&id], &spec(round));
@@ -332,7 +332,9 @@ async fn every_read_after_a_switch_from_monitor_to_enforce_is_refused() {
     let (dir, root, pod_uid, id, container) = support::pod_container("monitor", "0000-dddd");
     let (_agent, mut client) = support::serve_plain(&dir).await;
     let spec = |mode: &str| {
-        format!(r#"{{"mode":"{mode}","subjects":[{{"deny":["/data/secret"],"events":["open"]}}]}}"#)
+        format!(
+            r#"{{"selector":{{}},"mode":"{mode}","subjects":[{{"deny":["/data/secret"],"events":["open"]}}]}}"#
+        )
     };
     let apply = |mode: &str| support::apply("default", "monitor", &pod_uid, &[&id], &spec(mode));
     client.apply_guard(apply("monitor")).await.unwrap();

@@ -34,8 +34,10 @@ pub struct ObjectMeta {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JanusGuardSpec {
-    #[serde(default)]
-    pub selector: LabelSelector,
+    /// Required: a guard without one is refused rather than taken to select every pod of
+    /// its namespace; `{}` says that explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
     #[serde(default)]
     pub subjects: Vec<Subject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -196,7 +196,7 @@ mod tests {
                 name: "web-1".into(),
                 container_ids: vec!["containerd://a".into()],
             }),
-            spec_json: r#"{"subjects":[{"deny":["/x"]}]}"#.into(),
+            spec_json: r#"{"selector":{},"subjects":[{"deny":["/x"]}]}"#.into(),
             spec_digest: String::new(),
         }
     }
@@ -207,7 +207,7 @@ mod tests {
         validate(&mut r).unwrap();
         assert_eq!(r.spec_digest, spec_digest(&r.spec_json));
         assert!(r.spec_digest.starts_with("sha256:") && r.spec_digest.len() == 71);
-        r.spec_json = r#"{"subjects":[{"allow":["/"]}]}"#.into();
+        r.spec_json = r#"{"selector":{},"subjects":[{"allow":["/"]}]}"#.into();
         assert!(matches!(
             validate(&mut r),
             Err(RequestError::DigestMismatch { .. })

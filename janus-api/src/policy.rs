@@ -348,7 +348,16 @@ impl GuardPolicy {
         spec: &JanusGuardSpec,
     ) -> Result<GuardPolicy, ValidationErrors> {
         let mut errors = ValidationErrors::default();
-        let selector = validate_selector(&spec.selector, &mut errors);
+        let selector = match &spec.selector {
+            Some(selector) => validate_selector(selector, &mut errors),
+            None => {
+                errors.push(
+                    "spec.selector",
+                    "is required (`{}` selects every pod of the namespace)".into(),
+                );
+                Selector::default()
+            }
+        };
         if spec.subjects.is_empty() {
             errors.push("spec.subjects", "at least one subject is required".into());
         }

@@ -7,7 +7,7 @@ use janus_api::{Event, GuardPolicy, LogTemplate, Mode, RuleSet, Verdict};
 fn rules(subjects: &str) -> RuleSet {
     let text = format!(
         "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
-         metadata:\n  name: g\nspec:\n  subjects:\n{subjects}"
+         metadata:\n  name: g\nspec:\n  selector: {{}}\n  subjects:\n{subjects}"
     );
     RuleSet::from_policy(&GuardPolicy::from_guard(&parse_documents(&text).unwrap()[0]).unwrap())
 }
@@ -85,7 +85,7 @@ fn owner_is_allowed_only_with_the_flag() {
 fn a_monitored_subject_decides_alike_and_refuses_nothing() {
     let text = concat!(
         "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n",
-        "metadata:\n  name: g\nspec:\n  mode: monitor\n  subjects:\n  - deny: [/m]\n",
+        "metadata:\n  name: g\nspec:\n  selector: {}\n  mode: monitor\n  subjects:\n  - deny: [/m]\n",
         "  - deny: [/e]\n    mode: enforce\n",
         "  - deny: [/both]\n  - deny: [/both]\n    mode: enforce\n",
     );
@@ -111,7 +111,7 @@ fn a_monitored_subject_decides_alike_and_refuses_nothing() {
     // nor a longer monitored deny inside an enforced deny lets the access through.
     let nested = concat!(
         "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n",
-        "metadata:\n  name: g\nspec:\n  subjects:\n  - deny: [/data]\n",
+        "metadata:\n  name: g\nspec:\n  selector: {}\n  subjects:\n  - deny: [/data]\n",
         "  - {allow: [/data/trial], deny: [/data/trial/x], mode: monitor}\n",
         "  - {allow: [/open], mode: enforce}\n  - {deny: [/open/x], mode: monitor}\n",
     );

@@ -18,6 +18,21 @@ fn errors(text: &str) -> String {
 }
 
 #[test]
+fn a_selector_is_required_and_empty_selects_every_pod() {
+    let bare = "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
+                metadata:\n  name: g\nspec:\n  subjects:\n  - deny: [/x]\n";
+    assert_eq!(
+        errors(bare),
+        "spec.selector: is required (`{}` selects every pod of the namespace)"
+    );
+    let empty = bare.replace("spec:\n", "spec:\n  selector: {}\n");
+    let policy = GuardPolicy::from_guard(&parse_documents(&empty).unwrap()[0]).unwrap();
+    assert!(policy
+        .selector
+        .matches(&[("app".into(), "x".into())].into()));
+}
+
+#[test]
 fn relative_path_names_the_field() {
     assert_eq!(
         errors(&guard("  subjects:\n  - deny: [data/secret]\n")),

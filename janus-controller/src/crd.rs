@@ -1,7 +1,8 @@
 //! The JanusGuard custom resource as the API server sees it: the same fields as
 //! [`janus_api::JanusGuardSpec`] (every manifest of the original Janus deserializes into
 //! both), plus a schema that refuses at admission what the agent would refuse later:
-//! relative paths or `..` components, unknown events, no subjects, a subject without paths,
+//! no selector, relative paths or `..` components, unknown events, no subjects, a subject
+//! without paths,
 //! unknown `logFormat` specifiers, selector requirements whose values do not fit their
 //! operator.
 
@@ -43,8 +44,11 @@ pub const REQUIREMENT_RULE: &str = "self.operator == 'In' || self.operator == 'N
 )]
 #[serde(rename_all = "camelCase")]
 pub struct JanusGuardSpec {
-    #[serde(default)]
-    pub selector: LabelSelector,
+    /// Which pods of the namespace are guarded; required (`{}` selects every pod of the
+    /// namespace). An object stored without one is refused by the controller too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(required)]
+    pub selector: Option<LabelSelector>,
     #[schemars(length(min = 1))]
     pub subjects: Vec<Subject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

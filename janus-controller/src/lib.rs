@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Action, Controller};
@@ -75,6 +75,29 @@ fn guards_of_namespace(
         .collect()
 }
 
+/// The guards' watch: the store the controller reads, the guards it touches (the
+/// controller's trigger), and each deleted guard as last known (what lifts it at once).
+pub fn watch_guards(
+    client: kube::Client,
+) -> (
+    reflector::Store<JanusGuard>,
+    impl futures::Stream<Item = Result<JanusGuard, watcher::Error>> + Send,
+    tokio::sync::mpsc::UnboundedReceiver<JanusGuard>,
+) {
+    let (guards, writer) = reflector::store::<JanusGuard>();
+    let (deleted_tx, deleted) = tokio::sync::mpsc::unbounded_channel();
+    let api: Api<JanusGuard> = Api::all(client);
+    let events = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(guard) = event {
+                let _ = deleted_tx.send(guard.clone());
+            }
+        })
+        .touched_objects();
+    (guards, events, deleted)
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -107,9 +130,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .default_backoff()
         .touched_objects();
 
-    let guard_api: Api<JanusGuard> = Api::all(client.clone());
-    let controller = Controller::new(guard_api, watcher::Config::default());
-    let guards = controller.store();
+    let (guards, guard_events, mut deleted) = watch_guards(client.clone());
+    let controller = Controller::for_stream(guard_events, guards.clone());
     let core = Arc::new(Core::new(
         client,
         guards.clone(),
@@ -123,6 +145,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let periodic = {
         let core = core.clone();
         async move {
+            // A pass before the stores are filled would take every held guard for one no
+            // longer wanted and lift it; the first pass after a restart lifts the guards
+            // deleted while the controller was down.
+            let ready = futures::future::try_join3(
+                core.guards.wait_until_ready(),
+                core.pods.wait_until_ready(),
+                core.slices.wait_until_ready(),
+            );
+            if ready.await.is_err() {
+                return;
+            }
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -140,6 +173,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let store = guards.clone();
+    let lifter = core.clone();
     let controller = controller
         .watches_stream(pod_events, move |pod: Pod| {
             guards_of_namespace(&store, pod.namespace())
@@ -149,10 +183,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .for_each(|_| async {});
     // Agents coming and going are handled by the periodic pass, which lists them all.
     let slices = slice_events.for_each(|_| async {});
+    let lifts = async move {
+        while let Some(guard) = deleted.recv().await {
+            lifter.lift_deleted(&guard).await;
+        }
+    };
     tokio::select! {
         _ = controller => {}
         _ = slices => {}
         _ = periodic => {}
+        _ = lifts => {}
     }
     Ok(())
 }

@@ -317,6 +317,30 @@ impl Core {
             .await;
     }
 
+    /// Lifts a guard the API server just deleted from every agent that holds it, at once
+    /// rather than at the next periodic pass. Only what carries the deleted guard's UID:
+    /// a guard created again under its name may already be pushed. What the controller
+    /// does not know to be held (it restarted since) the periodic pass lifts.
+    pub async fn lift_deleted(&self, guard: &JanusGuard) {
+        let (ns, name) = (guard.namespace().unwrap_or_default(), guard.name_any());
+        let uid = guard.uid().unwrap_or_default();
+        let keys: Vec<(String, Key)> = {
+            let h = self.holdings.lock().expect("holdings lock");
+            h.iter()
+                .flat_map(|(node, held)| {
+                    held.iter()
+                        .filter(|(k, s)| {
+                            k.guard_namespace == ns && k.guard_name == name && s.guard_uid == uid
+                        })
+                        .map(move |(k, _)| (node.clone(), k.clone()))
+                })
+                .collect()
+        };
+        tracing::info!(namespace = %ns, guard = %name, pods = keys.len(), "guard deleted: lifting it");
+        let endpoints = discover(self.slices.state().iter().map(|s| &**s));
+        self.remove_all(&endpoints, keys).await;
+    }
+
     /// Lists every agent, removes what no guard wants, and syncs every guard.
     pub async fn sync_all(&self) -> Result<(), Error> {
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));

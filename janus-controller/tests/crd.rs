@@ -40,6 +40,13 @@ fn crd_is_namespaced_with_status_and_printer_columns() {
     assert_eq!(columns, ["Mode", "Pods", "Ready", "Degraded", "Age"]);
     let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert_eq!(spec["properties"]["subjects"]["minItems"], 1);
+    // A guard without a selector is refused at admission (`spec.selector: Required value`);
+    // `{}` is accepted and keeps its Kubernetes meaning.
+    assert_eq!(
+        spec["required"],
+        serde_json::json!(["selector", "subjects"])
+    );
+    assert!(spec["properties"]["selector"].get("nullable").is_none());
     let subject = &spec["properties"]["subjects"]["items"]["properties"];
     for field in ["allow", "deny"] {
         assert_eq!(subject[field]["items"]["pattern"], PATH_PATTERN, "{field}");

@@ -128,7 +128,7 @@ async fn a_guard_reaches_a_real_container_over_mutual_tls() {
                     name: "e2e-pod".into(),
                     container_ids: vec![format!("containerd://{id}")],
                 }),
-                spec_json: r#"{"subjects":[{"allow":["/data/secret"]}]}"#.into(),
+                spec_json: r#"{"selector":{},"subjects":[{"allow":["/data/secret"]}]}"#.into(),
                 spec_digest: String::new(),
             },
         )

@@ -444,3 +444,80 @@ async fn an_invalid_guard_is_reported_and_pushed_nowhere() {
         .unwrap()
         .contains("spec.subjects[0]"));
 }
+
+/// A guard stored without a selector (created before the schema required one) selects
+/// nothing: it is refused with the field named, and pushed nowhere.
+#[tokio::test]
+async fn a_guard_without_a_selector_is_refused_and_pushed_nowhere() {
+    let mut w = world().await;
+    let bare = guard("bare", 1, json!({"subjects": [{"deny": ["/etc/secret"]}]}));
+    w.stores.guard(bare.clone());
+    w.stores.pod(pod(
+        "web-1",
+        "node-a",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c1"],
+    ));
+    w.core.sync_guard(&bare).await.unwrap();
+    assert!(w.a.pods().is_empty());
+    let degraded = w.api.condition("bare", "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    let msg = degraded["message"].as_str().unwrap();
+    assert!(msg.starts_with("spec.selector: is required"), "{msg}");
+
+    // `{}` selects every pod of the namespace, as in Kubernetes.
+    let all = guard(
+        "all",
+        1,
+        json!({"selector": {}, "subjects": [{"deny": ["/etc/secret"]}]}),
+    );
+    w.stores.guard(all.clone());
+    w.core.sync_guard(&all).await.unwrap();
+    assert_eq!(w.a.pods(), ["all/pod-web-1"]);
+}
+
+/// A deleted guard is lifted from every agent at once, not at the next pass; a guard
+/// created again under its name in the meantime keeps what was pushed for it.
+#[tokio::test]
+async fn a_deleted_guard_is_lifted_at_once_and_only_its_own_holdings() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    assert_eq!(w.b.pods(), ["web/pod-web-2"]);
+    w.stores.delete_guard(web_guard(1));
+    w.core.lift_deleted(&web_guard(1)).await;
+    assert!(w.a.pods().is_empty() && w.b.pods().is_empty());
+
+    // Created again, pushed, and then the first one's delete comes late: nothing lifted.
+    let mut again = web_guard(1);
+    again.metadata.uid = Some("uid-web-again".into());
+    w.stores.guard(again.clone());
+    w.core.sync_guard(&again).await.unwrap();
+    w.core.lift_deleted(&web_guard(1)).await;
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    assert_eq!(w.b.pods(), ["web/pod-web-2"]);
+}
+
+/// Deleted while the controller was down: the next controller's first pass lifts it.
+#[tokio::test]
+async fn a_guard_deleted_while_the_controller_was_down_is_lifted_at_the_first_pass() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    // The controller stops; the guard is deleted; a new controller starts with stores that
+    // never saw it, and knows nothing of what the agents hold.
+    w.stores.delete_guard(web_guard(1));
+    let restarted = Core::new(
+        w.core.client.clone(),
+        w.stores.guards.0.clone(),
+        w.stores.pods.0.clone(),
+        w.stores.slices.0.clone(),
+        AgentPool::new(None, Duration::from_secs(2)),
+        Arc::new(Metrics::new()),
+    );
+    restarted.sync_all().await.unwrap();
+    assert!(w.a.pods().is_empty() && w.b.pods().is_empty());
+}

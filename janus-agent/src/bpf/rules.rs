@@ -176,7 +176,7 @@ spec:
     fn enforced_and_monitored_rules_of_one_inode_are_kept_apart() {
         let p = policy(
             "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
-             metadata: {name: g}\nspec:\n  subjects:\n\
+             metadata: {name: g}\nspec:\n  selector: {}\n  subjects:\n\
              \x20 - {deny: [/data], mode: monitor}\n\
              \x20 - {deny: [/data], mode: enforce}\n",
         );

@@ -33,7 +33,8 @@ pub fn apply(
 }
 
 /// Denies opening `/data/secret`.
-pub const DENY_SECRET: &str = r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#;
+pub const DENY_SECRET: &str =
+    r#"{"selector":{},"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#;
 
 /// A pod's container for test `name`: a fresh directory, a root with the standard files, and
 /// `sleep` running in containerd under the pod's cgroup as the kubelet's cgroupfs driver

@@ -22,7 +22,8 @@ use janus_tests::target::{Access, Root, Target, BUSYBOX};
 use janus_tests::wait;
 
 /// Denies opening `/data/secret`.
-const DENY_SECRET: &str = r#"{"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#;
+const DENY_SECRET: &str =
+    r#"{"selector":{},"subjects":[{"deny":["/data/secret"],"events":["open"]}]}"#;
 
 /// How long the agent gets to find a container: its rescan runs every 200 ms here, but
 /// placing a guard under TCG takes seconds.
