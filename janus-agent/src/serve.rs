@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use janus_api::agent_v1::agent_server::{Agent as AgentApi, AgentServer};
 use janus_api::agent_v1::{
-    ApplyGuardRequest, ApplyGuardResponse, ContainerPhase, ContainerStatus, GuardKey, GuardStatus,
+    apply_result, ApplyGuardRequest, ApplyGuardResponse, ApplyGuardsRequest, ApplyGuardsResponse,
+    ApplyResult, ContainerPhase, ContainerStatus, GuardKey, GuardStatus, ItemError,
     ListGuardsRequest, ListGuardsResponse, RemoveGuardRequest, RemoveGuardResponse,
+    RemoveGuardsRequest, RemoveGuardsResponse,
 };
 use janus_api::holding::{self, Holding, HoldingKey, RequestError};
 use janus_api::{GuardPolicy, JanusGuardSpec, ValidationErrors};
@@ -475,14 +477,58 @@ impl AgentApi for Service {
         let req = request.into_inner();
         let status = blocking(move || guards.apply(req))
             .await?
-            .map_err(|e| match e {
-                ApplyError::NotInPod { .. } => Status::permission_denied(e.to_string()),
-                ApplyError::Full => Status::resource_exhausted(e.to_string()),
-                _ => Status::invalid_argument(e.to_string()),
-            })?;
+            .map_err(|e| Status::new(code_of(&e), e.to_string()))?;
         Ok(Response::new(ApplyGuardResponse {
             status: Some(status),
         }))
+    }
+
+    async fn apply_guards(
+        &self,
+        request: Request<ApplyGuardsRequest>,
+    ) -> Result<Response<ApplyGuardsResponse>, Status> {
+        let items = request.into_inner().items;
+        if items.len() > holding::MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "items: {} items; at most {}",
+                items.len(),
+                holding::MAX_BATCH
+            )));
+        }
+        let guards = self.0.clone();
+        let results = blocking(move || {
+            items
+                .into_iter()
+                .map(|req| ApplyResult {
+                    outcome: Some(match guards.apply(req) {
+                        Ok(status) => apply_result::Outcome::Status(status),
+                        Err(e) => apply_result::Outcome::Error(ItemError {
+                            code: code_of(&e) as i32,
+                            message: e.to_string(),
+                        }),
+                    }),
+                })
+                .collect()
+        })
+        .await?;
+        Ok(Response::new(ApplyGuardsResponse { results }))
+    }
+
+    async fn remove_guards(
+        &self,
+        request: Request<RemoveGuardsRequest>,
+    ) -> Result<Response<RemoveGuardsResponse>, Status> {
+        let keys = request.into_inner().keys;
+        if keys.len() > holding::MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "keys: {} keys; at most {}",
+                keys.len(),
+                holding::MAX_BATCH
+            )));
+        }
+        let guards = self.0.clone();
+        let removed = blocking(move || keys.iter().map(|k| guards.remove(k)).collect()).await?;
+        Ok(Response::new(RemoveGuardsResponse { removed }))
     }
 
     async fn remove_guard(
@@ -511,8 +557,17 @@ impl AgentApi for Service {
     }
 }
 
-/// The largest request the API decodes: a spec at its limit and a pod's container IDs.
-const MAX_MESSAGE_BYTES: usize = 2 * holding::MAX_SPEC_BYTES;
+/// The gRPC code a refused apply answers with, alone or as one item of a batch.
+fn code_of(e: &ApplyError) -> tonic::Code {
+    match e {
+        ApplyError::NotInPod { .. } => tonic::Code::PermissionDenied,
+        ApplyError::Full => tonic::Code::ResourceExhausted,
+        _ => tonic::Code::InvalidArgument,
+    }
+}
+
+/// The largest request the API decodes: a node's batch, which the controller splits to fit.
+const MAX_MESSAGE_BYTES: usize = holding::MAX_BATCH_BYTES;
 
 /// Refuses every call but the controller's identity's, and says so in the log and
 /// `janus_api_refused_total`.

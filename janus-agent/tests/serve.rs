@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use janus_api::agent_v1::agent_client::AgentClient;
-use janus_api::agent_v1::{ContainerPhase, ListGuardsRequest};
+use janus_api::agent_v1::{
+    apply_result, ApplyGuardsRequest, ApplyResult, ContainerPhase, GuardKey, ListGuardsRequest,
+    RemoveGuardsRequest,
+};
 use janus_tests::agent::Serve;
 use janus_tests::containerd::Container;
 use janus_tests::scenarios::populate;
@@ -194,6 +197,66 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
             Access::Ok("secret".into())
         );
     }
+
+    // In one batch, the refused item is refused alone: the other is applied.
+    let grab = support::apply(
+        "attacker",
+        "grab",
+        &format!("2222-{me}"),
+        &[&victim_id],
+        DENY_SECRET,
+    );
+    let own = support::apply(
+        "default",
+        "own",
+        &format!("1111-{me}"),
+        &[&victim_id],
+        DENY_SECRET,
+    );
+    let keys: Vec<GuardKey> = [&grab, &own]
+        .iter()
+        .map(|r| GuardKey {
+            guard_namespace: r.guard.as_ref().unwrap().namespace.clone(),
+            guard_name: r.guard.as_ref().unwrap().name.clone(),
+            pod_uid: r.pod.as_ref().unwrap().uid.clone(),
+        })
+        .collect();
+    let results = client
+        .apply_guards(ApplyGuardsRequest {
+            items: vec![grab, own],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    match &results[..] {
+        [ApplyResult {
+            outcome: Some(apply_result::Outcome::Error(e)),
+        }, ApplyResult {
+            outcome: Some(apply_result::Outcome::Status(s)),
+        }] => {
+            assert_eq!(
+                e.code,
+                tonic::Code::PermissionDenied as i32,
+                "{}",
+                e.message
+            );
+            assert_eq!(s.key.as_ref().unwrap().guard_name, "own");
+        }
+        other => panic!("{other:?}"),
+    }
+    support::wait_denied(&victim);
+    let removed = client
+        .remove_guards(RemoveGuardsRequest { keys })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, [false, true]);
+    assert_eq!(
+        victim.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
+        Access::Ok("secret".into())
+    );
 }
 
 /// The agent in a private cgroup namespace rooted in a pod's cgroup, as containerd starts an

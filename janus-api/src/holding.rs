@@ -16,6 +16,11 @@ pub const MAX_SPEC_BYTES: usize = 64 * 1024;
 pub const MAX_CONTAINERS: usize = 128;
 /// The longest name, namespace, UID or container ID (a Kubernetes name is at most 253).
 pub const MAX_FIELD_BYTES: usize = 253;
+/// The most items one ApplyGuards or RemoveGuards call carries.
+pub const MAX_BATCH: usize = 1000;
+/// The largest ApplyGuards message an agent decodes; the controller splits a node's batch
+/// to stay below it.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Which guard, on which pod.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

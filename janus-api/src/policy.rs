@@ -295,6 +295,17 @@ pub enum Requirement {
 }
 
 impl Selector {
+    /// A selector as written, validated alone (fields named under `spec.selector`).
+    pub fn from_raw(raw: &LabelSelector) -> Result<Selector, ValidationErrors> {
+        let mut errors = ValidationErrors::default();
+        let selector = validate_selector(raw, &mut errors);
+        if errors.is_empty() {
+            Ok(selector)
+        } else {
+            Err(errors)
+        }
+    }
+
     /// Kubernetes semantics: every label and every expression must match; an empty selector
     /// matches everything.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {

@@ -10,8 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use janus_api::agent_v1::agent_client::AgentClient;
 use janus_api::agent_v1::{
-    ApplyGuardRequest, GuardKey, GuardStatus, ListGuardsRequest, RemoveGuardRequest,
+    apply_result, ApplyGuardRequest, ApplyGuardsRequest, GuardKey, GuardStatus, ItemError,
+    ListGuardsRequest, RemoveGuardsRequest,
 };
+use janus_api::holding::{MAX_BATCH, MAX_BATCH_BYTES};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -126,6 +128,8 @@ pub enum AgentError {
     },
     #[error("agent {addr}: {}", .status.message())]
     Call { addr: String, status: tonic::Status },
+    #[error("agent {addr} answered out of protocol: {what}")]
+    Answer { addr: String, what: String },
 }
 
 impl AgentError {
@@ -133,6 +137,7 @@ impl AgentError {
     pub fn unreachable(&self) -> bool {
         match self {
             AgentError::Connect { .. } => true,
+            AgentError::Answer { .. } => false,
             AgentError::Call { status, .. } => matches!(
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
@@ -218,21 +223,114 @@ impl AgentPool {
         .map(|r| r.guards)
     }
 
-    pub async fn apply(
+    /// Applies `reqs` on one agent in as few ApplyGuards calls as fit its limits; one
+    /// result per request, in order: the status, or why the agent refused that item.
+    pub async fn apply_many(
         &self,
         addr: &str,
-        req: ApplyGuardRequest,
-    ) -> Result<GuardStatus, AgentError> {
-        self.call(addr, |mut c| async move { c.apply_guard(req).await })
-            .await
-            .map(|r| r.status.unwrap_or_default())
+        reqs: Vec<ApplyGuardRequest>,
+    ) -> Result<Vec<Result<GuardStatus, ItemError>>, AgentError> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for items in batches(reqs) {
+            let sent = items.len();
+            let results = self
+                .call(addr, |mut c| async move {
+                    c.apply_guards(ApplyGuardsRequest { items }).await
+                })
+                .await?
+                .results;
+            if results.len() != sent {
+                return Err(AgentError::Answer {
+                    addr: addr.to_owned(),
+                    what: format!("{} results for {sent} items", results.len()),
+                });
+            }
+            out.extend(results.into_iter().map(|r| match r.outcome {
+                Some(apply_result::Outcome::Status(s)) => Ok(s),
+                Some(apply_result::Outcome::Error(e)) => Err(e),
+                None => Err(ItemError {
+                    code: tonic::Code::Unknown as i32,
+                    message: "no outcome".into(),
+                }),
+            }));
+        }
+        Ok(out)
     }
 
-    pub async fn remove(&self, addr: &str, key: GuardKey) -> Result<bool, AgentError> {
-        self.call(addr, |mut c| async move {
-            c.remove_guard(RemoveGuardRequest { key: Some(key) }).await
-        })
-        .await
-        .map(|r| r.removed)
+    /// Removes `keys` from one agent; whether each was held, in order.
+    pub async fn remove_many(
+        &self,
+        addr: &str,
+        keys: Vec<GuardKey>,
+    ) -> Result<Vec<bool>, AgentError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_BATCH) {
+            let keys = chunk.to_vec();
+            let removed = self
+                .call(addr, |mut c| async move {
+                    c.remove_guards(RemoveGuardsRequest { keys }).await
+                })
+                .await?
+                .removed;
+            if removed.len() != chunk.len() {
+                return Err(AgentError::Answer {
+                    addr: addr.to_owned(),
+                    what: format!("{} answers for {} keys", removed.len(), chunk.len()),
+                });
+            }
+            out.extend(removed);
+        }
+        Ok(out)
+    }
+}
+
+/// Splits requests into ApplyGuards calls of at most MAX_BATCH items that an agent decodes
+/// (MAX_BATCH_BYTES, with room for the envelope).
+fn batches(reqs: Vec<ApplyGuardRequest>) -> Vec<Vec<ApplyGuardRequest>> {
+    use prost::Message;
+    let budget = MAX_BATCH_BYTES - 64 * 1024;
+    let mut out: Vec<Vec<ApplyGuardRequest>> = Vec::new();
+    let mut bytes = 0;
+    for r in reqs {
+        let len = r.encoded_len() + 8;
+        match out.last_mut() {
+            Some(last) if last.len() < MAX_BATCH && bytes + len <= budget => {
+                bytes += len;
+                last.push(r);
+            }
+            _ => {
+                bytes = len;
+                out.push(vec![r]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(spec_bytes: usize) -> ApplyGuardRequest {
+        ApplyGuardRequest {
+            spec_json: "x".repeat(spec_bytes),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_fit_the_agents_limits() {
+        let many: Vec<_> = (0..2500).map(|_| req(10)).collect();
+        let sizes: Vec<usize> = batches(many).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        // Specs at their limit: each call stays below what the agent decodes.
+        let big: Vec<_> = (0..200).map(|_| req(64 * 1024)).collect();
+        let split = batches(big);
+        assert!(split.len() > 1);
+        assert_eq!(split.iter().map(Vec::len).sum::<usize>(), 200);
+        for b in &split {
+            let bytes: usize = b.iter().map(|r| prost::Message::encoded_len(r) + 8).sum();
+            assert!(bytes < MAX_BATCH_BYTES, "{bytes}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod crd;
+pub mod index;
 pub mod metrics;
 pub mod pki;
 pub mod reconcile;
@@ -16,9 +17,9 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, ResourceExt};
+use kube::Api;
 
 use crate::crd::JanusGuard;
 use crate::reconcile::Core;
@@ -59,20 +60,6 @@ fn error_policy(_: Arc<JanusGuard>, e: &reconcile::Error, core: Arc<Core>) -> Ac
     core.metrics.errors.with_label_values(&["status"]).inc();
     tracing::warn!(error = %e, "reconciliation failed");
     Action::requeue(Duration::from_secs(5))
-}
-
-/// The guards of a pod's namespace: a pod starting, stopping or changing labels may change
-/// what any of them selects.
-fn guards_of_namespace(
-    guards: &reflector::Store<JanusGuard>,
-    ns: Option<String>,
-) -> Vec<ObjectRef<JanusGuard>> {
-    guards
-        .state()
-        .iter()
-        .filter(|g| g.namespace() == ns)
-        .map(|g| ObjectRef::from_obj(&**g))
-        .collect()
 }
 
 /// The guards' watch: the store the controller reads, the guards it touches (the
@@ -172,12 +159,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let store = guards.clone();
-    let lifter = core.clone();
+    let (lifter, mapper) = (core.clone(), core.clone());
     let controller = controller
-        .watches_stream(pod_events, move |pod: Pod| {
-            guards_of_namespace(&store, pod.namespace())
-        })
+        .watches_stream(pod_events, move |pod: Pod| mapper.guards_touched_by(&pod))
         .shutdown_on_signal()
         .run(reconcile, error_policy, core)
         .for_each(|_| async {});

@@ -11,17 +11,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use futures::stream::{self, StreamExt};
-use janus_api::agent_v1::{ApplyGuardRequest, ContainerPhase, GuardRef, GuardStatus, PodRef};
+use janus_api::agent_v1::{
+    ApplyGuardRequest, ContainerPhase, GuardKey, GuardRef, GuardStatus, PodRef,
+};
 use janus_api::holding::{spec_digest, Holding, HoldingKey};
 use janus_api::GuardPolicy;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::agents::{discover, AgentPool};
 use crate::crd::{Condition, JanusGuard, JanusGuardStatus};
+use crate::index::{self, PodIndex};
 use crate::metrics::Metrics;
 
 type Key = HoldingKey;
@@ -38,6 +41,9 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// What each node's agent holds, as last listed or applied: node -> key -> status.
     holdings: Mutex<BTreeMap<String, BTreeMap<Key, GuardStatus>>>,
+    /// The status last written on each guard, by UID: the store's copy lags behind the
+    /// controller's own writes, and a pass must not write the same status again.
+    written: Mutex<BTreeMap<String, JanusGuardStatus>>,
 }
 
 /// A running pod a guard selects, and what to send its node's agent.
@@ -46,11 +52,73 @@ struct Wanted {
     request: ApplyGuardRequest,
 }
 
+/// What one guard wants this pass: its pods, or why it wants none.
+struct Plan<'g> {
+    guard: &'g JanusGuard,
+    ns: String,
+    name: String,
+    wanted: Vec<Wanted>,
+    problems: Problems,
+    /// `enforce`, `monitor`, or `mixed` when subjects override the guard's mode; None for
+    /// an invalid guard.
+    mode: Option<&'static str>,
+}
+
+impl<'g> Plan<'g> {
+    fn new(core: &Core, guard: &'g JanusGuard, pods: &PodIndex) -> Plan<'g> {
+        let ns = guard.namespace().unwrap_or_default();
+        let name = guard.name_any();
+        let api_spec: Result<janus_api::JanusGuardSpec, _> =
+            serde_json::from_str(&guard.spec.to_json());
+        let policy = api_spec.map_err(|e| e.to_string()).and_then(|s| {
+            GuardPolicy::from_spec(&name, &ns, &s).map_err(|errs| {
+                errs.0
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+        });
+        let mut problems = Problems::default();
+        let (wanted, mode) = match &policy {
+            Ok(p) => (
+                core.wanted(guard, p, pods),
+                Some(p.mode().map_or("mixed", |m| m.name())),
+            ),
+            Err(e) => {
+                problems.add("InvalidSpec", e.clone());
+                (Vec::new(), None)
+            }
+        };
+        Plan {
+            guard,
+            ns,
+            name,
+            wanted,
+            problems,
+            mode,
+        }
+    }
+
+    fn key(&self, w: &Wanted) -> Key {
+        HoldingKey {
+            guard_namespace: self.ns.clone(),
+            guard_name: self.name.clone(),
+            pod_uid: w
+                .request
+                .pod
+                .as_ref()
+                .map_or("", |p| p.uid.as_str())
+                .to_owned(),
+        }
+    }
+}
+
 /// What one pod's agent answered, or why it did not: (Degraded reason, message).
 type Outcome = Result<GuardStatus, (&'static str, String)>;
 
 /// What went wrong for a guard, by reason, for its Degraded condition and Events.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Problems(BTreeMap<&'static str, Vec<String>>);
 
 impl Problems {
@@ -82,11 +150,12 @@ impl Core {
             agents,
             metrics,
             holdings: Mutex::new(BTreeMap::new()),
+            written: Mutex::new(BTreeMap::new()),
         }
     }
 
     /// The running pods `guard` selects, with the request each node's agent should get.
-    fn wanted(&self, guard: &JanusGuard, policy: &GuardPolicy) -> Vec<Wanted> {
+    fn wanted(&self, guard: &JanusGuard, policy: &GuardPolicy, pods: &PodIndex) -> Vec<Wanted> {
         let ns = guard.namespace().unwrap_or_default();
         let spec_json = guard.spec.to_json();
         let digest = spec_digest(&spec_json);
@@ -96,12 +165,9 @@ impl Core {
             uid: guard.uid().unwrap_or_default(),
             generation: guard.meta().generation.unwrap_or(0),
         };
-        self.pods
-            .state()
-            .iter()
-            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+        pods.selected(&ns, &policy.selector)
+            .into_iter()
             .filter(|p| p.meta().deletion_timestamp.is_none())
-            .filter(|p| policy.selector.matches(p.labels()))
             .filter_map(|p| {
                 let status = p.status.as_ref()?;
                 if status.phase.as_deref() != Some("Running") {
@@ -141,16 +207,16 @@ impl Core {
             .and_then(|h| h.get(key).cloned())
     }
 
-    /// (node, key) of every guard an agent holds whose key satisfies `pred`.
-    fn held_where(&self, pred: impl Fn(&Key) -> bool) -> Vec<(String, Key)> {
+    /// (node, key) of every guard an agent holds whose key and status satisfy `pred`.
+    fn held_where(&self, pred: impl Fn(&Key, &GuardStatus) -> bool) -> Vec<(String, Key)> {
         self.holdings
             .lock()
             .expect("holdings lock")
             .iter()
             .flat_map(|(node, held)| {
-                held.keys()
-                    .filter(|k| pred(k))
-                    .map(move |k| (node.clone(), k.clone()))
+                held.iter()
+                    .filter(|(k, s)| pred(k, s))
+                    .map(move |(k, _)| (node.clone(), k.clone()))
             })
             .collect()
     }
@@ -167,94 +233,138 @@ impl Core {
     /// Pushes `guard` to the agents of its pods' nodes, lifts it from pods it no longer
     /// selects, and records the outcome in its status.
     pub async fn sync_guard(&self, guard: &JanusGuard) -> Result<(), Error> {
-        let ns = guard.namespace().unwrap_or_default();
-        let name = guard.name_any();
-        let api_spec: Result<janus_api::JanusGuardSpec, _> =
-            serde_json::from_str(&guard.spec.to_json());
-        let policy = api_spec.map_err(|e| e.to_string()).and_then(|s| {
-            GuardPolicy::from_spec(&name, &ns, &s).map_err(|errs| {
-                errs.0
-                    .iter()
-                    .map(|e| format!("{}: {}", e.field, e.message))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })
-        });
-        let mut problems = Problems::default();
-        let wanted = match &policy {
-            Ok(p) => self.wanted(guard, p),
-            Err(e) => {
-                problems.add("InvalidSpec", e.clone());
-                Vec::new()
-            }
-        };
-        let endpoints = discover(self.slices.state().iter().map(|s| &**s));
-        let key_of = |pod_uid: &str| HoldingKey {
-            guard_namespace: ns.clone(),
-            guard_name: name.clone(),
-            pod_uid: pod_uid.to_owned(),
-        };
-        let wanted_keys: BTreeSet<Key> = wanted
-            .iter()
-            .map(|w| key_of(w.request.pod.as_ref().map_or("", |p| p.uid.as_str())))
-            .collect();
+        self.sync_guards(std::slice::from_ref(guard)).await
+    }
 
-        let results: Vec<(String, Key, Outcome)> = stream::iter(wanted)
-            .map(|w| {
-                let (endpoints, key_of) = (&endpoints, &key_of);
-                async move {
-                    let pod = w.request.pod.clone().unwrap_or_default();
-                    let key = key_of(&pod.uid);
-                    let Some(addr) = endpoints.get(&w.node) else {
-                        return (
-                            w.node.clone(),
-                            key,
-                            Err((
-                                "AgentUnreachable",
-                                format!("no agent found on node {}", w.node),
-                            )),
-                        );
-                    };
-                    // What the agent holds is repaired unless it is exactly what is wanted
-                    // (the spec by its digest, whatever generation the agent reports).
-                    if let Some(held) = self.held(&w.node, &key) {
-                        if Holding::of_status(&held) == Holding::of_request(&w.request) {
-                            return (w.node, key, Ok(held));
-                        }
-                    }
-                    let result = self.agents.apply(addr, w.request).await;
-                    match result {
-                        Ok(status) => {
-                            self.metrics.guards_pushed.inc();
-                            self.hold(&w.node, key.clone(), Some(status.clone()));
-                            (w.node, key, Ok(status))
-                        }
-                        Err(e) => {
-                            let (kind, reason) = if e.unreachable() {
-                                ("agent_unreachable", "AgentUnreachable")
-                            } else {
-                                ("apply", "ApplyFailed")
-                            };
-                            self.metrics.errors.with_label_values(&[kind]).inc();
-                            let message = format!("pod {}: {e}", pod.name);
-                            (w.node, key, Err((reason, message)))
-                        }
-                    }
+    /// [`Core::sync_guard`] for many guards at once: every node's agent gets one batched
+    /// call for all of them (and one to lift what they no longer select), and only what
+    /// differs from what it holds.
+    async fn sync_guards(&self, guards: &[JanusGuard]) -> Result<(), Error> {
+        let endpoints = discover(self.slices.state().iter().map(|s| &**s));
+        let pods = self.pods.state();
+        let index = PodIndex::new(&pods);
+        let plans: Vec<Plan> = guards.iter().map(|g| Plan::new(self, g, &index)).collect();
+
+        // What each node's agent must be sent; what is current is an outcome already.
+        let mut outcomes: Vec<Vec<(String, Outcome)>> = vec![Vec::new(); plans.len()];
+        let mut sends: BTreeMap<String, Vec<(usize, Key, ApplyGuardRequest)>> = BTreeMap::new();
+        for (i, plan) in plans.iter().enumerate() {
+            for w in &plan.wanted {
+                let key = plan.key(w);
+                if !endpoints.contains_key(&w.node) {
+                    let msg = format!("no agent found on node {}", w.node);
+                    outcomes[i].push((w.node.clone(), Err(("AgentUnreachable", msg))));
+                    continue;
                 }
-            })
+                // What the agent holds is repaired unless it is exactly what is wanted
+                // (the spec by its digest, whatever generation the agent reports).
+                match self.held(&w.node, &key) {
+                    Some(held) if Holding::of_status(&held) == Holding::of_request(&w.request) => {
+                        outcomes[i].push((w.node.clone(), Ok(held)));
+                    }
+                    _ => sends
+                        .entry(w.node.clone())
+                        .or_default()
+                        .push((i, key, w.request.clone())),
+                }
+            }
+        }
+        let pushed: Vec<(usize, String, Outcome)> = stream::iter(sends)
+            .map(|(node, items)| self.push(&endpoints, node, items))
             .buffer_unordered(CONCURRENCY)
+            .flat_map(stream::iter)
             .collect()
             .await;
+        for (i, node, outcome) in pushed {
+            outcomes[i].push((node, outcome));
+        }
 
-        // Lift the guard from pods it no longer selects, wherever an agent holds it.
-        let stale = self.held_where(|k| {
-            k.guard_namespace == ns && k.guard_name == name && !wanted_keys.contains(k)
+        // Lift the guards from pods they no longer select, wherever an agent holds them.
+        let wanted: BTreeSet<Key> = plans
+            .iter()
+            .flat_map(|p| p.wanted.iter().map(|w| p.key(w)))
+            .collect();
+        let synced: BTreeSet<(&str, &str)> = plans
+            .iter()
+            .map(|p| (p.ns.as_str(), p.name.as_str()))
+            .collect();
+        let stale = self.held_where(|k, _| {
+            synced.contains(&(k.guard_namespace.as_str(), k.guard_name.as_str()))
+                && !wanted.contains(k)
         });
         self.remove_all(&endpoints, stale).await;
 
+        // Made before they are polled: a closure over `Plan<'_>` in the stream is not
+        // general enough for the controller's Send bound.
+        let reports: Vec<_> = plans
+            .into_iter()
+            .zip(outcomes)
+            .map(|(plan, outcomes)| self.report(plan, outcomes))
+            .collect();
+        let reports: Vec<Result<(), Error>> = stream::iter(reports)
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        reports.into_iter().collect()
+    }
+
+    /// Sends one node's agent what it lacks, in batched calls; each item's outcome.
+    async fn push(
+        &self,
+        endpoints: &BTreeMap<String, String>,
+        node: String,
+        items: Vec<(usize, Key, ApplyGuardRequest)>,
+    ) -> Vec<(usize, String, Outcome)> {
+        let addr = &endpoints[&node];
+        let (meta, reqs): (Vec<(usize, Key, String)>, Vec<ApplyGuardRequest>) = items
+            .into_iter()
+            .map(|(i, key, r)| {
+                let pod = r.pod.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+                ((i, key, pod), r)
+            })
+            .unzip();
+        match self.agents.apply_many(addr, reqs).await {
+            Ok(results) => meta
+                .into_iter()
+                .zip(results)
+                .map(|((i, key, pod), result)| {
+                    let outcome = match result {
+                        Ok(status) => {
+                            self.metrics.guards_pushed.inc();
+                            self.hold(&node, key, Some(status.clone()));
+                            Ok(status)
+                        }
+                        Err(e) => {
+                            self.metrics.errors.with_label_values(&["apply"]).inc();
+                            Err((
+                                "ApplyFailed",
+                                format!("pod {pod}: agent {addr}: {}", e.message),
+                            ))
+                        }
+                    };
+                    (i, node.clone(), outcome)
+                })
+                .collect(),
+            Err(e) => {
+                let (kind, reason) = if e.unreachable() {
+                    ("agent_unreachable", "AgentUnreachable")
+                } else {
+                    ("apply", "ApplyFailed")
+                };
+                self.metrics.errors.with_label_values(&[kind]).inc();
+                meta.into_iter()
+                    .map(|(i, _, pod)| (i, node.clone(), Err((reason, format!("pod {pod}: {e}")))))
+                    .collect()
+            }
+        }
+    }
+
+    /// One guard's status from its pods' outcomes.
+    async fn report(&self, plan: Plan<'_>, outcomes: Vec<(String, Outcome)>) -> Result<(), Error> {
+        let mut problems = plan.problems;
         let mut guarded = 0;
         let mut pending = 0;
-        for (node, _, result) in &results {
+        for (node, result) in &outcomes {
             match result {
                 Err((reason, message)) => problems.add(reason, message.clone()),
                 Ok(status) => {
@@ -286,35 +396,67 @@ impl Core {
             msgs.sort();
             msgs.dedup();
         }
-        // `mixed` when subjects override the guard's mode.
-        let mode = policy
-            .as_ref()
-            .ok()
-            .map(|p| p.mode().map_or("mixed", |m| m.name()));
-        self.update_status(guard, guarded, pending, results.len(), &problems, mode)
-            .await
+        self.update_status(
+            plan.guard,
+            guarded,
+            pending,
+            outcomes.len(),
+            &problems,
+            plan.mode,
+        )
+        .await
     }
 
+    /// Removes `keys` from the agents that hold them, one batched call per node.
     async fn remove_all(&self, endpoints: &BTreeMap<String, String>, keys: Vec<(String, Key)>) {
-        stream::iter(keys)
-            .for_each_concurrent(CONCURRENCY, |(node, key)| async move {
+        let mut by_node: BTreeMap<String, Vec<Key>> = BTreeMap::new();
+        for (node, key) in keys {
+            by_node.entry(node).or_default().push(key);
+        }
+        stream::iter(by_node)
+            .for_each_concurrent(CONCURRENCY, |(node, keys)| async move {
                 let Some(addr) = endpoints.get(&node) else {
                     // The agent is gone; whatever it held went with it.
-                    self.hold(&node, key, None);
+                    for key in keys {
+                        self.hold(&node, key, None);
+                    }
                     return;
                 };
-                match self.agents.remove(addr, (&key).into()).await {
+                let sent = keys.iter().map(GuardKey::from).collect();
+                match self.agents.remove_many(addr, sent).await {
                     Ok(_) => {
-                        tracing::info!(node, guard = %key.guard_name, namespace = %key.guard_namespace, pod = %key.pod_uid, "guard lifted");
-                        self.hold(&node, key, None);
+                        for key in keys {
+                            tracing::info!(node, guard = %key.guard_name, namespace = %key.guard_namespace, pod = %key.pod_uid, "guard lifted");
+                            self.hold(&node, key, None);
+                        }
                     }
                     Err(e) => {
                         self.metrics.errors.with_label_values(&["remove"]).inc();
-                        tracing::warn!(node, error = %e, "lifting a guard");
+                        tracing::warn!(node, error = %e, "lifting guards");
                     }
                 }
             })
             .await;
+    }
+
+    /// The guards a change of `pod` can concern: those of its namespace whose selector
+    /// picks it now, and those an agent holds on it (which it may have left).
+    pub fn guards_touched_by(&self, pod: &Pod) -> Vec<ObjectRef<JanusGuard>> {
+        let uid = pod.uid().unwrap_or_default();
+        let holders = self.held_where(|k, _| k.pod_uid == uid);
+        self.guards
+            .state()
+            .iter()
+            .filter(|g| g.namespace() == pod.namespace())
+            .filter(|g| {
+                index::selector_of(g).is_some_and(|s| s.matches(pod.labels()))
+                    || holders.iter().any(|(_, k)| {
+                        Some(&k.guard_namespace) == g.metadata.namespace.as_ref()
+                            && Some(&k.guard_name) == g.metadata.name.as_ref()
+                    })
+            })
+            .map(|g| ObjectRef::from_obj(&**g))
+            .collect()
     }
 
     /// Lifts a guard the API server just deleted from every agent that holds it, at once
@@ -324,18 +466,9 @@ impl Core {
     pub async fn lift_deleted(&self, guard: &JanusGuard) {
         let (ns, name) = (guard.namespace().unwrap_or_default(), guard.name_any());
         let uid = guard.uid().unwrap_or_default();
-        let keys: Vec<(String, Key)> = {
-            let h = self.holdings.lock().expect("holdings lock");
-            h.iter()
-                .flat_map(|(node, held)| {
-                    held.iter()
-                        .filter(|(k, s)| {
-                            k.guard_namespace == ns && k.guard_name == name && s.guard_uid == uid
-                        })
-                        .map(move |(k, _)| (node.clone(), k.clone()))
-                })
-                .collect()
-        };
+        let keys = self.held_where(|k, s| {
+            k.guard_namespace == ns && k.guard_name == name && s.guard_uid == uid
+        });
         tracing::info!(namespace = %ns, guard = %name, pods = keys.len(), "guard deleted: lifting it");
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
         self.remove_all(&endpoints, keys).await;
@@ -381,21 +514,26 @@ impl Core {
             }
         }
         self.metrics.agents_reachable.set(reachable);
-        let guards = self.guards.state();
-        let existing: BTreeSet<(String, String)> = guards
+        let guards: Vec<JanusGuard> = self.guards.state().iter().map(|g| (**g).clone()).collect();
+        let existing: BTreeSet<(&str, &str)> = guards
             .iter()
-            .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
+            .map(|g| {
+                (
+                    g.metadata.namespace.as_deref().unwrap_or_default(),
+                    g.metadata.name.as_deref().unwrap_or_default(),
+                )
+            })
             .collect();
-        let orphans = self
-            .held_where(|k| !existing.contains(&(k.guard_namespace.clone(), k.guard_name.clone())));
+        let uids: BTreeSet<String> = guards.iter().filter_map(|g| g.uid()).collect();
+        self.written
+            .lock()
+            .expect("written lock")
+            .retain(|uid, _| uids.contains(uid));
+        let orphans = self.held_where(|k, _| {
+            !existing.contains(&(k.guard_namespace.as_str(), k.guard_name.as_str()))
+        });
         self.remove_all(&endpoints, orphans).await;
-        let mut first_error = None;
-        for g in guards {
-            if let Err(e) = self.sync_guard(&g).await {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.sync_guards(&guards).await
     }
 
     async fn update_status(
@@ -407,7 +545,14 @@ impl Core {
         problems: &Problems,
         mode: Option<&str>,
     ) -> Result<(), Error> {
-        let old = guard.status.clone().unwrap_or_default();
+        let uid = guard.uid().unwrap_or_default();
+        let written = self
+            .written
+            .lock()
+            .expect("written lock")
+            .get(&uid)
+            .cloned();
+        let old = written.or_else(|| guard.status.clone()).unwrap_or_default();
         let now = chrono_now();
         let condition = |type_: &str, status: bool, reason: &str, message: String| {
             let status = if status { "True" } else { "False" }.to_owned();
@@ -482,6 +627,10 @@ impl Core {
         )
         .await
         .map_err(|e| Error::Status(format!("{ns}/{name}"), e))?;
+        self.written
+            .lock()
+            .expect("written lock")
+            .insert(uid, status.clone());
         let was_degraded = old
             .conditions
             .iter()

@@ -113,9 +113,9 @@ async fn a_guard_reaches_a_real_container_over_mutual_tls() {
     // everything, at a generation the controller's can never reach.
     let forger = AgentPool::new(Some(material.client_config()), Duration::from_secs(5));
     let forged = forger
-        .apply(
+        .apply_many(
             &addr.to_string(),
-            ApplyGuardRequest {
+            vec![ApplyGuardRequest {
                 guard: Some(GuardRef {
                     namespace: "default".into(),
                     name: "e2e".into(),
@@ -130,9 +130,11 @@ async fn a_guard_reaches_a_real_container_over_mutual_tls() {
                 }),
                 spec_json: r#"{"selector":{},"subjects":[{"allow":["/data/secret"]}]}"#.into(),
                 spec_digest: String::new(),
-            },
+            }],
         )
         .await
+        .unwrap()
+        .remove(0)
         .unwrap();
     assert_eq!(forged.generation, i64::MAX);
     let c = cat.clone();

@@ -521,3 +521,99 @@ async fn a_guard_deleted_while_the_controller_was_down_is_lifted_at_the_first_pa
     restarted.sync_all().await.unwrap();
     assert!(w.a.pods().is_empty() && w.b.pods().is_empty());
 }
+
+/// Each node's agent gets one call per pass for every guard together, and none when it
+/// holds what is wanted; nor does the API server get a status write.
+#[tokio::test]
+async fn a_pass_makes_one_batched_call_per_node_and_none_when_current() {
+    let mut w = world().await;
+    populate(&mut w);
+    for g in ["db", "all"] {
+        let selector = if g == "db" {
+            json!({"matchLabels": {"app": "db"}})
+        } else {
+            json!({})
+        };
+        w.stores.guard(guard(
+            g,
+            1,
+            json!({"selector": selector, "subjects": [{"deny": ["/etc/secret"]}]}),
+        ));
+    }
+    w.core.sync_all().await.unwrap();
+    // node-a: web-1 (web, all), db-1 (db, all); node-b: web-2, web-canary (all), web-2 (web).
+    assert_eq!(w.a.applies.load(Ordering::SeqCst), 4);
+    assert_eq!(w.a.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(w.b.applies.load(Ordering::SeqCst), 3);
+    assert_eq!(w.b.calls.load(Ordering::SeqCst), 1);
+    let writes = |w: &World| w.api.seen.lock().unwrap().len();
+    let before = writes(&w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(
+        w.a.calls.load(Ordering::SeqCst),
+        1,
+        "a call with nothing to push"
+    );
+    assert_eq!(w.b.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(writes(&w), before, "a status written with nothing changed");
+
+    // The db guard is deleted while the controller is away: one batched lift on node-a.
+    w.stores.delete_guard(guard(
+        "db",
+        1,
+        json!({"selector": {}, "subjects": [{"deny": ["/etc/secret"]}]}),
+    ));
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        w.a.pods(),
+        ["all/pod-db-1", "all/pod-web-1", "web/pod-web-1"]
+    );
+}
+
+/// A pod event concerns only the guards that select the pod, or hold it.
+#[tokio::test]
+async fn a_pod_event_touches_only_the_guards_that_select_or_hold_it() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.stores.guard(guard(
+        "db",
+        1,
+        json!({"selector": {"matchLabels": {"app": "db"}}, "subjects": [{"deny": ["/x"]}]}),
+    ));
+    w.core.sync_all().await.unwrap();
+    let names =
+        |refs: Vec<kube::runtime::reflector::ObjectRef<janus_controller::crd::JanusGuard>>| {
+            let mut v: Vec<String> = refs.into_iter().map(|r| r.name).collect();
+            v.sort();
+            v
+        };
+    let web_1 = pod(
+        "web-1",
+        "node-a",
+        json!({"app": "web"}),
+        "Running",
+        &["containerd://c1"],
+    );
+    assert_eq!(names(w.core.guards_touched_by(&web_1)), ["web"]);
+    let db_1 = pod(
+        "db-1",
+        "node-a",
+        json!({"app": "db"}),
+        "Running",
+        &["containerd://c5"],
+    );
+    assert_eq!(names(w.core.guards_touched_by(&db_1)), ["db"]);
+    // web-1 is relabelled db: the db guard now selects it and the web guard still holds it.
+    let moved = pod(
+        "web-1",
+        "node-a",
+        json!({"app": "db"}),
+        "Running",
+        &["containerd://c1"],
+    );
+    assert_eq!(names(w.core.guards_touched_by(&moved)), ["db", "web"]);
+    // A pod no guard selects or holds concerns none.
+    let other = pod("other", "node-a", json!({"app": "other"}), "Running", &[]);
+    assert!(w.core.guards_touched_by(&other).is_empty());
+}

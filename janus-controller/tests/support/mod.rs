@@ -275,7 +275,10 @@ pub type Held = Arc<Mutex<BTreeMap<(String, String, String), GuardStatus>>>;
 #[derive(Clone, Default)]
 pub struct FakeAgent {
     pub held: Held,
+    /// Holdings applied, one by one or in batches.
     pub applies: Arc<std::sync::atomic::AtomicUsize>,
+    /// Calls made (ApplyGuard, ApplyGuards, RemoveGuard, RemoveGuards; not ListGuards).
+    pub calls: Arc<std::sync::atomic::AtomicUsize>,
     pub fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -289,7 +292,74 @@ impl Agent for FakeAgent {
         &self,
         r: tonic::Request<ApplyGuardRequest>,
     ) -> Result<tonic::Response<ApplyGuardResponse>, tonic::Status> {
-        let r = r.into_inner();
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(tonic::Response::new(ApplyGuardResponse {
+            status: Some(self.apply(r.into_inner())),
+        }))
+    }
+
+    async fn apply_guards(
+        &self,
+        r: tonic::Request<ApplyGuardsRequest>,
+    ) -> Result<tonic::Response<ApplyGuardsResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let results = r
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|item| ApplyResult {
+                outcome: Some(apply_result::Outcome::Status(self.apply(item))),
+            })
+            .collect();
+        Ok(tonic::Response::new(ApplyGuardsResponse { results }))
+    }
+
+    async fn remove_guards(
+        &self,
+        r: tonic::Request<RemoveGuardsRequest>,
+    ) -> Result<tonic::Response<RemoveGuardsResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.held.lock().unwrap();
+        let removed = r
+            .into_inner()
+            .keys
+            .into_iter()
+            .map(|k| {
+                held.remove(&(k.guard_namespace, k.guard_name, k.pod_uid))
+                    .is_some()
+            })
+            .collect();
+        Ok(tonic::Response::new(RemoveGuardsResponse { removed }))
+    }
+
+    async fn remove_guard(
+        &self,
+        r: tonic::Request<RemoveGuardRequest>,
+    ) -> Result<tonic::Response<RemoveGuardResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let k = r.into_inner().key.unwrap();
+        let removed = self
+            .held
+            .lock()
+            .unwrap()
+            .remove(&(k.guard_namespace, k.guard_name, k.pod_uid))
+            .is_some();
+        Ok(tonic::Response::new(RemoveGuardResponse { removed }))
+    }
+
+    async fn list_guards(
+        &self,
+        _: tonic::Request<ListGuardsRequest>,
+    ) -> Result<tonic::Response<ListGuardsResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ListGuardsResponse {
+            guards: self.held.lock().unwrap().values().cloned().collect(),
+            node: String::new(),
+        }))
+    }
+}
+
+impl FakeAgent {
+    fn apply(&self, r: ApplyGuardRequest) -> GuardStatus {
         self.applies.fetch_add(1, Ordering::SeqCst);
         let g = r.guard.unwrap();
         let p = r.pod.unwrap();
@@ -333,37 +403,9 @@ impl Agent for FakeAgent {
             .lock()
             .unwrap()
             .insert((g.namespace, g.name, p.uid), status.clone());
-        Ok(tonic::Response::new(ApplyGuardResponse {
-            status: Some(status),
-        }))
+        status
     }
 
-    async fn remove_guard(
-        &self,
-        r: tonic::Request<RemoveGuardRequest>,
-    ) -> Result<tonic::Response<RemoveGuardResponse>, tonic::Status> {
-        let k = r.into_inner().key.unwrap();
-        let removed = self
-            .held
-            .lock()
-            .unwrap()
-            .remove(&(k.guard_namespace, k.guard_name, k.pod_uid))
-            .is_some();
-        Ok(tonic::Response::new(RemoveGuardResponse { removed }))
-    }
-
-    async fn list_guards(
-        &self,
-        _: tonic::Request<ListGuardsRequest>,
-    ) -> Result<tonic::Response<ListGuardsResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ListGuardsResponse {
-            guards: self.held.lock().unwrap().values().cloned().collect(),
-            node: String::new(),
-        }))
-    }
-}
-
-impl FakeAgent {
     /// Serves on a loopback port, plaintext.
     pub async fn serve(&self) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
