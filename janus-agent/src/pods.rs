@@ -221,10 +221,25 @@ pub struct Scan {
     pub containers: BTreeMap<String, BTreeSet<ContainerId>>,
 }
 
-/// Scans /proc once for the given containers (each with its pod UID).
-pub fn scan(wanted: &[(String, ContainerId)]) -> Scan {
-    let procs = read_procs("/proc");
-    scan_procs(&procs, wanted)
+/// One reading of /proc, made when first asked and shared by every question after it: a
+/// batch of requests reads /proc once, not once per request.
+#[derive(Default)]
+pub struct Procs(std::sync::OnceLock<Vec<Proc>>);
+
+impl Procs {
+    fn get(&self) -> &[Proc] {
+        self.0.get_or_init(|| read_procs("/proc"))
+    }
+
+    /// The given containers (each with its pod UID), as this reading found them.
+    pub fn scan(&self, wanted: &[(String, ContainerId)]) -> Scan {
+        scan_procs(self.get(), wanted)
+    }
+
+    /// See [`misplaced_in`].
+    pub fn misplaced(&self, pod_uid: &str, ids: &[ContainerId]) -> Option<(ContainerId, String)> {
+        misplaced_in(self.get(), pod_uid, ids)
+    }
 }
 
 fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
@@ -268,10 +283,6 @@ fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
 /// guard a process that is not the pod's. (A cgroup elsewhere that merely ends in the ID of
 /// a container that is found in the pod is left alone: it is never matched, and refusing
 /// for it would let whoever can name a cgroup keep a pod from being guarded.)
-pub fn misplaced(pod_uid: &str, ids: &[ContainerId]) -> Option<(ContainerId, String)> {
-    misplaced_in(&read_procs("/proc"), pod_uid, ids)
-}
-
 fn misplaced_in(
     procs: &[Proc],
     pod_uid: &str,

@@ -149,7 +149,16 @@ impl Guards {
 
     /// Creates or replaces the guard; a repeated identical request changes nothing. A spec
     /// that differs from the one held replaces it whatever the generations say.
-    pub fn apply(&self, mut req: ApplyGuardRequest) -> Result<GuardStatus, ApplyError> {
+    pub fn apply(&self, req: ApplyGuardRequest) -> Result<GuardStatus, ApplyError> {
+        self.apply_in(req, &pods::Procs::default())
+    }
+
+    /// [`Guards::apply`] with a reading of /proc that a batch shares.
+    pub fn apply_in(
+        &self,
+        mut req: ApplyGuardRequest,
+        procs: &pods::Procs,
+    ) -> Result<GuardStatus, ApplyError> {
         holding::validate(&mut req)?;
         let (Some(guard), Some(pod)) = (req.guard.clone(), req.pod.clone()) else {
             unreachable!("validate checked guard and pod");
@@ -186,7 +195,7 @@ impl Guards {
         let policy = GuardPolicy::from_spec(&guard.name, &guard.namespace, &spec)
             .map_err(ApplyError::Policy)?;
         let ids: Vec<ContainerId> = containers.iter().map(|c| c.id.clone()).collect();
-        if let Some((container, cgroup)) = pods::misplaced(&pod.uid, &ids) {
+        if let Some((container, cgroup)) = procs.misplaced(&pod.uid, &ids) {
             return Err(ApplyError::NotInPod {
                 container,
                 cgroup,
@@ -235,7 +244,7 @@ impl Guards {
             last_seen: None,
             baseline,
         };
-        let scan = pods::scan(&wanted(&key, &h));
+        let scan = procs.scan(&wanted(&key, &h));
         self.sync(&key, &mut h, &scan, Instant::now());
         for o in replaced.iter().filter(|o| o.pid.is_some()) {
             let again = h
@@ -255,9 +264,18 @@ impl Guards {
 
     /// Lifts the guard; false when it was not held.
     pub fn remove(&self, key: &GuardKey) -> bool {
+        self.remove_if(key, "")
+    }
+
+    /// Lifts the guard if the one held carries `guard_uid` (any, when empty): a guard
+    /// created again under its name is not lifted by a removal meant for the old one.
+    pub fn remove_if(&self, key: &GuardKey, guard_uid: &str) -> bool {
         let key = HoldingKey::from(key);
         let mut held = self.held.lock().expect("guards lock");
-        let removed = held.remove(&key);
+        let theirs = held
+            .get(&key)
+            .is_some_and(|h| guard_uid.is_empty() || h.guard_uid == guard_uid);
+        let removed = if theirs { held.remove(&key) } else { None };
         if let Some(h) = &removed {
             self.lift(&key, h);
             tracing::info!(guard = %key.guard_name, namespace = %key.guard_namespace, pod = %h.pod_name, "guard removed");
@@ -279,7 +297,7 @@ impl Guards {
         if all.is_empty() {
             return;
         }
-        let scan = pods::scan(&all);
+        let scan = pods::Procs::default().scan(&all);
         let now = Instant::now();
         let mut gone = Vec::new();
         for (k, h) in held.iter_mut() {
@@ -497,10 +515,11 @@ impl AgentApi for Service {
         }
         let guards = self.0.clone();
         let results = blocking(move || {
+            let procs = pods::Procs::default();
             items
                 .into_iter()
                 .map(|req| ApplyResult {
-                    outcome: Some(match guards.apply(req) {
+                    outcome: Some(match guards.apply_in(req, &procs) {
                         Ok(status) => apply_result::Outcome::Status(status),
                         Err(e) => apply_result::Outcome::Error(ItemError {
                             code: code_of(&e) as i32,
@@ -518,16 +537,26 @@ impl AgentApi for Service {
         &self,
         request: Request<RemoveGuardsRequest>,
     ) -> Result<Response<RemoveGuardsResponse>, Status> {
-        let keys = request.into_inner().keys;
-        if keys.len() > holding::MAX_BATCH {
+        let items = request.into_inner().items;
+        if items.len() > holding::MAX_BATCH {
             return Err(Status::invalid_argument(format!(
-                "keys: {} keys; at most {}",
-                keys.len(),
+                "items: {} items; at most {}",
+                items.len(),
                 holding::MAX_BATCH
             )));
         }
         let guards = self.0.clone();
-        let removed = blocking(move || keys.iter().map(|k| guards.remove(k)).collect()).await?;
+        let removed = blocking(move || {
+            items
+                .iter()
+                .map(|r| {
+                    r.key
+                        .as_ref()
+                        .is_some_and(|k| guards.remove_if(k, &r.guard_uid))
+                })
+                .collect()
+        })
+        .await?;
         Ok(Response::new(RemoveGuardsResponse { removed }))
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use janus_api::agent_v1::agent_client::AgentClient;
 use janus_api::agent_v1::{
     apply_result, ApplyGuardsRequest, ApplyResult, ContainerPhase, GuardKey, ListGuardsRequest,
-    RemoveGuardsRequest,
+    Removal, RemoveGuardsRequest,
 };
 use janus_tests::agent::Serve;
 use janus_tests::containerd::Container;
@@ -246,8 +246,32 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
         other => panic!("{other:?}"),
     }
     support::wait_denied(&victim);
+    // A removal is for one guard UID: another one held under the key stays.
+    let removal = |uid: &str| -> Vec<Removal> {
+        keys.iter()
+            .map(|k| Removal {
+                key: Some(k.clone()),
+                guard_uid: uid.into(),
+            })
+            .collect()
+    };
     let removed = client
-        .remove_guards(RemoveGuardsRequest { keys })
+        .remove_guards(RemoveGuardsRequest {
+            items: removal("another-uid"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, [false, false]);
+    assert_eq!(
+        victim.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
+        Access::Denied
+    );
+    let removed = client
+        .remove_guards(RemoveGuardsRequest {
+            items: removal("guard-uid"),
+        })
         .await
         .unwrap()
         .into_inner()

@@ -4,16 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use janus_api::agent_v1::agent_client::AgentClient;
 use janus_api::agent_v1::{
-    apply_result, ApplyGuardRequest, ApplyGuardsRequest, GuardKey, GuardStatus, ItemError,
-    ListGuardsRequest, RemoveGuardsRequest,
+    apply_result, ApplyGuardRequest, ApplyGuardsRequest, GuardStatus, ItemError, ListGuardsRequest,
+    Removal, RemoveGuardRequest, RemoveGuardsRequest,
 };
-use janus_api::holding::{MAX_BATCH, MAX_BATCH_BYTES};
+use janus_api::holding::MAX_BATCH_BYTES;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -138,12 +138,21 @@ impl AgentError {
         match self {
             AgentError::Connect { .. } => true,
             AgentError::Answer { .. } => false,
-            AgentError::Call { status, .. } => matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-            ),
+            AgentError::Call { status, .. } => unreachable(status),
         }
     }
+
+    /// An agent of an earlier release, without the call.
+    fn unimplemented(&self) -> bool {
+        matches!(self, AgentError::Call { status, .. } if status.code() == tonic::Code::Unimplemented)
+    }
+}
+
+fn unreachable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
 }
 
 /// gRPC clients of the agents, one channel per address, reused across reconciliations.
@@ -164,7 +173,7 @@ impl AgentPool {
 
     async fn client(&self, addr: &str) -> Result<AgentClient<Channel>, AgentError> {
         if let Some(ch) = self.channels.lock().expect("channels lock").get(addr) {
-            return Ok(AgentClient::new(ch.clone()));
+            return Ok(AgentClient::new(ch.clone()).max_decoding_message_size(MAX_ANSWER_BYTES));
         }
         let connect = |source| AgentError::Connect {
             addr: addr.to_owned(),
@@ -183,7 +192,7 @@ impl AgentPool {
             .lock()
             .expect("channels lock")
             .insert(addr.to_owned(), ch.clone());
-        Ok(AgentClient::new(ch))
+        Ok(AgentClient::new(ch).max_decoding_message_size(MAX_ANSWER_BYTES))
     }
 
     /// Forgets a channel after a failure so the next call reconnects (the agent may have
@@ -223,59 +232,97 @@ impl AgentPool {
         .map(|r| r.guards)
     }
 
-    /// Applies `reqs` on one agent in as few ApplyGuards calls as fit its limits; one
-    /// result per request, in order: the status, or why the agent refused that item.
-    pub async fn apply_many(
-        &self,
-        addr: &str,
-        reqs: Vec<ApplyGuardRequest>,
-    ) -> Result<Vec<Result<GuardStatus, ItemError>>, AgentError> {
+    /// Applies `reqs` on one agent in as few ApplyGuards calls as fit the limits; one
+    /// outcome per request, in order. A call that fails fails its own items only; an agent
+    /// of an earlier release (no ApplyGuards) is sent one ApplyGuard per request.
+    pub async fn apply_many(&self, addr: &str, reqs: Vec<ApplyGuardRequest>) -> Vec<ItemResult> {
         let mut out = Vec::with_capacity(reqs.len());
         for items in batches(reqs) {
             let sent = items.len();
-            let results = self
+            let singles = items.clone();
+            let answer = self
                 .call(addr, |mut c| async move {
                     c.apply_guards(ApplyGuardsRequest { items }).await
                 })
-                .await?
-                .results;
-            if results.len() != sent {
-                return Err(AgentError::Answer {
-                    addr: addr.to_owned(),
-                    what: format!("{} results for {sent} items", results.len()),
-                });
+                .await;
+            match answer {
+                Ok(r) if r.results.len() == sent => {
+                    out.extend(r.results.into_iter().map(|r| match r.outcome {
+                        Some(apply_result::Outcome::Status(s)) => Ok(s),
+                        Some(apply_result::Outcome::Error(e)) => Err(ItemFailure::Refused(e)),
+                        None => Err(ItemFailure::Refused(ItemError {
+                            code: tonic::Code::Unknown as i32,
+                            message: "no outcome".into(),
+                        })),
+                    }));
+                }
+                Ok(r) => {
+                    let e = Arc::new(AgentError::Answer {
+                        addr: addr.to_owned(),
+                        what: format!("{} results for {sent} items", r.results.len()),
+                    });
+                    out.extend((0..sent).map(|_| Err(ItemFailure::Call(e.clone()))));
+                }
+                Err(e) if e.unimplemented() => {
+                    for req in singles {
+                        let one = self
+                            .call(addr, |mut c| async move { c.apply_guard(req).await })
+                            .await;
+                        out.push(match one {
+                            Ok(r) => Ok(r.status.unwrap_or_default()),
+                            Err(AgentError::Call { status, .. }) if !unreachable(&status) => {
+                                Err(ItemFailure::Refused(ItemError {
+                                    code: status.code() as i32,
+                                    message: status.message().to_owned(),
+                                }))
+                            }
+                            Err(e) => Err(ItemFailure::Call(Arc::new(e))),
+                        });
+                    }
+                }
+                Err(e) => {
+                    let e = Arc::new(e);
+                    out.extend((0..sent).map(|_| Err(ItemFailure::Call(e.clone()))));
+                }
             }
-            out.extend(results.into_iter().map(|r| match r.outcome {
-                Some(apply_result::Outcome::Status(s)) => Ok(s),
-                Some(apply_result::Outcome::Error(e)) => Err(e),
-                None => Err(ItemError {
-                    code: tonic::Code::Unknown as i32,
-                    message: "no outcome".into(),
-                }),
-            }));
         }
-        Ok(out)
+        out
     }
 
-    /// Removes `keys` from one agent; whether each was held, in order.
+    /// Removes `items` (key, guard UID) from one agent; whether each was held, in order.
     pub async fn remove_many(
         &self,
         addr: &str,
-        keys: Vec<GuardKey>,
+        items: Vec<Removal>,
     ) -> Result<Vec<bool>, AgentError> {
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(MAX_BATCH) {
-            let keys = chunk.to_vec();
-            let removed = self
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(BATCH) {
+            let items = chunk.to_vec();
+            let answer = self
                 .call(addr, |mut c| async move {
-                    c.remove_guards(RemoveGuardsRequest { keys }).await
+                    c.remove_guards(RemoveGuardsRequest { items }).await
                 })
-                .await?
-                .removed;
+                .await;
+            let removed = match answer {
+                Ok(r) => r.removed,
+                // An agent of an earlier release: one RemoveGuard each, without the UID.
+                Err(e) if e.unimplemented() => {
+                    let mut removed = Vec::with_capacity(chunk.len());
+                    for r in chunk {
+                        let req = RemoveGuardRequest { key: r.key.clone() };
+                        let one = self
+                            .call(addr, |mut c| async move { c.remove_guard(req).await })
+                            .await?;
+                        removed.push(one.removed);
+                    }
+                    removed
+                }
+                Err(e) => return Err(e),
+            };
             if removed.len() != chunk.len() {
                 return Err(AgentError::Answer {
                     addr: addr.to_owned(),
-                    what: format!("{} answers for {} keys", removed.len(), chunk.len()),
+                    what: format!("{} answers for {} items", removed.len(), chunk.len()),
                 });
             }
             out.extend(removed);
@@ -284,22 +331,49 @@ impl AgentPool {
     }
 }
 
-/// Splits requests into ApplyGuards calls of at most MAX_BATCH items that an agent decodes
-/// (MAX_BATCH_BYTES, with room for the envelope).
+/// What became of one request of a batch.
+pub type ItemResult = Result<GuardStatus, ItemFailure>;
+
+#[derive(Debug, Clone)]
+pub enum ItemFailure {
+    /// The agent refused this item, as ApplyGuard would have.
+    Refused(ItemError),
+    /// The call that carried it failed, for every item it carried.
+    Call(Arc<AgentError>),
+}
+
+/// Items per call the controller sends: well below MAX_BATCH, so that a call (one /proc
+/// reading and the marks of each item) ends within the call timeout on a busy node.
+const BATCH: usize = 250;
+const _: () = assert!(BATCH <= janus_api::holding::MAX_BATCH);
+/// Containers per call: each is a line of the answer, which must fit what the controller
+/// decodes (MAX_ANSWER_BYTES).
+const BATCH_CONTAINERS: usize = 8_000;
+/// The largest answer the controller decodes: a batch's statuses with their containers.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Splits requests into ApplyGuards calls an agent decodes (MAX_BATCH_BYTES, with room for
+/// the envelope) and whose answers the controller decodes.
 fn batches(reqs: Vec<ApplyGuardRequest>) -> Vec<Vec<ApplyGuardRequest>> {
     use prost::Message;
     let budget = MAX_BATCH_BYTES - 64 * 1024;
     let mut out: Vec<Vec<ApplyGuardRequest>> = Vec::new();
-    let mut bytes = 0;
+    let (mut bytes, mut containers) = (0, 0);
     for r in reqs {
         let len = r.encoded_len() + 8;
+        let n = r.pod.as_ref().map_or(0, |p| p.container_ids.len());
         match out.last_mut() {
-            Some(last) if last.len() < MAX_BATCH && bytes + len <= budget => {
+            Some(last)
+                if last.len() < BATCH
+                    && bytes + len <= budget
+                    && containers + n <= BATCH_CONTAINERS =>
+            {
                 bytes += len;
+                containers += n;
                 last.push(r);
             }
             _ => {
-                bytes = len;
+                (bytes, containers) = (len, n);
                 out.push(vec![r]);
             }
         }
@@ -318,11 +392,21 @@ mod tests {
         }
     }
 
+    fn pod_of(containers: usize) -> ApplyGuardRequest {
+        ApplyGuardRequest {
+            pod: Some(janus_api::agent_v1::PodRef {
+                container_ids: vec!["containerd://x".into(); containers],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn batches_fit_the_agents_limits() {
         let many: Vec<_> = (0..2500).map(|_| req(10)).collect();
         let sizes: Vec<usize> = batches(many).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [1000, 1000, 500]);
+        assert_eq!(sizes, [250; 10]);
         // Specs at their limit: each call stays below what the agent decodes.
         let big: Vec<_> = (0..200).map(|_| req(64 * 1024)).collect();
         let split = batches(big);
@@ -332,5 +416,9 @@ mod tests {
             let bytes: usize = b.iter().map(|r| prost::Message::encoded_len(r) + 8).sum();
             assert!(bytes < MAX_BATCH_BYTES, "{bytes}");
         }
+        // Pods of 128 containers: the answers stay below what the controller decodes.
+        let wide: Vec<_> = (0..200).map(|_| pod_of(128)).collect();
+        let sizes: Vec<usize> = batches(wide).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [62, 62, 62, 14]);
     }
 }

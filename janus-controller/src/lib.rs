@@ -47,6 +47,11 @@ pub struct RunArgs {
 
 /// Per-guard reconciliation, driven by kube's Controller (guard and pod changes).
 async fn reconcile(guard: Arc<JanusGuard>, core: Arc<Core>) -> Result<Action, reconcile::Error> {
+    // Before the pods and agents are listed a guard would select nothing: "0 of 0 guarded".
+    if core.pods.wait_until_ready().await.is_err() || core.slices.wait_until_ready().await.is_err()
+    {
+        return Ok(Action::await_change());
+    }
     let result = core.sync_guard(&guard).await;
     let label = if result.is_ok() { "ok" } else { "error" };
     core.metrics

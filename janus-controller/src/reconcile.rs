@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::stream::{self, StreamExt};
 use janus_api::agent_v1::{
-    ApplyGuardRequest, ContainerPhase, GuardKey, GuardRef, GuardStatus, PodRef,
+    ApplyGuardRequest, ContainerPhase, GuardRef, GuardStatus, PodRef, Removal,
 };
 use janus_api::holding::{spec_digest, Holding, HoldingKey};
 use janus_api::GuardPolicy;
@@ -22,7 +22,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
-use crate::agents::{discover, AgentPool};
+use crate::agents::{discover, AgentPool, ItemFailure};
 use crate::crd::{Condition, JanusGuard, JanusGuardStatus};
 use crate::index::{self, PodIndex};
 use crate::metrics::Metrics;
@@ -43,7 +43,8 @@ pub struct Core {
     holdings: Mutex<BTreeMap<String, BTreeMap<Key, GuardStatus>>>,
     /// The status last written on each guard, by UID: the store's copy lags behind the
     /// controller's own writes, and a pass must not write the same status again.
-    written: Mutex<BTreeMap<String, JanusGuardStatus>>,
+    /// guard UID -> (the resourceVersion the store showed when it was written, status).
+    written: Mutex<BTreeMap<String, (Option<String>, JanusGuardStatus)>>,
 }
 
 /// A running pod a guard selects, and what to send its node's agent.
@@ -118,7 +119,7 @@ impl<'g> Plan<'g> {
 type Outcome = Result<GuardStatus, (&'static str, String)>;
 
 /// What went wrong for a guard, by reason, for its Degraded condition and Events.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct Problems(BTreeMap<&'static str, Vec<String>>);
 
 impl Problems {
@@ -207,16 +208,21 @@ impl Core {
             .and_then(|h| h.get(key).cloned())
     }
 
-    /// (node, key) of every guard an agent holds whose key and status satisfy `pred`.
-    fn held_where(&self, pred: impl Fn(&Key, &GuardStatus) -> bool) -> Vec<(String, Key)> {
+    /// Every guard an agent holds whose key and status satisfy `pred`, as a removal of
+    /// that guard UID from that node.
+    fn held_where(&self, pred: impl Fn(&Key, &GuardStatus) -> bool) -> Vec<(String, Removal)> {
         self.holdings
             .lock()
             .expect("holdings lock")
             .iter()
             .flat_map(|(node, held)| {
-                held.iter()
-                    .filter(|(k, s)| pred(k, s))
-                    .map(move |(k, _)| (node.clone(), k.clone()))
+                held.iter().filter(|(k, s)| pred(k, s)).map(move |(k, s)| {
+                    let removal = Removal {
+                        key: Some(k.into()),
+                        guard_uid: s.guard_uid.clone(),
+                    };
+                    (node.clone(), removal)
+                })
             })
             .collect()
     }
@@ -284,8 +290,11 @@ impl Core {
             .iter()
             .flat_map(|p| p.wanted.iter().map(|w| p.key(w)))
             .collect();
+        // An invalid guard keeps what was pushed for it while it was valid: it is refused
+        // loudly (InvalidSpec), not turned into no guard at all.
         let synced: BTreeSet<(&str, &str)> = plans
             .iter()
+            .filter(|p| p.mode.is_some())
             .map(|p| (p.ns.as_str(), p.name.as_str()))
             .collect();
         let stale = self.held_where(|k, _| {
@@ -323,40 +332,36 @@ impl Core {
                 ((i, key, pod), r)
             })
             .unzip();
-        match self.agents.apply_many(addr, reqs).await {
-            Ok(results) => meta
-                .into_iter()
-                .zip(results)
-                .map(|((i, key, pod), result)| {
-                    let outcome = match result {
-                        Ok(status) => {
-                            self.metrics.guards_pushed.inc();
-                            self.hold(&node, key, Some(status.clone()));
-                            Ok(status)
-                        }
-                        Err(e) => {
-                            self.metrics.errors.with_label_values(&["apply"]).inc();
-                            Err((
-                                "ApplyFailed",
-                                format!("pod {pod}: agent {addr}: {}", e.message),
-                            ))
-                        }
-                    };
-                    (i, node.clone(), outcome)
-                })
-                .collect(),
-            Err(e) => {
-                let (kind, reason) = if e.unreachable() {
-                    ("agent_unreachable", "AgentUnreachable")
-                } else {
-                    ("apply", "ApplyFailed")
+        let results = self.agents.apply_many(addr, reqs).await;
+        meta.into_iter()
+            .zip(results)
+            .map(|((i, key, pod), result)| {
+                let outcome = match result {
+                    Ok(status) => {
+                        self.metrics.guards_pushed.inc();
+                        self.hold(&node, key, Some(status.clone()));
+                        Ok(status)
+                    }
+                    Err(ItemFailure::Refused(e)) => {
+                        self.metrics.errors.with_label_values(&["apply"]).inc();
+                        Err((
+                            "ApplyFailed",
+                            format!("pod {pod}: agent {addr}: {}", e.message),
+                        ))
+                    }
+                    Err(ItemFailure::Call(e)) => {
+                        let (kind, reason) = if e.unreachable() {
+                            ("agent_unreachable", "AgentUnreachable")
+                        } else {
+                            ("apply", "ApplyFailed")
+                        };
+                        self.metrics.errors.with_label_values(&[kind]).inc();
+                        Err((reason, format!("pod {pod}: {e}")))
+                    }
                 };
-                self.metrics.errors.with_label_values(&[kind]).inc();
-                meta.into_iter()
-                    .map(|(i, _, pod)| (i, node.clone(), Err((reason, format!("pod {pod}: {e}")))))
-                    .collect()
-            }
-        }
+                (i, node.clone(), outcome)
+            })
+            .collect()
     }
 
     /// One guard's status from its pods' outcomes.
@@ -407,14 +412,20 @@ impl Core {
         .await
     }
 
-    /// Removes `keys` from the agents that hold them, one batched call per node.
-    async fn remove_all(&self, endpoints: &BTreeMap<String, String>, keys: Vec<(String, Key)>) {
-        let mut by_node: BTreeMap<String, Vec<Key>> = BTreeMap::new();
-        for (node, key) in keys {
-            by_node.entry(node).or_default().push(key);
+    /// Removes what `removals` name from the agents that hold it, one batched call per node;
+    /// each only if the agent holds it under the same guard UID.
+    async fn remove_all(
+        &self,
+        endpoints: &BTreeMap<String, String>,
+        removals: Vec<(String, Removal)>,
+    ) {
+        let mut by_node: BTreeMap<String, Vec<Removal>> = BTreeMap::new();
+        for (node, r) in removals {
+            by_node.entry(node).or_default().push(r);
         }
         stream::iter(by_node)
-            .for_each_concurrent(CONCURRENCY, |(node, keys)| async move {
+            .for_each_concurrent(CONCURRENCY, |(node, items)| async move {
+                let keys: Vec<Key> = items.iter().filter_map(|r| r.key.as_ref()).map(Key::from).collect();
                 let Some(addr) = endpoints.get(&node) else {
                     // The agent is gone; whatever it held went with it.
                     for key in keys {
@@ -422,12 +433,16 @@ impl Core {
                     }
                     return;
                 };
-                let sent = keys.iter().map(GuardKey::from).collect();
-                match self.agents.remove_many(addr, sent).await {
+                let uids: Vec<String> = items.iter().map(|r| r.guard_uid.clone()).collect();
+                match self.agents.remove_many(addr, items).await {
                     Ok(_) => {
-                        for key in keys {
+                        for (key, uid) in keys.into_iter().zip(uids) {
                             tracing::info!(node, guard = %key.guard_name, namespace = %key.guard_namespace, pod = %key.pod_uid, "guard lifted");
-                            self.hold(&node, key, None);
+                            // Unless what is remembered there since is another guard UID's.
+                            let current = self.held(&node, &key).is_some_and(|s| s.guard_uid == uid);
+                            if current {
+                                self.hold(&node, key, None);
+                            }
                         }
                     }
                     Err(e) => {
@@ -450,7 +465,7 @@ impl Core {
             .filter(|g| g.namespace() == pod.namespace())
             .filter(|g| {
                 index::selector_of(g).is_some_and(|s| s.matches(pod.labels()))
-                    || holders.iter().any(|(_, k)| {
+                    || holders.iter().filter_map(|(_, r)| r.key.as_ref()).any(|k| {
                         Some(&k.guard_namespace) == g.metadata.namespace.as_ref()
                             && Some(&k.guard_name) == g.metadata.name.as_ref()
                     })
@@ -469,6 +484,7 @@ impl Core {
         let keys = self.held_where(|k, s| {
             k.guard_namespace == ns && k.guard_name == name && s.guard_uid == uid
         });
+        self.written.lock().expect("written lock").remove(&uid);
         tracing::info!(namespace = %ns, guard = %name, pods = keys.len(), "guard deleted: lifting it");
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
         self.remove_all(&endpoints, keys).await;
@@ -546,13 +562,20 @@ impl Core {
         mode: Option<&str>,
     ) -> Result<(), Error> {
         let uid = guard.uid().unwrap_or_default();
+        // The store's copy, unless it is still the one this controller last wrote over:
+        // then what it wrote. A status anyone else wrote since is the store's, and is
+        // corrected if it differs.
+        let rv = guard.meta().resource_version.clone();
         let written = self
             .written
             .lock()
             .expect("written lock")
             .get(&uid)
             .cloned();
-        let old = written.or_else(|| guard.status.clone()).unwrap_or_default();
+        let old = match written {
+            Some((over, status)) if over == rv => status,
+            _ => guard.status.clone().unwrap_or_default(),
+        };
         let now = chrono_now();
         let condition = |type_: &str, status: bool, reason: &str, message: String| {
             let status = if status { "True" } else { "False" }.to_owned();
@@ -630,7 +653,7 @@ impl Core {
         self.written
             .lock()
             .expect("written lock")
-            .insert(uid, status.clone());
+            .insert(uid, (rv, status.clone()));
         let was_degraded = old
             .conditions
             .iter()

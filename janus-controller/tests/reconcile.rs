@@ -445,6 +445,24 @@ async fn an_invalid_guard_is_reported_and_pushed_nowhere() {
         .contains("spec.subjects[0]"));
 }
 
+/// A guard that becomes invalid (stored before the schema refused what it has) is refused
+/// loudly and keeps what was pushed for it while it was valid: no silent unguarding.
+#[tokio::test]
+async fn a_guard_that_becomes_invalid_keeps_its_holdings() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    let mut bare = web_guard(2);
+    bare.spec.selector = None;
+    w.stores.guard(bare.clone());
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    assert_eq!(w.b.pods(), ["web/pod-web-2"]);
+    let ready = w.api.condition("web", "Ready").unwrap();
+    assert_eq!(ready["reason"], "InvalidSpec");
+}
+
 /// A guard stored without a selector (created before the schema required one) selects
 /// nothing: it is refused with the field named, and pushed nowhere.
 #[tokio::test]
@@ -489,6 +507,19 @@ async fn a_deleted_guard_is_lifted_at_once_and_only_its_own_holdings() {
     w.stores.delete_guard(web_guard(1));
     w.core.lift_deleted(&web_guard(1)).await;
     assert!(w.a.pods().is_empty() && w.b.pods().is_empty());
+
+    // The guard is created again and its push reaches an agent while the old one's lift is
+    // on its way (the controller still remembers the old UID there): the lift, meant for
+    // the old UID, leaves the new guard in place.
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    for s in w.a.held.lock().unwrap().values_mut() {
+        s.guard_uid = "uid-web-again".into();
+    }
+    w.core.lift_deleted(&web_guard(1)).await;
+    assert_eq!(w.a.pods(), ["web/pod-web-1"], "the new guard was lifted");
+    assert!(w.b.pods().is_empty());
+    w.a.held.lock().unwrap().clear();
 
     // Created again, pushed, and then the first one's delete comes late: nothing lifted.
     let mut again = web_guard(1);
@@ -616,4 +647,20 @@ async fn a_pod_event_touches_only_the_guards_that_select_or_hold_it() {
     // A pod no guard selects or holds concerns none.
     let other = pod("other", "node-a", json!({"app": "other"}), "Running", &[]);
     assert!(w.core.guards_touched_by(&other).is_empty());
+}
+
+/// An agent of an earlier release, without the batched calls, is sent one call per pod.
+#[tokio::test]
+async fn an_agent_without_batched_calls_gets_one_call_per_pod() {
+    let mut w = world().await;
+    w.a.legacy.store(true, Ordering::SeqCst);
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    assert_eq!(w.a.calls.load(Ordering::SeqCst), 1, "one ApplyGuard");
+    assert_eq!(w.api.condition("web", "Ready").unwrap()["status"], "True");
+    w.stores.delete_guard(web_guard(1));
+    w.core.lift_deleted(&web_guard(1)).await;
+    assert!(w.a.pods().is_empty());
+    assert_eq!(w.a.calls.load(Ordering::SeqCst), 2, "and one RemoveGuard");
 }

@@ -25,7 +25,7 @@ const KUBELET_LAYOUTS: &str = "kubelet's systemd and cgroupfs drivers × contain
 
 pub const MATRIX: &[Platform] = &[
     Platform {
-        kernel: "the host's (6.18 here)",
+        kernel: "the host's",
         series: None,
         cgroup: "v1",
         layouts: "containerd 1.6 and runc (`ctr run --cgroup`, the cgroupfs driver's paths)",

@@ -280,6 +280,8 @@ pub struct FakeAgent {
     /// Calls made (ApplyGuard, ApplyGuards, RemoveGuard, RemoveGuards; not ListGuards).
     pub calls: Arc<std::sync::atomic::AtomicUsize>,
     pub fail: Arc<std::sync::atomic::AtomicBool>,
+    /// As an agent of an earlier release: no ApplyGuards or RemoveGuards.
+    pub legacy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 use janus_api::agent_v1::agent_server::{Agent, AgentServer};
@@ -302,6 +304,9 @@ impl Agent for FakeAgent {
         &self,
         r: tonic::Request<ApplyGuardsRequest>,
     ) -> Result<tonic::Response<ApplyGuardsResponse>, tonic::Status> {
+        if self.legacy.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unimplemented("ApplyGuards"));
+        }
         self.calls.fetch_add(1, Ordering::SeqCst);
         let results = r
             .into_inner()
@@ -318,15 +323,22 @@ impl Agent for FakeAgent {
         &self,
         r: tonic::Request<RemoveGuardsRequest>,
     ) -> Result<tonic::Response<RemoveGuardsResponse>, tonic::Status> {
+        if self.legacy.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unimplemented("RemoveGuards"));
+        }
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mut held = self.held.lock().unwrap();
         let removed = r
             .into_inner()
-            .keys
+            .items
             .into_iter()
-            .map(|k| {
-                held.remove(&(k.guard_namespace, k.guard_name, k.pod_uid))
-                    .is_some()
+            .map(|r| {
+                let k = r.key.unwrap();
+                let key = (k.guard_namespace, k.guard_name, k.pod_uid);
+                let theirs = held
+                    .get(&key)
+                    .is_some_and(|s| r.guard_uid.is_empty() || s.guard_uid == r.guard_uid);
+                theirs && held.remove(&key).is_some()
             })
             .collect();
         Ok(tonic::Response::new(RemoveGuardsResponse { removed }))
