@@ -506,13 +506,7 @@ impl AgentApi for Service {
         request: Request<ApplyGuardsRequest>,
     ) -> Result<Response<ApplyGuardsResponse>, Status> {
         let items = request.into_inner().items;
-        if items.len() > holding::MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "items: {} items; at most {}",
-                items.len(),
-                holding::MAX_BATCH
-            )));
-        }
+        within_batch(items.len())?;
         let guards = self.0.clone();
         let results = blocking(move || {
             let procs = pods::Procs::default();
@@ -538,13 +532,7 @@ impl AgentApi for Service {
         request: Request<RemoveGuardsRequest>,
     ) -> Result<Response<RemoveGuardsResponse>, Status> {
         let items = request.into_inner().items;
-        if items.len() > holding::MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "items: {} items; at most {}",
-                items.len(),
-                holding::MAX_BATCH
-            )));
-        }
+        within_batch(items.len())?;
         let guards = self.0.clone();
         let removed = blocking(move || {
             items
@@ -584,6 +572,17 @@ impl AgentApi for Service {
             node: self.0.node.clone(),
         }))
     }
+}
+
+/// Refuses a batch of more than MAX_BATCH items.
+fn within_batch(items: usize) -> Result<(), Status> {
+    if items > holding::MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "items: {items} items; at most {}",
+            holding::MAX_BATCH
+        )));
+    }
+    Ok(())
 }
 
 /// The gRPC code a refused apply answers with, alone or as one item of a batch.

@@ -619,30 +619,15 @@ async fn a_pod_event_touches_only_the_guards_that_select_or_hold_it() {
             v.sort();
             v
         };
-    let web_1 = pod(
-        "web-1",
-        "node-a",
-        json!({"app": "web"}),
-        "Running",
-        &["containerd://c1"],
-    );
+    let running = |name: &str, app: &str, id: &str| {
+        pod(name, "node-a", json!({"app": app}), "Running", &[id])
+    };
+    let web_1 = running("web-1", "web", "containerd://c1");
     assert_eq!(names(w.core.guards_touched_by(&web_1)), ["web"]);
-    let db_1 = pod(
-        "db-1",
-        "node-a",
-        json!({"app": "db"}),
-        "Running",
-        &["containerd://c5"],
-    );
+    let db_1 = running("db-1", "db", "containerd://c5");
     assert_eq!(names(w.core.guards_touched_by(&db_1)), ["db"]);
     // web-1 is relabelled db: the db guard now selects it and the web guard still holds it.
-    let moved = pod(
-        "web-1",
-        "node-a",
-        json!({"app": "db"}),
-        "Running",
-        &["containerd://c1"],
-    );
+    let moved = running("web-1", "db", "containerd://c1");
     assert_eq!(names(w.core.guards_touched_by(&moved)), ["db", "web"]);
     // A pod no guard selects or holds concerns none.
     let other = pod("other", "node-a", json!({"app": "other"}), "Running", &[]);
