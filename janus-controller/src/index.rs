@@ -5,20 +5,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::pod::PodView;
 use janus_api::policy::Selector;
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use crate::crd::JanusGuard;
 
 /// The pods of one listing, by namespace and by `(namespace, label, value)`.
 pub struct PodIndex<'a> {
-    by_namespace: HashMap<&'a str, Vec<&'a Pod>>,
-    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
+    by_namespace: HashMap<&'a str, Vec<&'a PodView>>,
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a PodView>>,
 }
 
 impl<'a> PodIndex<'a> {
-    pub fn new(pods: &'a [Arc<Pod>]) -> PodIndex<'a> {
+    pub fn new(pods: &'a [Arc<PodView>]) -> PodIndex<'a> {
         let mut index = PodIndex {
             by_namespace: HashMap::new(),
             by_label: HashMap::new(),
@@ -42,7 +42,7 @@ impl<'a> PodIndex<'a> {
     /// The pods of `namespace` that `selector` selects: those of its rarest `matchLabels`
     /// pair, checked against the whole selector; every pod of the namespace when it names
     /// no label.
-    pub fn selected(&self, namespace: &str, selector: &Selector) -> Vec<&'a Pod> {
+    pub fn selected(&self, namespace: &str, selector: &Selector) -> Vec<&'a PodView> {
         let candidates = selector
             .match_labels
             .iter()
@@ -78,8 +78,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Arc<Pod> {
-        let mut p = Pod::default();
+    fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Arc<PodView> {
+        let mut p = PodView::default();
         p.metadata.namespace = Some(ns.into());
         p.metadata.name = Some(name.into());
         p.metadata.labels = Some(
@@ -91,7 +91,7 @@ mod tests {
         Arc::new(p)
     }
 
-    fn names(pods: Vec<&Pod>) -> Vec<String> {
+    fn names(pods: Vec<&PodView>) -> Vec<String> {
         let mut v: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
         v.sort();
         v

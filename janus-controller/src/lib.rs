@@ -6,6 +6,7 @@ pub mod crd;
 pub mod index;
 pub mod metrics;
 pub mod pki;
+pub mod pod;
 pub mod reconcile;
 
 use std::net::SocketAddr;
@@ -14,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector;
@@ -22,6 +22,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 
 use crate::crd::JanusGuard;
+use crate::pod::PodView;
 use crate::reconcile::Core;
 
 #[derive(Debug, clap::Args)]
@@ -107,9 +108,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
     serve_metrics(args.metrics_addr, metrics.clone()).await?;
 
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let pod_api: Api<Pod> = Api::all(client.clone());
-    let pod_events = reflector::reflector(pod_writer, watcher(pod_api, watcher::Config::default()))
+    let (pods, pod_writer) = reflector::store::<PodView>();
+    let pod_api: Api<PodView> = Api::all(client.clone());
+    let pod_events = watcher(pod_api, watcher::Config::default()).modify(PodView::trim);
+    let pod_events = reflector::reflector(pod_writer, pod_events)
         .default_backoff()
         .touched_objects();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
@@ -166,7 +168,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (lifter, mapper) = (core.clone(), core.clone());
     let controller = controller
-        .watches_stream(pod_events, move |pod: Pod| mapper.guards_touched_by(&pod))
+        .watches_stream(pod_events, move |pod: PodView| {
+            mapper.guards_touched_by(&pod)
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, core)
         .for_each(|_| async {});

@@ -16,7 +16,6 @@ use janus_api::agent_v1::{
 };
 use janus_api::holding::{spec_digest, Holding, HoldingKey};
 use janus_api::GuardPolicy;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -26,6 +25,7 @@ use crate::agents::{discover, AgentPool, ItemFailure};
 use crate::crd::{Condition, JanusGuard, JanusGuardStatus};
 use crate::index::{self, PodIndex};
 use crate::metrics::Metrics;
+use crate::pod::PodView;
 
 type Key = HoldingKey;
 
@@ -35,7 +35,7 @@ const CONCURRENCY: usize = 32;
 pub struct Core {
     pub client: kube::Client,
     pub guards: Store<JanusGuard>,
-    pub pods: Store<Pod>,
+    pub pods: Store<PodView>,
     pub slices: Store<EndpointSlice>,
     pub agents: AgentPool,
     pub metrics: Arc<Metrics>,
@@ -69,8 +69,8 @@ impl<'g> Plan<'g> {
     fn new(core: &Core, guard: &'g JanusGuard, pods: &PodIndex) -> Plan<'g> {
         let ns = guard.namespace().unwrap_or_default();
         let name = guard.name_any();
-        let api_spec: Result<janus_api::JanusGuardSpec, _> =
-            serde_json::from_str(&guard.spec.to_json());
+        let spec_json = guard.spec.to_json();
+        let api_spec: Result<janus_api::JanusGuardSpec, _> = serde_json::from_str(&spec_json);
         let policy = api_spec.map_err(|e| e.to_string()).and_then(|s| {
             GuardPolicy::from_spec(&name, &ns, &s).map_err(|errs| {
                 errs.0
@@ -83,7 +83,7 @@ impl<'g> Plan<'g> {
         let mut problems = Problems::default();
         let (wanted, mode) = match &policy {
             Ok(p) => (
-                core.wanted(guard, p, pods),
+                core.wanted(guard, p, &spec_json, pods),
                 Some(p.mode().map_or("mixed", |m| m.name())),
             ),
             Err(e) => {
@@ -138,7 +138,7 @@ impl Core {
     pub fn new(
         client: kube::Client,
         guards: Store<JanusGuard>,
-        pods: Store<Pod>,
+        pods: Store<PodView>,
         slices: Store<EndpointSlice>,
         agents: AgentPool,
         metrics: Arc<Metrics>,
@@ -156,10 +156,15 @@ impl Core {
     }
 
     /// The running pods `guard` selects, with the request each node's agent should get.
-    fn wanted(&self, guard: &JanusGuard, policy: &GuardPolicy, pods: &PodIndex) -> Vec<Wanted> {
+    fn wanted(
+        &self,
+        guard: &JanusGuard,
+        policy: &GuardPolicy,
+        spec_json: &str,
+        pods: &PodIndex,
+    ) -> Vec<Wanted> {
         let ns = guard.namespace().unwrap_or_default();
-        let spec_json = guard.spec.to_json();
-        let digest = spec_digest(&spec_json);
+        let digest = spec_digest(spec_json);
         let gref = GuardRef {
             namespace: ns.clone(),
             name: guard.name_any(),
@@ -178,7 +183,6 @@ impl Core {
                 let container_ids: Vec<String> = status
                     .container_statuses
                     .iter()
-                    .flatten()
                     .filter_map(|c| c.container_id.clone())
                     .filter(|id| !id.is_empty())
                     .collect();
@@ -192,7 +196,7 @@ impl Core {
                             name: p.name_any(),
                             container_ids,
                         }),
-                        spec_json: spec_json.clone(),
+                        spec_json: spec_json.to_owned(),
                         spec_digest: digest.clone(),
                     },
                 })
@@ -456,7 +460,7 @@ impl Core {
 
     /// The guards a change of `pod` can concern: those of its namespace whose selector
     /// picks it now, and those an agent holds on it (which it may have left).
-    pub fn guards_touched_by(&self, pod: &Pod) -> Vec<ObjectRef<JanusGuard>> {
+    pub fn guards_touched_by(&self, pod: &PodView) -> Vec<ObjectRef<JanusGuard>> {
         let uid = pod.uid().unwrap_or_default();
         let holders = self.held_where(|k, _| k.pod_uid == uid);
         self.guards
@@ -507,16 +511,15 @@ impl Core {
         {
             let mut h = self.holdings.lock().expect("holdings lock");
             h.retain(|node, _| endpoints.contains_key(node));
-            for (node, result) in &listed {
+            for (node, result) in listed {
                 match result {
                     Ok(list) => {
                         reachable += 1;
-                        h.insert(
-                            node.clone(),
-                            list.iter()
-                                .filter_map(|s| Some((s.key.as_ref()?.into(), s.clone())))
-                                .collect(),
-                        );
+                        let held = list
+                            .into_iter()
+                            .filter_map(|s| Some((s.key.as_ref()?.into(), s)))
+                            .collect();
+                        h.insert(node, held);
                     }
                     Err(e) => {
                         self.metrics
@@ -524,7 +527,7 @@ impl Core {
                             .with_label_values(&["agent_unreachable"])
                             .inc();
                         tracing::warn!(node, error = %e, "listing an agent's guards");
-                        h.remove(node);
+                        h.remove(&node);
                     }
                 }
             }

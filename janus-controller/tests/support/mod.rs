@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use janus_controller::crd::JanusGuard;
-use k8s_openapi::api::core::v1::Pod;
+use janus_controller::pod::PodView;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -199,7 +199,7 @@ impl MockApi {
 /// A store and its writer, filled by the test as a watcher would.
 pub struct Stores {
     pub guards: (Store<JanusGuard>, Writer<JanusGuard>),
-    pub pods: (Store<Pod>, Writer<Pod>),
+    pub pods: (Store<PodView>, Writer<PodView>),
     pub slices: (Store<EndpointSlice>, Writer<EndpointSlice>),
 }
 
@@ -219,10 +219,10 @@ impl Stores {
             .1
             .apply_watcher_event(&watcher::Event::Delete(g));
     }
-    pub fn pod(&mut self, p: Pod) {
+    pub fn pod(&mut self, p: PodView) {
         self.pods.1.apply_watcher_event(&watcher::Event::Apply(p));
     }
-    pub fn delete_pod(&mut self, p: Pod) {
+    pub fn delete_pod(&mut self, p: PodView) {
         self.pods.1.apply_watcher_event(&watcher::Event::Delete(p));
     }
     /// The agent Service's EndpointSlice: node -> address.
@@ -254,7 +254,7 @@ pub fn guard(name: &str, generation: i64, spec: Value) -> JanusGuard {
     .unwrap()
 }
 
-pub fn pod(name: &str, node: &str, labels: Value, phase: &str, containers: &[&str]) -> Pod {
+pub fn pod(name: &str, node: &str, labels: Value, phase: &str, containers: &[&str]) -> PodView {
     let statuses: Vec<Value> = containers
         .iter()
         .enumerate()

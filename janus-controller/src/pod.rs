@@ -1,0 +1,119 @@
+//! The part of a Pod the controller reads, and all its watch keeps: the node, the phase, the
+//! labels and the container IDs. kube's `Pod` is about 6 KiB however few fields are set;
+//! with 20,000 pods in the store that alone passed 120 MiB.
+
+use std::borrow::Cow;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::NamespaceResourceScope;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PodView {
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<PodViewSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<PodViewStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodViewSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodViewStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_statuses: Vec<ContainerView>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerView {
+    #[serde(
+        default,
+        rename = "containerID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub container_id: Option<String>,
+}
+
+impl PodView {
+    /// Drops what the watch delivers but nothing reads: managed fields and annotations can
+    /// be most of a pod's metadata.
+    pub fn trim(&mut self) {
+        self.metadata.managed_fields = None;
+        self.metadata.annotations = None;
+        self.metadata.owner_references = None;
+    }
+}
+
+impl kube::Resource for PodView {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Pod".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "pods".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_reads_into_the_view_and_the_rest_is_dropped() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "a", "uid": "u1", "labels": {"app": "web"},
+                         "annotations": {"big": "x"}, "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                       "containerStatuses": [{"name": "c", "containerID": "containerd://abc",
+                                              "image": "busybox", "imageID": "", "ready": true,
+                                              "restartCount": 0}]},
+        });
+        let mut pod: PodView = serde_json::from_value(json).unwrap();
+        pod.trim();
+        assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("node-a"));
+        let status = pod.status.unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(
+            status.container_statuses[0].container_id.as_deref(),
+            Some("containerd://abc")
+        );
+        assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
+        assert_eq!(pod.metadata.labels.unwrap()["app"], "web");
+    }
+
+    #[test]
+    fn its_api_path_is_the_pods() {
+        use kube::Resource;
+        assert_eq!(
+            PodView::url_path(&(), Some("a")),
+            "/api/v1/namespaces/a/pods"
+        );
+        assert_eq!(PodView::api_version(&()), "v1");
+    }
+}
