@@ -172,9 +172,20 @@ impl AgentPool {
     }
 
     async fn client(&self, addr: &str) -> Result<AgentClient<Channel>, AgentError> {
-        if let Some(ch) = self.channels.lock().expect("channels lock").get(addr) {
-            return Ok(AgentClient::new(ch.clone()).max_decoding_message_size(MAX_ANSWER_BYTES));
-        }
+        let known = self
+            .channels
+            .lock()
+            .expect("channels lock")
+            .get(addr)
+            .cloned();
+        let ch = match known {
+            Some(ch) => ch,
+            None => self.connect(addr).await?,
+        };
+        Ok(AgentClient::new(ch).max_decoding_message_size(MAX_ANSWER_BYTES))
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Channel, AgentError> {
         let connect = |source| AgentError::Connect {
             addr: addr.to_owned(),
             source,
@@ -192,7 +203,7 @@ impl AgentPool {
             .lock()
             .expect("channels lock")
             .insert(addr.to_owned(), ch.clone());
-        Ok(AgentClient::new(ch).max_decoding_message_size(MAX_ANSWER_BYTES))
+        Ok(ch)
     }
 
     /// Forgets a channel after a failure so the next call reconnects (the agent may have

@@ -49,8 +49,7 @@ pub struct RunArgs {
 /// Per-guard reconciliation, driven by kube's Controller (guard and pod changes).
 async fn reconcile(guard: Arc<JanusGuard>, core: Arc<Core>) -> Result<Action, reconcile::Error> {
     // Before the pods and agents are listed a guard would select nothing: "0 of 0 guarded".
-    if core.pods.wait_until_ready().await.is_err() || core.slices.wait_until_ready().await.is_err()
-    {
+    if !core.ready().await {
         return Ok(Action::await_change());
     }
     let result = core.sync_guard(&guard).await;
@@ -139,15 +138,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let periodic = {
         let core = core.clone();
         async move {
-            // A pass before the stores are filled would take every held guard for one no
-            // longer wanted and lift it; the first pass after a restart lifts the guards
-            // deleted while the controller was down.
-            let ready = futures::future::try_join3(
-                core.guards.wait_until_ready(),
-                core.pods.wait_until_ready(),
-                core.slices.wait_until_ready(),
-            );
-            if ready.await.is_err() {
+            // The first pass after a restart, as soon as the stores are listed, lifts the
+            // guards deleted while the controller was down.
+            if !core.ready().await {
                 return;
             }
             let mut tick = tokio::time::interval(period);

@@ -50,6 +50,7 @@ pub struct Core {
 /// A running pod a guard selects, and what to send its node's agent.
 struct Wanted {
     node: String,
+    key: Key,
     request: ApplyGuardRequest,
 }
 
@@ -66,7 +67,7 @@ struct Plan<'g> {
 }
 
 impl<'g> Plan<'g> {
-    fn new(core: &Core, guard: &'g JanusGuard, pods: &PodIndex) -> Plan<'g> {
+    fn new(guard: &'g JanusGuard, pods: &PodIndex) -> Plan<'g> {
         let ns = guard.namespace().unwrap_or_default();
         let name = guard.name_any();
         let spec_json = guard.spec.to_json();
@@ -83,7 +84,7 @@ impl<'g> Plan<'g> {
         let mut problems = Problems::default();
         let (wanted, mode) = match &policy {
             Ok(p) => (
-                core.wanted(guard, p, &spec_json, pods),
+                wanted(guard, p, &spec_json, pods),
                 Some(p.mode().map_or("mixed", |m| m.name())),
             ),
             Err(e) => {
@@ -100,19 +101,61 @@ impl<'g> Plan<'g> {
             mode,
         }
     }
+}
 
-    fn key(&self, w: &Wanted) -> Key {
-        HoldingKey {
-            guard_namespace: self.ns.clone(),
-            guard_name: self.name.clone(),
-            pod_uid: w
-                .request
-                .pod
-                .as_ref()
-                .map_or("", |p| p.uid.as_str())
-                .to_owned(),
-        }
-    }
+/// The running pods `guard` selects, with the request each node's agent should get.
+fn wanted(
+    guard: &JanusGuard,
+    policy: &GuardPolicy,
+    spec_json: &str,
+    pods: &PodIndex,
+) -> Vec<Wanted> {
+    let ns = guard.namespace().unwrap_or_default();
+    let digest = spec_digest(spec_json);
+    let gref = GuardRef {
+        namespace: ns.clone(),
+        name: guard.name_any(),
+        uid: guard.uid().unwrap_or_default(),
+        generation: guard.meta().generation.unwrap_or(0),
+    };
+    pods.selected(&ns, &policy.selector)
+        .into_iter()
+        .filter(|p| p.meta().deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            if status.phase.as_deref() != Some("Running") {
+                return None;
+            }
+            let node = p.spec.as_ref()?.node_name.clone()?;
+            let uid = p.uid()?;
+            let key = HoldingKey {
+                guard_namespace: ns.clone(),
+                guard_name: gref.name.clone(),
+                pod_uid: uid.clone(),
+            };
+            let container_ids: Vec<String> = status
+                .container_statuses
+                .iter()
+                .filter_map(|c| c.container_id.clone())
+                .filter(|id| !id.is_empty())
+                .collect();
+            Some(Wanted {
+                node,
+                key,
+                request: ApplyGuardRequest {
+                    guard: Some(gref.clone()),
+                    pod: Some(PodRef {
+                        uid,
+                        namespace: ns.clone(),
+                        name: p.name_any(),
+                        container_ids,
+                    }),
+                    spec_json: spec_json.to_owned(),
+                    spec_digest: digest.clone(),
+                },
+            })
+        })
+        .collect()
 }
 
 /// What one pod's agent answered, or why it did not: (Degraded reason, message).
@@ -155,55 +198,6 @@ impl Core {
         }
     }
 
-    /// The running pods `guard` selects, with the request each node's agent should get.
-    fn wanted(
-        &self,
-        guard: &JanusGuard,
-        policy: &GuardPolicy,
-        spec_json: &str,
-        pods: &PodIndex,
-    ) -> Vec<Wanted> {
-        let ns = guard.namespace().unwrap_or_default();
-        let digest = spec_digest(spec_json);
-        let gref = GuardRef {
-            namespace: ns.clone(),
-            name: guard.name_any(),
-            uid: guard.uid().unwrap_or_default(),
-            generation: guard.meta().generation.unwrap_or(0),
-        };
-        pods.selected(&ns, &policy.selector)
-            .into_iter()
-            .filter(|p| p.meta().deletion_timestamp.is_none())
-            .filter_map(|p| {
-                let status = p.status.as_ref()?;
-                if status.phase.as_deref() != Some("Running") {
-                    return None;
-                }
-                let node = p.spec.as_ref()?.node_name.clone()?;
-                let container_ids: Vec<String> = status
-                    .container_statuses
-                    .iter()
-                    .filter_map(|c| c.container_id.clone())
-                    .filter(|id| !id.is_empty())
-                    .collect();
-                Some(Wanted {
-                    node,
-                    request: ApplyGuardRequest {
-                        guard: Some(gref.clone()),
-                        pod: Some(PodRef {
-                            uid: p.uid()?,
-                            namespace: ns.clone(),
-                            name: p.name_any(),
-                            container_ids,
-                        }),
-                        spec_json: spec_json.to_owned(),
-                        spec_digest: digest.clone(),
-                    },
-                })
-            })
-            .collect()
-    }
-
     fn held(&self, node: &str, key: &Key) -> Option<GuardStatus> {
         self.holdings
             .lock()
@@ -240,27 +234,39 @@ impl Core {
         };
     }
 
+    /// Waits until guards, pods and agents have been listed: before that a guard selects
+    /// nothing, and every held guard looks unwanted. False when a store's watch is gone.
+    pub async fn ready(&self) -> bool {
+        futures::future::try_join3(
+            self.guards.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.slices.wait_until_ready(),
+        )
+        .await
+        .is_ok()
+    }
+
     /// Pushes `guard` to the agents of its pods' nodes, lifts it from pods it no longer
     /// selects, and records the outcome in its status.
     pub async fn sync_guard(&self, guard: &JanusGuard) -> Result<(), Error> {
-        self.sync_guards(std::slice::from_ref(guard)).await
+        self.sync_guards(&[guard]).await
     }
 
     /// [`Core::sync_guard`] for many guards at once: every node's agent gets one batched
     /// call for all of them (and one to lift what they no longer select), and only what
     /// differs from what it holds.
-    async fn sync_guards(&self, guards: &[JanusGuard]) -> Result<(), Error> {
+    async fn sync_guards(&self, guards: &[&JanusGuard]) -> Result<(), Error> {
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
         let pods = self.pods.state();
         let index = PodIndex::new(&pods);
-        let plans: Vec<Plan> = guards.iter().map(|g| Plan::new(self, g, &index)).collect();
+        let plans: Vec<Plan> = guards.iter().map(|g| Plan::new(g, &index)).collect();
 
         // What each node's agent must be sent; what is current is an outcome already.
         let mut outcomes: Vec<Vec<(String, Outcome)>> = vec![Vec::new(); plans.len()];
         let mut sends: BTreeMap<String, Vec<(usize, Key, ApplyGuardRequest)>> = BTreeMap::new();
         for (i, plan) in plans.iter().enumerate() {
             for w in &plan.wanted {
-                let key = plan.key(w);
+                let key = w.key.clone();
                 if !endpoints.contains_key(&w.node) {
                     let msg = format!("no agent found on node {}", w.node);
                     outcomes[i].push((w.node.clone(), Err(("AgentUnreachable", msg))));
@@ -292,7 +298,7 @@ impl Core {
         // Lift the guards from pods they no longer select, wherever an agent holds them.
         let wanted: BTreeSet<Key> = plans
             .iter()
-            .flat_map(|p| p.wanted.iter().map(|w| p.key(w)))
+            .flat_map(|p| p.wanted.iter().map(|w| w.key.clone()))
             .collect();
         // An invalid guard keeps what was pushed for it while it was valid: it is refused
         // loudly (InvalidSpec), not turned into no guard at all.
@@ -462,17 +468,19 @@ impl Core {
     /// picks it now, and those an agent holds on it (which it may have left).
     pub fn guards_touched_by(&self, pod: &PodView) -> Vec<ObjectRef<JanusGuard>> {
         let uid = pod.uid().unwrap_or_default();
-        let holders = self.held_where(|k, _| k.pod_uid == uid);
+        let holders: BTreeSet<(String, String)> = self
+            .held_where(|k, _| k.pod_uid == uid)
+            .into_iter()
+            .filter_map(|(_, r)| r.key)
+            .map(|k| (k.guard_namespace, k.guard_name))
+            .collect();
         self.guards
             .state()
             .iter()
             .filter(|g| g.namespace() == pod.namespace())
             .filter(|g| {
                 index::selector_of(g).is_some_and(|s| s.matches(pod.labels()))
-                    || holders.iter().filter_map(|(_, r)| r.key.as_ref()).any(|k| {
-                        Some(&k.guard_namespace) == g.metadata.namespace.as_ref()
-                            && Some(&k.guard_name) == g.metadata.name.as_ref()
-                    })
+                    || holders.contains(&(g.namespace().unwrap_or_default(), g.name_any()))
             })
             .map(|g| ObjectRef::from_obj(&**g))
             .collect()
@@ -533,7 +541,8 @@ impl Core {
             }
         }
         self.metrics.agents_reachable.set(reachable);
-        let guards: Vec<JanusGuard> = self.guards.state().iter().map(|g| (**g).clone()).collect();
+        let state = self.guards.state();
+        let guards: Vec<&JanusGuard> = state.iter().map(|g| &**g).collect();
         let existing: BTreeSet<(&str, &str)> = guards
             .iter()
             .map(|g| {
