@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use janus_controller::agents::AgentPool;
 use janus_controller::metrics::Metrics;
+use janus_controller::pod::PodView;
 use janus_controller::reconcile::Core;
 use serde_json::json;
 use support::{guard, pod, FakeAgent, MockApi, Stores};
@@ -56,15 +57,20 @@ fn web_guard(generation: i64) -> janus_controller::crd::JanusGuard {
     )
 }
 
-fn populate(w: &mut World) {
-    w.stores.guard(web_guard(1));
-    w.stores.pod(pod(
+/// web-1, running on node-a with container c1.
+fn web_1() -> PodView {
+    pod(
         "web-1",
         "node-a",
         json!({"app": "web"}),
         "Running",
         &["containerd://c1"],
-    ));
+    )
+}
+
+fn populate(w: &mut World) {
+    w.stores.guard(web_guard(1));
+    w.stores.pod(web_1());
     w.stores.pod(pod(
         "web-2",
         "node-b",
@@ -363,13 +369,7 @@ async fn unsupported_events_failures_and_unreachable_agents_degrade_the_guard() 
                "subjects": [{"allow": ["/data"], "events": ["modify"]}]}),
     );
     w.stores.guard(modify.clone());
-    w.stores.pod(pod(
-        "web-1",
-        "node-a",
-        json!({"app": "web"}),
-        "Running",
-        &["containerd://c1"],
-    ));
+    w.stores.pod(web_1());
     w.core.sync_guard(&modify).await.unwrap();
     let degraded = w.api.condition("mod", "Degraded").unwrap();
     assert_eq!(degraded["status"], "True");
@@ -428,13 +428,7 @@ async fn an_invalid_guard_is_reported_and_pushed_nowhere() {
     let mut w = world().await;
     let bad = guard("bad", 1, json!({"subjects": [{"events": ["open"]}]}));
     w.stores.guard(bad.clone());
-    w.stores.pod(pod(
-        "web-1",
-        "node-a",
-        json!({"app": "web"}),
-        "Running",
-        &["containerd://c1"],
-    ));
+    w.stores.pod(web_1());
     w.core.sync_guard(&bad).await.unwrap();
     assert!(w.a.pods().is_empty());
     let degraded = w.api.condition("bad", "Degraded").unwrap();
@@ -470,13 +464,7 @@ async fn a_guard_without_a_selector_is_refused_and_pushed_nowhere() {
     let mut w = world().await;
     let bare = guard("bare", 1, json!({"subjects": [{"deny": ["/etc/secret"]}]}));
     w.stores.guard(bare.clone());
-    w.stores.pod(pod(
-        "web-1",
-        "node-a",
-        json!({"app": "web"}),
-        "Running",
-        &["containerd://c1"],
-    ));
+    w.stores.pod(web_1());
     w.core.sync_guard(&bare).await.unwrap();
     assert!(w.a.pods().is_empty());
     let degraded = w.api.condition("bare", "Degraded").unwrap();
@@ -622,8 +610,7 @@ async fn a_pod_event_touches_only_the_guards_that_select_or_hold_it() {
     let running = |name: &str, app: &str, id: &str| {
         pod(name, "node-a", json!({"app": app}), "Running", &[id])
     };
-    let web_1 = running("web-1", "web", "containerd://c1");
-    assert_eq!(names(w.core.guards_touched_by(&web_1)), ["web"]);
+    assert_eq!(names(w.core.guards_touched_by(&web_1())), ["web"]);
     let db_1 = running("db-1", "db", "containerd://c5");
     assert_eq!(names(w.core.guards_touched_by(&db_1)), ["db"]);
     // web-1 is relabelled db: the db guard now selects it and the web guard still holds it.
