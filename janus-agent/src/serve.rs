@@ -563,14 +563,15 @@ impl AgentApi for Service {
 
     async fn list_guards(
         &self,
-        _request: Request<ListGuardsRequest>,
+        request: Request<ListGuardsRequest>,
     ) -> Result<Response<ListGuardsResponse>, Status> {
         let guards = self.0.clone();
         let list = blocking(move || guards.list()).await?;
-        Ok(Response::new(ListGuardsResponse {
-            guards: list,
-            node: self.0.node.clone(),
-        }))
+        Ok(Response::new(holding::listing(
+            list,
+            self.0.node.clone(),
+            &request.into_inner().unless_digest,
+        )))
     }
 }
 

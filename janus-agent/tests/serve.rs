@@ -77,7 +77,7 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
     let restarted = Container::run(&root, &second, Some(&cgroup(&second)), &sleep).unwrap();
     support::wait_denied(&restarted);
     let listed = client
-        .list_guards(ListGuardsRequest {})
+        .list_guards(ListGuardsRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -186,7 +186,7 @@ async fn a_container_outside_the_named_pods_cgroup_is_refused() {
         );
     }
     let listed = client
-        .list_guards(ListGuardsRequest {})
+        .list_guards(ListGuardsRequest::default())
         .await
         .unwrap()
         .into_inner();

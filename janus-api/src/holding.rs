@@ -7,7 +7,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use crate::agent_v1::{ApplyGuardRequest, GuardKey, GuardStatus};
+use crate::agent_v1::{ApplyGuardRequest, GuardKey, GuardStatus, ListGuardsResponse};
 
 /// The largest `spec_json` an agent takes. A guard of [`crate::policy::MAX_PATHS`] paths of
 /// ordinary length fits several times over.
@@ -40,6 +40,16 @@ impl From<&GuardKey> for HoldingKey {
     }
 }
 
+impl From<GuardKey> for HoldingKey {
+    fn from(k: GuardKey) -> Self {
+        HoldingKey {
+            guard_namespace: k.guard_namespace,
+            guard_name: k.guard_name,
+            pod_uid: k.pod_uid,
+        }
+    }
+}
+
 impl From<&HoldingKey> for GuardKey {
     fn from(k: &HoldingKey) -> Self {
         GuardKey {
@@ -62,7 +72,37 @@ impl fmt::Display for HoldingKey {
 
 /// `sha256:<hex>` of the spec's JSON bytes.
 pub fn spec_digest(spec_json: &str) -> String {
-    let hash = Sha256::digest(spec_json.as_bytes());
+    hex_digest(Sha256::digest(spec_json.as_bytes()).as_slice())
+}
+
+/// `sha256:<hex>` of a listing: of each status's encoding, in order. The agent and its
+/// caller compare it to tell a listing that changed from one that did not; as it is made
+/// from the statuses themselves, no change of them can leave it the same.
+pub fn listing_digest(statuses: &[GuardStatus]) -> String {
+    let mut hash = Sha256::new();
+    for s in statuses {
+        hash.update(prost::Message::encode_length_delimited_to_vec(s));
+    }
+    hex_digest(hash.finalize().as_slice())
+}
+
+/// The answer to a ListGuards: `statuses`, or only their digest when it is `unless_digest`.
+pub fn listing(
+    statuses: Vec<GuardStatus>,
+    node: String,
+    unless_digest: &str,
+) -> ListGuardsResponse {
+    let digest = listing_digest(&statuses);
+    let unchanged = digest == unless_digest;
+    ListGuardsResponse {
+        guards: if unchanged { Vec::new() } else { statuses },
+        node,
+        digest,
+        unchanged,
+    }
+}
+
+fn hex_digest(hash: &[u8]) -> String {
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for b in hash {
@@ -185,7 +225,32 @@ pub fn validate(req: &mut ApplyGuardRequest) -> Result<(), RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent_v1::{GuardRef, PodRef};
+    use crate::agent_v1::{ContainerStatus, GuardRef, PodRef};
+
+    #[test]
+    fn a_listing_is_unchanged_only_when_every_status_is_the_same() {
+        let held = GuardStatus {
+            guard_uid: "u".into(),
+            containers: vec![ContainerStatus {
+                container_id: "containerd://c".into(),
+                phase: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let digest = listing_digest(std::slice::from_ref(&held));
+        let answer = listing(vec![held.clone()], "n".into(), &digest);
+        assert!(answer.unchanged && answer.guards.is_empty() && answer.digest == digest);
+        let mut failed = held.clone();
+        failed.containers[0].phase = 3;
+        let answer = listing(vec![failed], "n".into(), &digest);
+        assert!(!answer.unchanged && answer.guards.len() == 1);
+        // One more holding, or one fewer, is another listing.
+        assert_ne!(listing_digest(&[held.clone(), held.clone()]), digest);
+        assert_ne!(listing_digest(&[]), digest);
+        // No digest named: the whole listing.
+        assert!(!listing(vec![held], "n".into(), "").unchanged);
+    }
 
     fn request() -> ApplyGuardRequest {
         ApplyGuardRequest {

@@ -162,6 +162,17 @@ pub struct AgentPool {
     channels: Mutex<BTreeMap<String, Channel>>,
 }
 
+/// An agent's answer to a listing.
+#[derive(Debug)]
+pub enum Listing {
+    /// What it holds is what the caller's digest says.
+    Unchanged,
+    Full {
+        guards: Vec<GuardStatus>,
+        digest: Option<String>,
+    },
+}
+
 impl AgentPool {
     pub fn new(tls: Option<ClientTlsConfig>, timeout: Duration) -> AgentPool {
         AgentPool {
@@ -235,12 +246,24 @@ impl AgentPool {
         result
     }
 
-    pub async fn list(&self, addr: &str) -> Result<Vec<GuardStatus>, AgentError> {
-        self.call(addr, |mut c| async move {
-            c.list_guards(ListGuardsRequest {}).await
+    /// What the agent holds, or [`Listing::Unchanged`] when that is still what has the
+    /// digest `known`.
+    pub async fn list(&self, addr: &str, known: Option<&str>) -> Result<Listing, AgentError> {
+        let unless_digest = known.unwrap_or_default().to_owned();
+        let r = self
+            .call(addr, |mut c| async move {
+                c.list_guards(ListGuardsRequest { unless_digest }).await
+            })
+            .await?;
+        Ok(if r.unchanged && known == Some(r.digest.as_str()) {
+            Listing::Unchanged
+        } else {
+            Listing::Full {
+                guards: r.guards,
+                // An agent of an earlier release sends none: it is listed whole each time.
+                digest: Some(r.digest).filter(|d| !d.is_empty()),
+            }
         })
-        .await
-        .map(|r| r.guards)
     }
 
     /// Applies `reqs` on one agent in as few ApplyGuards calls as fit the limits; one

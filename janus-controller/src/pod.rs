@@ -45,6 +45,15 @@ pub struct ContainerView {
 }
 
 impl PodView {
+    /// The IDs of its containers that have one, in the order of its status.
+    pub fn container_ids(&self) -> impl Iterator<Item = &str> {
+        self.status
+            .iter()
+            .flat_map(|s| &s.container_statuses)
+            .filter_map(|c| c.container_id.as_deref())
+            .filter(|id| !id.is_empty())
+    }
+
     /// Drops what the watch delivers but nothing reads: managed fields and annotations can
     /// be most of a pod's metadata.
     pub fn trim(&mut self) {

@@ -21,7 +21,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
-use crate::agents::{discover, AgentPool, ItemFailure};
+use crate::agents::{discover, AgentPool, ItemFailure, Listing};
 use crate::crd::{Condition, JanusGuard, JanusGuardStatus};
 use crate::index::{self, PodIndex};
 use crate::metrics::Metrics;
@@ -39,41 +39,56 @@ pub struct Core {
     pub slices: Store<EndpointSlice>,
     pub agents: AgentPool,
     pub metrics: Arc<Metrics>,
-    /// What each node's agent holds, as last listed or applied: node -> key -> status.
-    holdings: Mutex<BTreeMap<String, BTreeMap<Key, GuardStatus>>>,
+    /// What each node's agent holds, as last listed or applied, by node.
+    holdings: Mutex<BTreeMap<String, NodeHoldings>>,
     /// The status last written on each guard, by UID: the store's copy lags behind the
     /// controller's own writes, and a pass must not write the same status again.
     /// guard UID -> (the resourceVersion the store showed when it was written, status).
     written: Mutex<BTreeMap<String, (Option<String>, JanusGuardStatus)>>,
 }
 
-/// A running pod a guard selects, and what to send its node's agent.
-struct Wanted {
+/// What one node's agent holds, as last listed or applied.
+#[derive(Default)]
+struct NodeHoldings {
+    /// The digest of the agent's last listing while `held` is still exactly that listing:
+    /// a change the controller makes to `held` forgets it.
+    digest: Option<String>,
+    held: BTreeMap<Key, Arc<GuardStatus>>,
+}
+
+/// A running pod a guard selects; what its node's agent should hold is the plan's guard on
+/// its containers ([`Plan::request`]), made only when it must be sent.
+struct Wanted<'p> {
     node: String,
     key: Key,
-    request: ApplyGuardRequest,
+    pod: &'p PodView,
 }
 
 /// What one guard wants this pass: its pods, or why it wants none.
-struct Plan<'g> {
-    guard: &'g JanusGuard,
-    ns: String,
-    name: String,
-    wanted: Vec<Wanted>,
+struct Plan<'a> {
+    guard: &'a JanusGuard,
+    gref: GuardRef,
+    spec_json: String,
+    digest: String,
+    wanted: Vec<Wanted<'a>>,
     problems: Problems,
     /// `enforce`, `monitor`, or `mixed` when subjects override the guard's mode; None for
     /// an invalid guard.
     mode: Option<&'static str>,
 }
 
-impl<'g> Plan<'g> {
-    fn new(guard: &'g JanusGuard, pods: &PodIndex) -> Plan<'g> {
-        let ns = guard.namespace().unwrap_or_default();
-        let name = guard.name_any();
+impl<'a> Plan<'a> {
+    fn new(guard: &'a JanusGuard, pods: &PodIndex<'a>) -> Plan<'a> {
+        let gref = GuardRef {
+            namespace: guard.namespace().unwrap_or_default(),
+            name: guard.name_any(),
+            uid: guard.uid().unwrap_or_default(),
+            generation: guard.meta().generation.unwrap_or(0),
+        };
         let spec_json = guard.spec.to_json();
         let api_spec: Result<janus_api::JanusGuardSpec, _> = serde_json::from_str(&spec_json);
         let policy = api_spec.map_err(|e| e.to_string()).and_then(|s| {
-            GuardPolicy::from_spec(&name, &ns, &s).map_err(|errs| {
+            GuardPolicy::from_spec(&gref.name, &gref.namespace, &s).map_err(|errs| {
                 errs.0
                     .iter()
                     .map(|e| format!("{}: {}", e.field, e.message))
@@ -84,7 +99,7 @@ impl<'g> Plan<'g> {
         let mut problems = Problems::default();
         let (wanted, mode) = match &policy {
             Ok(p) => (
-                wanted(guard, p, &spec_json, pods),
+                wanted(&gref, p, pods),
                 Some(p.mode().map_or("mixed", |m| m.name())),
             ),
             Err(e) => {
@@ -94,72 +109,67 @@ impl<'g> Plan<'g> {
         };
         Plan {
             guard,
-            ns,
-            name,
+            digest: spec_digest(&spec_json),
+            gref,
+            spec_json,
             wanted,
             problems,
             mode,
         }
     }
+
+    /// Whether `held` is exactly what `w` wants (the spec by its digest, whatever
+    /// generation the agent reports).
+    fn is_held(&self, w: &Wanted, held: &GuardStatus) -> bool {
+        let wanted = Holding {
+            guard_uid: &self.gref.uid,
+            spec_digest: &self.digest,
+            containers: w.pod.container_ids().collect(),
+        };
+        Holding::of_status(held) == wanted
+    }
+
+    /// What `w`'s node's agent is sent.
+    fn request(&self, w: &Wanted) -> ApplyGuardRequest {
+        ApplyGuardRequest {
+            guard: Some(self.gref.clone()),
+            pod: Some(PodRef {
+                uid: w.key.pod_uid.clone(),
+                namespace: self.gref.namespace.clone(),
+                name: w.pod.name_any(),
+                container_ids: w.pod.container_ids().map(str::to_owned).collect(),
+            }),
+            spec_json: self.spec_json.clone(),
+            spec_digest: self.digest.clone(),
+        }
+    }
 }
 
-/// The running pods `guard` selects, with the request each node's agent should get.
-fn wanted(
-    guard: &JanusGuard,
-    policy: &GuardPolicy,
-    spec_json: &str,
-    pods: &PodIndex,
-) -> Vec<Wanted> {
-    let ns = guard.namespace().unwrap_or_default();
-    let digest = spec_digest(spec_json);
-    let gref = GuardRef {
-        namespace: ns.clone(),
-        name: guard.name_any(),
-        uid: guard.uid().unwrap_or_default(),
-        generation: guard.meta().generation.unwrap_or(0),
-    };
-    pods.selected(&ns, &policy.selector)
+/// The running pods a guard selects.
+fn wanted<'p>(gref: &GuardRef, policy: &GuardPolicy, pods: &PodIndex<'p>) -> Vec<Wanted<'p>> {
+    pods.selected(&gref.namespace, &policy.selector)
         .into_iter()
         .filter(|p| p.meta().deletion_timestamp.is_none())
-        .filter_map(|p| {
-            let status = p.status.as_ref()?;
+        .filter_map(|pod| {
+            let status = pod.status.as_ref()?;
             if status.phase.as_deref() != Some("Running") {
                 return None;
             }
-            let node = p.spec.as_ref()?.node_name.clone()?;
-            let uid = p.uid()?;
-            let key = HoldingKey {
-                guard_namespace: ns.clone(),
-                guard_name: gref.name.clone(),
-                pod_uid: uid.clone(),
-            };
-            let container_ids: Vec<String> = status
-                .container_statuses
-                .iter()
-                .filter_map(|c| c.container_id.clone())
-                .filter(|id| !id.is_empty())
-                .collect();
             Some(Wanted {
-                node,
-                key,
-                request: ApplyGuardRequest {
-                    guard: Some(gref.clone()),
-                    pod: Some(PodRef {
-                        uid,
-                        namespace: ns.clone(),
-                        name: p.name_any(),
-                        container_ids,
-                    }),
-                    spec_json: spec_json.to_owned(),
-                    spec_digest: digest.clone(),
+                node: pod.spec.as_ref()?.node_name.clone()?,
+                key: HoldingKey {
+                    guard_namespace: gref.namespace.clone(),
+                    guard_name: gref.name.clone(),
+                    pod_uid: pod.uid()?,
                 },
+                pod,
             })
         })
         .collect()
 }
 
 /// What one pod's agent answered, or why it did not: (Degraded reason, message).
-type Outcome = Result<GuardStatus, (&'static str, String)>;
+type Outcome = Result<Arc<GuardStatus>, (&'static str, String)>;
 
 /// What went wrong for a guard, by reason, for its Degraded condition and Events.
 #[derive(Debug, Default)]
@@ -198,12 +208,12 @@ impl Core {
         }
     }
 
-    fn held(&self, node: &str, key: &Key) -> Option<GuardStatus> {
+    fn held(&self, node: &str, key: &Key) -> Option<Arc<GuardStatus>> {
         self.holdings
             .lock()
             .expect("holdings lock")
             .get(node)
-            .and_then(|h| h.get(key).cloned())
+            .and_then(|h| h.held.get(key).cloned())
     }
 
     /// Every guard an agent holds whose key and status satisfy `pred`, as a removal of
@@ -213,24 +223,28 @@ impl Core {
             .lock()
             .expect("holdings lock")
             .iter()
-            .flat_map(|(node, held)| {
-                held.iter().filter(|(k, s)| pred(k, s)).map(move |(k, s)| {
-                    let removal = Removal {
-                        key: Some(k.into()),
-                        guard_uid: s.guard_uid.clone(),
-                    };
-                    (node.clone(), removal)
-                })
+            .flat_map(|(node, h)| {
+                h.held
+                    .iter()
+                    .filter(|(k, s)| pred(k, s))
+                    .map(move |(k, s)| {
+                        let removal = Removal {
+                            key: Some(k.into()),
+                            guard_uid: s.guard_uid.clone(),
+                        };
+                        (node.clone(), removal)
+                    })
             })
             .collect()
     }
 
-    fn hold(&self, node: &str, key: Key, status: Option<GuardStatus>) {
+    fn hold(&self, node: &str, key: Key, status: Option<Arc<GuardStatus>>) {
         let mut h = self.holdings.lock().expect("holdings lock");
         let node = h.entry(node.to_owned()).or_default();
+        node.digest = None;
         match status {
-            Some(s) => node.insert(key, s),
-            None => node.remove(&key),
+            Some(s) => node.held.insert(key, s),
+            None => node.held.remove(&key),
         };
     }
 
@@ -264,24 +278,26 @@ impl Core {
         // What each node's agent must be sent; what is current is an outcome already.
         let mut outcomes: Vec<Vec<(String, Outcome)>> = vec![Vec::new(); plans.len()];
         let mut sends: BTreeMap<String, Vec<(usize, Key, ApplyGuardRequest)>> = BTreeMap::new();
-        for (i, plan) in plans.iter().enumerate() {
-            for w in &plan.wanted {
-                let key = w.key.clone();
-                if !endpoints.contains_key(&w.node) {
-                    let msg = format!("no agent found on node {}", w.node);
-                    outcomes[i].push((w.node.clone(), Err(("AgentUnreachable", msg))));
-                    continue;
-                }
-                // What the agent holds is repaired unless it is exactly what is wanted
-                // (the spec by its digest, whatever generation the agent reports).
-                match self.held(&w.node, &key) {
-                    Some(held) if Holding::of_status(&held) == Holding::of_request(&w.request) => {
-                        outcomes[i].push((w.node.clone(), Ok(held)));
+        {
+            let holdings = self.holdings.lock().expect("holdings lock");
+            for (i, plan) in plans.iter().enumerate() {
+                for w in &plan.wanted {
+                    if !endpoints.contains_key(&w.node) {
+                        let msg = format!("no agent found on node {}", w.node);
+                        outcomes[i].push((w.node.clone(), Err(("AgentUnreachable", msg))));
+                        continue;
                     }
-                    _ => sends
-                        .entry(w.node.clone())
-                        .or_default()
-                        .push((i, key, w.request.clone())),
+                    // What the agent holds is repaired unless it is exactly what is wanted.
+                    match holdings.get(&w.node).and_then(|h| h.held.get(&w.key)) {
+                        Some(held) if plan.is_held(w, held) => {
+                            outcomes[i].push((w.node.clone(), Ok(held.clone())));
+                        }
+                        _ => sends.entry(w.node.clone()).or_default().push((
+                            i,
+                            w.key.clone(),
+                            plan.request(w),
+                        )),
+                    }
                 }
             }
         }
@@ -296,16 +312,16 @@ impl Core {
         }
 
         // Lift the guards from pods they no longer select, wherever an agent holds them.
-        let wanted: BTreeSet<Key> = plans
+        let wanted: BTreeSet<&Key> = plans
             .iter()
-            .flat_map(|p| p.wanted.iter().map(|w| w.key.clone()))
+            .flat_map(|p| p.wanted.iter().map(|w| &w.key))
             .collect();
         // An invalid guard keeps what was pushed for it while it was valid: it is refused
         // loudly (InvalidSpec), not turned into no guard at all.
         let synced: BTreeSet<(&str, &str)> = plans
             .iter()
             .filter(|p| p.mode.is_some())
-            .map(|p| (p.ns.as_str(), p.name.as_str()))
+            .map(|p| (p.gref.namespace.as_str(), p.gref.name.as_str()))
             .collect();
         let stale = self.held_where(|k, _| {
             synced.contains(&(k.guard_namespace.as_str(), k.guard_name.as_str()))
@@ -349,6 +365,7 @@ impl Core {
                 let outcome = match result {
                     Ok(status) => {
                         self.metrics.guards_pushed.inc();
+                        let status = Arc::new(status);
                         self.hold(&node, key, Some(status.clone()));
                         Ok(status)
                     }
@@ -506,28 +523,39 @@ impl Core {
     pub async fn sync_all(&self) -> Result<(), Error> {
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
         self.metrics.agents.set(endpoints.len() as i64);
-        let listed: Vec<(String, Result<Vec<GuardStatus>, String>)> =
-            stream::iter(endpoints.clone())
-                .map(|(node, addr)| async move {
-                    let listed = self.agents.list(&addr).await.map_err(|e| e.to_string());
-                    (node, listed)
+        let known: Vec<(String, String, Option<String>)> = {
+            let h = self.holdings.lock().expect("holdings lock");
+            endpoints
+                .iter()
+                .map(|(node, addr)| {
+                    let digest = h.get(node).and_then(|n| n.digest.clone());
+                    (node.clone(), addr.clone(), digest)
                 })
-                .buffer_unordered(CONCURRENCY)
                 .collect()
-                .await;
+        };
+        let listed: Vec<(String, Result<Listing, String>)> = stream::iter(known)
+            .map(|(node, addr, digest)| async move {
+                let listed = self.agents.list(&addr, digest.as_deref()).await;
+                (node, listed.map_err(|e| e.to_string()))
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
         let mut reachable = 0;
         {
             let mut h = self.holdings.lock().expect("holdings lock");
             h.retain(|node, _| endpoints.contains_key(node));
             for (node, result) in listed {
                 match result {
-                    Ok(list) => {
+                    // What is remembered is still what the agent holds.
+                    Ok(Listing::Unchanged) => reachable += 1,
+                    Ok(Listing::Full { guards, digest }) => {
                         reachable += 1;
-                        let held = list
+                        let held = guards
                             .into_iter()
-                            .filter_map(|s| Some((s.key.as_ref()?.into(), s)))
+                            .filter_map(|mut s| Some((s.key.take()?.into(), Arc::new(s))))
                             .collect();
-                        h.insert(node, held);
+                        h.insert(node, NodeHoldings { digest, held });
                     }
                     Err(e) => {
                         self.metrics

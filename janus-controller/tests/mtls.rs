@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use janus_controller::agents::AgentPool;
+use janus_controller::agents::{AgentPool, Listing};
 use janus_controller::pki::{self, Pem, AGENT_SECRET, CA_SECRET};
 use rcgen::ExtendedKeyUsagePurpose;
 use support::{agent_bin, free_port, secret_field, start_agent, MockApi};
@@ -145,11 +145,24 @@ async fn only_the_controllers_identity_commands_an_agent() {
 
     // The controller, with the certificate it issued itself.
     let ours = AgentPool::new(Some(m.client_config()), Duration::from_secs(5));
-    assert!(ours.list(&agent).await.unwrap().is_empty());
+    let Listing::Full { guards, digest } = ours.list(&agent, None).await.unwrap() else {
+        panic!("no digest was named: the whole listing is due");
+    };
+    assert!(guards.is_empty());
+    // The agent answers with the listing's digest; named back, it says only "unchanged".
+    let digest = digest.expect("the agent names its listing's digest");
+    assert!(matches!(
+        ours.list(&agent, Some(&digest)).await.unwrap(),
+        Listing::Unchanged
+    ));
+    assert!(matches!(
+        ours.list(&agent, Some("sha256:00")).await.unwrap(),
+        Listing::Full { .. }
+    ));
 
     // Plaintext never reaches the API.
     assert!(AgentPool::new(None, Duration::from_secs(5))
-        .list(&agent)
+        .list(&agent, None)
         .await
         .is_err());
     // A certificate of the same CA with another identity: the handshake succeeds, the call
@@ -165,7 +178,7 @@ async fn only_the_controllers_identity_commands_an_agent() {
     )
     .unwrap();
     let err = client(&m.ca, &other, &m.names.agent)
-        .list(&agent)
+        .list(&agent, None)
         .await
         .expect_err("another identity of the same CA is refused");
     assert!(
@@ -175,19 +188,19 @@ async fn only_the_controllers_identity_commands_an_agent() {
     );
     // An agent's own certificate (a compromised node's) is no client at all.
     assert!(client(&m.ca, &m.agent, &m.names.agent)
-        .list(&agent)
+        .list(&agent, None)
         .await
         .is_err());
     // The controller's name, signed by another CA.
     let (rogue_kube, _) = MockApi::start();
     let rogue = pki::bootstrap(rogue_kube, "janus").await.unwrap();
     assert!(client(&m.ca, &rogue.controller, &m.names.agent)
-        .list(&agent)
+        .list(&agent, None)
         .await
         .is_err());
     // The controller checks the agent's name: an agent presenting another name is refused.
     let wrong_server = client(&m.ca, &m.controller, "janus-controller.janus.svc");
-    assert!(wrong_server.list(&agent).await.is_err());
+    assert!(wrong_server.list(&agent, None).await.is_err());
 
     // Refusals are counted.
     let (_, body) = http_status(metrics, "/metrics");

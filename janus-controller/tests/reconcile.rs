@@ -590,6 +590,38 @@ async fn a_pass_makes_one_batched_call_per_node_and_none_when_current() {
     );
 }
 
+/// An agent whose holdings did not change since its last listing answers only that; one
+/// whose holdings changed behind the controller's back is listed whole, whatever changed.
+#[tokio::test]
+async fn an_unchanged_agent_answers_only_that_and_a_changed_one_is_listed_whole() {
+    let mut w = world().await;
+    populate(&mut w);
+    // The push, then a listing whole (what the controller knew came from its own calls).
+    w.core.sync_all().await.unwrap();
+    w.core.sync_all().await.unwrap();
+    let unchanged = |a: &FakeAgent| a.unchanged.load(Ordering::SeqCst);
+    assert_eq!((unchanged(&w.a), unchanged(&w.b)), (0, 0));
+    w.core.sync_all().await.unwrap();
+    assert_eq!((unchanged(&w.a), unchanged(&w.b)), (1, 1));
+    assert_eq!(w.api.condition("web", "Ready").unwrap()["status"], "True");
+
+    // web-1's container fails on node-a: only its phase changes, and the status shows it.
+    for s in w.a.held.lock().unwrap().values_mut() {
+        s.containers[0].phase = janus_api::agent_v1::ContainerPhase::Failed as i32;
+        s.containers[0].reason = "marks lost".into();
+    }
+    w.core.sync_all().await.unwrap();
+    assert_eq!(unchanged(&w.a), 1, "a changed listing is sent whole");
+    assert_eq!(unchanged(&w.b), 2);
+    let degraded = w.api.condition("web", "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "ContainerFailed", "{degraded}");
+    // node-b's agent restarts and forgets: its next listing differs, and it is repaired.
+    w.b.held.lock().unwrap().clear();
+    w.core.sync_all().await.unwrap();
+    assert_eq!(unchanged(&w.b), 2);
+    assert_eq!(w.b.pods(), ["web/pod-web-2"]);
+}
+
 /// A pod event concerns only the guards that select the pod, or hold it.
 #[tokio::test]
 async fn a_pod_event_touches_only_the_guards_that_select_or_hold_it() {
@@ -635,4 +667,11 @@ async fn an_agent_without_batched_calls_gets_one_call_per_pod() {
     w.core.lift_deleted(&web_guard(1)).await;
     assert!(w.a.pods().is_empty());
     assert_eq!(w.a.calls.load(Ordering::SeqCst), 2, "and one RemoveGuard");
+    // It names no digest of its listing: it is listed whole at every pass.
+    w.stores.guard(web_guard(1));
+    for _ in 0..3 {
+        w.core.sync_all().await.unwrap();
+    }
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    assert_eq!(w.a.unchanged.load(Ordering::SeqCst), 0);
 }

@@ -69,7 +69,7 @@ impl Client {
 
     /// Every guard the agent holds.
     pub fn list(&mut self) -> Result<Vec<GuardStatus>> {
-        let call = self.inner.list_guards(ListGuardsRequest {});
+        let call = self.inner.list_guards(ListGuardsRequest::default());
         let reply = self
             .rt
             .block_on(async { tokio::time::timeout(CALL_DEADLINE, call).await })

@@ -280,6 +280,8 @@ pub struct FakeAgent {
     /// Calls made (ApplyGuard, ApplyGuards, RemoveGuard, RemoveGuards; not ListGuards).
     pub calls: Arc<std::sync::atomic::AtomicUsize>,
     pub fail: Arc<std::sync::atomic::AtomicBool>,
+    /// ListGuards answered `unchanged`.
+    pub unchanged: Arc<std::sync::atomic::AtomicUsize>,
     /// As an agent of an earlier release: no ApplyGuards or RemoveGuards.
     pub legacy: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -361,12 +363,22 @@ impl Agent for FakeAgent {
 
     async fn list_guards(
         &self,
-        _: tonic::Request<ListGuardsRequest>,
+        request: tonic::Request<ListGuardsRequest>,
     ) -> Result<tonic::Response<ListGuardsResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ListGuardsResponse {
-            guards: self.held.lock().unwrap().values().cloned().collect(),
-            node: String::new(),
-        }))
+        let held = self.held.lock().unwrap().values().cloned().collect();
+        if self.legacy.load(Ordering::SeqCst) {
+            // No digest: the whole listing, whatever was asked.
+            return Ok(tonic::Response::new(ListGuardsResponse {
+                guards: held,
+                ..Default::default()
+            }));
+        }
+        let unless = request.into_inner().unless_digest;
+        let answer = janus_api::holding::listing(held, String::new(), &unless);
+        if answer.unchanged {
+            self.unchanged.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(tonic::Response::new(answer))
     }
 }
 
