@@ -65,12 +65,30 @@ impl<'a> PodIndex<'a> {
     }
 }
 
-/// The selector of a stored guard, if it has a valid one.
+/// The selector of a stored guard, if it has a valid one. Made field by field: a pod event
+/// asks it of every guard of the pod's namespace.
 pub fn selector_of(guard: &JanusGuard) -> Option<Selector> {
+    use crate::crd::Operator;
     let raw = guard.spec.selector.as_ref()?;
-    let raw: janus_api::guard::LabelSelector =
-        serde_json::from_value(serde_json::to_value(raw).ok()?).ok()?;
-    janus_api::policy::Selector::from_raw(&raw).ok()
+    let raw = janus_api::guard::LabelSelector {
+        match_labels: raw.match_labels.clone(),
+        match_expressions: raw
+            .match_expressions
+            .iter()
+            .map(|r| janus_api::guard::LabelSelectorRequirement {
+                key: r.key.clone(),
+                operator: match r.operator {
+                    Operator::In => "In",
+                    Operator::NotIn => "NotIn",
+                    Operator::Exists => "Exists",
+                    Operator::DoesNotExist => "DoesNotExist",
+                }
+                .to_owned(),
+                values: r.values.clone(),
+            })
+            .collect(),
+    };
+    Selector::from_raw(&raw).ok()
 }
 
 #[cfg(test)]
