@@ -566,12 +566,10 @@ impl AgentApi for Service {
         request: Request<ListGuardsRequest>,
     ) -> Result<Response<ListGuardsResponse>, Status> {
         let guards = self.0.clone();
-        let list = blocking(move || guards.list()).await?;
-        Ok(Response::new(holding::listing(
-            list,
-            self.0.node.clone(),
-            &request.into_inner().unless_digest,
-        )))
+        let unless = request.into_inner().unless_digest;
+        let answer =
+            blocking(move || holding::listing(guards.list(), guards.node.clone(), &unless)).await?;
+        Ok(Response::new(answer))
     }
 }
 

@@ -277,7 +277,7 @@ impl Core {
 
         // What each node's agent must be sent; what is current is an outcome already.
         let mut outcomes: Vec<Vec<(String, Outcome)>> = vec![Vec::new(); plans.len()];
-        let mut sends: BTreeMap<String, Vec<(usize, Key, ApplyGuardRequest)>> = BTreeMap::new();
+        let mut lacking: Vec<(usize, &Wanted)> = Vec::new();
         {
             let holdings = self.holdings.lock().expect("holdings lock");
             for (i, plan) in plans.iter().enumerate() {
@@ -292,14 +292,15 @@ impl Core {
                         Some(held) if plan.is_held(w, held) => {
                             outcomes[i].push((w.node.clone(), Ok(held.clone())));
                         }
-                        _ => sends.entry(w.node.clone()).or_default().push((
-                            i,
-                            w.key.clone(),
-                            plan.request(w),
-                        )),
+                        _ => lacking.push((i, w)),
                     }
                 }
             }
+        }
+        let mut sends: BTreeMap<String, Vec<(usize, Key, ApplyGuardRequest)>> = BTreeMap::new();
+        for (i, w) in lacking {
+            let item = (i, w.key.clone(), plans[i].request(w));
+            sends.entry(w.node.clone()).or_default().push(item);
         }
         let pushed: Vec<(usize, String, Outcome)> = stream::iter(sends)
             .map(|(node, items)| self.push(&endpoints, node, items))
