@@ -21,6 +21,9 @@ use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 
+/// How many deleted guards are lifted at once.
+const LIFTS_AT_ONCE: usize = 16;
+
 use crate::crd::JanusGuard;
 use crate::pod::PodView;
 use crate::reconcile::Core;
@@ -169,10 +172,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .for_each(|_| async {});
     // Agents coming and going are handled by the periodic pass, which lists them all.
     let slices = slice_events.for_each(|_| async {});
+    // Several at once: an agent that does not answer holds up only the lifts that need it.
     let lifts = async move {
-        while let Some(guard) = deleted.recv().await {
-            lifter.lift_deleted(&guard).await;
-        }
+        futures::stream::poll_fn(|cx| deleted.poll_recv(cx))
+            .for_each_concurrent(LIFTS_AT_ONCE, |guard| {
+                let lifter = &lifter;
+                async move { lifter.lift_deleted(&guard).await }
+            })
+            .await
     };
     tokio::select! {
         _ = controller => {}

@@ -175,9 +175,33 @@ type Outcome = Result<Arc<GuardStatus>, (&'static str, String)>;
 #[derive(Debug, Default)]
 struct Problems(BTreeMap<&'static str, Vec<String>>);
 
+/// How many problems a Degraded message spells out, and how long each may be: a failure
+/// on thousands of pods (or an agent's long answer) must not make a status the API server
+/// refuses, which would leave the guard showing its last one.
+const PROBLEMS_SHOWN: usize = 10;
+const PROBLEM_CHARS: usize = 256;
+
 impl Problems {
     fn add(&mut self, reason: &'static str, message: String) {
         self.0.entry(reason).or_default().push(message);
+    }
+
+    /// The first [`PROBLEMS_SHOWN`], each cut to [`PROBLEM_CHARS`], and how many more.
+    fn summary(&self) -> String {
+        let all: Vec<&String> = self.0.values().flatten().collect();
+        let mut out = all
+            .iter()
+            .take(PROBLEMS_SHOWN)
+            .map(|m| match m.char_indices().nth(PROBLEM_CHARS) {
+                Some((end, _)) => format!("{}…", &m[..end]),
+                None => m.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if all.len() > PROBLEMS_SHOWN {
+            out.push_str(&format!("; and {} more", all.len() - PROBLEMS_SHOWN));
+        }
+        out
     }
 }
 
@@ -273,7 +297,7 @@ impl Core {
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
         let pods = self.pods.state();
         let index = PodIndex::new(&pods);
-        let plans: Vec<Plan> = guards.iter().map(|g| Plan::new(g, &index)).collect();
+        let mut plans: Vec<Plan> = guards.iter().map(|g| Plan::new(g, &index)).collect();
 
         // What each node's agent must be sent; what is current is an outcome already.
         let mut outcomes: Vec<Vec<(String, Outcome)>> = vec![Vec::new(); plans.len()];
@@ -297,8 +321,17 @@ impl Core {
                 }
             }
         }
+        // A guard deleted since this pass read the store is not pushed again: the lift of
+        // its delete event may have run already.
+        let live: Vec<bool> = plans
+            .iter()
+            .map(|p| {
+                let stored = self.guards.get(&ObjectRef::from_obj(p.guard));
+                stored.is_some_and(|g| g.uid() == p.guard.uid())
+            })
+            .collect();
         let mut sends: BTreeMap<String, Vec<(usize, Key, ApplyGuardRequest)>> = BTreeMap::new();
-        for (i, w) in lacking {
+        for (i, w) in lacking.into_iter().filter(|(i, _)| live[*i]) {
             let item = (i, w.key.clone(), plans[i].request(w));
             sends.entry(w.node.clone()).or_default().push(item);
         }
@@ -328,13 +361,23 @@ impl Core {
             synced.contains(&(k.guard_namespace.as_str(), k.guard_name.as_str()))
                 && !wanted.contains(k)
         });
-        self.remove_all(&endpoints, stale).await;
+        for (node, key, why) in self.remove_all(&endpoints, stale).await {
+            let plan = plans
+                .iter_mut()
+                .find(|p| p.gref.namespace == key.guard_namespace && p.gref.name == key.guard_name);
+            if let Some(plan) = plan {
+                let msg = format!("pod {} on node {node}: {why}", key.pod_uid);
+                plan.problems.add("LiftFailed", msg);
+            }
+        }
 
         // Made before they are polled: a closure over `Plan<'_>` in the stream is not
         // general enough for the controller's Send bound.
         let reports: Vec<_> = plans
             .into_iter()
             .zip(outcomes)
+            .zip(live)
+            .filter_map(|(report, live)| live.then_some(report))
             .map(|(plan, outcomes)| self.report(plan, outcomes))
             .collect();
         let reports: Vec<Result<(), Error>> = stream::iter(reports)
@@ -441,25 +484,26 @@ impl Core {
     }
 
     /// Removes what `removals` name from the agents that hold it, one batched call per node;
-    /// each only if the agent holds it under the same guard UID.
+    /// each only if the agent holds it under the same guard UID. What could not be removed:
+    /// (node, key, why).
     async fn remove_all(
         &self,
         endpoints: &BTreeMap<String, String>,
         removals: Vec<(String, Removal)>,
-    ) {
+    ) -> Vec<(String, Key, String)> {
         let mut by_node: BTreeMap<String, Vec<Removal>> = BTreeMap::new();
         for (node, r) in removals {
             by_node.entry(node).or_default().push(r);
         }
         stream::iter(by_node)
-            .for_each_concurrent(CONCURRENCY, |(node, items)| async move {
+            .map(|(node, items)| async move {
                 let keys: Vec<Key> = items.iter().filter_map(|r| r.key.as_ref()).map(Key::from).collect();
                 let Some(addr) = endpoints.get(&node) else {
                     // The agent is gone; whatever it held went with it.
                     for key in keys {
                         self.hold(&node, key, None);
                     }
-                    return;
+                    return Vec::new();
                 };
                 let uids: Vec<String> = items.iter().map(|r| r.guard_uid.clone()).collect();
                 match self.agents.remove_many(addr, items).await {
@@ -472,14 +516,20 @@ impl Core {
                                 self.hold(&node, key, None);
                             }
                         }
+                        Vec::new()
                     }
                     Err(e) => {
                         self.metrics.errors.with_label_values(&["remove"]).inc();
                         tracing::warn!(node, error = %e, "lifting guards");
+                        let why = e.to_string();
+                        keys.into_iter().map(|k| (node.clone(), k, why.clone())).collect()
                     }
                 }
             })
-            .await;
+            .buffer_unordered(CONCURRENCY)
+            .flat_map(stream::iter)
+            .collect()
+            .await
     }
 
     /// The guards a change of `pod` can concern: those of its namespace whose selector
@@ -635,18 +685,7 @@ impl Core {
             }
         };
         let degraded = match problems.0.iter().next() {
-            Some((reason, _)) => condition(
-                "Degraded",
-                true,
-                reason,
-                problems
-                    .0
-                    .values()
-                    .flatten()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ),
+            Some((reason, _)) => condition("Degraded", true, reason, problems.summary()),
             None => condition("Degraded", false, "AsExpected", String::new()),
         };
         let failed = selected - guarded as usize - pending;

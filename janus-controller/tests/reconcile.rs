@@ -622,6 +622,80 @@ async fn an_unchanged_agent_answers_only_that_and_a_changed_one_is_listed_whole(
     assert_eq!(w.b.pods(), ["web/pod-web-2"]);
 }
 
+/// A failure on many pods makes a bounded Degraded message that still says how many.
+#[tokio::test]
+async fn a_failure_on_many_pods_is_summed_up_not_spelled_out() {
+    let mut w = world().await;
+    w.stores.guard(web_guard(1));
+    for i in 0..300 {
+        let id = format!("containerd://f{i}");
+        w.stores.pod(pod(
+            &format!("web-{i}"),
+            "node-a",
+            json!({"app": "web"}),
+            "Running",
+            &[&id],
+        ));
+    }
+    w.a.fail.store(true, Ordering::SeqCst);
+    w.core.sync_all().await.unwrap();
+    let degraded = w.api.condition("web", "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "ContainerFailed");
+    let msg = degraded["message"].as_str().unwrap();
+    assert!(msg.ends_with("; and 290 more"), "{msg}");
+    assert!(msg.len() < 4096, "{} bytes", msg.len());
+    assert_eq!(w.api.condition("web", "Ready").unwrap()["status"], "False");
+}
+
+/// A guard that could not be lifted from a pod it no longer selects says so on its status.
+#[tokio::test]
+async fn a_lift_that_fails_degrades_the_guard_until_it_succeeds() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.b.pods(), ["web/pod-web-2"]);
+    // web-2 leaves the selector while node-b's agent refuses removals.
+    w.b.refuse_removals.store(true, Ordering::SeqCst);
+    w.stores.pod(pod(
+        "web-2",
+        "node-b",
+        json!({"app": "other"}),
+        "Running",
+        &["containerd://c2", "containerd://c3"],
+    ));
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    let degraded = w.api.condition("web", "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "LiftFailed", "{degraded}");
+    let msg = degraded["message"].as_str().unwrap();
+    assert!(msg.contains("pod pod-web-2 on node node-b"), "{msg}");
+    assert!(w.api.events().iter().any(|(r, _)| r == "LiftFailed"));
+    w.b.refuse_removals.store(false, Ordering::SeqCst);
+    w.core.sync_all().await.unwrap();
+    assert!(w.b.pods().is_empty());
+    assert_eq!(
+        w.api.condition("web", "Degraded").unwrap()["status"],
+        "False"
+    );
+}
+
+/// A pass that read a guard before it was deleted does not push it again after.
+#[tokio::test]
+async fn a_guard_deleted_during_a_pass_is_not_pushed_again() {
+    let mut w = world().await;
+    w.stores.pod(web_1());
+    // The pass holds this copy; the store no longer has the guard.
+    let deleted = web_guard(1);
+    w.core.sync_guard(&deleted).await.unwrap();
+    assert!(w.a.pods().is_empty());
+    assert!(w.api.status("web").is_none(), "no status written for it");
+    // Under its name, a guard created again (another UID) is not this one either.
+    let mut again = web_guard(1);
+    again.metadata.uid = Some("uid-web-again".into());
+    w.stores.guard(again);
+    w.core.sync_guard(&deleted).await.unwrap();
+    assert!(w.a.pods().is_empty());
+}
+
 /// A pod event concerns only the guards that select the pod, or hold it.
 #[tokio::test]
 async fn a_pod_event_touches_only_the_guards_that_select_or_hold_it() {

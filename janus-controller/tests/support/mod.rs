@@ -280,6 +280,8 @@ pub struct FakeAgent {
     /// Calls made (ApplyGuard, ApplyGuards, RemoveGuard, RemoveGuards; not ListGuards).
     pub calls: Arc<std::sync::atomic::AtomicUsize>,
     pub fail: Arc<std::sync::atomic::AtomicBool>,
+    /// RemoveGuards fails (as an agent that times out would).
+    pub refuse_removals: Arc<std::sync::atomic::AtomicBool>,
     /// ListGuards answered `unchanged`.
     pub unchanged: Arc<std::sync::atomic::AtomicUsize>,
     /// As an agent of an earlier release: no ApplyGuards or RemoveGuards.
@@ -327,6 +329,9 @@ impl Agent for FakeAgent {
     ) -> Result<tonic::Response<RemoveGuardsResponse>, tonic::Status> {
         if self.legacy.load(Ordering::SeqCst) {
             return Err(tonic::Status::unimplemented("RemoveGuards"));
+        }
+        if self.refuse_removals.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("removals refused"));
         }
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mut held = self.held.lock().unwrap();
