@@ -213,4 +213,18 @@ async fn run((nodes, pods, guards): (usize, usize, usize)) {
         let took = t.elapsed();
         pass(name, took, agents.counts().0 - c0, writes() - w0);
     }
+
+    // A pod event: the one guard that selects the pod is synced (its pods found through
+    // the index, compared with what their agents hold).
+    let one = stores.guards.0.state().into_iter().next().unwrap();
+    let (c0, w0) = (agents.counts().0, writes());
+    let t = Instant::now();
+    core.sync_guard(&one).await.unwrap();
+    let took = t.elapsed();
+    pass(
+        "pod event: sync the guard selecting it",
+        took,
+        agents.counts().0 - c0,
+        writes() - w0,
+    );
 }

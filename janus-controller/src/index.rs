@@ -2,7 +2,7 @@
 //! instead of matching every selector against every pod; and which guards a pod event
 //! touches.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::pod::PodView;
@@ -11,56 +11,117 @@ use kube::ResourceExt;
 
 use crate::crd::JanusGuard;
 
-/// The pods of one listing, by namespace and by `(namespace, label, value)`.
-pub struct PodIndex<'a> {
-    by_namespace: HashMap<&'a str, Vec<&'a PodView>>,
-    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a PodView>>,
+/// The pods of the store by namespace and by `(namespace, label, value)`, kept in step with
+/// it by [`PodIndex::sync`]: a pod event syncs one guard, which must not cost an index of
+/// every pod built again.
+#[derive(Default)]
+pub struct PodIndex {
+    /// By UID: the pod as indexed (the store's own `Arc`, so a changed pod is a new one),
+    /// and the sync that last saw it.
+    pods: HashMap<String, (Arc<PodView>, u64)>,
+    by_namespace: HashMap<String, HashSet<String>>,
+    by_label: HashMap<(String, String, String), HashSet<String>>,
+    syncs: u64,
 }
 
-impl<'a> PodIndex<'a> {
-    pub fn new(pods: &'a [Arc<PodView>]) -> PodIndex<'a> {
-        let mut index = PodIndex {
-            by_namespace: HashMap::new(),
-            by_label: HashMap::new(),
-        };
+impl PodIndex {
+    /// Brings the index to `pods`, the store's state: indexes the pods that are new or
+    /// changed since the last sync and drops those gone.
+    pub fn sync(&mut self, pods: &[Arc<PodView>]) {
+        self.syncs += 1;
+        let now = self.syncs;
+        let mut seen = 0;
         for pod in pods {
-            let Some(ns) = pod.metadata.namespace.as_deref() else {
+            let Some(uid) = pod.metadata.uid.as_deref() else {
                 continue;
             };
-            index.by_namespace.entry(ns).or_default().push(pod);
-            for (k, v) in pod.labels() {
-                index
-                    .by_label
-                    .entry((ns, k.as_str(), v.as_str()))
-                    .or_default()
-                    .push(pod);
+            seen += 1;
+            match self.pods.get_mut(uid) {
+                Some((known, at)) if Arc::ptr_eq(known, pod) => *at = now,
+                _ => {
+                    self.unindex(uid);
+                    self.index(uid, pod);
+                    self.pods.insert(uid.to_owned(), (pod.clone(), now));
+                }
             }
         }
-        index
+        // Every pod indexed was seen (the usual case): none is gone.
+        if self.pods.len() == seen {
+            return;
+        }
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, (_, seen))| *seen != now)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            self.unindex(&uid);
+            self.pods.remove(&uid);
+        }
+    }
+
+    fn index(&mut self, uid: &str, pod: &PodView) {
+        let Some(ns) = pod.metadata.namespace.as_deref() else {
+            return;
+        };
+        let ns_pods = self.by_namespace.entry(ns.to_owned()).or_default();
+        ns_pods.insert(uid.to_owned());
+        for (k, v) in pod.labels() {
+            let key = (ns.to_owned(), k.clone(), v.clone());
+            self.by_label.entry(key).or_default().insert(uid.to_owned());
+        }
+    }
+
+    fn unindex(&mut self, uid: &str) {
+        let Some((pod, _)) = self.pods.get(uid) else {
+            return;
+        };
+        let Some(ns) = pod.metadata.namespace.clone() else {
+            return;
+        };
+        let labels: Vec<(String, String)> = pod
+            .labels()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(set) = self.by_namespace.get_mut(&ns) {
+            set.remove(uid);
+            if set.is_empty() {
+                self.by_namespace.remove(&ns);
+            }
+        }
+        for (k, v) in labels {
+            let key = (ns.clone(), k, v);
+            if let Some(set) = self.by_label.get_mut(&key) {
+                set.remove(uid);
+                if set.is_empty() {
+                    self.by_label.remove(&key);
+                }
+            }
+        }
     }
 
     /// The pods of `namespace` that `selector` selects: those of its rarest `matchLabels`
     /// pair, checked against the whole selector; every pod of the namespace when it names
     /// no label.
-    pub fn selected(&self, namespace: &str, selector: &Selector) -> Vec<&'a PodView> {
+    pub fn selected(&self, namespace: &str, selector: &Selector) -> Vec<Arc<PodView>> {
+        let empty = HashSet::new();
         let candidates = selector
             .match_labels
             .iter()
             .map(|(k, v)| {
-                self.by_label
-                    .get(&(namespace, k.as_str(), v.as_str()))
-                    .map_or(&[][..], Vec::as_slice)
+                let key = (namespace.to_owned(), k.clone(), v.clone());
+                self.by_label.get(&key).unwrap_or(&empty)
             })
-            .min_by_key(|pods| pods.len())
-            .unwrap_or_else(|| {
-                self.by_namespace
-                    .get(namespace)
-                    .map_or(&[][..], Vec::as_slice)
-            });
+            .min_by_key(|uids| uids.len())
+            .unwrap_or_else(|| self.by_namespace.get(namespace).unwrap_or(&empty));
         candidates
             .iter()
-            .copied()
+            .filter_map(|uid| self.pods.get(uid))
+            .map(|(pod, _)| pod)
             .filter(|p| selector.matches(p.labels()))
+            .cloned()
             .collect()
     }
 }
@@ -100,6 +161,7 @@ mod tests {
         let mut p = PodView::default();
         p.metadata.namespace = Some(ns.into());
         p.metadata.name = Some(name.into());
+        p.metadata.uid = Some(format!("{ns}/{name}"));
         p.metadata.labels = Some(
             labels
                 .iter()
@@ -109,7 +171,7 @@ mod tests {
         Arc::new(p)
     }
 
-    fn names(pods: Vec<&PodView>) -> Vec<String> {
+    fn names(pods: Vec<Arc<PodView>>) -> Vec<String> {
         let mut v: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
         v.sort();
         v
@@ -123,7 +185,8 @@ mod tests {
             pod("a", "db", &[("app", "db")]),
             pod("b", "web-3", &[("app", "web")]),
         ];
-        let index = PodIndex::new(&pods);
+        let mut index = PodIndex::default();
+        index.sync(&pods);
         let labels = |pairs: &[(&str, &str)]| Selector {
             match_labels: pairs
                 .iter()
@@ -156,5 +219,33 @@ mod tests {
             )],
         };
         assert_eq!(names(index.selected("a", &not_canary)), ["db", "web-1"]);
+    }
+
+    #[test]
+    fn a_sync_follows_relabels_deletions_and_new_pods() {
+        let web = Selector {
+            match_labels: [("app".to_owned(), "web".to_owned())].into(),
+            match_expressions: Vec::new(),
+        };
+        let mut pods = vec![
+            pod("a", "web-1", &[("app", "web")]),
+            pod("a", "web-2", &[("app", "web")]),
+        ];
+        let mut index = PodIndex::default();
+        index.sync(&pods);
+        assert_eq!(names(index.selected("a", &web)), ["web-1", "web-2"]);
+        // web-1 relabelled (a new object under the same UID), web-2 gone, web-3 new.
+        pods[0] = pod("a", "web-1", &[("app", "db")]);
+        pods[1] = pod("a", "web-3", &[("app", "web")]);
+        index.sync(&pods);
+        assert_eq!(names(index.selected("a", &web)), ["web-3"]);
+        assert_eq!(
+            names(index.selected("a", &Selector::default())),
+            ["web-1", "web-3"]
+        );
+        // Nothing left of what is gone.
+        index.sync(&[]);
+        assert!(index.by_label.is_empty() && index.by_namespace.is_empty());
+        assert!(index.pods.is_empty());
     }
 }

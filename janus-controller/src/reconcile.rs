@@ -45,6 +45,8 @@ pub struct Core {
     /// controller's own writes, and a pass must not write the same status again.
     /// guard UID -> (the resourceVersion the store showed when it was written, status).
     written: Mutex<BTreeMap<String, (Option<String>, JanusGuardStatus)>>,
+    /// The pods of `pods`, by namespace and label.
+    index: Mutex<PodIndex>,
 }
 
 /// What one node's agent holds, as last listed or applied.
@@ -58,10 +60,10 @@ struct NodeHoldings {
 
 /// A running pod a guard selects; what its node's agent should hold is the plan's guard on
 /// its containers ([`Plan::request`]), made only when it must be sent.
-struct Wanted<'p> {
+struct Wanted {
     node: String,
     key: Key,
-    pod: &'p PodView,
+    pod: Arc<PodView>,
 }
 
 /// What one guard wants this pass: its pods, or why it wants none.
@@ -70,7 +72,7 @@ struct Plan<'a> {
     gref: GuardRef,
     spec_json: String,
     digest: String,
-    wanted: Vec<Wanted<'a>>,
+    wanted: Vec<Wanted>,
     problems: Problems,
     /// `enforce`, `monitor`, or `mixed` when subjects override the guard's mode; None for
     /// an invalid guard.
@@ -78,7 +80,7 @@ struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
-    fn new(guard: &'a JanusGuard, pods: &PodIndex<'a>) -> Plan<'a> {
+    fn new(guard: &'a JanusGuard, pods: &PodIndex) -> Plan<'a> {
         let gref = GuardRef {
             namespace: guard.namespace().unwrap_or_default(),
             name: guard.name_any(),
@@ -146,7 +148,7 @@ impl<'a> Plan<'a> {
 }
 
 /// The running pods a guard selects.
-fn wanted<'p>(gref: &GuardRef, policy: &GuardPolicy, pods: &PodIndex<'p>) -> Vec<Wanted<'p>> {
+fn wanted(gref: &GuardRef, policy: &GuardPolicy, pods: &PodIndex) -> Vec<Wanted> {
     pods.selected(&gref.namespace, &policy.selector)
         .into_iter()
         .filter(|p| p.meta().deletion_timestamp.is_none())
@@ -229,6 +231,7 @@ impl Core {
             metrics,
             holdings: Mutex::new(BTreeMap::new()),
             written: Mutex::new(BTreeMap::new()),
+            index: Mutex::new(PodIndex::default()),
         }
     }
 
@@ -295,9 +298,11 @@ impl Core {
     /// differs from what it holds.
     async fn sync_guards(&self, guards: &[&JanusGuard]) -> Result<(), Error> {
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
-        let pods = self.pods.state();
-        let index = PodIndex::new(&pods);
-        let mut plans: Vec<Plan> = guards.iter().map(|g| Plan::new(g, &index)).collect();
+        let mut plans: Vec<Plan> = {
+            let mut index = self.index.lock().expect("index lock");
+            index.sync(&self.pods.state());
+            guards.iter().map(|g| Plan::new(g, &index)).collect()
+        };
 
         // What each node's agent must be sent; what is current is an outcome already.
         let mut outcomes: Vec<Vec<(String, Outcome)>> = vec![Vec::new(); plans.len()];
