@@ -39,9 +39,10 @@ impl PodIndex {
             match self.pods.get_mut(uid) {
                 Some((known, at)) if Arc::ptr_eq(known, pod) => *at = now,
                 _ => {
-                    self.unindex(uid);
+                    if let Some((old, _)) = self.pods.insert(uid.to_owned(), (pod.clone(), now)) {
+                        self.unindex(uid, &old);
+                    }
                     self.index(uid, pod);
-                    self.pods.insert(uid.to_owned(), (pod.clone(), now));
                 }
             }
         }
@@ -56,8 +57,9 @@ impl PodIndex {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
-            self.unindex(&uid);
-            self.pods.remove(&uid);
+            if let Some((old, _)) = self.pods.remove(&uid) {
+                self.unindex(&uid, &old);
+            }
         }
     }
 
@@ -73,26 +75,18 @@ impl PodIndex {
         }
     }
 
-    fn unindex(&mut self, uid: &str) {
-        let Some((pod, _)) = self.pods.get(uid) else {
+    fn unindex(&mut self, uid: &str, pod: &PodView) {
+        let Some(ns) = pod.metadata.namespace.as_deref() else {
             return;
         };
-        let Some(ns) = pod.metadata.namespace.clone() else {
-            return;
-        };
-        let labels: Vec<(String, String)> = pod
-            .labels()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if let Some(set) = self.by_namespace.get_mut(&ns) {
+        if let Some(set) = self.by_namespace.get_mut(ns) {
             set.remove(uid);
             if set.is_empty() {
-                self.by_namespace.remove(&ns);
+                self.by_namespace.remove(ns);
             }
         }
-        for (k, v) in labels {
-            let key = (ns.clone(), k, v);
+        for (k, v) in pod.labels() {
+            let key = (ns.to_owned(), k.clone(), v.clone());
             if let Some(set) = self.by_label.get_mut(&key) {
                 set.remove(uid);
                 if set.is_empty() {

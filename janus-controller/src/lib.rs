@@ -21,12 +21,12 @@ use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 
-/// How many deleted guards are lifted at once.
-const LIFTS_AT_ONCE: usize = 16;
-
 use crate::crd::JanusGuard;
 use crate::pod::PodView;
 use crate::reconcile::Core;
+
+/// How many deleted guards are lifted at once.
+const LIFTS_AT_ONCE: usize = 16;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
