@@ -76,7 +76,7 @@ pub struct ContainerId {
     pub id: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Runtime {
     Containerd,
     CriO,
@@ -231,9 +231,10 @@ impl Procs {
         self.0.get_or_init(|| read_procs("/proc"))
     }
 
-    /// The given containers (each with its pod UID), as this reading found them.
-    pub fn scan(&self, wanted: &[(String, ContainerId)]) -> Scan {
-        scan_procs(self.get(), wanted)
+    /// The containers of the given pods (each with the runtime that runs them), as this
+    /// reading found them.
+    pub fn scan(&self, pods: &[(String, Runtime)]) -> Scan {
+        scan_procs(self.get(), pods)
     }
 
     /// See [`misplaced_in`].
@@ -242,13 +243,11 @@ impl Procs {
     }
 }
 
-fn scan_procs(procs: &[Proc], wanted: &[(String, ContainerId)]) -> Scan {
+fn scan_procs(procs: &[Proc], pods: &[(String, Runtime)]) -> Scan {
     let mut out = Scan::default();
     // The runtime of each pod's containers, for cgroup names that do not say it.
-    let runtimes: BTreeMap<&str, Runtime> = wanted
-        .iter()
-        .map(|(pod, cid)| (pod.as_str(), cid.runtime))
-        .collect();
+    let runtimes: BTreeMap<&str, Runtime> =
+        pods.iter().map(|(pod, r)| (pod.as_str(), *r)).collect();
     let mut members: BTreeMap<ContainerId, Vec<&Proc>> = BTreeMap::new();
     for p in procs {
         for path in &p.cgroups {
@@ -429,7 +428,7 @@ mod tests {
         for (runtime, path) in layouts {
             let c = cid(&format!("{runtime}://{id}"));
             let procs = [proc(40, &[path.splitn(3, ':').nth(2).unwrap()], true, 5)];
-            let s = scan_procs(&procs, &[(uid.into(), c.clone())]);
+            let s = scan_procs(&procs, &[(uid.into(), c.runtime)]);
             assert_eq!(s.inits.get(&c), Some(&40), "{path}");
             assert!(s.pods_present.contains(uid), "{path}");
         }
@@ -437,7 +436,7 @@ mod tests {
         let c = cid("containerd://e2e-1");
         let s = scan_procs(
             &[proc(7, &["/default/e2e-1"], true, 1)],
-            &[("p".into(), c.clone())],
+            &[("p".into(), c.runtime)],
         );
         assert!(s.inits.is_empty() && s.pods_present.is_empty());
     }
@@ -462,7 +461,7 @@ mod tests {
             ),
         ] {
             let c = cid(id);
-            let s = scan_procs(&procs, &[("mine".into(), c.clone())]);
+            let s = scan_procs(&procs, &[("mine".into(), c.runtime)]);
             assert!(!s.inits.contains_key(&c), "{id} found in pod mine");
             assert_eq!(
                 misplaced_in(&procs, "mine", std::slice::from_ref(&c)),
@@ -481,7 +480,7 @@ mod tests {
             misplaced_in(&crio, "mine", std::slice::from_ref(&x)),
             Some((x, "/kubepods/besteffort/podother/crio-x".to_owned()))
         );
-        let s = scan_procs(&procs, &[("mine".into(), mine.clone())]);
+        let s = scan_procs(&procs, &[("mine".into(), mine.runtime)]);
         assert_eq!(s.inits.get(&mine), Some(&4));
         // A decoy cgroup elsewhere named after a container that is in the pod changes
         // nothing: the request stands, and only the pod's own process is the container.
@@ -496,7 +495,7 @@ mod tests {
             misplaced_in(&decoyed, "mine", std::slice::from_ref(&mine)),
             None
         );
-        let s = scan_procs(&decoyed, &[("mine".into(), mine.clone())]);
+        let s = scan_procs(&decoyed, &[("mine".into(), mine.runtime)]);
         assert_eq!(s.inits.get(&mine), Some(&4));
         // The systemd driver's scope names the container too.
         let scoped = [proc(
@@ -522,14 +521,14 @@ mod tests {
             proc(12, &["/kubepods/podp/x"], false, 3), // an exec'd shell
             proc(13, &["/kubepods/podp/conmon-x"], true, 0),
         ];
-        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        let s = scan_procs(&procs, &[("p".into(), c.runtime)]);
         assert_eq!(s.inits.get(&c), Some(&11));
         // Sharing the host's PID namespace: the earliest process.
         let procs = [
             proc(21, &["/kubepods/podp/x"], false, 9),
             proc(20, &["/kubepods/podp/x"], false, 4),
         ];
-        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        let s = scan_procs(&procs, &[("p".into(), c.runtime)]);
         assert_eq!(s.inits.get(&c), Some(&20));
         // A process of the container that made its own PID namespace is PID 1 there, with
         // a lower PID and an earlier start than the real init: it is still not the init.
@@ -538,12 +537,12 @@ mod tests {
             ..proc(5, &["/kubepods/podp/x"], true, 0)
         };
         let procs = [decoy.clone(), proc(11, &["/kubepods/podp/x"], true, 2)];
-        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        let s = scan_procs(&procs, &[("p".into(), c.runtime)]);
         assert_eq!(s.inits.get(&c), Some(&11));
         // Sharing the pod's PID namespace (the pause process is its PID 1): the earliest
         // process of the container's own depth, not the decoy's namespace init.
         let procs = [decoy, proc(30, &["/kubepods/podp/x"], false, 7)];
-        let s = scan_procs(&procs, &[("p".into(), c.clone())]);
+        let s = scan_procs(&procs, &[("p".into(), c.runtime)]);
         assert_eq!(s.inits.get(&c), Some(&30));
     }
 
@@ -551,7 +550,7 @@ mod tests {
     fn a_pod_is_present_through_its_sandbox_while_a_container_restarts() {
         let c = cid("containerd://gone");
         let procs = [proc(5, &["/kubepods/podu-1/pause"], true, 1)];
-        let s = scan_procs(&procs, &[("u-1".into(), c.clone())]);
+        let s = scan_procs(&procs, &[("u-1".into(), c.runtime)]);
         assert!(!s.inits.contains_key(&c));
         assert!(s.pods_present.contains("u-1"));
         // The sandbox is one of the pod's containers, with the pod's runtime.
@@ -559,7 +558,7 @@ mod tests {
             s.containers["u-1"],
             BTreeSet::from([cid("containerd://pause")])
         );
-        let s = scan_procs(&procs, &[("u-2".into(), c)]);
+        let s = scan_procs(&procs, &[("u-2".into(), c.runtime)]);
         assert!(s.pods_present.is_empty());
     }
 
@@ -574,14 +573,14 @@ mod tests {
             // conmon watches a container but is not one.
             proc(32, &[&format!("{pod}/crio-conmon-new.scope")], false, 2),
         ];
-        let s = scan_procs(&procs, &[("1111-2222".into(), listed.clone())]);
+        let s = scan_procs(&procs, &[("1111-2222".into(), listed.runtime)]);
         let found = BTreeSet::from([listed.clone(), cid("cri-o://new")]);
         assert_eq!(s.containers["1111-2222"], found);
         assert_eq!(s.inits.get(&cid("cri-o://new")), Some(&31));
         assert_eq!(s.inits.get(&listed), Some(&30));
         // cgroupfs names the container by ID alone: the pod's runtime applies.
         let procs = [proc(40, &["/kubepods/besteffort/podu-3/fresh"], true, 1)];
-        let s = scan_procs(&procs, &[("u-3".into(), cid("docker://stale"))]);
+        let s = scan_procs(&procs, &[("u-3".into(), cid("docker://stale").runtime)]);
         assert_eq!(s.inits.get(&cid("docker://fresh")), Some(&40));
     }
 

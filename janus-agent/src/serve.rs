@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
 use crate::fanotify::target::{unsupported_warnings, BACKEND};
-use crate::pods::{self, ContainerId, ContainerIdError};
+use crate::pods::{self, ContainerId, ContainerIdError, Runtime};
 use crate::state::{Phase, TargetState};
 use crate::{decisions, http, metrics::Metrics, tls};
 
@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Lift a pod's guards once none of its processes has been seen for this long.
     #[arg(long, default_value_t = 30)]
     pub pod_gone_after_secs: u64,
+    /// The runtime of this node's containers, for a pod pushed before any of its containers
+    /// has an ID (the kubelet's cgroupfs layout names a container by its bare ID).
+    #[arg(long, value_enum, default_value = "containerd")]
+    pub container_runtime: Runtime,
     #[command(flatten)]
     pub enforce: crate::agent::EnforceArgs,
     #[command(flatten)]
@@ -130,6 +134,7 @@ pub struct Guards {
     agent: Arc<Agent>,
     node: String,
     gone_after: Duration,
+    runtime: Runtime,
     held: Mutex<BTreeMap<Key, Held>>,
 }
 
@@ -138,11 +143,12 @@ fn target_key(k: &Key, container: &str) -> String {
 }
 
 impl Guards {
-    pub fn new(agent: Arc<Agent>, node: String, gone_after: Duration) -> Guards {
+    pub fn new(agent: Arc<Agent>, node: String, gone_after: Duration, runtime: Runtime) -> Guards {
         Guards {
             agent,
             node,
             gone_after,
+            runtime,
             held: Mutex::new(BTreeMap::new()),
         }
     }
@@ -204,33 +210,46 @@ impl Guards {
         }
         let mut containers = containers;
         let mut baseline = None;
+        // Under a changed spec, each container's new target takes its old one's place
+        // (`Agent::add`: placed before the old is lifted); the old targets of containers
+        // not guarded again are lifted after.
         let mut replaced = Vec::new();
         if let Some(old) = held.remove(&key) {
-            if old.same_spec(&asked) {
-                // Only the containers changed: those that stay keep their targets.
-                baseline = old.baseline;
-                let mut before = old.containers;
-                for c in &mut containers {
-                    if let Some(i) = before.iter().position(|o| o.raw == c.raw) {
-                        *c = HeldContainer {
+            let same = old.same_spec(&asked);
+            // What the pod's cgroup held is the pod's, whatever the spec.
+            baseline = old.baseline;
+            for o in old.containers {
+                match containers.iter().position(|c| c.raw == o.raw) {
+                    // Only the containers changed: one that stays keeps its target.
+                    Some(i) if same => {
+                        containers[i] = HeldContainer {
                             adopted: false,
-                            ..before.swap_remove(i)
+                            ..o
                         };
                     }
-                }
-                for o in before {
-                    if o.adopted && o.pid.is_some() {
-                        // Running, and not listed yet by a controller that has not seen it.
-                        containers.push(o);
-                    } else if o.pid.is_some() {
-                        self.agent.remove(&target_key(&key, &o.raw));
+                    // Running, and not listed yet by a controller that has not seen it:
+                    // kept, and guarded again under a changed spec.
+                    None if o.adopted && o.pid.is_some() => {
+                        if same {
+                            containers.push(o);
+                        } else {
+                            containers.push(HeldContainer {
+                                raw: o.raw.clone(),
+                                id: o.id.clone(),
+                                pid: None,
+                                failure: None,
+                                adopted: true,
+                            });
+                            replaced.push(o);
+                        }
                     }
+                    _ if same => {
+                        if o.pid.is_some() {
+                            self.agent.remove(&target_key(&key, &o.raw));
+                        }
+                    }
+                    _ => replaced.push(o),
                 }
-            } else {
-                // A changed spec: each container's new target takes its old one's place
-                // (`Agent::add`: placed before the old is lifted); the old targets of
-                // containers not guarded again are lifted after.
-                replaced = old.containers;
             }
         }
         let mut h = Held {
@@ -244,7 +263,12 @@ impl Guards {
             last_seen: None,
             baseline,
         };
-        let scan = procs.scan(&wanted(&key, &h));
+        let scan = procs.scan(&[pod_of(&key, &h, self.runtime)]);
+        if h.baseline.is_none() && !scan.pods_present.contains(&key.pod_uid) {
+            // Pushed before the pod has a process here (at scheduling): every container
+            // that appears in its cgroup is one of its own, the sandbox included.
+            h.baseline = Some(BTreeSet::new());
+        }
         self.sync(&key, &mut h, &scan, Instant::now());
         for o in replaced.iter().filter(|o| o.pid.is_some()) {
             let again = h
@@ -293,7 +317,10 @@ impl Guards {
     /// ones and lifts the guards of pods gone from this node.
     pub fn rescan(&self) {
         let mut held = self.held.lock().expect("guards lock");
-        let all: Vec<(String, ContainerId)> = held.iter().flat_map(|(k, h)| wanted(k, h)).collect();
+        let all: Vec<(String, Runtime)> = held
+            .iter()
+            .map(|(k, h)| pod_of(k, h, self.runtime))
+            .collect();
         if all.is_empty() {
             return;
         }
@@ -408,6 +435,7 @@ impl Guards {
                     pid: c.pid.unwrap_or(0),
                     // The agent picks a backend per guard: say which one this container got.
                     backend: state.map_or(BACKEND, |s| s.backend).into(),
+                    adopted: c.adopted,
                 }
             })
             .collect();
@@ -469,11 +497,11 @@ impl Guards {
     }
 }
 
-fn wanted(k: &Key, h: &Held) -> Vec<(String, ContainerId)> {
-    h.containers
-        .iter()
-        .map(|c| (k.pod_uid.clone(), c.id.clone()))
-        .collect()
+/// The pod a holding guards, with the runtime of its containers: the one its containers'
+/// IDs name, else `node` (this node's).
+fn pod_of(k: &Key, h: &Held, node: Runtime) -> (String, Runtime) {
+    let runtime = h.containers.first().map_or(node, |c| c.id.runtime);
+    (k.pod_uid.clone(), runtime)
 }
 
 /// The tonic service over [`Guards`]; /proc scans and marking run off the async threads.
@@ -632,6 +660,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         agent.clone(),
         node,
         Duration::from_secs(args.pod_gone_after_secs),
+        args.container_runtime,
     ));
     let result = serve(&args, tls, agent.clone(), guards, shutdown).await;
     agent.shutdown();
@@ -738,7 +767,12 @@ mod tests {
             &crate::agent::EnforceArgs::fanotify(),
         )
         .expect("an agent without BPF");
-        Guards::new(Arc::new(agent), "node-a".into(), Duration::from_secs(30))
+        Guards::new(
+            Arc::new(agent),
+            "node-a".into(),
+            Duration::from_secs(30),
+            Runtime::Containerd,
+        )
     }
 
     fn held_path(g: &Guards) -> String {

@@ -468,3 +468,91 @@ async fn every_read_after_a_switch_from_monitor_to_enforce_is_refused() {
     );
     assert!(logged("<DENY> OPEN_PERM") >= late.len());
 }
+
+/// The controller pushes a guard for a pod as soon as it is bound to this node, before any
+/// of its containers exists. Each container that then appears in the pod's cgroup (the
+/// sandbox first) is guarded by the agent alone, and stays guarded when the guard changes
+/// before the controller has heard of the container.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_pushed_at_scheduling_has_every_container_guarded() {
+    let dir = std::env::temp_dir().join("janus-serve-scheduled-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let me = std::process::id();
+    let pod_uid = format!("0000-eeee-{me}");
+    let (sandbox_id, app_id) = (format!("janus-pause-{me}"), format!("janus-app-{me}"));
+    let (_agent, mut client) = support::serve_plain(&dir).await;
+    let spec = |round: usize| {
+        format!(
+            r#"{{"selector":{{}},"subjects":[{{"deny":["/data/secret"],"events":["open"],"tags":{{"round":"{round}"}}}}]}}"#
+        )
+    };
+    let apply = |round: usize, ids: &[&str]| {
+        support::apply("default", "sched", &pod_uid, ids, &spec(round))
+    };
+    let status = client
+        .apply_guard(apply(0, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.status.unwrap().containers.is_empty());
+
+    let cgroup = |id: &str| format!("/kubepods/besteffort/pod{pod_uid}/{id}");
+    let sleep = [BUSYBOX, "sleep", "600"];
+    let roots: Vec<Root> = ["sandbox", "app"]
+        .iter()
+        .map(|name| {
+            let root = Root::new(&dir, name).unwrap();
+            populate(&root).unwrap();
+            root
+        })
+        .collect();
+    let sandbox =
+        Container::run(&roots[0], &sandbox_id, Some(&cgroup(&sandbox_id)), &sleep).unwrap();
+    let app = Container::run(&roots[1], &app_id, Some(&cgroup(&app_id)), &sleep).unwrap();
+    support::wait_denied(&app);
+    support::wait_denied(&sandbox);
+    // Both listed as the agent's own finds, which the controller does not compare.
+    let adopted = |status: &janus_api::agent_v1::GuardStatus| -> Vec<(String, bool, i32)> {
+        let mut v: Vec<_> = status
+            .containers
+            .iter()
+            .map(|c| (c.container_id.clone(), c.adopted, c.phase))
+            .collect();
+        v.sort();
+        v
+    };
+    let enforced = ContainerPhase::Enforced as i32;
+    let both = |app_adopted| {
+        vec![
+            (format!("containerd://{app_id}"), app_adopted, enforced),
+            (format!("containerd://{sandbox_id}"), true, enforced),
+        ]
+    };
+    let listed = client
+        .list_guards(ListGuardsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adopted(&listed.guards[0]), both(true));
+
+    // The guard changes before the controller lists any container: both stay guarded,
+    // under the new spec.
+    let status = client
+        .apply_guard(apply(1, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adopted(&status.status.unwrap()), both(true));
+    assert_eq!(
+        app.exec(&[BUSYBOX, "cat", "/data/secret"]).unwrap(),
+        Access::Denied
+    );
+    // The controller hears of the app container and lists it.
+    let status = client
+        .apply_guard(apply(1, &[&app_id]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adopted(&status.status.unwrap()), both(false));
+}

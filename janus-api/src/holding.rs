@@ -123,7 +123,8 @@ pub struct Holding<'a> {
 }
 
 impl<'a> Holding<'a> {
-    /// What an agent reports holding.
+    /// What an agent reports holding for the containers it was asked to guard (not those it
+    /// adopted on its own).
     pub fn of_status(s: &'a GuardStatus) -> Holding<'a> {
         Holding {
             guard_uid: &s.guard_uid,
@@ -131,6 +132,7 @@ impl<'a> Holding<'a> {
             containers: s
                 .containers
                 .iter()
+                .filter(|c| !c.adopted)
                 .map(|c| c.container_id.as_str())
                 .collect(),
         }
@@ -226,6 +228,32 @@ pub fn validate(req: &mut ApplyGuardRequest) -> Result<(), RequestError> {
 mod tests {
     use super::*;
     use crate::agent_v1::{ContainerStatus, GuardRef, PodRef};
+
+    #[test]
+    fn an_adopted_container_is_not_part_of_what_was_asked() {
+        let status = |adopted| GuardStatus {
+            guard_uid: "u".into(),
+            spec_digest: "d".into(),
+            containers: vec![
+                ContainerStatus {
+                    container_id: "containerd://app".into(),
+                    ..Default::default()
+                },
+                ContainerStatus {
+                    container_id: "containerd://sandbox".into(),
+                    adopted,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let (adopted, asked) = (status(true), status(false));
+        assert_eq!(
+            Holding::of_status(&adopted).containers,
+            ["containerd://app"]
+        );
+        assert_eq!(Holding::of_status(&asked).containers.len(), 2);
+    }
 
     #[test]
     fn a_listing_is_unchanged_only_when_every_status_is_the_same() {

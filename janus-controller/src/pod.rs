@@ -30,7 +30,11 @@ pub struct PodViewStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_container_statuses: Vec<ContainerView>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub container_statuses: Vec<ContainerView>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ephemeral_container_statuses: Vec<ContainerView>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -45,11 +49,19 @@ pub struct ContainerView {
 }
 
 impl PodView {
-    /// The IDs of its containers that have one, in the order of its status.
+    /// The IDs of its containers that have one (init, app, then ephemeral), in the order of
+    /// its status.
     pub fn container_ids(&self) -> impl Iterator<Item = &str> {
         self.status
             .iter()
-            .flat_map(|s| &s.container_statuses)
+            .flat_map(|s| {
+                [
+                    &s.init_container_statuses,
+                    &s.container_statuses,
+                    &s.ephemeral_container_statuses,
+                ]
+            })
+            .flatten()
             .filter_map(|c| c.container_id.as_deref())
             .filter(|id| !id.is_empty())
     }

@@ -147,14 +147,16 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// The running pods a guard selects.
+/// The pods a guard selects that are bound to a node and have not finished: a pod is
+/// pushed as soon as the scheduler places it, before any of its containers exists, so that
+/// its node's agent holds the guard when the first one (an init container, often) starts.
 fn wanted(gref: &GuardRef, policy: &GuardPolicy, pods: &PodIndex) -> Vec<Wanted> {
     pods.selected(&gref.namespace, &policy.selector)
         .into_iter()
         .filter(|p| p.meta().deletion_timestamp.is_none())
         .filter_map(|pod| {
-            let status = pod.status.as_ref()?;
-            if status.phase.as_deref() != Some("Running") {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed")) {
                 return None;
             }
             Some(Wanted {

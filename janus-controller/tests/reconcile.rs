@@ -85,9 +85,10 @@ fn populate(w: &mut World) {
         "Running",
         &["containerd://c4"],
     ));
+    // Not scheduled yet: no node to push to.
     w.stores.pod(pod(
-        "web-pending",
-        "node-a",
+        "web-unscheduled",
+        "",
         json!({"app": "web"}),
         "Pending",
         &[],
@@ -99,6 +100,75 @@ fn populate(w: &mut World) {
         "Running",
         &["containerd://c5"],
     ));
+}
+
+#[tokio::test]
+async fn a_pod_is_pushed_once_bound_before_its_containers_exist() {
+    let mut w = world().await;
+    w.stores.guard(web_guard(1));
+    let labels = json!({"app": "web"});
+    w.stores
+        .pod(pod("web-bound", "node-a", labels.clone(), "Pending", &[]));
+    w.stores
+        .pod(pod("web-unscheduled", "", labels.clone(), "Pending", &[]));
+    w.stores
+        .pod(pod("web-done", "node-a", labels.clone(), "Succeeded", &[]));
+    // Its init container runs; its app and ephemeral containers are reported too.
+    let mut init: PodView = pod(
+        "web-init",
+        "node-b",
+        labels,
+        "Pending",
+        &["containerd://app"],
+    );
+    let status = init.status.as_mut().unwrap();
+    status.init_container_statuses =
+        serde_json::from_value(json!([{"containerID": "containerd://init"}])).unwrap();
+    status.ephemeral_container_statuses =
+        serde_json::from_value(json!([{"containerID": "containerd://debug"}])).unwrap();
+    w.stores.pod(init);
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+
+    assert_eq!(w.a.pods(), ["web/pod-web-bound"]);
+    assert_eq!(w.b.pods(), ["web/pod-web-init"]);
+    let held = w.a.held.lock().unwrap().clone();
+    assert!(held.values().all(|s| s.containers.is_empty()), "{held:?}");
+    let held = w.b.held.lock().unwrap().clone();
+    let ids: Vec<&str> = held
+        .values()
+        .flat_map(|s| &s.containers)
+        .map(|c| c.container_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "containerd://init",
+            "containerd://app",
+            "containerd://debug"
+        ]
+    );
+    // Held, but not guarded until a container of it is enforced.
+    let ready = w.api.condition("web", "Ready").unwrap();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "Pending");
+    assert_eq!(ready["message"], "1 of 2 selected pods guarded");
+}
+
+/// An agent guards what it finds in a pod's cgroup beyond the IDs it was sent (the pod's
+/// sandbox): that is no reason to push the pod again on every pass.
+#[tokio::test]
+async fn containers_an_agent_adopted_do_not_make_a_holding_stale() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.a.adopt.store(true, Ordering::SeqCst);
+    w.b.adopt.store(true, Ordering::SeqCst);
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    let applies = || w.a.applies.load(Ordering::SeqCst) + w.b.applies.load(Ordering::SeqCst);
+    let first = applies();
+    assert_eq!(first, 2);
+    w.core.sync_all().await.unwrap();
+    w.core.sync_guard(&web_guard(1)).await.unwrap();
+    assert_eq!(applies(), first);
 }
 
 #[tokio::test]

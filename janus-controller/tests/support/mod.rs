@@ -254,6 +254,7 @@ pub fn guard(name: &str, generation: i64, spec: Value) -> JanusGuard {
     .unwrap()
 }
 
+/// A pod with `containers` as its app containers' IDs; bound to `node` unless it is empty.
 pub fn pod(name: &str, node: &str, labels: Value, phase: &str, containers: &[&str]) -> PodView {
     let statuses: Vec<Value> = containers
         .iter()
@@ -262,7 +263,7 @@ pub fn pod(name: &str, node: &str, labels: Value, phase: &str, containers: &[&st
         .collect();
     serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": "default", "uid": format!("pod-{name}"), "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c0"}]},
+        "spec": {"nodeName": (!node.is_empty()).then_some(node), "containers": [{"name": "c0"}]},
         "status": {"phase": phase, "containerStatuses": statuses},
     }))
     .unwrap()
@@ -286,6 +287,8 @@ pub struct FakeAgent {
     pub unchanged: Arc<std::sync::atomic::AtomicUsize>,
     /// As an agent of an earlier release: no ApplyGuards or RemoveGuards.
     pub legacy: Arc<std::sync::atomic::AtomicBool>,
+    /// Each holding also guards a container found in the pod's cgroup (its sandbox).
+    pub adopt: Arc<std::sync::atomic::AtomicBool>,
 }
 
 use janus_api::agent_v1::agent_server::{Agent, AgentServer};
@@ -420,7 +423,14 @@ impl FakeAgent {
                     },
                     pid: 1,
                     backend: "fanotify".into(),
+                    adopted: false,
                 })
+                .chain(self.adopt.load(Ordering::SeqCst).then(|| ContainerStatus {
+                    container_id: "containerd://sandbox".into(),
+                    phase: ContainerPhase::Enforced as i32,
+                    adopted: true,
+                    ..Default::default()
+                }))
                 .collect(),
             warnings: if r.spec_json.contains("modify") {
                 vec!["event modify not supported by the fanotify backend".into()]
