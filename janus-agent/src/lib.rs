@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod cgroup_watch;
 pub mod decisions;
 pub mod fanotify;
 pub mod http;

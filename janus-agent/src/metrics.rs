@@ -39,6 +39,7 @@ pub struct Metrics {
     pub api_refused: IntCounterVec,
     pub kernel_marks: IntGauge,
     pub placement_failures: IntCounterVec,
+    pub cgroup_watch_failed: IntGauge,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -159,6 +160,14 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let cgroup_watch_failed = register(
+            &r,
+            IntGauge::new(
+                "janus_cgroup_watch_failed",
+                "1 when the watch on the node's cgroup tree failed: a held pod's new container is then found by the periodic rescan only.",
+            )
+            .expect("valid metric"),
+        );
         let placement_failures = counter(
             "janus_placement_failures_total",
             "Marks, watches or map entries a guard needed that could not be placed (kind: mark|watch|stat|limit|escaped|map), e.g. at a kernel quota; the target is failed until they are.",
@@ -192,6 +201,7 @@ impl Metrics {
             api_refused,
             kernel_marks,
             placement_failures,
+            cgroup_watch_failed,
             decisions,
             internal_errors,
             overflows,

@@ -180,17 +180,45 @@ fn pod_of(path: &str) -> Option<(String, Option<&str>)> {
         if !in_kubepods {
             continue;
         }
-        let uid = match component.strip_suffix(".slice") {
-            Some(slice) => slice
-                .rsplit_once("-pod")
-                .map(|(_, uid)| uid.replace('_', "-")),
-            None => component.strip_prefix("pod").map(str::to_owned),
-        };
-        if let Some(uid) = uid {
+        if let Some(uid) = pod_uid(component) {
             return Some((uid, components.next().filter(|c| !c.is_empty())));
         }
     }
     None
+}
+
+/// The UID of the pod whose cgroup is named `component`, in either kubelet layout
+/// (`pod<uid>`, `kubepods-<qos>-pod<uid_with_underscores>.slice`).
+pub fn pod_uid(component: &str) -> Option<String> {
+    match component.strip_suffix(".slice") {
+        Some(slice) => slice
+            .rsplit_once("-pod")
+            .map(|(_, uid)| uid.replace('_', "-")),
+        None => component.strip_prefix("pod").map(str::to_owned),
+    }
+}
+
+/// Whether process `pid` runs in a root other than its parent's. runc places a container's
+/// init in the container's cgroup before it pivots into the container's root; until then
+/// its root is the runtime's (its parent's: runc, then the shim that reaps it), where the
+/// guard's paths name the node's files, not the container's. False when either cannot be
+/// read (the process is gone).
+pub fn rooted(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let root =
+        |pid: i32| std::fs::metadata(format!("/proc/{pid}/root")).map(|m| (m.dev(), m.ino()));
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|p| p.trim().parse::<i32>().ok())
+        });
+    match (root(pid), parent.filter(|p| *p > 0).map(root)) {
+        (Ok(mine), Some(Ok(theirs))) => mine != theirs,
+        _ => false,
+    }
 }
 
 /// One process as the scan saw it.
@@ -371,6 +399,12 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_in_its_parents_root_or_gone_is_not_rooted() {
+        assert!(!rooted(std::process::id() as i32));
+        assert!(!rooted(i32::MAX));
+    }
 
     fn cid(s: &str) -> ContainerId {
         s.parse().unwrap()

@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Lift a pod's guards once none of its processes has been seen for this long.
     #[arg(long, default_value_t = 30)]
     pub pod_gone_after_secs: u64,
+    /// Where the node's cgroup file system is mounted: a pod's new container is guarded as
+    /// soon as the runtime makes its cgroup here.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: std::path::PathBuf,
     /// The runtime of this node's containers, for a pod pushed before any of its containers
     /// has an ID (the kubelet's cgroupfs layout names a container by its bare ID).
     #[arg(long, value_enum, default_value = "containerd")]
@@ -95,6 +99,8 @@ struct HeldContainer {
     failure: Option<String>,
     /// Found in the pod's cgroup by the agent, not yet listed by the controller.
     adopted: bool,
+    /// Its init was found still in its runtime's root ([`pods::rooted`]).
+    settling: bool,
 }
 
 struct Held {
@@ -184,6 +190,7 @@ impl Guards {
                     pid: None,
                     failure: None,
                     adopted: false,
+                    settling: false,
                 })
             })
             .collect::<Result<Vec<_>, ApplyError>>()?;
@@ -229,7 +236,7 @@ impl Guards {
                     }
                     // Running, and not listed yet by a controller that has not seen it:
                     // kept, and guarded again under a changed spec.
-                    None if o.adopted && o.pid.is_some() => {
+                    None if o.adopted => {
                         if same {
                             containers.push(o);
                         } else {
@@ -239,6 +246,7 @@ impl Guards {
                                 pid: None,
                                 failure: None,
                                 adopted: true,
+                                settling: false,
                             });
                             replaced.push(o);
                         }
@@ -308,6 +316,12 @@ impl Guards {
         removed.is_some()
     }
 
+    /// Whether a guard is held for pod `uid`.
+    pub fn holds_pod(&self, uid: &str) -> bool {
+        let held = self.held.lock().expect("guards lock");
+        held.keys().any(|k| k.pod_uid == uid)
+    }
+
     pub fn list(&self) -> Vec<GuardStatus> {
         let held = self.held.lock().expect("guards lock");
         held.iter().map(|(k, h)| self.status(k, h)).collect()
@@ -357,6 +371,7 @@ impl Guards {
                         pid: None,
                         failure: None,
                         adopted: true,
+                        settling: false,
                     });
                 }
             }
@@ -364,8 +379,11 @@ impl Guards {
         }
         for c in &mut h.containers {
             let tkey = target_key(k, &c.raw);
+            c.settling = false;
             match scan.inits.get(&c.id) {
                 Some(&pid) if c.pid == Some(pid) => {}
+                // Still being set up by the runtime: guarded once it is in its own root.
+                Some(&pid) if !pods::rooted(pid) => c.settling = true,
                 Some(&pid) => {
                     c.pid = Some(pid);
                     c.failure = match self.agent.add(
@@ -393,7 +411,8 @@ impl Guards {
             }
         }
         // An adopted container that ended is gone for good: a restart has yet another ID.
-        h.containers.retain(|c| !(c.adopted && c.pid.is_none()));
+        h.containers
+            .retain(|c| !c.adopted || scan.inits.contains_key(&c.id));
     }
 
     fn lift(&self, k: &Key, h: &Held) {
@@ -411,6 +430,10 @@ impl Guards {
                 let state = states.get(&target_key(k, &c.raw));
                 let (phase, reason) = match (&c.failure, c.pid, state) {
                     (Some(f), _, _) => (ContainerPhase::Failed, f.clone()),
+                    (None, None, _) if c.settling => (
+                        ContainerPhase::Pending,
+                        "its init runs in its runtime's root still (not set up yet)".into(),
+                    ),
                     (None, None, _) | (None, Some(_), None) => (
                         ContainerPhase::Pending,
                         format!("container not running on node {}", self.node),
@@ -699,6 +722,7 @@ async fn serve(
             }
         })
     };
+    watch_births(&args.cgroup_root, guards.clone())?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<Service>>().await;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -728,6 +752,44 @@ async fn serve(
     rescan.abort();
     tracing::info!("lifting guards");
     result
+}
+
+/// How long a new container's cgroup may stay without a process in a root of its own before
+/// it is left to the periodic rescan.
+const SETTLE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Guards a held pod's new container as soon as its runtime has made its cgroup and moved
+/// its init into the container's root, instead of at the next rescan.
+fn watch_births(root: &std::path::Path, guards: Arc<Guards>) -> anyhow::Result<()> {
+    let hierarchy = crate::cgroup_watch::hierarchy(root);
+    let mut births = crate::cgroup_watch::Births::new(&hierarchy)?;
+    tracing::info!(hierarchy = %hierarchy.display(), "watching for new containers' cgroups");
+    std::thread::Builder::new()
+        .name("cgroup-watch".into())
+        .spawn(move || loop {
+            match births.next(Duration::from_secs(1)) {
+                Ok(Some(born)) => {
+                    for birth in born.into_iter().filter(|b| guards.holds_pod(&b.pod_uid)) {
+                        let guards = guards.clone();
+                        std::thread::spawn(move || {
+                            if birth.settled(SETTLE_WITHIN) {
+                                guards.rescan();
+                            }
+                        });
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("the cgroup watch overflowed: looking at every pod again");
+                    guards.rescan();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the cgroup watch failed: new containers are found by the periodic rescan only");
+                    guards.agent.metrics().cgroup_watch_failed.set(1);
+                    return;
+                }
+            }
+        })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -471,8 +471,9 @@ async fn every_read_after_a_switch_from_monitor_to_enforce_is_refused() {
 
 /// The controller pushes a guard for a pod as soon as it is bound to this node, before any
 /// of its containers exists. Each container that then appears in the pod's cgroup (the
-/// sandbox first) is guarded by the agent alone, and stays guarded when the guard changes
-/// before the controller has heard of the container.
+/// sandbox first) is guarded by the agent alone, as soon as its cgroup is made (the rescan
+/// is an hour away), and stays guarded when the guard changes before the controller has
+/// heard of the container.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_pushed_at_scheduling_has_every_container_guarded() {
     let dir = std::env::temp_dir().join("janus-serve-scheduled-test");
@@ -481,7 +482,19 @@ async fn a_pod_pushed_at_scheduling_has_every_container_guarded() {
     let me = std::process::id();
     let pod_uid = format!("0000-eeee-{me}");
     let (sandbox_id, app_id) = (format!("janus-pause-{me}"), format!("janus-app-{me}"));
-    let (_agent, mut client) = support::serve_plain(&dir).await;
+    let addr = support::free_addr();
+    let args = [
+        "--insecure-plaintext",
+        "--backend",
+        "fanotify",
+        "--rescan-interval-ms",
+        "3600000",
+    ];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     let spec = |round: usize| {
         format!(
             r#"{{"selector":{{}},"subjects":[{{"deny":["/data/secret"],"events":["open"],"tags":{{"round":"{round}"}}}}]}}"#

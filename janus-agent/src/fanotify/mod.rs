@@ -8,7 +8,7 @@
 //! not its current name, and for the container whose access it is.
 
 mod answer;
-mod created;
+pub(crate) mod created;
 mod engine;
 pub mod group;
 mod marks;

@@ -1,0 +1,261 @@
+//! Learning of a pod's new container the moment its runtime makes the container's cgroup,
+//! rather than at the next rescan: inotify on the kubelet's cgroup tree.
+//!
+//! The kubelet lays out `kubepods[.slice]/[<qos>/]<pod>/<container>` (see [`crate::pods`]);
+//! every directory down to the pods' is watched, and a directory created in a pod's is a
+//! container's. On cgroup v1 one hierarchy is watched (each holds the same tree). A watch
+//! reaches one level, so each new QoS or pod directory is watched as it appears.
+//!
+//! The runtime makes the cgroup, moves its init process in, and only then pivots that
+//! process into the container's root; [`Births::settled`] waits (bounded) for that before
+//! the caller looks the container up, since a process still in the host's root cannot be
+//! guarded yet ([`crate::pods::rooted`]).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::fanotify::created::{CreateWatch, Created};
+use crate::fanotify::group::AlignedBuf;
+use crate::fanotify::FanotifyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupWatchError {
+    #[error("watching the cgroup tree at {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: FanotifyError,
+    },
+    #[error("reading the cgroup tree's events: {0}")]
+    Read(#[source] io::Error),
+}
+
+/// What a watched directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    /// The hierarchy's root, where `kubepods` appears.
+    Root,
+    /// `kubepods` or a QoS class below it.
+    Kubepods,
+    /// A pod's cgroup: what appears in it is a container's.
+    Pod,
+}
+
+impl Level {
+    /// What a directory `name` made in a directory of this level is, if it is watched.
+    fn child(self, name: &str) -> Option<Level> {
+        match self {
+            Level::Root => name.starts_with("kubepods").then_some(Level::Kubepods),
+            Level::Kubepods if crate::pods::pod_uid(name).is_some() => Some(Level::Pod),
+            Level::Kubepods => (name.starts_with("kubepods")
+                || matches!(name, "burstable" | "besteffort"))
+            .then_some(Level::Kubepods),
+            Level::Pod => None,
+        }
+    }
+}
+
+/// A container's cgroup, just made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Birth {
+    pub pod_uid: String,
+    pub cgroup: PathBuf,
+}
+
+/// The watch on one hierarchy's pod cgroups.
+pub struct Births {
+    watch: CreateWatch,
+    dirs: HashMap<i32, (PathBuf, Level)>,
+    buf: Box<AlignedBuf>,
+}
+
+/// The hierarchy to watch under the cgroup file system mounted at `root`: the root itself on
+/// cgroup v2, else the first v1 hierarchy there (every one holds the kubelet's tree).
+pub fn hierarchy(root: &Path) -> PathBuf {
+    if root.join("cgroup.controllers").exists() {
+        return root.to_owned();
+    }
+    ["pids", "memory", "cpu,cpuacct", "cpu", "systemd"]
+        .iter()
+        .map(|h| root.join(h))
+        .find(|p| p.join("cgroup.procs").exists())
+        .unwrap_or_else(|| root.to_owned())
+}
+
+impl Births {
+    /// Watches the kubelet's tree below `hierarchy` as it is now and as it grows.
+    pub fn new(hierarchy: &Path) -> Result<Births, CgroupWatchError> {
+        let watch = CreateWatch::new().map_err(|source| CgroupWatchError::Watch {
+            path: hierarchy.to_owned(),
+            source,
+        })?;
+        let mut births = Births {
+            watch,
+            dirs: HashMap::new(),
+            buf: AlignedBuf::boxed(),
+        };
+        births.add(hierarchy.to_owned(), Level::Root)?;
+        Ok(births)
+    }
+
+    /// Watches `dir` and what it holds already, down to the pods' cgroups.
+    fn add(&mut self, dir: PathBuf, level: Level) -> Result<(), CgroupWatchError> {
+        let failed = |source| CgroupWatchError::Watch {
+            path: dir.clone(),
+            source,
+        };
+        let fd = match std::fs::File::open(&dir) {
+            Ok(fd) => fd,
+            // Removed before it could be watched: nothing in it to learn of.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(failed(FanotifyError::Watch(e))),
+        };
+        let wd = self.watch.watch(fd.as_fd()).map_err(failed)?;
+        self.dirs.insert(wd, (dir.clone(), level));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let child = name.to_str().and_then(|n| level.child(n));
+            if let (Some(child), true) = (child, entry.path().is_dir()) {
+                self.add(entry.path(), child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (up to `timeout`) for containers' cgroups to be made; `None` when some may have
+    /// gone unreported (the queue overflowed), so every held pod must be looked at again.
+    pub fn next(&mut self, timeout: Duration) -> Result<Option<Vec<Birth>>, CgroupWatchError> {
+        let mut fds = [nix::poll::PollFd::new(
+            self.watch.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(0) => return Ok(Some(Vec::new())),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(Some(Vec::new())),
+            Err(e) => return Err(CgroupWatchError::Read(e.into())),
+        }
+        let events = match self.watch.read(&mut self.buf) {
+            Ok(events) => events,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(Vec::new())),
+            Err(e) => return Err(CgroupWatchError::Read(e)),
+        };
+        let mut born = Vec::new();
+        let mut complete = true;
+        for event in events {
+            match event {
+                Created::Overflow => complete = false,
+                Created::Entry {
+                    parent,
+                    name,
+                    is_dir: true,
+                    ..
+                } => {
+                    let Some((dir, level)) = self.dirs.get(&parent).cloned() else {
+                        continue;
+                    };
+                    let Ok(name) = String::from_utf8(name) else {
+                        continue;
+                    };
+                    let path = dir.join(&name);
+                    match level.child(&name) {
+                        Some(child) => self.add(path, child)?,
+                        None if level == Level::Pod => {
+                            let pod = dir.file_name().and_then(|n| n.to_str());
+                            if let Some(pod_uid) = pod.and_then(crate::pods::pod_uid) {
+                                born.push(Birth {
+                                    pod_uid,
+                                    cgroup: path,
+                                });
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                Created::Gone { wd } => {
+                    self.dirs.remove(&wd);
+                }
+                _ => {}
+            }
+        }
+        Ok(complete.then_some(born))
+    }
+}
+
+impl Birth {
+    /// Waits (up to `timeout`) until a process of the container runs in a root of its own,
+    /// reading its `cgroup.procs` every millisecond: neither joining a cgroup nor
+    /// `pivot_root` can be waited on. False at the deadline.
+    pub fn settled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let procs = self.cgroup.join("cgroup.procs");
+        loop {
+            let pids = std::fs::read_to_string(&procs).unwrap_or_default();
+            if pids
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .any(crate::pods::rooted)
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubelets_layouts_are_followed_down_to_the_pods() {
+        use Level::*;
+        assert_eq!(Root.child("kubepods"), Some(Kubepods));
+        assert_eq!(Root.child("kubepods.slice"), Some(Kubepods));
+        assert_eq!(Root.child("system.slice"), None);
+        assert_eq!(Kubepods.child("besteffort"), Some(Kubepods));
+        assert_eq!(Kubepods.child("kubepods-burstable.slice"), Some(Kubepods));
+        assert_eq!(Kubepods.child("pod1234-ab"), Some(Pod));
+        assert_eq!(
+            Kubepods.child("kubepods-besteffort-pod12_34.slice"),
+            Some(Pod)
+        );
+        assert_eq!(Kubepods.child("cpu.stat"), None);
+        assert_eq!(Pod.child("cri-containerd-abc.scope"), None);
+    }
+
+    /// A tree laid out as the kubelet's cgroupfs driver does, in a plain directory: a pod
+    /// made after the watch began is followed, and a container made in it is reported.
+    #[test]
+    fn a_container_made_in_a_new_pod_is_reported() {
+        let dir = std::env::temp_dir().join(format!("janus-births-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("kubepods/besteffort")).unwrap();
+        let mut births = Births::new(&dir).unwrap();
+        std::fs::create_dir_all(dir.join("kubepods/besteffort/pod42/c1")).unwrap();
+        // The pod's directory is watched only once its creation is read: c1 was made before
+        // that and is found by the walk, not reported; c2 is reported.
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !seen.iter().any(|b: &Birth| b.cgroup.ends_with("c2")) {
+            assert!(Instant::now() < deadline, "c2 not reported: {seen:?}");
+            seen.extend(births.next(Duration::from_millis(100)).unwrap().unwrap());
+            if births.dirs.values().any(|(_, l)| *l == Level::Pod) {
+                std::fs::create_dir_all(dir.join("kubepods/besteffort/pod42/c2")).unwrap();
+            }
+        }
+        let c2 = seen.iter().find(|b| b.cgroup.ends_with("c2")).unwrap();
+        assert_eq!(c2.pod_uid, "42");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
