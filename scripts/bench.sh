@@ -7,6 +7,8 @@
 #   bash scripts/bench.sh --rounds 9           # any janus-bench argument
 #   bash scripts/bench.sh scale                # the node-scale benchmark (1,000 containers)
 #   bash scripts/bench.sh scale --containers 300   # any janus-scale-bench argument
+#   bash scripts/bench.sh start-window         # how long a new container runs unguarded
+#                                              # (containerd running)
 #
 # Needs root (fanotify permission events, mount namespaces) and busybox-static.
 set -euo pipefail
@@ -27,5 +29,9 @@ cargo build --release --locked -p janus-agent -p janus-tests --bins >&2
 if [ "${1:-}" = scale ]; then
     shift
     exec ./target/release/janus-scale-bench --agent ./target/release/janus-agent "$@"
+fi
+if [ "${1:-}" = start-window ]; then
+    shift
+    exec ./target/release/janus-start-window --agent ./target/release/janus-agent "$@"
 fi
 exec ./target/release/janus-bench --agent ./target/release/janus-agent "$@"

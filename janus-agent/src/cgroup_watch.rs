@@ -97,12 +97,20 @@ impl Births {
             dirs: HashMap::new(),
             buf: AlignedBuf::boxed(),
         };
-        births.add(hierarchy.to_owned(), Level::Root)?;
+        // What runs already is found by the agent's first scan.
+        births.add(hierarchy.to_owned(), Level::Root, &mut Vec::new())?;
         Ok(births)
     }
 
-    /// Watches `dir` and what it holds already, down to the pods' cgroups.
-    fn add(&mut self, dir: PathBuf, level: Level) -> Result<(), CgroupWatchError> {
+    /// Watches `dir` and what it holds already, down to the pods' cgroups; the containers'
+    /// cgroups found in those go to `born` (the runtime makes a pod's first one with the
+    /// pod's, before the pod's can be watched).
+    fn add(
+        &mut self,
+        dir: PathBuf,
+        level: Level,
+        born: &mut Vec<Birth>,
+    ) -> Result<(), CgroupWatchError> {
         let failed = |source| CgroupWatchError::Watch {
             path: dir.clone(),
             source,
@@ -119,11 +127,37 @@ impl Births {
             return Ok(());
         };
         for entry in entries.flatten() {
-            let name = entry.file_name();
-            let child = name.to_str().and_then(|n| level.child(n));
-            if let (Some(child), true) = (child, entry.path().is_dir()) {
-                self.add(entry.path(), child)?;
+            if !entry.path().is_dir() {
+                continue;
             }
+            if let Some(name) = entry.file_name().to_str() {
+                self.made(&dir, level, name, born)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Directory `name` appeared in `dir`, watched as `level`.
+    fn made(
+        &mut self,
+        dir: &Path,
+        level: Level,
+        name: &str,
+        born: &mut Vec<Birth>,
+    ) -> Result<(), CgroupWatchError> {
+        let path = dir.join(name);
+        match level.child(name) {
+            Some(child) => self.add(path, child, born)?,
+            None if level == Level::Pod => {
+                let pod = dir.file_name().and_then(|n| n.to_str());
+                if let Some(pod_uid) = pod.and_then(crate::pods::pod_uid) {
+                    born.push(Birth {
+                        pod_uid,
+                        cgroup: path,
+                    });
+                }
+            }
+            None => {}
         }
         Ok(())
     }
@@ -161,22 +195,8 @@ impl Births {
                     let Some((dir, level)) = self.dirs.get(&parent).cloned() else {
                         continue;
                     };
-                    let Ok(name) = String::from_utf8(name) else {
-                        continue;
-                    };
-                    let path = dir.join(&name);
-                    match level.child(&name) {
-                        Some(child) => self.add(path, child)?,
-                        None if level == Level::Pod => {
-                            let pod = dir.file_name().and_then(|n| n.to_str());
-                            if let Some(pod_uid) = pod.and_then(crate::pods::pod_uid) {
-                                born.push(Birth {
-                                    pod_uid,
-                                    cgroup: path,
-                                });
-                            }
-                        }
-                        None => {}
+                    if let Ok(name) = String::from_utf8(name) {
+                        self.made(&dir, level, &name, &mut born)?;
                     }
                 }
                 Created::Gone { wd } => {
@@ -243,8 +263,8 @@ mod tests {
         std::fs::create_dir_all(dir.join("kubepods/besteffort")).unwrap();
         let mut births = Births::new(&dir).unwrap();
         std::fs::create_dir_all(dir.join("kubepods/besteffort/pod42/c1")).unwrap();
-        // The pod's directory is watched only once its creation is read: c1 was made before
-        // that and is found by the walk, not reported; c2 is reported.
+        // The pod's directory is watched only once its creation is read: c1, made before
+        // that, is found by the walk of the new pod; c2, made after, by the watch.
         let mut seen = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !seen.iter().any(|b: &Birth| b.cgroup.ends_with("c2")) {
@@ -254,8 +274,9 @@ mod tests {
                 std::fs::create_dir_all(dir.join("kubepods/besteffort/pod42/c2")).unwrap();
             }
         }
-        let c2 = seen.iter().find(|b| b.cgroup.ends_with("c2")).unwrap();
-        assert_eq!(c2.pod_uid, "42");
+        let names: Vec<_> = seen.iter().map(|b| b.cgroup.file_name().unwrap()).collect();
+        assert_eq!(names, ["c1", "c2"]);
+        assert!(seen.iter().all(|b| b.pod_uid == "42"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

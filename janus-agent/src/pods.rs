@@ -201,23 +201,29 @@ pub fn pod_uid(component: &str) -> Option<String> {
 /// Whether process `pid` runs in a root other than its parent's. runc places a container's
 /// init in the container's cgroup before it pivots into the container's root; until then
 /// its root is the runtime's (its parent's: runc, then the shim that reaps it), where the
-/// guard's paths name the node's files, not the container's. False when either cannot be
-/// read (the process is gone).
+/// guard's paths name the node's files, not the container's. Of a container's processes,
+/// only its init is in a root other than its parent's (unless one `chroot`s). False when
+/// the process is gone; true when its parent's root cannot be read (it is not the runtime's
+/// then: runc and its shims are the agent's to read).
 pub fn rooted(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    rooted_in("/proc", pid, &status)
+}
+
+/// [`rooted`] for a process whose `status` was read already.
+fn rooted_in(proc_root: &str, pid: i32, status: &str) -> bool {
     use std::os::unix::fs::MetadataExt;
     let root =
-        |pid: i32| std::fs::metadata(format!("/proc/{pid}/root")).map(|m| (m.dev(), m.ino()));
-    let parent = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("PPid:"))
-                .and_then(|p| p.trim().parse::<i32>().ok())
-        });
-    match (root(pid), parent.filter(|p| *p > 0).map(root)) {
+        |pid: i32| std::fs::metadata(format!("{proc_root}/{pid}/root")).map(|m| (m.dev(), m.ino()));
+    let parent = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0);
+    match (root(pid), parent.map(root)) {
         (Ok(mine), Some(Ok(theirs))) => mine != theirs,
-        _ => false,
+        (Ok(_), _) => true,
+        (Err(_), _) => false,
     }
 }
 
@@ -235,13 +241,17 @@ struct Proc {
     /// Start time in clock ticks since boot: the tie-break for containers sharing the host's
     /// PID namespace, where no process is a namespace's PID 1.
     start: u64,
+    /// In a root other than its parent's ([`rooted`]): only such a process can be a
+    /// container's init, whose parent is its runtime.
+    rooted: bool,
 }
 
 /// What one pass over /proc found for the containers and pods asked about.
 #[derive(Debug, Default)]
 pub struct Scan {
     /// The init process of each container found: those asked about, and every other
-    /// container in the cgroup of a pod asked about.
+    /// container in the cgroup of a pod asked about. Not there while the runtime is still
+    /// setting the container up (no member in a root of its own yet).
     pub inits: BTreeMap<ContainerId, i32>,
     /// Pods with at least one process on this node, by their pod cgroup or a container.
     pub pods_present: BTreeSet<String>,
@@ -295,8 +305,11 @@ fn scan_procs(procs: &[Proc], pods: &[(String, Runtime)]) -> Scan {
         }
     }
     for (cid, m) in members {
+        // The runtime's own processes (runc's, before its init pivots into the container's
+        // root) are members too, in an outer PID namespace: not the init.
         let init = m
             .iter()
+            .filter(|p| p.rooted)
             .min_by_key(|p| (p.ns_depth, !p.ns_init, p.start, p.pid));
         if let Some(p) = init {
             out.inits.insert(cid, p.pid);
@@ -364,12 +377,13 @@ fn read_procs(proc_root: &str) -> Vec<Proc> {
 /// None when the process vanished mid-read: it is simply not there.
 fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
     let cgroup = std::fs::read(format!("{proc_root}/{pid}/cgroup")).ok()?;
-    let cgroups = String::from_utf8_lossy(&cgroup)
+    let cgroups: Vec<String> = String::from_utf8_lossy(&cgroup)
         .lines()
         .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_owned))
         .collect();
     let status = std::fs::read(format!("{proc_root}/{pid}/status")).ok()?;
-    let nspid: Vec<String> = String::from_utf8_lossy(&status)
+    let status = String::from_utf8_lossy(&status);
+    let nspid: Vec<String> = status
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
         .map(|ids| ids.split_whitespace().map(str::to_owned).collect())
@@ -387,12 +401,16 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         .nth(19)?
         .parse()
         .ok()?;
+    // Only a pod's processes can be a container's init.
+    let in_pod = cgroups.iter().any(|c| c.contains("kubepods"));
+    let rooted = in_pod && rooted_in(proc_root, pid, &status);
     Some(Proc {
         pid,
         cgroups,
         ns_init,
         ns_depth: nspid.len(),
         start,
+        rooted,
     })
 }
 
@@ -406,6 +424,28 @@ mod tests {
         assert!(!rooted(i32::MAX));
     }
 
+    /// runc's first process joins the cgroup in the host's PID namespace and root; the init
+    /// it makes is PID 1 of the container's, and pivots later.
+    #[test]
+    fn a_container_being_set_up_has_no_init_until_one_is_in_its_own_root() {
+        let c = cid("containerd://abc");
+        let path = "/kubepods/besteffort/podu/abc";
+        let runc = Proc {
+            ns_depth: 1,
+            rooted: false,
+            ..proc(10, &[path], false, 1)
+        };
+        let init = |rooted| Proc {
+            rooted,
+            ..proc(11, &[path], true, 2)
+        };
+        let scan = |procs: &[Proc]| scan_procs(procs, &[("u".into(), c.runtime)]);
+        let s = scan(&[runc.clone(), init(false)]);
+        assert_eq!(s.inits.get(&c), None);
+        assert!(s.containers["u"].contains(&c));
+        assert_eq!(scan(&[runc, init(true)]).inits.get(&c), Some(&11));
+    }
+
     fn cid(s: &str) -> ContainerId {
         s.parse().unwrap()
     }
@@ -417,6 +457,7 @@ mod tests {
             ns_init,
             ns_depth: 2,
             start,
+            rooted: true,
         }
     }
 

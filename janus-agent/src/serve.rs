@@ -360,7 +360,9 @@ impl Guards {
         if scan.pods_present.contains(&k.pod_uid) {
             h.last_seen = Some(now);
         }
-        if let Some(found) = scan.containers.get(&k.pod_uid) {
+        let none = BTreeSet::new();
+        let found = scan.containers.get(&k.pod_uid).unwrap_or(&none);
+        if scan.containers.contains_key(&k.pod_uid) {
             let baseline = h.baseline.get_or_insert_with(|| found.clone());
             for id in found.difference(baseline) {
                 if !h.containers.iter().any(|c| c.id == *id) {
@@ -379,11 +381,10 @@ impl Guards {
         }
         for c in &mut h.containers {
             let tkey = target_key(k, &c.raw);
-            c.settling = false;
+            // Being set up by the runtime: guarded once its init is in its own root.
+            c.settling = !scan.inits.contains_key(&c.id) && found.contains(&c.id);
             match scan.inits.get(&c.id) {
                 Some(&pid) if c.pid == Some(pid) => {}
-                // Still being set up by the runtime: guarded once it is in its own root.
-                Some(&pid) if !pods::rooted(pid) => c.settling = true,
                 Some(&pid) => {
                     c.pid = Some(pid);
                     c.failure = match self.agent.add(
@@ -402,6 +403,9 @@ impl Guards {
                         }
                     };
                 }
+                // An init guarded already stays so while its container is there: its
+                // target lifts itself when the process exits.
+                None if c.settling && c.pid.is_some() => c.settling = false,
                 None => {
                     if c.pid.take().is_some() {
                         self.agent.remove(&tkey);
@@ -411,8 +415,7 @@ impl Guards {
             }
         }
         // An adopted container that ended is gone for good: a restart has yet another ID.
-        h.containers
-            .retain(|c| !c.adopted || scan.inits.contains_key(&c.id));
+        h.containers.retain(|c| !c.adopted || found.contains(&c.id));
     }
 
     fn lift(&self, k: &Key, h: &Held) {

@@ -569,3 +569,58 @@ async fn a_pod_pushed_at_scheduling_has_every_container_guarded() {
         .into_inner();
     assert_eq!(adopted(&status.status.unwrap()), both(false));
 }
+
+/// Without a start gate: a pod is pushed at scheduling, then its containers start, each
+/// opening the denied file from its first instruction until refused. The rescan is an hour
+/// away, so each refusal comes from the agent's watch on the cgroup tree. (How many starts
+/// are refused from the first open is a race this test does not assert; `janus-start-window`
+/// measures it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn each_start_in_a_pod_pushed_at_scheduling_is_refused_without_a_rescan() {
+    let dir = std::env::temp_dir().join("janus-serve-starts-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "rootfs").unwrap();
+    populate(&root).unwrap();
+    let addr = support::free_addr();
+    let args = [
+        "--insecure-plaintext",
+        "--backend",
+        "fanotify",
+        "--rescan-interval-ms",
+        "3600000",
+    ];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    // Opens until refused, at most 2,000 times (seconds of forks).
+    let script = "n=0; while cat /data/secret >/dev/null 2>&1; do n=$((n+1)); \
+                  [ $n -ge 2000 ] && break; done; echo $n > /tmp/opened";
+    let me = std::process::id();
+    for i in 0..10 {
+        let pod_uid = format!("0000-ffff-{me}-{i}");
+        let id = format!("janus-starts-{me}-{i}");
+        client
+            .apply_guard(support::apply(
+                "default",
+                "starts",
+                &pod_uid,
+                &[],
+                DENY_SECRET,
+            ))
+            .await
+            .unwrap();
+        let _ = std::fs::remove_file(root.host("/tmp/opened"));
+        let cgroup = format!("/kubepods/besteffort/pod{pod_uid}/{id}");
+        janus_tests::containerd::run_to_end(&root, &id, &cgroup, &[BUSYBOX, "sh", "-c", script])
+            .unwrap();
+        let opened: u32 = std::fs::read_to_string(root.host("/tmp/opened"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(opened < 2000, "start {i} was never refused");
+    }
+}

@@ -78,6 +78,19 @@ impl Container {
     }
 }
 
+/// Runs `argv` in a new container as [`Container::run`] does, waits for it to end and removes
+/// it.
+pub fn run_to_end(root: &Root, id: &str, cgroup: &str, argv: &[&str]) -> Result<()> {
+    for dir in ["/proc", "/dev", "/sys", "/tmp"] {
+        root.mkdir(dir)?;
+    }
+    remove(id);
+    let rootfs = root.dir().to_str().context("root path is not UTF-8")?;
+    let mut args = vec!["run", "--rm", "--cgroup", cgroup, "--rootfs", rootfs, id];
+    args.extend_from_slice(argv);
+    ctr(&args).map(drop)
+}
+
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Drop for Container {

@@ -8,7 +8,8 @@
 //! - [`cgroups`]: pods laid out in cgroup v2 as the kubelet lays them out (the VM).
 //! - [`scenarios`]: the table of guards, files and expected answers every backend passes.
 //! - [`bench`] and [`floor`]: the benchmark, and the minimal fanotify listener it compares
-//!   the agent with; [`scale`]: the node-scale benchmark (1,000 containers).
+//!   the agent with; [`scale`]: the node-scale benchmark (1,000 containers);
+//!   [`start_window`]: how long a new container runs before its guard is in place.
 //! - [`wait`]: waiting on a condition with a deadline, never a bare sleep.
 //! - [`isolate`]: one test case in a process group of its own, under a deadline (the VM
 //!   runners).
@@ -22,5 +23,6 @@ pub mod floor;
 pub mod isolate;
 pub mod scale;
 pub mod scenarios;
+pub mod start_window;
 pub mod target;
 pub mod wait;
