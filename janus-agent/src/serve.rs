@@ -113,10 +113,6 @@ struct Held {
     containers: Vec<HeldContainer>,
     /// When a process of the pod was last seen on this node (None: never yet).
     last_seen: Option<Instant>,
-    /// The containers in the pod's cgroup since it was first seen here (its sandbox among
-    /// them). One that appears later is a container that restarted (under a new ID) or an
-    /// ephemeral one: it is guarded at once, before the controller hears of it.
-    baseline: Option<BTreeSet<ContainerId>>,
 }
 
 impl Held {
@@ -216,15 +212,12 @@ impl Guards {
             });
         }
         let mut containers = containers;
-        let mut baseline = None;
         // Under a changed spec, each container's new target takes its old one's place
         // (`Agent::add`: placed before the old is lifted); the old targets of containers
         // not guarded again are lifted after.
         let mut replaced = Vec::new();
         if let Some(old) = held.remove(&key) {
             let same = old.same_spec(&asked);
-            // What the pod's cgroup held is the pod's, whatever the spec.
-            baseline = old.baseline;
             for o in old.containers {
                 match containers.iter().position(|c| c.raw == o.raw) {
                     // Only the containers changed: one that stays keeps its target.
@@ -269,14 +262,8 @@ impl Guards {
             policy: Arc::new(policy),
             containers,
             last_seen: None,
-            baseline,
         };
         let scan = procs.scan(&[pod_of(&key, &h, self.runtime)]);
-        if h.baseline.is_none() && !scan.pods_present.contains(&key.pod_uid) {
-            // Pushed before the pod has a process here (at scheduling): every container
-            // that appears in its cgroup is one of its own, the sandbox included.
-            h.baseline = Some(BTreeSet::new());
-        }
         self.sync(&key, &mut h, &scan, Instant::now());
         for o in replaced.iter().filter(|o| o.pid.is_some()) {
             let again = h
@@ -362,22 +349,21 @@ impl Guards {
         }
         let none = BTreeSet::new();
         let found = scan.containers.get(&k.pod_uid).unwrap_or(&none);
-        if scan.containers.contains_key(&k.pod_uid) {
-            let baseline = h.baseline.get_or_insert_with(|| found.clone());
-            for id in found.difference(baseline) {
-                if !h.containers.iter().any(|c| c.id == *id) {
-                    tracing::info!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, container = %id, "a new container in the pod (a restart or an ephemeral container): guarding it");
-                    h.containers.push(HeldContainer {
-                        raw: id.to_string(),
-                        id: id.clone(),
-                        pid: None,
-                        failure: None,
-                        adopted: true,
-                        settling: false,
-                    });
-                }
+        // Every container in the pod's cgroup is the pod's: one the controller has not
+        // listed (its sandbox, one that started before the kubelet reported it, a restart
+        // under a new ID, an ephemeral one) is guarded at once.
+        for id in found {
+            if !h.containers.iter().any(|c| c.id == *id) {
+                tracing::info!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, container = %id, "a container of the pod not listed by the controller: guarding it");
+                h.containers.push(HeldContainer {
+                    raw: id.to_string(),
+                    id: id.clone(),
+                    pid: None,
+                    failure: None,
+                    adopted: true,
+                    settling: false,
+                });
             }
-            baseline.extend(found.iter().cloned());
         }
         for c in &mut h.containers {
             let tkey = target_key(k, &c.raw);

@@ -624,3 +624,31 @@ async fn each_start_in_a_pod_pushed_at_scheduling_is_refused_without_a_rescan() 
         assert!(opened < 2000, "start {i} was never refused");
     }
 }
+
+/// The push arrives after the pod's container started, before the kubelet reported its ID:
+/// the container is in the pod's cgroup, so it is the pod's and guarded at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_running_before_the_push_is_guarded_unlisted() {
+    let (dir, _root, pod_uid, id, container) = support::pod_container("late", "0000-1111");
+    let (_agent, mut client) = support::serve_plain(&dir).await;
+    let status = client
+        .apply_guard(support::apply(
+            "default",
+            "late",
+            &pod_uid,
+            &[],
+            DENY_SECRET,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let listed: Vec<(&str, bool)> = status
+        .containers
+        .iter()
+        .map(|c| (c.container_id.as_str(), c.adopted))
+        .collect();
+    assert_eq!(listed, [(format!("containerd://{id}").as_str(), true)]);
+    support::wait_denied(&container);
+}
