@@ -68,7 +68,11 @@ pub struct Birth {
 /// The watch on one hierarchy's pod cgroups.
 pub struct Births {
     watch: CreateWatch,
+    hierarchy: PathBuf,
     dirs: HashMap<i32, (PathBuf, Level)>,
+    /// Directories that could not be watched (a full inotify quota, say): their pods'
+    /// containers wait for the rescan.
+    unwatched: usize,
     buf: Box<AlignedBuf>,
 }
 
@@ -94,60 +98,70 @@ impl Births {
         })?;
         let mut births = Births {
             watch,
+            hierarchy: hierarchy.to_owned(),
             dirs: HashMap::new(),
+            unwatched: 0,
             buf: AlignedBuf::boxed(),
         };
         // What runs already is found by the agent's first scan.
-        births.add(hierarchy.to_owned(), Level::Root, &mut Vec::new())?;
+        births.add(hierarchy.to_owned(), Level::Root, &mut Vec::new());
+        if births.dirs.is_empty() {
+            return Err(CgroupWatchError::Watch {
+                path: hierarchy.to_owned(),
+                source: FanotifyError::Watch(io::Error::from(io::ErrorKind::NotFound)),
+            });
+        }
+        if !births.dirs.values().any(|(_, l)| *l != Level::Root) {
+            tracing::warn!(hierarchy = %hierarchy.display(), "no kubepods cgroup here yet: watching for one (a kubelet --cgroup-root below it is not followed)");
+        }
         Ok(births)
+    }
+
+    /// Whether some directory of the tree could not be watched.
+    pub fn incomplete(&self) -> bool {
+        self.unwatched > 0
     }
 
     /// Watches `dir` and what it holds already, down to the pods' cgroups; the containers'
     /// cgroups found in those go to `born` (the runtime makes a pod's first one with the
     /// pod's, before the pod's can be watched).
-    fn add(
-        &mut self,
-        dir: PathBuf,
-        level: Level,
-        born: &mut Vec<Birth>,
-    ) -> Result<(), CgroupWatchError> {
-        let failed = |source| CgroupWatchError::Watch {
-            path: dir.clone(),
-            source,
-        };
-        let fd = match std::fs::File::open(&dir) {
-            Ok(fd) => fd,
+    /// A directory that cannot be watched is logged and counted ([`Births::incomplete`]).
+    fn add(&mut self, dir: PathBuf, level: Level, born: &mut Vec<Birth>) {
+        let watched = std::fs::File::open(&dir)
+            .map_err(FanotifyError::Watch)
+            .and_then(|fd| self.watch.watch(fd.as_fd()));
+        match watched {
+            Ok(wd) => {
+                self.dirs.insert(wd, (dir.clone(), level));
+            }
             // Removed before it could be watched: nothing in it to learn of.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(failed(FanotifyError::Watch(e))),
-        };
-        let wd = self.watch.watch(fd.as_fd()).map_err(failed)?;
-        self.dirs.insert(wd, (dir.clone(), level));
+            Err(FanotifyError::Watch(e)) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a cgroup directory: its new containers wait for the rescan");
+                self.unwatched += 1;
+                return;
+            }
+        }
         let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
+            return;
         };
         for entry in entries.flatten() {
             if !entry.path().is_dir() {
                 continue;
             }
             if let Some(name) = entry.file_name().to_str() {
-                self.made(&dir, level, name, born)?;
+                self.made(&dir, level, name, born);
             }
         }
-        Ok(())
     }
 
     /// Directory `name` appeared in `dir`, watched as `level`.
-    fn made(
-        &mut self,
-        dir: &Path,
-        level: Level,
-        name: &str,
-        born: &mut Vec<Birth>,
-    ) -> Result<(), CgroupWatchError> {
+    fn made(&mut self, dir: &Path, level: Level, name: &str, born: &mut Vec<Birth>) {
         let path = dir.join(name);
         match level.child(name) {
-            Some(child) => self.add(path, child, born)?,
+            Some(child) => self.add(path, child, born),
+            // CRI-O's monitor has a cgroup of its own in the pod: no container.
+            None if level == Level::Pod && name.contains("conmon") => {}
             None if level == Level::Pod => {
                 let pod = dir.file_name().and_then(|n| n.to_str());
                 if let Some(pod_uid) = pod.and_then(crate::pods::pod_uid) {
@@ -159,11 +173,11 @@ impl Births {
             }
             None => {}
         }
-        Ok(())
     }
 
     /// Waits (up to `timeout`) for containers' cgroups to be made; `None` when some may have
-    /// gone unreported (the queue overflowed), so every held pod must be looked at again.
+    /// gone unreported (the queue overflowed), so every held pod must be looked at again:
+    /// the tree is walked again then, so that pods made meanwhile are watched.
     pub fn next(&mut self, timeout: Duration) -> Result<Option<Vec<Birth>>, CgroupWatchError> {
         let mut fds = [nix::poll::PollFd::new(
             self.watch.as_fd(),
@@ -196,7 +210,7 @@ impl Births {
                         continue;
                     };
                     if let Ok(name) = String::from_utf8(name) {
-                        self.made(&dir, level, &name, &mut born)?;
+                        self.made(&dir, level, &name, &mut born);
                     }
                 }
                 Created::Gone { wd } => {
@@ -204,6 +218,11 @@ impl Births {
                 }
                 _ => {}
             }
+        }
+        if !complete {
+            // Watching a directory again gives its watch again: only new ones are added.
+            self.unwatched = 0;
+            self.add(self.hierarchy.clone(), Level::Root, &mut Vec::new());
         }
         Ok(complete.then_some(born))
     }

@@ -203,29 +203,49 @@ pub fn pod_uid(component: &str) -> Option<String> {
 /// its root is the runtime's (its parent's: runc, then the shim that reaps it), where the
 /// guard's paths name the node's files, not the container's. Of a container's processes,
 /// only its init is in a root other than its parent's (unless one `chroot`s). False when
-/// the process is gone; true when its parent's root cannot be read (it is not the runtime's
-/// then: runc and its shims are the agent's to read).
+/// either root cannot be read: a parent that is exiting (runc's first process, right after
+/// it made the init) would otherwise pass an init still in the runtime's root.
 pub fn rooted(pid: i32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     rooted_in("/proc", pid, &status)
 }
 
-/// [`rooted`] for a process whose `status` was read already.
+/// [`rooted`] for a process whose `status` was read already. A parent whose root cannot be
+/// read is exiting: its child is about to be given another (the runtime's shim, which reaps
+/// it), so the parent is read again, a few times.
 fn rooted_in(proc_root: &str, pid: i32, status: &str) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let root =
-        |pid: i32| std::fs::metadata(format!("{proc_root}/{pid}/root")).map(|m| (m.dev(), m.ino()));
-    let parent = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|p| p.trim().parse::<i32>().ok())
-        .filter(|p| *p > 0);
-    match (root(pid), parent.map(root)) {
-        (Ok(mine), Some(Ok(theirs))) => mine != theirs,
-        (Ok(_), _) => true,
-        (Err(_), _) => false,
+    let root = |pid: i32| {
+        std::fs::metadata(format!("{proc_root}/{pid}/root"))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    let parent = |status: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|p| *p > 0)
+    };
+    let Some(mine) = root(pid) else {
+        return false;
+    };
+    let mut status = status.to_owned();
+    for _ in 0..REPARENT_TRIES {
+        if let Some(theirs) = parent(&status).and_then(root) {
+            return mine != theirs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        match std::fs::read_to_string(format!("{proc_root}/{pid}/status")) {
+            Ok(again) => status = again,
+            Err(_) => return false,
+        }
     }
+    false
 }
+
+/// How often [`rooted_in`] reads a process's parent again while it cannot read its root.
+const REPARENT_TRIES: usize = 5;
 
 /// One process as the scan saw it.
 #[derive(Debug, Clone)]
@@ -257,6 +277,33 @@ pub struct Scan {
     pub pods_present: BTreeSet<String>,
     /// The containers found in each pod's cgroup (its sandbox among them), by pod UID.
     pub containers: BTreeMap<String, BTreeSet<ContainerId>>,
+    /// The processes of each container found, by PID, with their start times.
+    pub members: BTreeMap<ContainerId, BTreeMap<i32, u64>>,
+}
+
+/// A process, by its PID and its start time (clock ticks since boot): a PID the kernel
+/// gives again to another process is another process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: i32,
+    pub start: u64,
+}
+
+impl Scan {
+    /// Whether `p` is still a process of `container`.
+    pub fn runs(&self, container: &ContainerId, p: Process) -> bool {
+        self.members
+            .get(container)
+            .and_then(|m| m.get(&p.pid))
+            .is_some_and(|start| *start == p.start)
+    }
+
+    /// The init of `container`, if found.
+    pub fn init(&self, container: &ContainerId) -> Option<Process> {
+        let pid = *self.inits.get(container)?;
+        let start = *self.members.get(container)?.get(&pid)?;
+        Some(Process { pid, start })
+    }
 }
 
 /// One reading of /proc, made when first asked and shared by every question after it: a
@@ -303,6 +350,10 @@ fn scan_procs(procs: &[Proc], pods: &[(String, Runtime)]) -> Scan {
                 }
             }
         }
+    }
+    for (cid, m) in &members {
+        out.members
+            .insert(cid.clone(), m.iter().map(|p| (p.pid, p.start)).collect());
     }
     for (cid, m) in members {
         // The runtime's own processes (runc's, before its init pivots into the container's
@@ -443,7 +494,12 @@ mod tests {
         let s = scan(&[runc.clone(), init(false)]);
         assert_eq!(s.inits.get(&c), None);
         assert!(s.containers["u"].contains(&c));
-        assert_eq!(scan(&[runc, init(true)]).inits.get(&c), Some(&11));
+        let s = scan(&[runc, init(true)]);
+        assert_eq!(s.init(&c), Some(Process { pid: 11, start: 2 }));
+        // A process is its PID and its start: the same PID started again is another.
+        assert!(s.runs(&c, Process { pid: 10, start: 1 }));
+        assert!(!s.runs(&c, Process { pid: 11, start: 3 }));
+        assert!(!s.runs(&cid("containerd://other"), Process { pid: 11, start: 2 }));
     }
 
     fn cid(s: &str) -> ContainerId {

@@ -93,8 +93,9 @@ struct HeldContainer {
     /// As the controller sent it.
     raw: String,
     id: ContainerId,
-    /// The init process guarded, once found.
-    pid: Option<i32>,
+    /// The init process guarded, once found: pinned while it runs in the container,
+    /// whichever process a later scan would take for the init.
+    init: Option<pods::Process>,
     /// Why guarding the current init failed; retried when the init changes.
     failure: Option<String>,
     /// Found in the pod's cgroup by the agent, not yet listed by the controller.
@@ -183,7 +184,7 @@ impl Guards {
                 Ok(HeldContainer {
                     raw: raw.clone(),
                     id: raw.parse::<ContainerId>()?,
-                    pid: None,
+                    init: None,
                     failure: None,
                     adopted: false,
                     settling: false,
@@ -236,7 +237,7 @@ impl Guards {
                             containers.push(HeldContainer {
                                 raw: o.raw.clone(),
                                 id: o.id.clone(),
-                                pid: None,
+                                init: None,
                                 failure: None,
                                 adopted: true,
                                 settling: false,
@@ -245,7 +246,7 @@ impl Guards {
                         }
                     }
                     _ if same => {
-                        if o.pid.is_some() {
+                        if o.init.is_some() {
                             self.agent.remove(&target_key(&key, &o.raw));
                         }
                     }
@@ -265,11 +266,11 @@ impl Guards {
         };
         let scan = procs.scan(&[pod_of(&key, &h, self.runtime)]);
         self.sync(&key, &mut h, &scan, Instant::now());
-        for o in replaced.iter().filter(|o| o.pid.is_some()) {
+        for o in replaced.iter().filter(|o| o.init.is_some()) {
             let again = h
                 .containers
                 .iter()
-                .any(|c| c.raw == o.raw && c.pid == o.pid);
+                .any(|c| c.raw == o.raw && c.init == o.init);
             if !again {
                 self.agent.remove(&target_key(&key, &o.raw));
             }
@@ -301,6 +302,30 @@ impl Guards {
         }
         self.count(&held);
         removed.is_some()
+    }
+
+    /// Guards the container born in a held pod once its init is in its own root: scans
+    /// again, backing off, while the pod has a container the runtime is still setting up,
+    /// until [`SETTLE_WITHIN`].
+    fn settle(&self, birth: &crate::cgroup_watch::Birth) {
+        let deadline = Instant::now() + SETTLE_WITHIN;
+        let mut pause = Duration::from_millis(1);
+        while birth.settled(deadline.saturating_duration_since(Instant::now())) {
+            self.rescan();
+            if !self.settling(&birth.pod_uid) || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(128));
+        }
+    }
+
+    /// Whether a container of pod `uid` was last seen being set up by its runtime.
+    fn settling(&self, uid: &str) -> bool {
+        let held = self.held.lock().expect("guards lock");
+        held.iter()
+            .filter(|(k, _)| k.pod_uid == uid)
+            .any(|(_, h)| h.containers.iter().any(|c| c.settling))
     }
 
     /// Whether a guard is held for pod `uid`.
@@ -358,7 +383,7 @@ impl Guards {
                 h.containers.push(HeldContainer {
                     raw: id.to_string(),
                     id: id.clone(),
-                    pid: None,
+                    init: None,
                     failure: None,
                     adopted: true,
                     settling: false,
@@ -369,10 +394,17 @@ impl Guards {
             let tkey = target_key(k, &c.raw);
             // Being set up by the runtime: guarded once its init is in its own root.
             c.settling = !scan.inits.contains_key(&c.id) && found.contains(&c.id);
-            match scan.inits.get(&c.id) {
-                Some(&pid) if c.pid == Some(pid) => {}
-                Some(&pid) => {
-                    c.pid = Some(pid);
+            // The init guarded stays the container's while it runs: a process that comes
+            // later (an exec's bootstrap, one with a PID namespace of its own) never takes
+            // its place. Its target lifts itself when it exits.
+            if c.init.is_some_and(|p| scan.runs(&c.id, p)) {
+                c.settling = false;
+                continue;
+            }
+            match scan.init(&c.id) {
+                Some(init) => {
+                    let pid = init.pid;
+                    c.init = Some(init);
                     c.failure = match self.agent.add(
                         &tkey,
                         h.policy.clone(),
@@ -389,11 +421,8 @@ impl Guards {
                         }
                     };
                 }
-                // An init guarded already stays so while its container is there: its
-                // target lifts itself when the process exits.
-                None if c.settling && c.pid.is_some() => c.settling = false,
                 None => {
-                    if c.pid.take().is_some() {
+                    if c.init.take().is_some() {
                         self.agent.remove(&tkey);
                     }
                     c.failure = None;
@@ -417,7 +446,7 @@ impl Guards {
             .iter()
             .map(|c| {
                 let state = states.get(&target_key(k, &c.raw));
-                let (phase, reason) = match (&c.failure, c.pid, state) {
+                let (phase, reason) = match (&c.failure, c.init, state) {
                     (Some(f), _, _) => (ContainerPhase::Failed, f.clone()),
                     (None, None, _) if c.settling => (
                         ContainerPhase::Pending,
@@ -444,7 +473,7 @@ impl Guards {
                     container_id: c.raw.clone(),
                     phase: phase as i32,
                     reason,
-                    pid: c.pid.unwrap_or(0),
+                    pid: c.init.map_or(0, |p| p.pid),
                     // The agent picks a backend per guard: say which one this container got.
                     backend: state.map_or(BACKEND, |s| s.backend).into(),
                     adopted: c.adopted,
@@ -711,7 +740,7 @@ async fn serve(
             }
         })
     };
-    watch_births(&args.cgroup_root, guards.clone())?;
+    watch_births(&args.cgroup_root, guards.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<Service>>().await;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -748,37 +777,56 @@ async fn serve(
 const SETTLE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Guards a held pod's new container as soon as its runtime has made its cgroup and moved
-/// its init into the container's root, instead of at the next rescan.
-fn watch_births(root: &std::path::Path, guards: Arc<Guards>) -> anyhow::Result<()> {
+/// its init into the container's root, instead of at the next rescan. A watch that cannot
+/// be placed, whole or on some directory, is reported (`janus_cgroup_watch_failed`) and
+/// leaves those containers to the rescan: it never keeps the agent from enforcing.
+fn watch_births(root: &std::path::Path, guards: Arc<Guards>) {
+    let failed = guards.agent.metrics().cgroup_watch_failed.clone();
+    let metric = failed.clone();
     let hierarchy = crate::cgroup_watch::hierarchy(root);
-    let mut births = crate::cgroup_watch::Births::new(&hierarchy)?;
+    let mut births = match crate::cgroup_watch::Births::new(&hierarchy) {
+        Ok(births) => births,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the cgroup tree: new containers are found by the periodic rescan only");
+            failed.set(1);
+            return;
+        }
+    };
     tracing::info!(hierarchy = %hierarchy.display(), "watching for new containers' cgroups");
-    std::thread::Builder::new()
-        .name("cgroup-watch".into())
-        .spawn(move || loop {
-            match births.next(Duration::from_secs(1)) {
-                Ok(Some(born)) => {
-                    for birth in born.into_iter().filter(|b| guards.holds_pod(&b.pod_uid)) {
-                        let guards = guards.clone();
-                        std::thread::spawn(move || {
-                            if birth.settled(SETTLE_WITHIN) {
-                                guards.rescan();
-                            }
-                        });
+    let watch = move || loop {
+        let next = births.next(Duration::from_secs(1));
+        failed.set(i64::from(births.incomplete()));
+        match next {
+            Ok(Some(born)) => {
+                for birth in born.into_iter().filter(|b| guards.holds_pod(&b.pod_uid)) {
+                    let g = guards.clone();
+                    let settle = std::thread::Builder::new()
+                        .name("cgroup-settle".into())
+                        .spawn(move || g.settle(&birth));
+                    if let Err(e) = settle {
+                        tracing::warn!(error = %e, "no thread to wait for a new container: looking at once");
+                        guards.rescan();
                     }
                 }
-                Ok(None) => {
-                    tracing::warn!("the cgroup watch overflowed: looking at every pod again");
-                    guards.rescan();
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the cgroup watch failed: new containers are found by the periodic rescan only");
-                    guards.agent.metrics().cgroup_watch_failed.set(1);
-                    return;
-                }
             }
-        })?;
-    Ok(())
+            Ok(None) => {
+                tracing::warn!("the cgroup watch overflowed: looking at every pod again");
+                guards.rescan();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the cgroup watch failed: new containers are found by the periodic rescan only");
+                failed.set(1);
+                return;
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("cgroup-watch".into())
+        .spawn(watch)
+    {
+        tracing::error!(error = %e, "cannot start the cgroup watch: new containers are found by the periodic rescan only");
+        metric.set(1);
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 
+use janus_api::holding::MAX_CONTAINERS;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
 use serde::{Deserialize, Serialize};
@@ -46,11 +47,25 @@ pub struct ContainerView {
         skip_serializing_if = "Option::is_none"
     )]
     pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<ContainerStateView>,
 }
 
+/// Whether a container has ended: only that is kept of its state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContainerStateView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminated: Option<Ended>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ended {}
+
 impl PodView {
-    /// The IDs of its containers that have one (init, app, then ephemeral), in the order of
-    /// its status.
+    /// The IDs of its containers that have one and have not ended (init, app, then
+    /// ephemeral), in the order of its status, at most [`MAX_CONTAINERS`] (an agent guards
+    /// the rest as it finds them in the pod's cgroup). An init container that completed, or
+    /// an ephemeral one that exited, keeps its ID in the status but has nothing to guard.
     pub fn container_ids(&self) -> impl Iterator<Item = &str> {
         self.status
             .iter()
@@ -62,8 +77,10 @@ impl PodView {
                 ]
             })
             .flatten()
+            .filter(|c| c.state.as_ref().is_none_or(|s| s.terminated.is_none()))
             .filter_map(|c| c.container_id.as_deref())
             .filter(|id| !id.is_empty())
+            .take(MAX_CONTAINERS)
     }
 
     /// Drops what the watch delivers but nothing reads: managed fields and annotations can
@@ -102,6 +119,21 @@ impl kube::Resource for PodView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ephemeral containers can only be added to a pod: however many it has, the request
+    /// stays within what an agent accepts, and the agent adopts the rest.
+    #[test]
+    fn at_most_max_containers_are_sent() {
+        let ephemeral: Vec<_> = (0..MAX_CONTAINERS + 50)
+            .map(|i| serde_json::json!({"containerID": format!("containerd://e{i}")}))
+            .collect();
+        let pod: PodView = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"ephemeralContainerStatuses": ephemeral},
+        }))
+        .unwrap();
+        assert_eq!(pod.container_ids().count(), MAX_CONTAINERS);
+    }
 
     #[test]
     fn a_pod_reads_into_the_view_and_the_rest_is_dropped() {

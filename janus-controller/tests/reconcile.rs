@@ -122,8 +122,12 @@ async fn a_pod_is_pushed_once_bound_before_its_containers_exist() {
         &["containerd://app"],
     );
     let status = init.status.as_mut().unwrap();
-    status.init_container_statuses =
-        serde_json::from_value(json!([{"containerID": "containerd://init"}])).unwrap();
+    // A completed init container keeps its ID in the status: nothing runs to guard.
+    status.init_container_statuses = serde_json::from_value(json!([
+        {"containerID": "containerd://setup", "state": {"terminated": {"exitCode": 0}}},
+        {"containerID": "containerd://init", "state": {"running": {}}},
+    ]))
+    .unwrap();
     status.ephemeral_container_statuses =
         serde_json::from_value(json!([{"containerID": "containerd://debug"}])).unwrap();
     w.stores.pod(init);
