@@ -652,3 +652,31 @@ async fn a_container_running_before_the_push_is_guarded_unlisted() {
     assert_eq!(listed, [(format!("containerd://{id}").as_str(), true)]);
     support::wait_denied(&container);
 }
+
+/// A cgroup tree that cannot be watched (here: none at the path given) leaves new
+/// containers to the rescan, and says so: the agent still starts and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unwatchable_cgroup_tree_is_reported_not_fatal() {
+    let dir = std::env::temp_dir().join("janus-serve-nowatch-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (addr, metrics) = (support::free_addr(), support::free_addr());
+    let metrics_arg = metrics.to_string();
+    let args = [
+        "--insecure-plaintext",
+        "--backend",
+        "fanotify",
+        "--cgroup-root",
+        "/nonexistent/cgroup",
+        "--metrics-addr",
+        &metrics_arg,
+    ];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
+    let (code, body) = janus_tests::agent::http_get(metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        janus_tests::agent::sum_series(&body, "janus_cgroup_watch_failed"),
+        1.0
+    );
+}
