@@ -304,19 +304,29 @@ impl Guards {
         removed.is_some()
     }
 
-    /// Guards the container born in a held pod once its init is in its own root: scans
-    /// again, backing off, while the pod has a container the runtime is still setting up,
-    /// until [`SETTLE_WITHIN`].
-    fn settle(&self, birth: &crate::cgroup_watch::Birth) {
-        let deadline = Instant::now() + SETTLE_WITHIN;
-        let mut pause = Duration::from_millis(1);
-        while birth.settled(deadline.saturating_duration_since(Instant::now())) {
-            self.rescan();
-            if !self.settling(&birth.pod_uid) || Instant::now() >= deadline {
-                return;
+    /// Guards pod `uid`'s containers that the runtime is still setting up as soon as their
+    /// init is in its own root: scans again, backing off, while `ready` (given the time left)
+    /// says it may be and one still is, until [`SETTLE_WITHIN`]. On a thread of its own.
+    fn settle(self: &Arc<Guards>, uid: String, ready: impl Fn(Duration) -> bool + Send + 'static) {
+        let guards = self.clone();
+        let settle = move || {
+            let deadline = Instant::now() + SETTLE_WITHIN;
+            let mut pause = Duration::from_millis(1);
+            while ready(deadline.saturating_duration_since(Instant::now())) {
+                guards.rescan();
+                if !guards.settling(&uid) || Instant::now() >= deadline {
+                    return;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(128));
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(128));
+        };
+        let started = std::thread::Builder::new()
+            .name("cgroup-settle".into())
+            .spawn(settle);
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "no thread to wait for a new container: looking at once");
+            self.rescan();
         }
     }
 
@@ -554,6 +564,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Status::internal(format!("agent task failed: {e}")))
 }
 
+impl Service {
+    /// A guard that arrives while a container of its pod is being set up (pushed late)
+    /// does not wait for the rescan: the container is guarded as soon as it can be.
+    fn settle_if_needed(&self, statuses: &[GuardStatus]) {
+        for key in statuses.iter().filter_map(|s| s.key.as_ref()) {
+            if self.0.settling(&key.pod_uid) {
+                self.0.settle(key.pod_uid.clone(), |_| true);
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AgentApi for Service {
     async fn apply_guard(
@@ -565,6 +587,7 @@ impl AgentApi for Service {
         let status = blocking(move || guards.apply(req))
             .await?
             .map_err(|e| Status::new(code_of(&e), e.to_string()))?;
+        self.settle_if_needed(std::slice::from_ref(&status));
         Ok(Response::new(ApplyGuardResponse {
             status: Some(status),
         }))
@@ -590,9 +613,17 @@ impl AgentApi for Service {
                         }),
                     }),
                 })
-                .collect()
+                .collect::<Vec<_>>()
         })
         .await?;
+        let held: Vec<GuardStatus> = results
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                Some(apply_result::Outcome::Status(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        self.settle_if_needed(&held);
         Ok(Response::new(ApplyGuardsResponse { results }))
     }
 
@@ -799,14 +830,8 @@ fn watch_births(root: &std::path::Path, guards: Arc<Guards>) {
         match next {
             Ok(Some(born)) => {
                 for birth in born.into_iter().filter(|b| guards.holds_pod(&b.pod_uid)) {
-                    let g = guards.clone();
-                    let settle = std::thread::Builder::new()
-                        .name("cgroup-settle".into())
-                        .spawn(move || g.settle(&birth));
-                    if let Err(e) = settle {
-                        tracing::warn!(error = %e, "no thread to wait for a new container: looking at once");
-                        guards.rescan();
-                    }
+                    let uid = birth.pod_uid.clone();
+                    guards.settle(uid, move |left| birth.settled(left));
                 }
             }
             Ok(None) => {

@@ -680,3 +680,104 @@ async fn an_unwatchable_cgroup_tree_is_reported_not_fatal() {
         1.0
     );
 }
+
+/// A guard that arrives while its pod's container is still being set up (its process in
+/// the runtime's root, as runc's init is before `pivot_root`) is not placed there, where it
+/// would name the node's files, and does not wait for the rescan (an hour away): the
+/// container is guarded as soon as its process is in a root of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guard_pushed_while_its_container_is_set_up_waits_for_its_root() {
+    let dir = std::env::temp_dir().join("janus-serve-settle-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "rootfs").unwrap();
+    populate(&root).unwrap();
+    let me = std::process::id();
+    let (pod_uid, id) = (format!("0000-2222-{me}"), format!("janus-settle-{me}"));
+    // As runc's init: in the container's cgroup, still in its parent's root, then in the
+    // container's (`chroot` then stands for `pivot_root`).
+    let script = format!(
+        "read go; exec {BUSYBOX} chroot {} /bin/busybox sleep 600",
+        root.dir().display()
+    );
+    let mut init = Killed(
+        std::process::Command::new(BUSYBOX)
+            .args(["sh", "-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = init.0.id() as i32;
+    let hierarchy = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "/sys/fs/cgroup"
+    } else {
+        "/sys/fs/cgroup/pids"
+    };
+    let cgroup = format!("{hierarchy}/kubepods/besteffort/pod{pod_uid}/{id}");
+    std::fs::create_dir_all(&cgroup).unwrap();
+    std::fs::write(format!("{cgroup}/cgroup.procs"), pid.to_string()).unwrap();
+
+    let addr = support::free_addr();
+    let args = [
+        "--insecure-plaintext",
+        "--backend",
+        "fanotify",
+        "--rescan-interval-ms",
+        "3600000",
+    ];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
+    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let status = client
+        .apply_guard(support::apply(
+            "default",
+            "settle",
+            &pod_uid,
+            &[&id],
+            DENY_SECRET,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let c = &status.containers[0];
+    assert_eq!(c.phase, ContainerPhase::Pending as i32, "{c:?}");
+    assert!(c.reason.contains("runtime's root"), "{c:?}");
+    assert_eq!(c.pid, 0);
+
+    // The process moves into its root: guarded without a rescan or another push.
+    use std::io::Write;
+    init.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let enforced = loop {
+        let listed = client
+            .list_guards(ListGuardsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let c = listed.guards[0].containers[0].clone();
+        if c.phase == ContainerPhase::Enforced as i32 {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline, "never guarded: {c:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(enforced.pid, pid);
+    drop(init);
+    let _ = std::fs::remove_dir(&cgroup);
+}
+
+/// A process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
