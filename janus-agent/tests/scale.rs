@@ -171,19 +171,11 @@ async fn guards_are_placed_while_the_uids_groups_and_instances_are_all_taken() {
         .await
         .unwrap();
     let ids: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
-    let status = client
-        .apply_guard(support::apply(
-            "default",
-            "hog",
-            &pod_uid,
-            &ids,
-            DENY_SECRET,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = support::applied(
+        &mut client,
+        support::apply("default", "hog", &pod_uid, &ids, DENY_SECRET),
+    )
+    .await;
     for c in &status.containers {
         assert_eq!(c.phase, ContainerPhase::Enforced as i32, "{c:?}");
     }

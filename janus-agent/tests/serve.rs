@@ -98,13 +98,7 @@ async fn a_container_restarted_under_a_new_id_is_guarded_by_the_agent_alone() {
             .count()
     };
     let guarded_before = guarded();
-    let status = client
-        .apply_guard(apply(&second))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = support::applied(&mut client, apply(&second)).await;
     let ids: Vec<&str> = status
         .containers
         .iter()
@@ -341,19 +335,11 @@ exec unshare --cgroup {agent} "$@"
     let mut client = AgentClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let status = client
-        .apply_guard(support::apply(
-            "default",
-            "cgns",
-            &pod_uid,
-            &[&id],
-            DENY_SECRET,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = support::applied(
+        &mut client,
+        support::apply("default", "cgns", &pod_uid, &[&id], DENY_SECRET),
+    )
+    .await;
     assert_eq!(status.containers[0].pid, container.pid(), "{status:?}");
     support::wait_denied(&container);
     drop(agent);
@@ -387,13 +373,7 @@ async fn no_read_succeeds_across_re_applies() {
     for round in 1..=20 {
         // Reads go on between every two applies.
         reader.wait_tries(2);
-        let status = client
-            .apply_guard(apply(round))
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let status = support::applied(&mut client, apply(round)).await;
         assert_eq!(
             status.containers[0].phase,
             ContainerPhase::Enforced as i32,
@@ -442,13 +422,7 @@ async fn every_read_after_a_switch_from_monitor_to_enforce_is_refused() {
 
     let reader = support::LoopReader::start(std::sync::Arc::new(container), &root);
     reader.wait_tries(5);
-    let status = client
-        .apply_guard(apply("enforce"))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = support::applied(&mut client, apply("enforce")).await;
     assert_eq!(status.containers[0].phase, ContainerPhase::Enforced as i32);
     // Tries up to `done` had ended; the next may have begun before the switch.
     let done = reader.wait_tries(20);
@@ -482,19 +456,7 @@ async fn a_pod_pushed_at_scheduling_has_every_container_guarded() {
     let me = std::process::id();
     let pod_uid = format!("0000-eeee-{me}");
     let (sandbox_id, app_id) = (format!("janus-pause-{me}"), format!("janus-app-{me}"));
-    let addr = support::free_addr();
-    let args = [
-        "--insecure-plaintext",
-        "--backend",
-        "fanotify",
-        "--rescan-interval-ms",
-        "3600000",
-    ];
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
-    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
-    let mut client = AgentClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let (_agent, mut client) = support::serve_plain_with(&dir, &support::NO_RESCAN).await;
     let spec = |round: usize| {
         format!(
             r#"{{"selector":{{}},"subjects":[{{"deny":["/data/secret"],"events":["open"],"tags":{{"round":"{round}"}}}}]}}"#
@@ -582,19 +544,7 @@ async fn each_start_in_a_pod_pushed_at_scheduling_is_refused_without_a_rescan() 
     std::fs::create_dir_all(&dir).unwrap();
     let root = Root::new(&dir, "rootfs").unwrap();
     populate(&root).unwrap();
-    let addr = support::free_addr();
-    let args = [
-        "--insecure-plaintext",
-        "--backend",
-        "fanotify",
-        "--rescan-interval-ms",
-        "3600000",
-    ];
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
-    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
-    let mut client = AgentClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let (_agent, mut client) = support::serve_plain_with(&dir, &support::NO_RESCAN).await;
     // Opens until refused, at most 2,000 times (seconds of forks).
     let script = "n=0; while cat /data/secret >/dev/null 2>&1; do n=$((n+1)); \
                   [ $n -ge 2000 ] && break; done; echo $n > /tmp/opened";
@@ -631,19 +581,11 @@ async fn each_start_in_a_pod_pushed_at_scheduling_is_refused_without_a_rescan() 
 async fn a_container_running_before_the_push_is_guarded_unlisted() {
     let (dir, _root, pod_uid, id, container) = support::pod_container("late", "0000-1111");
     let (_agent, mut client) = support::serve_plain(&dir).await;
-    let status = client
-        .apply_guard(support::apply(
-            "default",
-            "late",
-            &pod_uid,
-            &[],
-            DENY_SECRET,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = support::applied(
+        &mut client,
+        support::apply("default", "late", &pod_uid, &[], DENY_SECRET),
+    )
+    .await;
     let listed: Vec<(&str, bool)> = status
         .containers
         .iter()
@@ -719,32 +661,12 @@ async fn a_guard_pushed_while_its_container_is_set_up_waits_for_its_root() {
     std::fs::create_dir_all(&cgroup).unwrap();
     std::fs::write(format!("{cgroup}/cgroup.procs"), pid.to_string()).unwrap();
 
-    let addr = support::free_addr();
-    let args = [
-        "--insecure-plaintext",
-        "--backend",
-        "fanotify",
-        "--rescan-interval-ms",
-        "3600000",
-    ];
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
-    let _agent = Serve::start(bin, addr, &args, &dir, "agent").unwrap();
-    let mut client = AgentClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let status = client
-        .apply_guard(support::apply(
-            "default",
-            "settle",
-            &pod_uid,
-            &[&id],
-            DENY_SECRET,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let (_agent, mut client) = support::serve_plain_with(&dir, &support::NO_RESCAN).await;
+    let status = support::applied(
+        &mut client,
+        support::apply("default", "settle", &pod_uid, &[&id], DENY_SECRET),
+    )
+    .await;
     let c = &status.containers[0];
     assert_eq!(c.phase, ContainerPhase::Pending as i32, "{c:?}");
     assert!(c.reason.contains("runtime's root"), "{c:?}");

@@ -78,8 +78,23 @@ pub async fn serve_plain(
     janus_tests::agent::Serve,
     janus_api::agent_v1::agent_client::AgentClient<tonic::transport::Channel>,
 ) {
+    serve_plain_with(dir, &[]).await
+}
+
+/// The rescan an hour away: what the agent does at once is all a test sees.
+pub const NO_RESCAN: [&str; 2] = ["--rescan-interval-ms", "3600000"];
+
+/// [`serve_plain`] with more arguments.
+pub async fn serve_plain_with(
+    dir: &std::path::Path,
+    more: &[&str],
+) -> (
+    janus_tests::agent::Serve,
+    janus_api::agent_v1::agent_client::AgentClient<tonic::transport::Channel>,
+) {
     let addr = free_addr();
-    let args = ["--insecure-plaintext", "--backend", "fanotify"];
+    let mut args = vec!["--insecure-plaintext", "--backend", "fanotify"];
+    args.extend_from_slice(more);
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_janus-agent"));
     let agent = janus_tests::agent::Serve::start(bin, addr, &args, dir, "agent").unwrap();
     let client = janus_api::agent_v1::agent_client::AgentClient::connect(format!("http://{addr}"))
@@ -157,4 +172,18 @@ impl LoopReader {
             })
             .collect()
     }
+}
+
+/// Applies `req` through `client`; the status the agent answers with.
+pub async fn applied(
+    client: &mut janus_api::agent_v1::agent_client::AgentClient<tonic::transport::Channel>,
+    req: ApplyGuardRequest,
+) -> janus_api::agent_v1::GuardStatus {
+    client
+        .apply_guard(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
 }
