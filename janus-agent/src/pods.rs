@@ -210,9 +210,9 @@ pub fn rooted(pid: i32) -> bool {
     rooted_in("/proc", pid, &status)
 }
 
-/// [`rooted`] for a process whose `status` was read already. A parent whose root cannot be
-/// read is exiting: its child is about to be given another (the runtime's shim, which reaps
-/// it), so the parent is read again, a few times.
+/// [`rooted`] for a process whose `status` was read already. Never waits: a parent that is
+/// exiting (whose root cannot be read) gives false, and the agent looks again after the
+/// runtime's shim has taken the child over.
 fn rooted_in(proc_root: &str, pid: i32, status: &str) -> bool {
     use std::os::unix::fs::MetadataExt;
     let root = |pid: i32| {
@@ -220,32 +220,20 @@ fn rooted_in(proc_root: &str, pid: i32, status: &str) -> bool {
             .ok()
             .map(|m| (m.dev(), m.ino()))
     };
-    let parent = |status: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("PPid:"))
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .filter(|p| *p > 0)
-    };
-    let Some(mine) = root(pid) else {
-        return false;
-    };
-    let mut status = status.to_owned();
-    for _ in 0..REPARENT_TRIES {
-        if let Some(theirs) = parent(&status).and_then(root) {
-            return mine != theirs;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-        match std::fs::read_to_string(format!("{proc_root}/{pid}/status")) {
-            Ok(again) => status = again,
-            Err(_) => return false,
-        }
+    match (root(pid), parent_of(status).and_then(root)) {
+        (Some(mine), Some(theirs)) => mine != theirs,
+        _ => false,
     }
-    false
 }
 
-/// How often [`rooted_in`] reads a process's parent again while it cannot read its root.
-const REPARENT_TRIES: usize = 5;
+/// The PPid a `/proc/PID/status` names, if any.
+fn parent_of(status: &str) -> Option<i32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0)
+}
 
 /// One process as the scan saw it.
 #[derive(Debug, Clone)]
@@ -264,6 +252,8 @@ struct Proc {
     /// In a root other than its parent's ([`rooted`]): only such a process can be a
     /// container's init, whose parent is its runtime.
     rooted: bool,
+    /// Its parent (0: none).
+    ppid: i32,
 }
 
 /// What one pass over /proc found for the containers and pods asked about.
@@ -357,10 +347,13 @@ fn scan_procs(procs: &[Proc], pods: &[(String, Runtime)]) -> Scan {
     }
     for (cid, m) in members {
         // The runtime's own processes (runc's, before its init pivots into the container's
-        // root) are members too, in an outer PID namespace: not the init.
+        // root) are members too, in an outer PID namespace: not the init. Nor is a process
+        // whose parent is the container's (one that `chroot`s is in a root of its own): the
+        // init's parent is the runtime's shim, outside the container.
+        let pids: BTreeSet<i32> = m.iter().map(|p| p.pid).collect();
         let init = m
             .iter()
-            .filter(|p| p.rooted)
+            .filter(|p| p.rooted && !pids.contains(&p.ppid))
             .min_by_key(|p| (p.ns_depth, !p.ns_init, p.start, p.pid));
         if let Some(p) = init {
             out.inits.insert(cid, p.pid);
@@ -462,6 +455,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         ns_depth: nspid.len(),
         start,
         rooted,
+        ppid: parent_of(&status).unwrap_or(0),
     })
 }
 
@@ -494,6 +488,13 @@ mod tests {
         let s = scan(&[runc.clone(), init(false)]);
         assert_eq!(s.inits.get(&c), None);
         assert!(s.containers["u"].contains(&c));
+        // A child of the init that `chroot`s is in a root of its own, and still not the init.
+        let chrooted = Proc {
+            ppid: 11,
+            ..proc(12, &[path], false, 3)
+        };
+        let s = scan(&[runc.clone(), init(false), chrooted]);
+        assert_eq!(s.inits.get(&c), None);
         let s = scan(&[runc, init(true)]);
         assert_eq!(s.init(&c), Some(Process { pid: 11, start: 2 }));
         // A process is its PID and its start: the same PID started again is another.
@@ -514,6 +515,7 @@ mod tests {
             ns_depth: 2,
             start,
             rooted: true,
+            ppid: 0,
         }
     }
 

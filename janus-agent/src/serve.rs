@@ -121,7 +121,13 @@ impl Held {
         Holding {
             guard_uid: &self.guard_uid,
             spec_digest: &self.spec_digest,
-            containers: self.containers.iter().map(|c| c.raw.as_str()).collect(),
+            // As the controller compares: what it asked for, not what the agent adopted.
+            containers: self
+                .containers
+                .iter()
+                .filter(|c| !c.adopted)
+                .map(|c| c.raw.as_str())
+                .collect(),
         }
     }
 
@@ -327,6 +333,16 @@ impl Guards {
         if let Err(e) = started {
             tracing::warn!(error = %e, "no thread to wait for a new container: looking at once");
             self.rescan();
+        }
+    }
+
+    /// A guard that arrives while a container of its pod is being set up (pushed late)
+    /// does not wait for the rescan: the container is guarded as soon as it can be.
+    fn settle_if_needed(self: &Arc<Guards>, statuses: &[GuardStatus]) {
+        for key in statuses.iter().filter_map(|s| s.key.as_ref()) {
+            if self.settling(&key.pod_uid) {
+                self.settle(key.pod_uid.clone(), |_| true);
+            }
         }
     }
 
@@ -564,18 +580,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Status::internal(format!("agent task failed: {e}")))
 }
 
-impl Service {
-    /// A guard that arrives while a container of its pod is being set up (pushed late)
-    /// does not wait for the rescan: the container is guarded as soon as it can be.
-    fn settle_if_needed(&self, statuses: &[GuardStatus]) {
-        for key in statuses.iter().filter_map(|s| s.key.as_ref()) {
-            if self.0.settling(&key.pod_uid) {
-                self.0.settle(key.pod_uid.clone(), |_| true);
-            }
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl AgentApi for Service {
     async fn apply_guard(
@@ -584,10 +588,13 @@ impl AgentApi for Service {
     ) -> Result<Response<ApplyGuardResponse>, Status> {
         let guards = self.0.clone();
         let req = request.into_inner();
-        let status = blocking(move || guards.apply(req))
-            .await?
-            .map_err(|e| Status::new(code_of(&e), e.to_string()))?;
-        self.settle_if_needed(std::slice::from_ref(&status));
+        let status = blocking(move || {
+            let status = guards.apply(req)?;
+            guards.settle_if_needed(std::slice::from_ref(&status));
+            Ok(status)
+        })
+        .await?
+        .map_err(|e: ApplyError| Status::new(code_of(&e), e.to_string()))?;
         Ok(Response::new(ApplyGuardResponse {
             status: Some(status),
         }))
@@ -602,28 +609,26 @@ impl AgentApi for Service {
         let guards = self.0.clone();
         let results = blocking(move || {
             let procs = pods::Procs::default();
-            items
+            let mut held = Vec::new();
+            let results = items
                 .into_iter()
                 .map(|req| ApplyResult {
                     outcome: Some(match guards.apply_in(req, &procs) {
-                        Ok(status) => apply_result::Outcome::Status(status),
+                        Ok(status) => {
+                            held.push(status.clone());
+                            apply_result::Outcome::Status(status)
+                        }
                         Err(e) => apply_result::Outcome::Error(ItemError {
                             code: code_of(&e) as i32,
                             message: e.to_string(),
                         }),
                     }),
                 })
-                .collect::<Vec<_>>()
+                .collect();
+            guards.settle_if_needed(&held);
+            results
         })
         .await?;
-        let held: Vec<GuardStatus> = results
-            .iter()
-            .filter_map(|r| match &r.outcome {
-                Some(apply_result::Outcome::Status(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .collect();
-        self.settle_if_needed(&held);
         Ok(Response::new(ApplyGuardsResponse { results }))
     }
 
