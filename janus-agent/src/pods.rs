@@ -25,6 +25,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::resolve;
+
 /// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, fixed by the kernel).
 const INITIAL_CGROUP_NS: u64 = 0xEFFF_FFFB;
 
@@ -204,35 +206,17 @@ pub fn pod_uid(component: &str) -> Option<String> {
 /// guard's paths name the node's files, not the container's. Of a container's processes,
 /// only its init is in a root other than its parent's (unless one `chroot`s). False when
 /// either root cannot be read: a parent that is exiting (runc's first process, right after
-/// it made the init) would otherwise pass an init still in the runtime's root.
+/// it made the init) would otherwise pass an init still in the runtime's root. Never waits:
+/// the agent looks again once the runtime's shim has taken the child over.
 pub fn rooted(pid: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    rooted_in("/proc", pid, &status)
+    resolve::parent_pid(pid).is_ok_and(|ppid| roots_differ(pid, ppid))
 }
 
-/// [`rooted`] for a process whose `status` was read already. Never waits: a parent that is
-/// exiting (whose root cannot be read) gives false, and the agent looks again after the
-/// runtime's shim has taken the child over.
-fn rooted_in(proc_root: &str, pid: i32, status: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let root = |pid: i32| {
-        std::fs::metadata(format!("{proc_root}/{pid}/root"))
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
-    };
-    match (root(pid), parent_of(status).and_then(root)) {
+fn roots_differ(pid: i32, ppid: i32) -> bool {
+    match (resolve::process_root(pid), resolve::process_root(ppid)) {
         (Some(mine), Some(theirs)) => mine != theirs,
         _ => false,
     }
-}
-
-/// The PPid a `/proc/PID/status` names, if any.
-fn parent_of(status: &str) -> Option<i32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|p| p.trim().parse::<i32>().ok())
-        .filter(|p| *p > 0)
 }
 
 /// One process as the scan saw it.
@@ -426,8 +410,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_owned))
         .collect();
     let status = std::fs::read(format!("{proc_root}/{pid}/status")).ok()?;
-    let status = String::from_utf8_lossy(&status);
-    let nspid: Vec<String> = status
+    let nspid: Vec<String> = String::from_utf8_lossy(&status)
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
         .map(|ids| ids.split_whitespace().map(str::to_owned).collect())
@@ -439,15 +422,15 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         .iter()
         .rposition(|b| *b == b')')
         .map(|i| &stat[i + 1..])?;
-    let start = std::str::from_utf8(after)
+    let fields: Vec<&str> = std::str::from_utf8(after)
         .ok()?
         .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
+        .collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
     // Only a pod's processes can be a container's init.
     let in_pod = cgroups.iter().any(|c| c.contains("kubepods"));
-    let rooted = in_pod && rooted_in(proc_root, pid, &status);
+    let rooted = in_pod && roots_differ(pid, ppid);
     Some(Proc {
         pid,
         cgroups,
@@ -455,7 +438,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         ns_depth: nspid.len(),
         start,
         rooted,
-        ppid: parent_of(&status).unwrap_or(0),
+        ppid,
     })
 }
 
