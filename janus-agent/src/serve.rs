@@ -104,6 +104,20 @@ struct HeldContainer {
     settling: bool,
 }
 
+impl HeldContainer {
+    /// Not guarded yet.
+    fn new(raw: String, id: ContainerId, adopted: bool) -> HeldContainer {
+        HeldContainer {
+            raw,
+            id,
+            init: None,
+            failure: None,
+            adopted,
+            settling: false,
+        }
+    }
+}
+
 struct Held {
     guard_uid: String,
     generation: i64,
@@ -187,14 +201,11 @@ impl Guards {
             .container_ids
             .iter()
             .map(|raw| {
-                Ok(HeldContainer {
-                    raw: raw.clone(),
-                    id: raw.parse::<ContainerId>()?,
-                    init: None,
-                    failure: None,
-                    adopted: false,
-                    settling: false,
-                })
+                Ok(HeldContainer::new(
+                    raw.clone(),
+                    raw.parse::<ContainerId>()?,
+                    false,
+                ))
             })
             .collect::<Result<Vec<_>, ApplyError>>()?;
         let asked = Holding::of_request(&req);
@@ -240,14 +251,7 @@ impl Guards {
                         if same {
                             containers.push(o);
                         } else {
-                            containers.push(HeldContainer {
-                                raw: o.raw.clone(),
-                                id: o.id.clone(),
-                                init: None,
-                                failure: None,
-                                adopted: true,
-                                settling: false,
-                            });
+                            containers.push(HeldContainer::new(o.raw.clone(), o.id.clone(), true));
                             replaced.push(o);
                         }
                     }
@@ -406,14 +410,8 @@ impl Guards {
         for id in found {
             if !h.containers.iter().any(|c| c.id == *id) {
                 tracing::info!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, container = %id, "a container of the pod not listed by the controller: guarding it");
-                h.containers.push(HeldContainer {
-                    raw: id.to_string(),
-                    id: id.clone(),
-                    init: None,
-                    failure: None,
-                    adopted: true,
-                    settling: false,
-                });
+                h.containers
+                    .push(HeldContainer::new(id.to_string(), id.clone(), true));
             }
         }
         for c in &mut h.containers {
