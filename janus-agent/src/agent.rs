@@ -12,6 +12,7 @@ use crate::decisions::LogSender;
 use crate::fanotify::target::{StartError, TargetSpec};
 use crate::fanotify::{self, Engine, TargetHandle};
 use crate::metrics::Metrics;
+use crate::resolve::TargetRoot;
 use crate::state::{Phase, TargetState};
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +105,7 @@ impl Agent {
 
     /// Starts enforcing `guard` on `pid` until [`Agent::shutdown`].
     pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), GuardError> {
-        self.add(&Agent::key(&guard, pid), guard, pid, pod)
+        self.add(&Agent::key(&guard, pid), guard, pid.into(), pod)
     }
 
     /// The key [`Agent::guard`] holds `guard` on `pid` under.
@@ -120,14 +121,14 @@ impl Agent {
         &self,
         key: &str,
         guard: Arc<GuardPolicy>,
-        pid: i32,
+        at: TargetRoot,
         pod: String,
     ) -> Result<(), GuardError> {
         let in_bpf = match self.targets.lock().expect("targets lock").get(key) {
             Some(Target::Bpf { id, .. }) => Some(*id),
             _ => None,
         };
-        let (target, swapped) = self.start(guard, pid, pod, in_bpf)?;
+        let (target, swapped) = self.start(guard, at, pod, in_bpf)?;
         let old = self
             .targets
             .lock()
@@ -146,14 +147,15 @@ impl Agent {
     fn start(
         &self,
         guard: Arc<GuardPolicy>,
-        pid: i32,
+        at: TargetRoot,
         pod: String,
         replacing: Option<u32>,
     ) -> Result<(Target, bool), GuardError> {
+        let pid = at.pid;
         if let Some(enforcer) = &self.bpf {
             match enforcer.guard(
                 guard.clone(),
-                pid,
+                &at,
                 pod.clone(),
                 self.node.clone(),
                 replacing,
@@ -184,7 +186,7 @@ impl Agent {
             .ok_or(StartError::Stopped)?
             .add(TargetSpec {
                 guard: guard.clone(),
-                pid,
+                root: at,
                 pod,
                 node: self.node.clone(),
             })?;

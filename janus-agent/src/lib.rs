@@ -5,6 +5,7 @@ pub mod bpf;
 pub mod cgroup_watch;
 pub mod decisions;
 pub mod fanotify;
+pub mod hook;
 pub mod http;
 pub mod metrics;
 pub mod pods;

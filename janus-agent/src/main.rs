@@ -22,6 +22,9 @@ enum Command {
     /// Serve the gRPC API (janus.agent.v1) through which the controller places guards on
     /// this node's pods.
     Serve(janus_agent::serve::ServeArgs),
+    /// The start gate, as an OCI runtime hook (createRuntime): reads the container's state on
+    /// stdin and exits 0 once the node's agent guards the container (docs/operations.md).
+    Hook(janus_agent::hook::HookArgs),
 }
 
 /// Every permission event being answered holds a descriptor, and so does every directory
@@ -43,26 +46,11 @@ fn raise_nofile_limit() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    raise_nofile_limit();
-    diagnostics::init(cli.log_format);
-    if matches!(cli.command, Command::Serve(_)) {
-        // Before any thread starts: setns changes the calling thread only.
-        if let Err(e) = janus_agent::pods::join_host_cgroup_namespace() {
-            eprintln!("janus-agent: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("building the runtime");
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Guard(args) => janus_agent::standalone::run(args).await,
-            Command::Serve(args) => janus_agent::serve::run(args).await,
-        }
-    });
+    let result = match cli.command {
+        // The runtime waits on the hook: no threads, no diagnostics set-up.
+        Command::Hook(args) => janus_agent::hook::run(args),
+        command => run(command, cli.log_format),
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -70,4 +58,25 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    diagnostics::init(log_format);
+    if matches!(command, Command::Serve(_)) {
+        // Before any thread starts: setns changes the calling thread only.
+        janus_agent::pods::join_host_cgroup_namespace()?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("building the runtime");
+    runtime.block_on(async {
+        match command {
+            Command::Guard(args) => janus_agent::standalone::run(args).await,
+            Command::Serve(args) => janus_agent::serve::run(args).await,
+            Command::Hook(args) => janus_agent::hook::run(args),
+        }
+    })
 }

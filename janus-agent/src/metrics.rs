@@ -22,6 +22,9 @@ const INTERNAL_ERROR_KINDS: [(&str, &str); 8] = [
     ("bpf", "corrupt_record"),
 ];
 
+/// The `outcome`s of `janus_gate_total`.
+pub const GATE_OUTCOMES: [&str; 4] = ["guarded", "no_guard", "started_unguarded", "refused"];
+
 pub struct Metrics {
     registry: Registry,
     pub decisions: IntCounterVec,
@@ -40,6 +43,7 @@ pub struct Metrics {
     pub kernel_marks: IntGauge,
     pub placement_failures: IntCounterVec,
     pub cgroup_watch_failed: IntGauge,
+    pub gate: IntCounterVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -173,6 +177,14 @@ impl Metrics {
             "Marks, watches or map entries a guard needed that could not be placed (kind: mark|watch|stat|limit|escaped|map), e.g. at a kernel quota; the target is failed until they are.",
             &["backend", "kind"],
         );
+        let gate = counter(
+            "janus_gate_total",
+            "Containers the start gate answered, by outcome: guarded (every guard of its pod enforced before it ran), no_guard (its pod has none), started_unguarded (the gate failed and the pod's guards fail open, or the agent could not be reached), refused (it failed closed).",
+            &["outcome"],
+        );
+        for outcome in GATE_OUTCOMES {
+            gate.with_label_values(&[outcome]);
+        }
         for (backend, kind) in [
             ("fanotify", "mark"),
             ("fanotify", "watch"),
@@ -202,6 +214,7 @@ impl Metrics {
             kernel_marks,
             placement_failures,
             cgroup_watch_failed,
+            gate,
             decisions,
             internal_errors,
             overflows,

@@ -219,6 +219,19 @@ fn roots_differ(pid: i32, ppid: i32) -> bool {
     }
 }
 
+/// Process `pid`, when it runs in `container`'s cgroup in pod `pod_uid`'s.
+pub fn member(pid: i32, container: &ContainerId, pod_uid: &str) -> Option<Process> {
+    let p = read_proc("/proc", pid)?;
+    let inside = p.cgroups.iter().any(|path| {
+        pod_of(path)
+            .is_some_and(|(uid, leaf)| uid == pod_uid && leaf.is_some_and(|l| container.is_leaf(l)))
+    });
+    inside.then_some(Process {
+        pid,
+        start: p.start,
+    })
+}
+
 /// One process as the scan saw it.
 #[derive(Debug, Clone)]
 struct Proc {

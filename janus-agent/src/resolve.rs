@@ -63,6 +63,35 @@ pub fn is_dir(st: &libc::statx) -> bool {
     u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR
 }
 
+/// A target process, and where its container's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetRoot {
+    pub pid: i32,
+    /// While the runtime sets the container up (a start gate runs before `pivot_root`),
+    /// the directory that becomes its root, as the process's mount namespace names it;
+    /// None once the process's root is the container's.
+    pub rootfs: Option<std::path::PathBuf>,
+}
+
+impl From<i32> for TargetRoot {
+    fn from(pid: i32) -> TargetRoot {
+        TargetRoot { pid, rootfs: None }
+    }
+}
+
+impl TargetRoot {
+    /// The processes `autoAllowOwner` lets through: the target and its parent, which a
+    /// container's init started by an init of its own (tini) needs. Before `pivot_root` the
+    /// parent is the runtime, which exits and leaves its PID to be given again: the target
+    /// alone.
+    pub fn owners(&self) -> Result<[i32; 2], ResolveError> {
+        Ok(match self.rootfs {
+            Some(_) => [self.pid, self.pid],
+            None => [self.pid, parent_pid(self.pid)?],
+        })
+    }
+}
+
 /// A target process's root directory, held open.
 pub struct ContainerRoot {
     pub pid: i32,
@@ -91,19 +120,23 @@ fn ns_inode(pid: &str, ns: &str) -> Option<u64> {
 }
 
 impl ContainerRoot {
-    pub fn open(pid: i32) -> Result<ContainerRoot, ResolveError> {
-        let root = open_path(
-            None,
-            format!("/proc/{pid}/root").as_bytes(),
-            libc::O_DIRECTORY,
-        )
-        .map_err(|error| ResolveError::Root { pid, error })?;
+    pub fn open(at: &TargetRoot) -> Result<ContainerRoot, ResolveError> {
+        let pid = at.pid;
+        let mut path = format!("/proc/{pid}/root").into_bytes();
+        if let Some(rootfs) = &at.rootfs {
+            path.extend_from_slice(rootfs.as_os_str().as_encoded_bytes());
+        }
+        let root = open_path(None, &path, libc::O_DIRECTORY)
+            .map_err(|error| ResolveError::Root { pid, error })?;
+        let mnt_ns = ns_inode(&pid.to_string(), "mnt").unwrap_or(0);
+        let own_ns = at.rootfs.is_some() && Some(mnt_ns) != ns_inode("self", "mnt");
         let mut prefix =
             fd_path(root.as_fd()).map_err(|error| ResolveError::Root { pid, error })?;
-        if prefix == b"/" {
+        // A root in a mount namespace of its own renders as `/` once the runtime has
+        // pivoted into it, before the container runs a single instruction.
+        if prefix == b"/" || own_ns {
             prefix.clear();
         }
-        let mnt_ns = ns_inode(&pid.to_string(), "mnt").unwrap_or(0);
         let st = nix::sys::stat::fstat(root.as_fd()).map_err(|e| ResolveError::Root {
             pid,
             error: e.into(),

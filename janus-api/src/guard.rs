@@ -45,6 +45,10 @@ pub struct JanusGuardSpec {
     /// `enforce` (omitted) or `monitor`: decide and log, but let every access through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// `failClosed` (omitted) or `failOpen`: whether a selected pod's container may start
+    /// when the start gate cannot enforce this guard on it in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_gate_failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -334,6 +334,9 @@ pub struct GuardPolicy {
     pub selector: Selector,
     pub subjects: Vec<SubjectPolicy>,
     pub log_format: LogTemplate,
+    /// Whether a selected pod's container starts when the start gate cannot enforce the
+    /// guard on it in time (`onGateFailure: failOpen`).
+    pub start_on_gate_failure: bool,
 }
 
 impl GuardPolicy {
@@ -401,6 +404,17 @@ impl GuardPolicy {
                     LogTemplate::default()
                 }
             };
+        let start_on_gate_failure = match spec.on_gate_failure.as_deref() {
+            None | Some("failClosed") => false,
+            Some("failOpen") => true,
+            Some(other) => {
+                errors.push(
+                    "spec.onGateFailure",
+                    format!("{other:?}: must be failClosed or failOpen"),
+                );
+                false
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -410,6 +424,7 @@ impl GuardPolicy {
             selector,
             subjects,
             log_format,
+            start_on_gate_failure,
         })
     }
 

@@ -147,3 +147,26 @@ fn tags_cannot_forge_log_lines() {
     ));
     assert!(e.starts_with("spec.subjects[0].tags.k:"), "{e}");
 }
+
+#[test]
+fn the_gate_failure_mode_is_closed_unless_set_open_and_named_when_unknown() {
+    let policy = |extra: &str| {
+        let text = guard(&format!("{extra}  subjects:\n  - deny: [/a]\n"));
+        GuardPolicy::from_guard(&parse_documents(&text).unwrap()[0])
+    };
+    assert!(!policy("").unwrap().start_on_gate_failure);
+    assert!(
+        !policy("  onGateFailure: failClosed\n")
+            .unwrap()
+            .start_on_gate_failure
+    );
+    assert!(
+        policy("  onGateFailure: failOpen\n")
+            .unwrap()
+            .start_on_gate_failure
+    );
+    assert_eq!(
+        policy("  onGateFailure: open\n").unwrap_err().to_string(),
+        r#"spec.onGateFailure: "open": must be failClosed or failOpen"#
+    );
+}

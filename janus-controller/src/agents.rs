@@ -11,7 +11,7 @@ use anyhow::Context;
 use janus_api::agent_v1::agent_client::AgentClient;
 use janus_api::agent_v1::{
     apply_result, ApplyGuardRequest, ApplyGuardsRequest, GuardStatus, ItemError, ListGuardsRequest,
-    Removal, RemoveGuardRequest, RemoveGuardsRequest,
+    Removal, RemoveGuardRequest, RemoveGuardsRequest, SetPodsRequest,
 };
 use janus_api::holding::MAX_BATCH_BYTES;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -244,6 +244,13 @@ impl AgentPool {
             self.forget(addr, e);
         }
         result
+    }
+
+    /// Tells the agent its node's bound pods and their guards.
+    pub async fn set_pods(&self, addr: &str, word: SetPodsRequest) -> Result<(), AgentError> {
+        self.call(addr, |mut c| async move { c.set_pods(word).await })
+            .await
+            .map(drop)
     }
 
     /// What the agent holds, or [`Listing::Unchanged`] when that is still what has the

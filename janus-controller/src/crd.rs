@@ -59,6 +59,25 @@ pub struct JanusGuardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "mode_schema")]
     pub mode: Option<ModeName>,
+    /// `failClosed` (the default) or `failOpen`: whether a selected pod's container starts
+    /// when the node's start gate cannot enforce this guard on it in time. Closed, it does
+    /// not start (the kubelet retries, with the reason in the pod's events); open, it
+    /// starts unguarded and `janus_gate_total{outcome="started_unguarded"}` counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "gate_failure_schema")]
+    pub on_gate_failure: Option<GateFailure>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum GateFailure {
+    FailClosed,
+    FailOpen,
+}
+
+/// A plain string enum, as for `mode`.
+fn gate_failure_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "string", "enum": ["failClosed", "failOpen"] })
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod crd;
+pub mod gate;
 pub mod index;
 pub mod metrics;
 pub mod pki;
@@ -56,6 +57,7 @@ async fn reconcile(guard: Arc<JanusGuard>, core: Arc<Core>) -> Result<Action, re
         return Ok(Action::await_change());
     }
     let result = core.sync_guard(&guard).await;
+    core.gates_changed.notify_one();
     let label = if result.is_ok() { "ok" } else { "error" };
     core.metrics
         .reconciliations
@@ -151,6 +153,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let result = core.sync_all().await;
+                // Every agent, again: one that restarted lost its word.
+                core.tell_agents(true).await;
                 let label = if result.is_ok() { "ok" } else { "error" };
                 core.metrics
                     .reconciliations
@@ -162,9 +166,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let (lifter, mapper) = (core.clone(), core.clone());
+    let (lifter, mapper, core_for_gates) = (core.clone(), core.clone(), core.clone());
     let controller = controller
         .watches_stream(pod_events, move |pod: PodView| {
+            mapper.gates_changed.notify_one();
             mapper.guards_touched_by(&pod)
         })
         .shutdown_on_signal()
@@ -177,11 +182,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         futures::stream::poll_fn(|cx| deleted.poll_recv(cx))
             .for_each_concurrent(LIFTS_AT_ONCE, |guard| {
                 let lifter = &lifter;
-                async move { lifter.lift_deleted(&guard).await }
+                async move {
+                    lifter.lift_deleted(&guard).await;
+                    lifter.gates_changed.notify_one();
+                }
             })
             .await
     };
+    // Pod and guard changes, told to the agents whose word they change; changes that come
+    // while agents are being told are told together after.
+    let teller = core_for_gates.clone();
+    let tell = async move {
+        loop {
+            teller.gates_changed.notified().await;
+            teller.tell_agents(false).await;
+        }
+    };
     tokio::select! {
+        _ = tell => {}
         _ = controller => {}
         _ = slices => {}
         _ = periodic => {}

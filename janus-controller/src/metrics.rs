@@ -43,13 +43,13 @@ impl Metrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "janus_controller_errors_total",
-                "Errors, by kind (agent_unreachable|apply|remove|status).",
+                "Errors, by kind (agent_unreachable|apply|remove|set_pods|status).",
             ),
             &["kind"],
         )
         .expect("valid metric");
         // Every series exists from the start, so alerts and dashboards see 0, not nothing.
-        for kind in ["agent_unreachable", "apply", "remove", "status"] {
+        for kind in ["agent_unreachable", "apply", "remove", "set_pods", "status"] {
             errors.with_label_values(&[kind]);
         }
         for c in [

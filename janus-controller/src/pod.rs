@@ -62,6 +62,17 @@ pub struct ContainerStateView {
 pub struct Ended {}
 
 impl PodView {
+    /// The node it is bound to, once the scheduler placed it.
+    pub fn node(&self) -> Option<&str> {
+        self.spec.as_ref()?.node_name.as_deref()
+    }
+
+    /// Whether all its containers ended for good: nothing of it runs or starts again.
+    pub fn finished(&self) -> bool {
+        let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
+        matches!(phase, Some("Succeeded" | "Failed"))
+    }
+
     /// The IDs of its containers that have one and have not ended (init, app, then
     /// ephemeral), in the order of its status, at most [`MAX_CONTAINERS`] (an agent guards
     /// the rest as it finds them in the pod's cgroup). An init container that completed, or

@@ -46,7 +46,11 @@ pub struct Core {
     /// guard UID -> (the resourceVersion the store showed when it was written, status).
     written: Mutex<BTreeMap<String, (Option<String>, JanusGuardStatus)>>,
     /// The pods of `pods`, by namespace and label.
-    index: Mutex<PodIndex>,
+    pub(crate) index: Mutex<PodIndex>,
+    /// What each agent's start gate was last told.
+    pub(crate) told: crate::gate::Told,
+    /// Pods or guards changed: the agents' words may have.
+    pub gates_changed: tokio::sync::Notify,
 }
 
 /// What one node's agent holds, as last listed or applied.
@@ -88,16 +92,7 @@ impl<'a> Plan<'a> {
             generation: guard.meta().generation.unwrap_or(0),
         };
         let spec_json = guard.spec.to_json();
-        let api_spec: Result<janus_api::JanusGuardSpec, _> = serde_json::from_str(&spec_json);
-        let policy = api_spec.map_err(|e| e.to_string()).and_then(|s| {
-            GuardPolicy::from_spec(&gref.name, &gref.namespace, &s).map_err(|errs| {
-                errs.0
-                    .iter()
-                    .map(|e| format!("{}: {}", e.field, e.message))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })
-        });
+        let policy = policy_of(guard);
         let mut problems = Problems::default();
         let (wanted, mode) = match &policy {
             Ok(p) => (
@@ -147,20 +142,30 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// A stored guard's policy, or why it has none.
+pub(crate) fn policy_of(guard: &JanusGuard) -> Result<GuardPolicy, String> {
+    let (name, namespace) = (guard.name_any(), guard.namespace().unwrap_or_default());
+    let spec: janus_api::JanusGuardSpec =
+        serde_json::from_str(&guard.spec.to_json()).map_err(|e| e.to_string())?;
+    GuardPolicy::from_spec(&name, &namespace, &spec).map_err(|errs| {
+        errs.0
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
 /// The pods a guard selects that are bound to a node and have not finished: a pod is
 /// pushed as soon as the scheduler places it, before any of its containers exists, so that
 /// its node's agent holds the guard when the first one (an init container, often) starts.
 fn wanted(gref: &GuardRef, policy: &GuardPolicy, pods: &PodIndex) -> Vec<Wanted> {
     pods.selected(&gref.namespace, &policy.selector)
         .into_iter()
-        .filter(|p| p.meta().deletion_timestamp.is_none())
+        .filter(|p| p.meta().deletion_timestamp.is_none() && !p.finished())
         .filter_map(|pod| {
-            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            if matches!(phase, Some("Succeeded" | "Failed")) {
-                return None;
-            }
             Some(Wanted {
-                node: pod.spec.as_ref()?.node_name.clone()?,
+                node: pod.node()?.to_owned(),
                 key: HoldingKey {
                     guard_namespace: gref.namespace.clone(),
                     guard_name: gref.name.clone(),
@@ -234,6 +239,8 @@ impl Core {
             holdings: Mutex::new(BTreeMap::new()),
             written: Mutex::new(BTreeMap::new()),
             index: Mutex::new(PodIndex::default()),
+            told: crate::gate::Told::default(),
+            gates_changed: tokio::sync::Notify::new(),
         }
     }
 

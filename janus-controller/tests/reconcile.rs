@@ -102,6 +102,79 @@ fn populate(w: &mut World) {
     ));
 }
 
+/// A pod as an agent was told of it: its name, its guards, whether it starts on failure.
+type Told = (String, Vec<String>, bool);
+
+/// The last word `agent` was told: its pods, and the namespaces that fail closed.
+fn last_word(agent: &FakeAgent) -> (Vec<Told>, Vec<String>) {
+    let words = agent.words.lock().unwrap();
+    let word = words.last().expect("told nothing");
+    let pods = word
+        .pods
+        .iter()
+        .map(|p| (p.name.clone(), p.guards.clone(), p.start_on_failure))
+        .collect();
+    (pods, word.closed_namespaces.clone())
+}
+
+#[tokio::test]
+async fn each_agent_is_told_every_pod_bound_to_its_node_with_its_guards_or_none() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.stores.pod(pod(
+        "web-done",
+        "node-a",
+        json!({"app": "web"}),
+        "Succeeded",
+        &[],
+    ));
+    w.core.tell_agents(false).await;
+    let none = Vec::<String>::new;
+    let (pods, closed) = last_word(&w.a);
+    assert_eq!(
+        pods,
+        [
+            ("db-1".into(), none(), true),
+            ("web-1".into(), vec!["web".to_string()], false),
+        ]
+    );
+    assert_eq!(closed, ["default"]);
+    let (pods, _) = last_word(&w.b);
+    let names: Vec<&str> = pods.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["web-2", "web-canary"]);
+    assert_eq!(pods[1].1, none(), "the canary is not selected");
+
+    // Told again only where the word changed: a pod bound to node-b.
+    w.stores.pod(pod(
+        "web-3",
+        "node-b",
+        json!({"app": "web"}),
+        "Pending",
+        &[],
+    ));
+    w.core.tell_agents(false).await;
+    assert_eq!(w.a.words.lock().unwrap().len(), 1);
+    assert_eq!(w.b.words.lock().unwrap().len(), 2);
+    assert!(last_word(&w.b).0.iter().any(|p| p.0 == "web-3"));
+
+    // A guard that fails open lets its pods start when the gate fails, unless another
+    // guard of theirs fails closed.
+    w.stores.guard(guard(
+        "db",
+        1,
+        json!({"selector": {"matchLabels": {"app": "db"}}, "onGateFailure": "failOpen",
+               "subjects": [{"deny": ["/etc/secret"]}]}),
+    ));
+    w.core.tell_agents(true).await;
+    let (pods, _) = last_word(&w.a);
+    assert_eq!(pods[0], ("db-1".into(), vec!["db".to_string()], true));
+    assert_eq!(
+        w.b.words.lock().unwrap().len(),
+        3,
+        "told again, as a periodic pass does"
+    );
+}
+
 #[tokio::test]
 async fn a_pod_is_pushed_once_bound_before_its_containers_exist() {
     let mut w = world().await;

@@ -210,8 +210,13 @@ impl Serve {
         dir: &Path,
         name: &str,
     ) -> Result<Serve> {
+        let (socket, ungated) = Serve::gate(dir, name);
         let child = Command::new(bin)
             .args(["serve", "--listen", &addr.to_string(), "--node", "node-a"])
+            .arg("--gate-socket")
+            .arg(&socket)
+            .arg("--ungated-dir")
+            .arg(&ungated)
             .args(args)
             .stdin(Stdio::null())
             .stdout(fs::File::create(dir.join(format!("{name}.out")))?)
@@ -231,6 +236,15 @@ impl Serve {
             anyhow::anyhow!("the agent exited ({status}) before listening:\n{stderr}")
         })?;
         Ok(serve)
+    }
+
+    /// The start gate's socket and the hook's directory of unguarded starts of the agent
+    /// [`Serve::start`] starts in `dir` as `name`: its own, beside any other agent's.
+    pub fn gate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        (
+            dir.join(format!("{name}.sock")),
+            dir.join(format!("{name}-ungated")),
+        )
     }
 
     pub fn pid(&self) -> i32 {

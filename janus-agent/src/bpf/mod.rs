@@ -41,7 +41,7 @@ const _: () = assert!(
 
 use crate::decisions::{Entry, LogContext, LogSender};
 use crate::metrics::{DecisionCounters, Metrics};
-use crate::resolve::{self, ContainerRoot, FileId};
+use crate::resolve::{self, ContainerRoot, FileId, TargetRoot};
 
 pub const BACKEND: &str = "bpf";
 
@@ -554,12 +554,13 @@ impl Enforcer {
     pub fn guard(
         &self,
         guard: Arc<GuardPolicy>,
-        pid: i32,
+        at: &TargetRoot,
         pod: String,
         node: String,
         replacing: Option<u32>,
     ) -> Result<(u32, bool), GuardError> {
-        let root = ContainerRoot::open(pid)?;
+        let pid = at.pid;
+        let root = ContainerRoot::open(at)?;
         let scope_id = u32::try_from(root.mnt_ns)
             .ok()
             .filter(|&n| n != 0)
@@ -614,7 +615,7 @@ impl Enforcer {
             table.add_linked(&guard, &resolved, &at);
             table.paths.entry(key).or_insert(at.path);
         }
-        let owners = [pid as u32, resolve::parent_pid(pid)? as u32];
+        let owners = at.owners()?.map(|p| p as u32);
         let root_key = stat_key(root.root_id(), 0);
 
         let mut maps = self.maps.lock().expect("maps lock");

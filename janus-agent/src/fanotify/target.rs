@@ -14,7 +14,7 @@ use super::marks::{MarkTable, TargetId};
 use super::tree::{Failure, Found, Walk};
 use crate::decisions::LogContext;
 use crate::metrics::{DecisionCounters, Metrics};
-use crate::resolve::{self, ContainerRoot, FileId, ResolveError};
+use crate::resolve::{self, ContainerRoot, FileId, ResolveError, TargetRoot};
 use crate::state::{PathState, PathStatus, Phase, TargetState};
 
 pub const BACKEND: &str = "fanotify";
@@ -33,7 +33,7 @@ pub enum StartError {
 
 pub struct TargetSpec {
     pub guard: Arc<GuardPolicy>,
-    pub pid: i32,
+    pub root: TargetRoot,
     pub pod: String,
     pub node: String,
 }
@@ -138,9 +138,9 @@ impl TargetShared {
         metrics: &Metrics,
         audit: bool,
     ) -> Result<TargetShared, StartError> {
-        let pid = spec.pid;
-        let root = ContainerRoot::open(pid)?;
-        let owners = [pid, resolve::parent_pid(pid)?];
+        let pid = spec.root.pid;
+        let root = ContainerRoot::open(&spec.root)?;
+        let owners = spec.root.owners()?;
         let guard = spec.guard;
         let warnings = unsupported_warnings(&guard);
         for w in &warnings {

@@ -289,6 +289,8 @@ pub struct FakeAgent {
     pub legacy: Arc<std::sync::atomic::AtomicBool>,
     /// Each holding also guards a container found in the pod's cgroup (its sandbox).
     pub adopt: Arc<std::sync::atomic::AtomicBool>,
+    /// Each SetPods received, in order.
+    pub words: Arc<Mutex<Vec<SetPodsRequest>>>,
 }
 
 use janus_api::agent_v1::agent_server::{Agent, AgentServer};
@@ -367,6 +369,14 @@ impl Agent for FakeAgent {
             .remove(&(k.guard_namespace, k.guard_name, k.pod_uid))
             .is_some();
         Ok(tonic::Response::new(RemoveGuardResponse { removed }))
+    }
+
+    async fn set_pods(
+        &self,
+        r: tonic::Request<SetPodsRequest>,
+    ) -> Result<tonic::Response<SetPodsResponse>, tonic::Status> {
+        self.words.lock().unwrap().push(r.into_inner());
+        Ok(tonic::Response::new(SetPodsResponse {}))
     }
 
     async fn list_guards(

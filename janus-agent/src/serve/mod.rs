@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,12 +18,14 @@ use janus_api::agent_v1::{
     apply_result, ApplyGuardRequest, ApplyGuardResponse, ApplyGuardsRequest, ApplyGuardsResponse,
     ApplyResult, ContainerPhase, ContainerStatus, GuardKey, GuardStatus, ItemError,
     ListGuardsRequest, ListGuardsResponse, RemoveGuardRequest, RemoveGuardResponse,
-    RemoveGuardsRequest, RemoveGuardsResponse,
+    RemoveGuardsRequest, RemoveGuardsResponse, SetPodsRequest, SetPodsResponse,
 };
 use janus_api::holding::{self, Holding, HoldingKey, RequestError};
 use janus_api::{GuardPolicy, JanusGuardSpec, ValidationErrors};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
+
+pub mod gate;
 
 use crate::agent::Agent;
 use crate::fanotify::target::{unsupported_warnings, BACKEND};
@@ -56,6 +58,8 @@ pub struct ServeArgs {
     /// has an ID (the kubelet's cgroupfs layout names a container by its bare ID).
     #[arg(long, value_enum, default_value = "containerd")]
     pub container_runtime: Runtime,
+    #[command(flatten)]
+    pub gate: gate::GateArgs,
     #[command(flatten)]
     pub enforce: crate::agent::EnforceArgs,
     #[command(flatten)]
@@ -159,6 +163,11 @@ pub struct Guards {
     gone_after: Duration,
     runtime: Runtime,
     held: Mutex<BTreeMap<Key, Held>>,
+    /// What the controller said of this node's pods; `changed` wakes the start gates
+    /// waiting on it or on `held`.
+    word: Mutex<gate::Word>,
+    changed: Condvar,
+    gate: gate::Gate,
 }
 
 fn target_key(k: &Key, container: &str) -> String {
@@ -166,13 +175,22 @@ fn target_key(k: &Key, container: &str) -> String {
 }
 
 impl Guards {
-    pub fn new(agent: Arc<Agent>, node: String, gone_after: Duration, runtime: Runtime) -> Guards {
+    pub fn new(
+        agent: Arc<Agent>,
+        node: String,
+        gone_after: Duration,
+        runtime: Runtime,
+        gate: &gate::GateArgs,
+    ) -> Guards {
         Guards {
             agent,
             node,
             gone_after,
             runtime,
             held: Mutex::new(BTreeMap::new()),
+            word: Mutex::new(gate::Word::default()),
+            changed: Condvar::new(),
+            gate: gate.into(),
         }
     }
 
@@ -289,6 +307,8 @@ impl Guards {
         let status = self.status(&key, &h);
         held.insert(key, h);
         self.count(&held);
+        drop(held);
+        self.notify_gates();
         Ok(status)
     }
 
@@ -421,7 +441,10 @@ impl Guards {
             // The init guarded stays the container's while it runs: a process that comes
             // later (an exec's bootstrap, one with a PID namespace of its own) never takes
             // its place. Its target lifts itself when it exits.
-            if c.init.is_some_and(|p| scan.runs(&c.id, p)) {
+            // A reading made before the start gate pinned it misses it: asked directly.
+            if c.init.is_some_and(|p| {
+                scan.runs(&c.id, p) || pods::member(p.pid, &c.id, &k.pod_uid) == Some(p)
+            }) {
                 c.settling = false;
                 continue;
             }
@@ -432,7 +455,7 @@ impl Guards {
                     c.failure = match self.agent.add(
                         &tkey,
                         h.policy.clone(),
-                        pid,
+                        pid.into(),
                         h.pod_name.clone(),
                     ) {
                         Ok(()) => {
@@ -454,7 +477,8 @@ impl Guards {
             }
         }
         // An adopted container that ended is gone for good: a restart has yet another ID.
-        h.containers.retain(|c| !c.adopted || found.contains(&c.id));
+        h.containers
+            .retain(|c| !c.adopted || found.contains(&c.id) || c.init.is_some());
     }
 
     fn lift(&self, k: &Key, h: &Held) {
@@ -664,6 +688,16 @@ impl AgentApi for Service {
         Ok(Response::new(RemoveGuardResponse { removed }))
     }
 
+    async fn set_pods(
+        &self,
+        request: Request<SetPodsRequest>,
+    ) -> Result<Response<SetPodsResponse>, Status> {
+        self.0
+            .set_pods(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(SetPodsResponse {}))
+    }
+
     async fn list_guards(
         &self,
         request: Request<ListGuardsRequest>,
@@ -736,7 +770,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node,
         Duration::from_secs(args.pod_gone_after_secs),
         args.container_runtime,
+        &args.gate,
     ));
+    guards.count_ungated();
+    gate::serve(&args.gate.gate_socket, guards.clone())?;
     let result = serve(&args, tls, agent.clone(), guards, shutdown).await;
     agent.shutdown();
     writer.finish();
@@ -765,10 +802,11 @@ async fn serve(
             loop {
                 tick.tick().await;
                 let g = guards.clone();
-                if tokio::task::spawn_blocking(move || g.rescan())
-                    .await
-                    .is_err()
-                {
+                let rescan = move || {
+                    g.rescan();
+                    g.count_ungated();
+                };
+                if tokio::task::spawn_blocking(rescan).await.is_err() {
                     tracing::error!("rescan task failed");
                 }
             }
@@ -899,6 +937,12 @@ mod tests {
             "node-a".into(),
             Duration::from_secs(30),
             Runtime::Containerd,
+            &gate::GateArgs {
+                gate_socket: "/nonexistent/agent.sock".into(),
+                gate_within_secs: 1,
+                gate_without_word: crate::hook::Unreachable::Start,
+                ungated_dir: "/nonexistent/ungated".into(),
+            },
         )
     }
 

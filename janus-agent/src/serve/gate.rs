@@ -1,0 +1,419 @@
+//! The start gate's agent side: what the controller said of each pod bound to this node
+//! ([`Word`]), and the answer to `janus-agent hook` ([`crate::hook`]) over a unix socket
+//! only root can use: a pod's container runs once every guard of its pod is enforced on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use janus_api::agent_v1::{BoundPod, SetPodsRequest};
+use janus_api::holding::HoldingKey;
+
+use super::{target_key, Guards, HeldContainer};
+use crate::hook::{self, Answer, Request, Ungated};
+use crate::pods::{self, ContainerId};
+use crate::resolve::TargetRoot;
+use crate::state::Phase;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GateArgs {
+    /// Where the start gate answers `janus-agent hook`; only root may connect.
+    #[arg(long, default_value = hook::SOCKET)]
+    pub gate_socket: PathBuf,
+    /// How long the gate waits for the controller's word on a pod and for its guards to be
+    /// enforced on a container before the pod's failure mode decides.
+    #[arg(long, default_value_t = 20)]
+    pub gate_within_secs: u64,
+    /// Whether a pod's container starts when the controller has never told this agent
+    /// which pods it has (right after the agent started, or with no controller).
+    #[arg(long, value_enum, default_value_t = hook::Unreachable::Start)]
+    pub gate_without_word: hook::Unreachable,
+    /// Where `janus-agent hook` records the containers it let start without an answer.
+    #[arg(long, default_value = hook::UNGATED)]
+    pub ungated_dir: PathBuf,
+}
+
+/// The most pods the controller may name: far above what a node runs.
+pub const MAX_BOUND_PODS: usize = 8192;
+
+/// What the controller last said of the pods bound to this node.
+#[derive(Default)]
+pub(super) struct Word {
+    /// Bumped on every change a waiting gate may be waiting for: a word, a guard applied.
+    pub(super) generation: u64,
+    told: bool,
+    pods: BTreeMap<String, BoundPod>,
+    closed_namespaces: BTreeSet<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WordError {
+    #[error("pods: {0} pods; at most {MAX_BOUND_PODS}")]
+    TooMany(usize),
+    #[error("pods[{0}].uid: required")]
+    NoUid(usize),
+}
+
+/// Why a container may not run as it is, and whether it runs anyway.
+struct Failure {
+    reason: String,
+    start: bool,
+}
+
+impl Guards {
+    /// Takes the controller's word on the pods bound to this node.
+    pub fn set_pods(&self, req: SetPodsRequest) -> Result<(), WordError> {
+        if req.pods.len() > MAX_BOUND_PODS {
+            return Err(WordError::TooMany(req.pods.len()));
+        }
+        if let Some(i) = req.pods.iter().position(|p| p.uid.is_empty()) {
+            return Err(WordError::NoUid(i));
+        }
+        let mut word = self.word.lock().expect("word lock");
+        word.told = true;
+        word.pods = req.pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+        word.closed_namespaces = req.closed_namespaces.into_iter().collect();
+        word.generation += 1;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Wakes the gates waiting for a guard to arrive.
+    pub(super) fn notify_gates(&self) {
+        self.word.lock().expect("word lock").generation += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until something changed since `generation`; false at `deadline`.
+    fn wait_change(&self, generation: u64, deadline: Instant) -> bool {
+        let word = self.word.lock().expect("word lock");
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (word, _) = self
+            .changed
+            .wait_timeout_while(word, left, |w| w.generation == generation)
+            .expect("word lock");
+        word.generation != generation
+    }
+
+    /// The gate's answer for the container `req` names, counted.
+    pub fn admit(&self, req: &Request) -> Answer {
+        let (outcome, answer) = match self.admit_in(req) {
+            Ok(None) => ("no_guard", Answer::started("")),
+            Ok(Some(n)) => {
+                tracing::info!(pod = %req.pod_uid, container = %req.container_id, guards = n, "start gate: container guarded before it runs");
+                ("guarded", Answer::started(""))
+            }
+            Err(f) if f.start => {
+                tracing::warn!(pod = %req.pod_uid, container = %req.container_id, reason = %f.reason, "start gate: container starts unguarded (its guards fail open)");
+                ("started_unguarded", Answer::started(&f.reason))
+            }
+            Err(f) => {
+                tracing::warn!(pod = %req.pod_uid, container = %req.container_id, reason = %f.reason, "start gate: container refused (its guards fail closed)");
+                let answer = Answer {
+                    start: false,
+                    reason: f.reason,
+                };
+                ("refused", answer)
+            }
+        };
+        self.agent
+            .metrics()
+            .gate
+            .with_label_values(&[outcome])
+            .inc();
+        answer
+    }
+
+    /// How many guards now hold the container, or why it is not guarded.
+    fn admit_in(&self, req: &Request) -> Result<Option<usize>, Failure> {
+        let id: ContainerId = req.container_id.parse().map_err(|e| Failure {
+            reason: format!("container_id: {e}"),
+            start: false,
+        })?;
+        let deadline = Instant::now() + self.gate.within;
+        let pod = self.word_on(req, deadline)?;
+        if pod.guards.is_empty() {
+            return Ok(None);
+        }
+        let fail = |reason: String| Failure {
+            reason,
+            start: pod.start_on_failure,
+        };
+        let keys: Vec<HoldingKey> = pod
+            .guards
+            .iter()
+            .map(|g| HoldingKey {
+                guard_namespace: pod.namespace.clone(),
+                guard_name: g.clone(),
+                pod_uid: pod.uid.clone(),
+            })
+            .collect();
+        // Every guard of the pod, held: the controller pushes them as it binds the pod.
+        loop {
+            let generation = self.word.lock().expect("word lock").generation;
+            let missing: Vec<&HoldingKey> = {
+                let held = self.held.lock().expect("guards lock");
+                keys.iter().filter(|k| !held.contains_key(k)).collect()
+            };
+            let Some(k) = missing.first() else { break };
+            if !self.wait_change(generation, deadline) {
+                return Err(fail(format!(
+                    "guard {}/{} not received for pod {} within {:?}",
+                    k.guard_namespace, k.guard_name, pod.uid, self.gate.within
+                )));
+            }
+        }
+        let at = TargetRoot {
+            pid: req.pid,
+            rootfs: Some(req.rootfs.clone()),
+        };
+        let process = pods::member(req.pid, &id, &pod.uid).ok_or_else(|| {
+            fail(format!(
+                "pid {} is not a process of container {id} in pod {}",
+                req.pid, pod.uid
+            ))
+        })?;
+        let mut targets = Vec::new();
+        for k in &keys {
+            targets.push(self.guard_gated(k, &id, process, &at).map_err(&fail)?);
+        }
+        self.enforced(&targets, deadline).map_err(fail)?;
+        Ok(Some(targets.len()))
+    }
+
+    /// What the controller said of the pod, waiting for it until `deadline`.
+    fn word_on(&self, req: &Request, deadline: Instant) -> Result<BoundPod, Failure> {
+        loop {
+            let generation = {
+                let word = self.word.lock().expect("word lock");
+                if let Some(pod) = word.pods.get(&req.pod_uid) {
+                    return Ok(pod.clone());
+                }
+                word.generation
+            };
+            if !self.wait_change(generation, deadline) {
+                let word = self.word.lock().expect("word lock");
+                let start = if word.closed_namespaces.contains(&req.pod_namespace) {
+                    false
+                } else if word.told {
+                    true
+                } else {
+                    self.gate.without_word == hook::Unreachable::Start
+                };
+                return Err(Failure {
+                    reason: format!(
+                        "no word from the controller on pod {} within {:?}",
+                        req.pod_uid, self.gate.within
+                    ),
+                    start,
+                });
+            }
+        }
+    }
+
+    /// Guards the container under holding `k` with `process` as its init, pinned: the
+    /// process the runtime started, whatever a scan would take for the init later.
+    fn guard_gated(
+        &self,
+        k: &HoldingKey,
+        id: &ContainerId,
+        process: pods::Process,
+        at: &TargetRoot,
+    ) -> Result<String, String> {
+        let mut held = self.held.lock().expect("guards lock");
+        let h = held
+            .get_mut(k)
+            .ok_or_else(|| format!("guard {}/{} was lifted", k.guard_namespace, k.guard_name))?;
+        let i = match h.containers.iter().position(|c| c.id == *id) {
+            Some(i) => i,
+            None => {
+                h.containers
+                    .push(HeldContainer::new(id.to_string(), id.clone(), true));
+                h.containers.len() - 1
+            }
+        };
+        let c = &mut h.containers[i];
+        let tkey = target_key(k, &c.raw);
+        if c.init == Some(process) && c.failure.is_none() {
+            return Ok(tkey);
+        }
+        c.init = Some(process);
+        c.settling = false;
+        let added = self
+            .agent
+            .add(&tkey, h.policy.clone(), at.clone(), h.pod_name.clone());
+        c.failure = added.as_ref().err().map(ToString::to_string);
+        added.map_err(|e| format!("guard {}/{}: {e}", k.guard_namespace, k.guard_name))?;
+        Ok(tkey)
+    }
+
+    /// Waits until every target in `keys` enforces.
+    fn enforced(&self, keys: &[String], deadline: Instant) -> Result<(), String> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let states = self.agent.keyed_states();
+            let mut waiting = None;
+            for k in keys {
+                match states.get(k) {
+                    Some(s) if s.phase == Phase::Enforcing => {}
+                    Some(s) if s.phase == Phase::Failed => {
+                        let why = s.reason.clone().unwrap_or_else(|| "failed".into());
+                        return Err(format!("{k}: {why}"));
+                    }
+                    Some(s) => waiting = Some(format!("{k}: {}", s.phase.as_str())),
+                    None => waiting = Some(format!("{k}: lifted")),
+                }
+            }
+            let Some(waiting) = waiting else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not enforced within {:?}: {waiting}",
+                    self.gate.within
+                ));
+            }
+            std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+            pause = (pause * 2).min(Duration::from_millis(16));
+        }
+    }
+
+    /// Counts and reports the containers `janus-agent hook` let start because it could not
+    /// reach this agent, and forgets their records.
+    pub fn count_ungated(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.gate.ungated_dir) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let record = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Ungated>(&b).ok());
+            match record {
+                Some(u) => {
+                    tracing::warn!(pod = %u.request.pod_uid, container = %u.request.container_id, reason = %u.reason, at = u.at, "start gate: a container started unguarded: the hook could not reach this agent");
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), "start gate: an unreadable record of a container started unguarded");
+                }
+            }
+            self.agent
+                .metrics()
+                .gate
+                .with_label_values(&["started_unguarded"])
+                .inc();
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+impl Answer {
+    fn started(reason: &str) -> Answer {
+        Answer {
+            start: true,
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// The gate's settings, as [`Guards`] keeps them.
+pub(super) struct Gate {
+    pub(super) within: Duration,
+    pub(super) without_word: hook::Unreachable,
+    pub(super) ungated_dir: PathBuf,
+}
+
+impl From<&GateArgs> for Gate {
+    fn from(a: &GateArgs) -> Gate {
+        Gate {
+            within: Duration::from_secs(a.gate_within_secs),
+            without_word: a.gate_without_word,
+            ungated_dir: a.ungated_dir.clone(),
+        }
+    }
+}
+
+/// Serves the gate on `path` until the process exits: one thread per hook, each answered
+/// on its own.
+pub fn serve(path: &Path, guards: Arc<Guards>) -> anyhow::Result<()> {
+    let listener = bind(path)?;
+    tracing::info!(socket = %path.display(), "serving the start gate");
+    std::thread::Builder::new()
+        .name("gate".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let guards = guards.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("gate-hook".into())
+                    .spawn(move || answer(stream, &guards));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "start gate: no thread for a hook; it is not answered");
+                }
+            }
+        })
+        .context("starting the start gate's thread")?;
+    Ok(())
+}
+
+/// Binds `path`, root only; a socket left by an agent that is gone is replaced, one another
+/// agent still answers on is not.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if UnixStream::connect(path).is_ok() {
+        anyhow::bail!("{}: another agent serves the start gate", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} root's only", path.display()))?;
+    Ok(listener)
+}
+
+fn answer(stream: UnixStream, guards: &Guards) {
+    let answer = match read_request(&stream) {
+        Ok(req) => guards.admit(&req),
+        Err(reason) => {
+            tracing::warn!(%reason, "start gate: a request refused");
+            Answer {
+                start: false,
+                reason,
+            }
+        }
+    };
+    let mut line = serde_json::to_vec(&answer).expect("an answer serializes");
+    line.push(b'\n');
+    if let Err(e) = (&stream).write_all(&line) {
+        tracing::warn!(error = %e, "start gate: the hook went away before its answer");
+    }
+}
+
+fn read_request(stream: &UnixStream) -> Result<Request, String> {
+    let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("peer credentials: {e}"))?;
+    if peer.uid() != 0 {
+        return Err(format!("uid {}: only root may ask the gate", peer.uid()));
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(stream.take(hook::MAX_LINE))
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    let req: Request = serde_json::from_str(&line).map_err(|e| format!("the request: {e}"))?;
+    if req.pid <= 0 {
+        return Err(format!("pid: {} is no process", req.pid));
+    }
+    if !req.rootfs.is_absolute() {
+        return Err(format!("rootfs: {} is not absolute", req.rootfs.display()));
+    }
+    Ok(req)
+}

@@ -1,0 +1,112 @@
+//! What each node's start gate waits for: every pod bound to the node that has not
+//! finished, with the guards that select it, or none. A container of a pod its agent has
+//! no word on waits for the word rather than starting unguarded; one whose pod has no
+//! guard starts at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::stream::{self, StreamExt};
+use janus_api::agent_v1::{BoundPod, SetPodsRequest};
+use janus_api::GuardPolicy;
+use kube::ResourceExt;
+use prost::Message;
+
+use crate::agents::discover;
+use crate::reconcile::{policy_of, Core};
+
+/// What each node's agent was last told, by its digest: a pod event tells again only the
+/// agents whose word it changed.
+#[derive(Default)]
+pub struct Told(std::sync::Mutex<BTreeMap<String, Vec<u8>>>);
+
+/// How many agents are told at once.
+const CONCURRENCY: usize = 32;
+
+impl Core {
+    /// Each node's bound pods with their guards, and the namespaces with a guard that fails
+    /// closed (where a pod the agent has no word on does not start).
+    fn words(&self) -> (BTreeMap<String, Vec<BoundPod>>, Vec<String>) {
+        let policies: Vec<GuardPolicy> = self
+            .guards
+            .state()
+            .iter()
+            .filter_map(|g| policy_of(g).ok())
+            .collect();
+        let mut guards_of: BTreeMap<String, Vec<&GuardPolicy>> = BTreeMap::new();
+        {
+            let mut index = self.index.lock().expect("index lock");
+            index.sync(&self.pods.state());
+            for p in &policies {
+                for pod in index.selected(&p.namespace, &p.selector) {
+                    let uid = pod.uid().unwrap_or_default();
+                    guards_of.entry(uid).or_default().push(p);
+                }
+            }
+        }
+        let closed: BTreeSet<String> = policies
+            .iter()
+            .filter(|p| !p.start_on_gate_failure)
+            .map(|p| p.namespace.clone())
+            .collect();
+        let mut words: BTreeMap<String, Vec<BoundPod>> = BTreeMap::new();
+        for pod in self.pods.state() {
+            let (Some(node), Some(uid)) = (pod.node(), pod.uid()) else {
+                continue;
+            };
+            if pod.finished() {
+                continue;
+            }
+            let guards = guards_of.remove(&uid).unwrap_or_default();
+            words.entry(node.to_owned()).or_default().push(BoundPod {
+                start_on_failure: guards.iter().all(|p| p.start_on_gate_failure),
+                guards: guards.iter().map(|p| p.name.clone()).collect(),
+                uid,
+                namespace: pod.namespace().unwrap_or_default(),
+                name: pod.name_any(),
+            });
+        }
+        for pods in words.values_mut() {
+            pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+        }
+        (words, closed.into_iter().collect())
+    }
+
+    /// Tells each agent its node's word: every one when `again`, else those whose word
+    /// changed since they were last told.
+    pub async fn tell_agents(&self, again: bool) {
+        let endpoints = discover(self.slices.state().iter().map(|s| &**s));
+        let (mut words, closed) = self.words();
+        let sends: Vec<(String, String, SetPodsRequest, Vec<u8>)> = {
+            let told = self.told.0.lock().expect("told lock");
+            endpoints
+                .into_iter()
+                .filter_map(|(node, addr)| {
+                    let word = SetPodsRequest {
+                        pods: words.remove(&node).unwrap_or_default(),
+                        closed_namespaces: closed.clone(),
+                    };
+                    let digest = word.encode_to_vec();
+                    let same = told.get(&node) == Some(&digest);
+                    (again || !same).then_some((node, addr, word, digest))
+                })
+                .collect()
+        };
+        stream::iter(sends)
+            .for_each_concurrent(CONCURRENCY, |(node, addr, word, digest)| async move {
+                let mut told = match self.agents.set_pods(&addr, word).await {
+                    Ok(()) => Some(digest),
+                    Err(e) => {
+                        self.metrics.errors.with_label_values(&["set_pods"]).inc();
+                        tracing::warn!(node, error = %e, "telling an agent its node's pods");
+                        None
+                    }
+                };
+                let mut all = self.told.0.lock().expect("told lock");
+                match told.take() {
+                    Some(d) => all.insert(node, d),
+                    None => all.remove(&node),
+                };
+            })
+            .await;
+    }
+}
