@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
+use clap::Parser;
 use janus_deploy::render::{self, documents, find, VARIANTS};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Service};
@@ -239,6 +240,44 @@ fn agent_daemonset_has_what_the_agent_needs_and_no_more() {
                 "{variant}: {path} is the host's"
             );
         }
+        // The start gate: its socket where the agent serves it by default, and the hook's
+        // binary where deploy/runtime's configurations name it, put there by the init
+        // container.
+        let host_of = |mount: &str| {
+            let name = &c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .chain(
+                    pod.init_containers
+                        .iter()
+                        .flatten()
+                        .flat_map(|i| i.volume_mounts.iter().flatten()),
+                )
+                .find(|m| mount.starts_with(&m.mount_path))
+                .unwrap_or_else(|| panic!("{variant}: nothing mounted at {mount}"))
+                .name;
+            let vol = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| &v.name == name)
+                .unwrap();
+            vol.host_path.as_ref().map(|h| h.path.clone())
+        };
+        let argv = std::iter::once("janus-agent".to_owned()).chain(args(&c));
+        let Ok(Agent::Serve(serve)) = Agent::try_parse_from(argv) else {
+            panic!("{variant}: the agent's args do not parse")
+        };
+        let socket = serve.gate.gate_socket.to_str().unwrap().to_owned();
+        assert_eq!(host_of(&socket).as_deref(), Some("/run/janus"), "{variant}");
+        let init = pod.init_containers.as_ref().expect("an init container");
+        let argv = std::iter::once("janus-agent".to_owned()).chain(args(&init[0]));
+        let Ok(Agent::InstallHook(install)) = Agent::try_parse_from(argv) else {
+            panic!("{variant}: the init container does not install the hook")
+        };
+        let to = install.to.to_str().unwrap().to_owned();
+        assert_eq!(host_of(&to).as_deref(), Some(HOOK_DIR), "{variant}");
         // No host path beyond those.
         let host_paths = pod
             .volumes
@@ -246,7 +285,7 @@ fn agent_daemonset_has_what_the_agent_needs_and_no_more() {
             .flatten()
             .filter(|v| v.host_path.is_some())
             .count();
-        assert_eq!(host_paths, 3, "{variant}: host paths");
+        assert_eq!(host_paths, 5, "{variant}: host paths");
 
         assert_eq!(port(&c, "grpc"), 9700);
         assert_eq!(port(&c, "metrics"), 9701);
@@ -849,7 +888,11 @@ fn helm_chart_includes_the_renderings() {
 #[derive(clap::Parser)]
 enum Agent {
     Serve(janus_agent::serve::ServeArgs),
+    InstallHook(janus_agent::hook::InstallArgs),
 }
+
+/// Where the runtimes' hook configurations in deploy/runtime name the hook's binary.
+const HOOK_DIR: &str = "/opt/janus/bin";
 
 #[derive(clap::Parser)]
 enum Controller {
@@ -860,16 +903,36 @@ enum Controller {
 /// so a renamed flag fails here rather than in a crash-looping pod.
 #[test]
 fn container_args_parse_with_the_binaries_own_flags() {
-    use clap::Parser;
     for (variant, objs) in all_variants() {
         let (_, a) = agent(&objs);
         let argv = std::iter::once("janus-agent".to_owned()).chain(args(&a));
-        let Agent::Serve(serve) = Agent::try_parse_from(argv)
-            .unwrap_or_else(|e| panic!("{variant}: agent args {:?}: {e}", args(&a)));
+        let Ok(Agent::Serve(serve)) = Agent::try_parse_from(argv) else {
+            panic!("{variant}: agent args {:?}", args(&a))
+        };
         assert_eq!(serve.listen.port(), port(&a, "grpc") as u16, "{variant}");
         let (_, c) = controller(&objs);
         let argv = std::iter::once("janus-controller".to_owned()).chain(args(&c));
         Controller::try_parse_from(argv)
             .unwrap_or_else(|e| panic!("{variant}: controller args {:?}: {e}", args(&c)));
     }
+}
+
+#[test]
+fn the_runtimes_hook_configurations_name_the_binary_the_daemonset_installs() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime");
+    let binary = format!("{HOOK_DIR}/janus-agent");
+    let crio: Value =
+        serde_json::from_slice(&std::fs::read(repo.join("cri-o/janus-gate.json")).unwrap())
+            .unwrap();
+    assert_eq!(crio["hook"]["path"], binary.as_str());
+    assert_eq!(crio["hook"]["args"], serde_json::json!(["janus-agent", "hook"]));
+    // Run by the runtime right before createRuntime, in its namespaces: CRI-O's hooks.d
+    // takes the stages of runtime-spec 1.0.0.
+    assert_eq!(crio["stages"], serde_json::json!(["prestart"]));
+    assert_eq!(crio["when"]["always"], true);
+    let script = std::fs::read_to_string(repo.join("containerd/make-base-spec.sh")).unwrap();
+    assert!(script.contains(&format!("hook=${{2:-{binary}}}")), "{script}");
+    assert!(script.contains("out=${1:-/etc/containerd/janus-base-spec.json}"));
+    let config = std::fs::read_to_string(repo.join("containerd/config.toml")).unwrap();
+    assert!(config.contains(r#"base_runtime_spec = "/etc/containerd/janus-base-spec.json""#));
 }

@@ -156,29 +156,52 @@ pub fn run(args: HookArgs) -> anyhow::Result<()> {
         Ok(answer) if answer.start => {
             if !answer.reason.is_empty() {
                 eprintln!(
-                    "janus: container {} starts unguarded: {}",
+                    "janus-agent: container {} starts unguarded: {}",
                     state.id, answer.reason
                 );
             }
             Ok(())
         }
-        Ok(answer) => bail!(
-            "janus: container {} may not start: {}",
-            state.id,
-            answer.reason
-        ),
+        Ok(answer) => bail!("container {} may not start: {}", state.id, answer.reason),
         Err(e) => {
             let why = format!("the agent at {} did not answer: {e}", args.socket.display());
             match args.unreachable {
-                Unreachable::Refuse => bail!("janus: container {} may not start: {why}", state.id),
+                Unreachable::Refuse => bail!("container {} may not start: {why}", state.id),
                 Unreachable::Start => {
-                    eprintln!("janus: container {} starts unguarded: {why}", state.id);
+                    eprintln!(
+                        "janus-agent: container {} starts unguarded: {why}",
+                        state.id
+                    );
                     record(&args.ungated_dir, &req, &why);
                     Ok(())
                 }
             }
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// The node's directory the runtime's hook configuration names (deploy/runtime).
+    #[arg(long, default_value = "/opt/janus/bin")]
+    pub to: PathBuf,
+}
+
+/// Copies this binary to `args.to` for the runtime to run as its hook: written beside and
+/// renamed over the old one, so that a hook running the old binary never sees half a file.
+pub fn install(args: InstallArgs) -> anyhow::Result<()> {
+    let target = args.to.join("janus-agent");
+    let partial = args.to.join(".janus-agent.partial");
+    std::fs::create_dir_all(&args.to).with_context(|| format!("creating {}", args.to.display()))?;
+    std::fs::copy("/proc/self/exe", &partial)
+        .with_context(|| format!("copying this binary to {}", partial.display()))?;
+    let file = std::fs::File::open(&partial)?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    file.sync_all()?;
+    std::fs::rename(&partial, &target)
+        .with_context(|| format!("renaming {} to {}", partial.display(), target.display()))?;
+    eprintln!("janus-agent: the start gate's hook is {}", target.display());
+    Ok(())
 }
 
 /// A container that started without the agent's word, as the hook records it.
@@ -207,7 +230,7 @@ fn record(dir: &Path, req: &Request, why: &str) {
     });
     if let Err(e) = written {
         eprintln!(
-            "janus: cannot record the unguarded start in {}: {e}",
+            "janus-agent: cannot record the unguarded start in {}: {e}",
             dir.display()
         );
     }

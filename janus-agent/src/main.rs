@@ -25,6 +25,9 @@ enum Command {
     /// The start gate, as an OCI runtime hook (createRuntime): reads the container's state on
     /// stdin and exits 0 once the node's agent guards the container (docs/operations.md).
     Hook(janus_agent::hook::HookArgs),
+    /// Copies this binary where the runtime's hook configuration names it (the DaemonSet's
+    /// init container does, on every node).
+    InstallHook(janus_agent::hook::InstallArgs),
 }
 
 /// Every permission event being answered holds a descriptor, and so does every directory
@@ -49,7 +52,12 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         // The runtime waits on the hook: no threads, no diagnostics set-up.
         Command::Hook(args) => janus_agent::hook::run(args),
-        command => run(command, cli.log_format),
+        Command::InstallHook(args) => janus_agent::hook::install(args),
+        Command::Guard(args) => on_runtime(cli.log_format, || janus_agent::standalone::run(args)),
+        // Before any thread starts: setns changes the calling thread only.
+        Command::Serve(args) => janus_agent::pods::join_host_cgroup_namespace()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| on_runtime(cli.log_format, || janus_agent::serve::run(args))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -60,23 +68,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
+/// Runs a long-lived command on an async runtime, with diagnostics on stderr.
+fn on_runtime<F: std::future::Future<Output = anyhow::Result<()>>>(
+    log_format: LogFormat,
+    command: impl FnOnce() -> F,
+) -> anyhow::Result<()> {
     raise_nofile_limit();
     diagnostics::init(log_format);
-    if matches!(command, Command::Serve(_)) {
-        // Before any thread starts: setns changes the calling thread only.
-        janus_agent::pods::join_host_cgroup_namespace()?;
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("building the runtime");
-    runtime.block_on(async {
-        match command {
-            Command::Guard(args) => janus_agent::standalone::run(args).await,
-            Command::Serve(args) => janus_agent::serve::run(args).await,
-            Command::Hook(args) => janus_agent::hook::run(args),
-        }
-    })
+    runtime.block_on(command())
 }

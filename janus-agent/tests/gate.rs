@@ -1,6 +1,7 @@
-//! The start gate: `janus-agent hook` as runc's createRuntime hook, answered by
-//! `janus-agent serve`. Containers are run by the real runc from bundles as a CRI runtime
-//! writes them (annotations, the kubelet's cgroup path). Needs root.
+//! The start gate: `janus-agent hook` as the createRuntime hook, answered by
+//! `janus-agent serve`. Containers are run by the real containerd (from the base spec
+//! deploy/runtime makes) or runc, from specs as a CRI runtime writes them (annotations, the
+//! kubelet's cgroup path). Needs root and a running containerd.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::time::Duration;
 use janus_api::agent_v1::agent_client::AgentClient;
 use janus_api::agent_v1::{BoundPod, SetPodsRequest};
 use janus_tests::agent::{http_get, sum_series, Serve};
+use janus_tests::containerd::run_spec;
 use janus_tests::runc::{Bundle, Hook};
 use janus_tests::scenarios::populate;
 use janus_tests::target::{Root, BUSYBOX};
@@ -78,6 +80,33 @@ fn first_read(dir: &Path, root: &Root, id: &str, uid: &str, socket: &Path) -> Bu
     Bundle::new(dir, root, id, uid, &argv, Some(hook)).unwrap()
 }
 
+/// containerd's default spec with the gate's hook, as deploy/runtime/containerd makes it
+/// for a node, the hook asking the agent at `socket`.
+fn base_spec(dir: &Path, socket: &Path) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/runtime/containerd/make-base-spec.sh");
+    let out = dir.join("base-spec.json");
+    let made = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .arg(AGENT)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let hook = &mut spec["hooks"]["createRuntime"][0];
+    assert_eq!(hook["path"], AGENT);
+    let args = hook["args"].as_array_mut().unwrap();
+    args.extend(["--socket".into(), socket.to_str().unwrap().into()]);
+    spec
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_start_behind_the_gate_has_its_first_read_refused() {
     let (dir, root, uid) = pod("first-read");
@@ -89,6 +118,14 @@ async fn every_start_behind_the_gate_has_its_first_read_refused() {
     client.apply_guard(apply).await.unwrap();
     client.set_pods(word(&uid, &["gate"], &[])).await.unwrap();
 
+    // Through containerd, from the base spec a node gets: what the CRI plugin adds to it
+    // for a pod's container is its root, process, cgroup and annotations.
+    let mut spec = base_spec(&dir, &socket);
+    for d in ["/proc", "/dev", "/sys", "/tmp"] {
+        root.mkdir(d).unwrap();
+    }
+    spec["root"] = serde_json::json!({ "path": root.dir(), "readonly": false });
+    spec["process"]["args"] = serde_json::json!([BUSYBOX, "cat", "/data/secret"]);
     // The pod's init container first, then its app container restarted again and again,
     // each under a new ID in the same pod.
     const STARTS: usize = 100;
@@ -98,11 +135,17 @@ async fn every_start_behind_the_gate_has_its_first_read_refused() {
         } else {
             format!("gate-app-{i}-{}", std::process::id())
         };
-        let ran = first_read(&dir, &root, &id, &uid, &socket).run().unwrap();
+        spec["linux"]["cgroupsPath"] = format!("/kubepods/besteffort/pod{uid}/{id}").into();
+        spec["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.sandbox-uid": uid,
+            "io.kubernetes.cri.sandbox-namespace": "default",
+        });
+        let path = dir.join("spec.json");
+        std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+        let (success, output) = run_spec(&id, &path).unwrap();
         assert!(
-            !ran.success && ran.output.contains("Operation not permitted"),
-            "start {i} ({id}) read the denied file or failed otherwise:\n{}",
-            ran.output
+            !success && output.contains("Operation not permitted"),
+            "start {i} ({id}) read the denied file or failed otherwise:\n{output}"
         );
     }
     assert_eq!(gate_total(metrics, "guarded"), STARTS as f64);

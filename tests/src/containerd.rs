@@ -91,6 +91,23 @@ pub fn run_to_end(root: &Root, id: &str, cgroup: &str, argv: &[&str]) -> Result<
     ctr(&args).map(drop)
 }
 
+/// Runs container `id` to its end from the complete OCI spec at `spec` (`ctr run --config`,
+/// as the CRI plugin hands containerd a spec made from its base runtime spec), and removes
+/// it: whether it succeeded, and what it and containerd printed.
+pub fn run_spec(id: &str, spec: &std::path::Path) -> Result<(bool, String)> {
+    remove(id);
+    let spec = spec.to_str().context("spec path is not UTF-8")?;
+    let out = Command::new("ctr")
+        .args(["run", "--rm", "--config", spec, id])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running ctr run")?;
+    remove(id);
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Drop for Container {
