@@ -887,7 +887,7 @@ fn helm_chart_includes_the_renderings() {
 /// The agent's and the controller's arguments, as each variant passes them.
 #[derive(clap::Parser)]
 enum Agent {
-    Serve(janus_agent::serve::ServeArgs),
+    Serve(Box<janus_agent::serve::ServeArgs>),
     InstallHook(janus_agent::hook::InstallArgs),
 }
 
@@ -925,13 +925,19 @@ fn the_runtimes_hook_configurations_name_the_binary_the_daemonset_installs() {
         serde_json::from_slice(&std::fs::read(repo.join("cri-o/janus-gate.json")).unwrap())
             .unwrap();
     assert_eq!(crio["hook"]["path"], binary.as_str());
-    assert_eq!(crio["hook"]["args"], serde_json::json!(["janus-agent", "hook"]));
+    assert_eq!(
+        crio["hook"]["args"],
+        serde_json::json!(["janus-agent", "hook"])
+    );
     // Run by the runtime right before createRuntime, in its namespaces: CRI-O's hooks.d
     // takes the stages of runtime-spec 1.0.0.
     assert_eq!(crio["stages"], serde_json::json!(["prestart"]));
     assert_eq!(crio["when"]["always"], true);
     let script = std::fs::read_to_string(repo.join("containerd/make-base-spec.sh")).unwrap();
-    assert!(script.contains(&format!("hook=${{2:-{binary}}}")), "{script}");
+    assert!(
+        script.contains(&format!("hook=${{2:-{binary}}}")),
+        "{script}"
+    );
     assert!(script.contains("out=${1:-/etc/containerd/janus-base-spec.json}"));
     let config = std::fs::read_to_string(repo.join("containerd/config.toml")).unwrap();
     assert!(config.contains(r#"base_runtime_spec = "/etc/containerd/janus-base-spec.json""#));
