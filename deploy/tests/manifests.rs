@@ -540,7 +540,7 @@ fn network_policy_admits_only_the_controller_to_the_agent_api() {
 /// (API group, resource, verb) of every call janus-controller makes: its reflectors list and
 /// watch guards, pods and the agents' EndpointSlices; it patches guard status and records
 /// Events. Namespaced ones are granted in `janus` only.
-const CONTROLLER_CLUSTER_CALLS: [(&str, &str, &str); 7] = [
+const CONTROLLER_CLUSTER_CALLS: [(&str, &str, &str); 9] = [
     ("januscontroller.clustergarage.io", "janusguards", "list"),
     ("januscontroller.clustergarage.io", "janusguards", "watch"),
     (
@@ -550,6 +550,8 @@ const CONTROLLER_CLUSTER_CALLS: [(&str, &str, &str); 7] = [
     ),
     ("", "pods", "list"),
     ("", "pods", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
     ("events.k8s.io", "events", "create"),
     ("events.k8s.io", "events", "patch"),
 ];

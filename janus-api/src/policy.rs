@@ -335,8 +335,19 @@ pub struct GuardPolicy {
     pub subjects: Vec<SubjectPolicy>,
     pub log_format: LogTemplate,
     /// Whether a selected pod's container starts when the start gate cannot enforce the
-    /// guard on it in time (`onGateFailure: failOpen`).
-    pub start_on_gate_failure: bool,
+    /// guard on it in time (`onGateFailure: failOpen`); None: as its namespace says, closed
+    /// unless it says otherwise.
+    pub start_on_gate_failure: Option<bool>,
+}
+
+/// Whether `mode` (`onGateFailure`, or a namespace's label of that name) lets a container
+/// start when the start gate fails.
+pub fn gate_failure(mode: &str) -> Result<bool, String> {
+    match mode {
+        "failClosed" => Ok(false),
+        "failOpen" => Ok(true),
+        other => Err(format!("{other:?}: must be failClosed or failOpen")),
+    }
 }
 
 impl GuardPolicy {
@@ -405,15 +416,10 @@ impl GuardPolicy {
                 }
             };
         let start_on_gate_failure = match spec.on_gate_failure.as_deref() {
-            None | Some("failClosed") => false,
-            Some("failOpen") => true,
-            Some(other) => {
-                errors.push(
-                    "spec.onGateFailure",
-                    format!("{other:?}: must be failClosed or failOpen"),
-                );
-                false
-            }
+            None => None,
+            Some(mode) => gate_failure(mode)
+                .map_err(|e| errors.push("spec.onGateFailure", e))
+                .ok(),
         };
         if !errors.is_empty() {
             return Err(errors);

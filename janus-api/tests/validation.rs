@@ -149,22 +149,15 @@ fn tags_cannot_forge_log_lines() {
 }
 
 #[test]
-fn the_gate_failure_mode_is_closed_unless_set_open_and_named_when_unknown() {
+fn the_gate_failure_mode_is_read_and_named_when_unknown() {
     let policy = |extra: &str| {
         let text = guard(&format!("{extra}  subjects:\n  - deny: [/a]\n"));
         GuardPolicy::from_guard(&parse_documents(&text).unwrap()[0])
     };
-    assert!(!policy("").unwrap().start_on_gate_failure);
-    assert!(
-        !policy("  onGateFailure: failClosed\n")
-            .unwrap()
-            .start_on_gate_failure
-    );
-    assert!(
-        policy("  onGateFailure: failOpen\n")
-            .unwrap()
-            .start_on_gate_failure
-    );
+    let mode = |extra: &str| policy(extra).unwrap().start_on_gate_failure;
+    assert_eq!(mode(""), None, "unset: the namespace's, else closed");
+    assert_eq!(mode("  onGateFailure: failClosed\n"), Some(false));
+    assert_eq!(mode("  onGateFailure: failOpen\n"), Some(true));
     assert_eq!(
         policy("  onGateFailure: open\n").unwrap_err().to_string(),
         r#"spec.onGateFailure: "open": must be failClosed or failOpen"#

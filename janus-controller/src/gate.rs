@@ -19,10 +19,40 @@ use crate::reconcile::{policy_of, Core};
 #[derive(Default)]
 pub struct Told(std::sync::Mutex<BTreeMap<String, Vec<u8>>>);
 
+/// The label a namespace sets its guards' start gate failure mode with, where a guard does
+/// not set `onGateFailure`: `failClosed` or `failOpen`.
+pub const NAMESPACE_LABEL: &str = "janus.clustergarage.io/on-gate-failure";
+
+/// Each namespace's `on-gate-failure` label, read: whether its guards let a container start
+/// when the gate fails; by namespace.
+#[derive(Default)]
+pub struct NamespaceModes(std::sync::Mutex<BTreeMap<String, bool>>);
+
 /// How many agents are told at once.
 const CONCURRENCY: usize = 32;
 
 impl Core {
+    /// Takes namespace `ns`'s labels (None: it is gone); true if its mode changed. A label
+    /// that is neither mode is failClosed, and logged.
+    pub fn set_namespace(&self, ns: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let mode = labels.and_then(|l| l.get(NAMESPACE_LABEL)).map(|v| {
+            janus_api::policy::gate_failure(v).unwrap_or_else(|e| {
+                tracing::warn!(
+                    namespace = ns,
+                    label = NAMESPACE_LABEL,
+                    "{e}; taken as failClosed"
+                );
+                false
+            })
+        });
+        let mut modes = self.namespace_modes.0.lock().expect("modes lock");
+        let old = match mode {
+            Some(m) => modes.insert(ns.to_owned(), m),
+            None => modes.remove(ns),
+        };
+        old != mode
+    }
+
     /// Each node's bound pods with their guards, and the namespaces with a guard that fails
     /// closed (where a pod the agent has no word on does not start).
     fn words(&self) -> (BTreeMap<String, Vec<BoundPod>>, Vec<String>) {
@@ -43,10 +73,23 @@ impl Core {
                 }
             }
         }
+        // A guard's own mode, else its namespace's, else closed.
+        let modes = self.namespace_modes.0.lock().expect("modes lock").clone();
+        let opens = |p: &GuardPolicy| {
+            p.start_on_gate_failure
+                .or_else(|| modes.get(&p.namespace).copied())
+                .unwrap_or(false)
+        };
         let closed: BTreeSet<String> = policies
             .iter()
-            .filter(|p| !p.start_on_gate_failure)
+            .filter(|p| !opens(p))
             .map(|p| p.namespace.clone())
+            .chain(
+                modes
+                    .iter()
+                    .filter(|(_, open)| !**open)
+                    .map(|(ns, _)| ns.clone()),
+            )
             .collect();
         let mut words: BTreeMap<String, Vec<BoundPod>> = BTreeMap::new();
         for pod in self.pods.state() {
@@ -58,7 +101,7 @@ impl Core {
             }
             let guards = guards_of.remove(&uid).unwrap_or_default();
             words.entry(node.to_owned()).or_default().push(BoundPod {
-                start_on_failure: guards.iter().all(|p| p.start_on_gate_failure),
+                start_on_failure: guards.iter().all(|p| opens(p)),
                 guards: guards.iter().map(|p| p.name.clone()).collect(),
                 uid,
                 namespace: pod.namespace().unwrap_or_default(),

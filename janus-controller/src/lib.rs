@@ -16,11 +16,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::Api;
+use kube::{Api, ResourceExt};
 
 use crate::crd::JanusGuard;
 use crate::pod::PodView;
@@ -189,6 +191,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             })
             .await
     };
+    // A namespace's start gate failure mode, from its label.
+    let modes = core_for_gates.clone();
+    let ns_api: Api<PartialObjectMeta<Namespace>> = Api::all(modes.client.clone());
+    let namespaces = watcher(ns_api, watcher::Config::default())
+        .default_backoff()
+        .for_each(move |event| {
+            let changed = match event {
+                Ok(watcher::Event::Apply(ns) | watcher::Event::InitApply(ns)) => {
+                    modes.set_namespace(&ns.name_any(), Some(ns.labels()))
+                }
+                Ok(watcher::Event::Delete(ns)) => modes.set_namespace(&ns.name_any(), None),
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching namespaces");
+                    false
+                }
+            };
+            if changed {
+                modes.gates_changed.notify_one();
+            }
+            async {}
+        });
     // Pod and guard changes, told to the agents whose word they change; changes that come
     // while agents are being told are told together after.
     let teller = core_for_gates.clone();
@@ -200,6 +224,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = tell => {}
+        _ = namespaces => {}
         _ = controller => {}
         _ = slices => {}
         _ = periodic => {}

@@ -51,6 +51,7 @@ pub struct Core {
     pub(crate) told: crate::gate::Told,
     /// Pods or guards changed: the agents' words may have.
     pub gates_changed: tokio::sync::Notify,
+    pub(crate) namespace_modes: crate::gate::NamespaceModes,
 }
 
 /// What one node's agent holds, as last listed or applied.
@@ -241,6 +242,7 @@ impl Core {
             index: Mutex::new(PodIndex::default()),
             told: crate::gate::Told::default(),
             gates_changed: tokio::sync::Notify::new(),
+            namespace_modes: crate::gate::NamespaceModes::default(),
         }
     }
 

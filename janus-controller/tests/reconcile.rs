@@ -176,6 +176,42 @@ async fn each_agent_is_told_every_pod_bound_to_its_node_with_its_guards_or_none(
 }
 
 #[tokio::test]
+async fn a_namespace_label_sets_the_failure_mode_of_guards_that_do_not() {
+    let mut w = world().await;
+    populate(&mut w);
+    let label = |mode: &str| {
+        [(
+            janus_controller::gate::NAMESPACE_LABEL.to_owned(),
+            mode.to_owned(),
+        )]
+        .into()
+    };
+    assert!(w.core.set_namespace("default", Some(&label("failOpen"))));
+    w.core.tell_agents(false).await;
+    let (pods, closed) = last_word(&w.a);
+    assert_eq!(pods[1], ("web-1".into(), vec!["web".to_string()], true));
+    assert!(closed.is_empty(), "{closed:?}");
+    // A guard's own mode wins over its namespace's.
+    w.stores.guard(guard(
+        "web",
+        2,
+        json!({"selector": {"matchLabels": {"app": "web"}}, "onGateFailure": "failClosed",
+               "subjects": [{"deny": ["/etc/secret"]}]}),
+    ));
+    w.core.tell_agents(false).await;
+    let (pods, closed) = last_word(&w.a);
+    assert!(!pods[1].2);
+    assert_eq!(closed, ["default"]);
+    // A namespace that fails closed refuses pods not named in time, guards or not; a label
+    // that is no mode is closed; the same label again changes nothing.
+    assert!(w.core.set_namespace("quiet", Some(&label("open"))));
+    assert!(!w.core.set_namespace("quiet", Some(&label("failClosed"))));
+    w.core.tell_agents(false).await;
+    assert_eq!(last_word(&w.a).1, ["default", "quiet"]);
+    assert!(w.core.set_namespace("quiet", None));
+}
+
+#[tokio::test]
 async fn a_pod_is_pushed_once_bound_before_its_containers_exist() {
     let mut w = world().await;
     w.stores.guard(web_guard(1));
