@@ -1,6 +1,6 @@
 //! The start gate: `janus-agent hook` as the createRuntime hook, answered by
-//! `janus-agent serve`. Containers are run by the real containerd (from the base spec
-//! deploy/runtime makes) or runc, from specs as a CRI runtime writes them (annotations, the
+//! `janus-agent serve`. Containers are run by the real containerd from the base spec
+//! deploy/runtime makes, completed as the CRI plugin completes it (annotations, the
 //! kubelet's cgroup path). Needs root and a running containerd.
 
 use std::io::Write;
@@ -11,8 +11,7 @@ use std::time::Duration;
 use janus_api::agent_v1::agent_client::AgentClient;
 use janus_api::agent_v1::{BoundPod, SetPodsRequest};
 use janus_tests::agent::{http_get, sum_series, Serve};
-use janus_tests::containerd::run_spec;
-use janus_tests::runc::{Bundle, Hook};
+use janus_tests::containerd::GatedSpec;
 use janus_tests::scenarios::populate;
 use janus_tests::target::{Root, BUSYBOX};
 use janus_tests::wait;
@@ -68,43 +67,12 @@ fn word(uid: &str, guards: &[&str], closed_namespaces: &[&str]) -> SetPodsReques
     }
 }
 
-/// A container of pod `uid` whose first instruction reads the denied file, gated by the
-/// agent at `socket`.
-fn first_read(dir: &Path, root: &Root, id: &str, uid: &str, socket: &Path) -> Bundle {
-    let socket = socket.to_str().unwrap();
-    let hook = Hook {
-        path: Path::new(AGENT),
-        args: &["janus-agent", "hook", "--socket", socket],
-    };
+/// Runs container `id` of pod `uid` through containerd, gated by the agent at `socket`, its
+/// first instruction reading the denied file: whether it succeeded, and what it printed.
+fn first_read(dir: &Path, root: &Root, id: &str, uid: &str, socket: &Path) -> (bool, String) {
     let argv = [BUSYBOX, "cat", "/data/secret"];
-    Bundle::new(dir, root, id, uid, &argv, Some(hook)).unwrap()
-}
-
-/// containerd's default spec with the gate's hook, as deploy/runtime/containerd makes it
-/// for a node, the hook asking the agent at `socket`.
-fn base_spec(dir: &Path, socket: &Path) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/runtime/containerd/make-base-spec.sh");
-    let out = dir.join("base-spec.json");
-    let made = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .arg(AGENT)
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let mut spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let hook = &mut spec["hooks"]["createRuntime"][0];
-    assert_eq!(hook["path"], AGENT);
-    let args = hook["args"].as_array_mut().unwrap();
-    args.extend(["--socket".into(), socket.to_str().unwrap().into()]);
-    spec
+    let mut spec = GatedSpec::new(dir, Path::new(AGENT), socket, root, &argv).unwrap();
+    spec.run(id, uid).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,14 +86,9 @@ async fn every_start_behind_the_gate_has_its_first_read_refused() {
     client.apply_guard(apply).await.unwrap();
     client.set_pods(word(&uid, &["gate"], &[])).await.unwrap();
 
-    // Through containerd, from the base spec a node gets: what the CRI plugin adds to it
-    // for a pod's container is its root, process, cgroup and annotations.
-    let mut spec = base_spec(&dir, &socket);
-    for d in ["/proc", "/dev", "/sys", "/tmp"] {
-        root.mkdir(d).unwrap();
-    }
-    spec["root"] = serde_json::json!({ "path": root.dir(), "readonly": false });
-    spec["process"]["args"] = serde_json::json!([BUSYBOX, "cat", "/data/secret"]);
+    // Through containerd, from the base spec a node gets.
+    let argv = [BUSYBOX, "cat", "/data/secret"];
+    let mut spec = GatedSpec::new(&dir, Path::new(AGENT), &socket, &root, &argv).unwrap();
     // The pod's init container first, then its app container restarted again and again,
     // each under a new ID in the same pod.
     const STARTS: usize = 100;
@@ -135,14 +98,7 @@ async fn every_start_behind_the_gate_has_its_first_read_refused() {
         } else {
             format!("gate-app-{i}-{}", std::process::id())
         };
-        spec["linux"]["cgroupsPath"] = format!("/kubepods/besteffort/pod{uid}/{id}").into();
-        spec["annotations"] = serde_json::json!({
-            "io.kubernetes.cri.sandbox-uid": uid,
-            "io.kubernetes.cri.sandbox-namespace": "default",
-        });
-        let path = dir.join("spec.json");
-        std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
-        let (success, output) = run_spec(&id, &path).unwrap();
+        let (success, output) = spec.run(&id, &uid).unwrap();
         assert!(
             !success && output.contains("Operation not permitted"),
             "start {i} ({id}) read the denied file or failed otherwise:\n{output}"
@@ -158,8 +114,8 @@ async fn a_pod_with_no_guard_starts_at_once_and_reads() {
     let (_agent, mut client, metrics, socket) = agent(&dir, &[]).await;
     client.set_pods(word(&uid, &[], &[])).await.unwrap();
     let id = format!("gate-free-{}", std::process::id());
-    let ran = first_read(&dir, &root, &id, &uid, &socket).run().unwrap();
-    assert!(ran.success, "{}", ran.output);
+    let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
+    assert!(success, "{output}");
     assert_eq!(gate_total(metrics, "no_guard"), 1.0);
 }
 
@@ -170,14 +126,12 @@ async fn a_guard_that_does_not_arrive_keeps_the_container_from_starting() {
     // The controller says the pod has a guard, and never pushes it.
     client.set_pods(word(&uid, &["gate"], &[])).await.unwrap();
     let id = format!("gate-late-{}", std::process::id());
-    let ran = first_read(&dir, &root, &id, &uid, &socket).run().unwrap();
-    assert!(!ran.success, "the container ran:\n{}", ran.output);
+    let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
+    assert!(!success, "the container ran:\n{output}");
     assert!(
-        ran.output.contains("guard default/gate not received"),
-        "the runtime's error does not say why:\n{}",
-        ran.output
+        output.contains("guard default/gate not received"),
+        "the runtime's error does not say why:\n{output}"
     );
-    assert!(!ran.output.contains("secret"), "{}", ran.output);
     assert_eq!(gate_total(metrics, "refused"), 1.0);
 }
 
@@ -191,20 +145,16 @@ async fn a_pod_the_controller_never_named_fails_as_its_namespace_does() {
         .await
         .unwrap();
     let id = format!("gate-unnamed-{}", std::process::id());
-    let ran = first_read(&dir, &root, &id, &uid, &socket).run().unwrap();
-    assert!(!ran.success, "the container ran:\n{}", ran.output);
-    assert!(
-        ran.output.contains("no word from the controller"),
-        "{}",
-        ran.output
-    );
+    let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
+    assert!(!success, "the container ran:\n{output}");
+    assert!(output.contains("no word from the controller"), "{output}");
     // In a namespace with no such guard it starts, and is counted.
     client
         .set_pods(word("some-other-pod", &[], &[]))
         .await
         .unwrap();
-    let ran = first_read(&dir, &root, &id, &uid, &socket).run().unwrap();
-    assert!(ran.success, "{}", ran.output);
+    let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
+    assert!(success, "{output}");
     assert_eq!(gate_total(metrics, "refused"), 1.0);
     assert_eq!(gate_total(metrics, "started_unguarded"), 1.0);
 }

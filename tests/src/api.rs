@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use janus_api::agent_v1::agent_client::AgentClient;
-use janus_api::agent_v1::{ApplyGuardRequest, GuardRef, GuardStatus, ListGuardsRequest, PodRef};
+use janus_api::agent_v1::{
+    ApplyGuardRequest, GuardRef, GuardStatus, ListGuardsRequest, PodRef, SetPodsRequest,
+};
 use tonic::transport::Channel;
 
 /// Far beyond what a call takes even under TCG; reached only by an agent that hangs.
@@ -65,6 +67,15 @@ impl Client {
             .block_on(async { tokio::time::timeout(CALL_DEADLINE, call).await })
             .context("ApplyGuard timed out")??;
         reply.into_inner().status.context("ApplyGuard: no status")
+    }
+
+    /// Tells the agent its node's pods.
+    pub fn set_pods(&mut self, req: SetPodsRequest) -> Result<()> {
+        let call = self.inner.set_pods(req);
+        self.rt
+            .block_on(async { tokio::time::timeout(CALL_DEADLINE, call).await })
+            .context("SetPods timed out")??;
+        Ok(())
     }
 
     /// Every guard the agent holds.

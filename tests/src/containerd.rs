@@ -108,6 +108,75 @@ pub fn run_spec(id: &str, spec: &std::path::Path) -> Result<(bool, String)> {
     Ok((out.status.success(), text))
 }
 
+/// Pod containers as containerd runs them on a node wired for the start gate: from the base
+/// spec `deploy/runtime/containerd/make-base-spec.sh` makes, completed as the CRI plugin
+/// completes it (root, process, the kubelet's cgroup path, the pod's annotations).
+pub struct GatedSpec {
+    spec: serde_json::Value,
+    path: std::path::PathBuf,
+}
+
+impl GatedSpec {
+    /// In `dir`, the hook being `agent` asking at `socket`, each container running `argv`
+    /// in `root`.
+    pub fn new(
+        dir: &std::path::Path,
+        agent: &std::path::Path,
+        socket: &std::path::Path,
+        root: &Root,
+        argv: &[&str],
+    ) -> Result<GatedSpec> {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/runtime/containerd/make-base-spec.sh");
+        let base = dir.join("base-spec.json");
+        let made = Command::new("bash")
+            .arg(&script)
+            .arg(&base)
+            .arg(agent)
+            .stdout(std::process::Stdio::null())
+            .output()
+            .context("running make-base-spec.sh")?;
+        if !made.status.success() {
+            bail!(
+                "make-base-spec.sh: {}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+        }
+        let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&base)?)?;
+        let hook = &mut spec["hooks"]["createRuntime"][0];
+        if hook["path"] != agent.to_str().context("agent path is not UTF-8")? {
+            bail!("the base spec's hook is not {}: {hook}", agent.display());
+        }
+        let args = hook["args"].as_array_mut().context("the hook's args")?;
+        args.extend([
+            "--socket".into(),
+            socket.to_str().context("socket path")?.into(),
+        ]);
+        for d in ["/proc", "/dev", "/sys", "/tmp"] {
+            root.mkdir(d)?;
+        }
+        spec["root"] = serde_json::json!({ "path": root.dir(), "readonly": false });
+        spec["process"]["args"] = serde_json::json!(argv);
+        Ok(GatedSpec {
+            spec,
+            path: dir.join("spec.json"),
+        })
+    }
+
+    /// Runs container `id` of pod `pod_uid` (namespace `default`) to its end: whether it
+    /// succeeded, and what it and containerd printed.
+    pub fn run(&mut self, id: &str, pod_uid: &str) -> Result<(bool, String)> {
+        self.spec["linux"]["cgroupsPath"] =
+            format!("/kubepods/besteffort/pod{pod_uid}/{id}").into();
+        self.spec["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.sandbox-uid": pod_uid,
+            "io.kubernetes.cri.sandbox-namespace": "default",
+        });
+        std::fs::write(&self.path, serde_json::to_vec(&self.spec)?)?;
+        run_spec(id, &self.path)
+    }
+}
+
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Drop for Container {

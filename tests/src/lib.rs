@@ -21,7 +21,6 @@ pub mod cgroups;
 pub mod containerd;
 pub mod floor;
 pub mod isolate;
-pub mod runc;
 pub mod scale;
 pub mod scenarios;
 pub mod start_window;

@@ -1,5 +1,5 @@
-//! How long a container of a guarded pod runs unguarded when it starts, without a start
-//! gate: the guard is pushed when the pod is scheduled (before any container exists), then
+//! How long a container of a guarded pod runs unguarded when it starts, with the start gate
+//! and without: the guard is pushed when the pod is scheduled (before any container exists), then
 //! containers start whose first instruction opens the denied file, and keep opening it
 //! until refused. The window of a start is the time from its first open to its first
 //! refused one (0 when the first is refused).
@@ -15,9 +15,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::agent::{free_addr, Serve};
 use crate::api::{apply_request, Client};
-use crate::containerd::run_to_end;
+use crate::containerd::{run_to_end, GatedSpec};
 use crate::scenarios::populate;
 use crate::target::Root;
+use janus_api::agent_v1::{BoundPod, SetPodsRequest};
 
 /// How long a container tries before it reports that it was never refused.
 const GIVE_UP: Duration = Duration::from_secs(5);
@@ -37,6 +38,8 @@ pub struct Options {
     pub starts: usize,
     /// Starts measured with the periodic rescan alone (each waits up to a rescan period).
     pub rescan_starts: usize,
+    /// Starts measured behind the start gate (no cgroup watch, no rescan to help).
+    pub gated_starts: usize,
     pub workdir: PathBuf,
 }
 
@@ -136,13 +139,25 @@ pub fn run(o: &Options) -> Result<Report> {
     let no_cgroups = dir.join("no-cgroups");
     std::fs::create_dir_all(&no_cgroups)?;
     let mut rows = Vec::new();
-    for (how, starts, cgroup_root) in [
+    for (how, starts, cgroup_root, gated) in [
+        (
+            "the start gate (createRuntime hook)",
+            o.gated_starts,
+            no_cgroups.as_path(),
+            true,
+        ),
         (
             "its cgroup (inotify)",
             o.starts,
             Path::new("/sys/fs/cgroup"),
+            false,
         ),
-        ("the rescan (every 1 s)", o.rescan_starts, &no_cgroups),
+        (
+            "the rescan (every 1 s)",
+            o.rescan_starts,
+            &no_cgroups,
+            false,
+        ),
     ] {
         if starts == 0 {
             continue;
@@ -158,13 +173,21 @@ pub fn run(o: &Options) -> Result<Report> {
         ];
         let _agent = Serve::start(&o.agent, addr, &args, &dir, "agent")?;
         let mut client = Client::connect(addr)?;
+        let argv = ["/janus-start-window", "first-read", SECRET, REPORT];
+        let mut gate = match gated {
+            true => {
+                let (socket, _) = Serve::gate(&dir, "agent");
+                Some(GatedSpec::new(&dir, &o.agent, &socket, &root, &argv)?)
+            }
+            false => None,
+        };
         let mut row = Row {
             how,
             windows: Vec::new(),
             opened: 0,
         };
         for i in 0..starts {
-            let (window, opened) = start(&mut client, &root, i)?;
+            let (window, opened) = start(&mut client, &root, gate.as_mut(), i)?;
             row.windows.push(window);
             row.opened += opened;
         }
@@ -174,8 +197,14 @@ pub fn run(o: &Options) -> Result<Report> {
     Ok(Report { rows })
 }
 
-/// One pod, pushed before its container starts; the container's window and successful opens.
-fn start(client: &mut Client, root: &Root, i: usize) -> Result<(Option<u64>, u64)> {
+/// One pod, pushed before its container starts (through `gate` when given); the
+/// container's window and successful opens.
+fn start(
+    client: &mut Client,
+    root: &Root,
+    gate: Option<&mut GatedSpec>,
+    i: usize,
+) -> Result<(Option<u64>, u64)> {
     let me = std::process::id();
     let pod_uid = format!("0000-5555-{me}-{i}");
     let id = format!("janus-window-{me}-{i}");
@@ -188,9 +217,30 @@ fn start(client: &mut Client, root: &Root, i: usize) -> Result<(Option<u64>, u64
     ))?;
     let report = root.host(REPORT);
     let _ = std::fs::remove_file(&report);
-    let cgroup = format!("/kubepods/besteffort/pod{pod_uid}/{id}");
-    let argv = ["/janus-start-window", "first-read", SECRET, REPORT];
-    run_to_end(root, &id, &cgroup, &argv)?;
+    match gate {
+        Some(spec) => {
+            // The controller's word on the pod, as it tells the node's agent.
+            client.set_pods(SetPodsRequest {
+                pods: vec![BoundPod {
+                    uid: pod_uid.clone(),
+                    namespace: "default".into(),
+                    name: format!("window-{i}"),
+                    guards: vec!["window".into()],
+                    start_on_failure: false,
+                }],
+                closed_namespaces: Vec::new(),
+            })?;
+            let (ran, output) = spec.run(&id, &pod_uid)?;
+            if !ran {
+                bail!("start {i}: the container did not run:\n{output}");
+            }
+        }
+        None => {
+            let cgroup = format!("/kubepods/besteffort/pod{pod_uid}/{id}");
+            let argv = ["/janus-start-window", "first-read", SECRET, REPORT];
+            run_to_end(root, &id, &cgroup, &argv)?;
+        }
+    }
     let text = std::fs::read_to_string(&report)
         .with_context(|| format!("start {i}: the container wrote no {REPORT}"))?;
     let f: Vec<u64> = text

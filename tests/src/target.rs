@@ -404,3 +404,68 @@ pub(crate) fn open_fd(path: &str, flags: libc::c_int) -> Result<OwnedFd> {
         .with_context(|| format!("opening {path}"))?;
     Ok(f.into())
 }
+
+/// A container as its runtime sets it up: a process in a mount namespace of its own with its
+/// root mounted but not entered, held before its first instruction until
+/// [`Starting::start`], as runc holds it while its createRuntime hooks run.
+pub struct Starting {
+    child: Child,
+}
+
+impl Starting {
+    /// Sets up `root` for `argv`, which runs in it once started.
+    pub fn new(root: &Root, argv: &[&str]) -> Result<Starting> {
+        let dir = CString::new(root.dir().as_os_str().as_bytes())?;
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                let none = std::ptr::null();
+                check(libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    dir.as_ptr(),
+                    dir.as_ptr(),
+                    none,
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                // Set up: say so, and wait to be started.
+                let mut byte = b'r';
+                check(libc::write(1, (&raw const byte).cast(), 1) as i32)?;
+                check(libc::read(0, (&raw mut byte).cast(), 1) as i32)?;
+                check(libc::chroot(dir.as_ptr()))?;
+                check(libc::chdir(c"/".as_ptr()))?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("setting up a container")?;
+        let mut ready = [0u8];
+        std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut ready)
+            .context("the container was not set up")?;
+        Ok(Starting { child })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Lets it run its first instruction, and waits for its end: what it printed.
+    pub fn start(mut self) -> Result<String> {
+        self.child.stdin.take().expect("piped").write_all(b"g")?;
+        let out = self.child.wait_with_output()?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok(text)
+    }
+}

@@ -2,7 +2,8 @@
 //! (the VM): one `janus-agent serve` finds and guards the containers of pods laid out as the
 //! kubelet lays them out with either cgroup driver, for containerd and for CRI-O (with its
 //! conmon beside the container), each restarted once under a new ID that nobody tells the
-//! agent; and it refuses a request that names another pod's container.
+//! agent; it refuses a request that names another pod's container; and behind its start
+//! gate a container's first instruction is refused.
 //!
 //! Prints `PASS <case> (<seconds> s)` / `FAIL <case>: <why> (<seconds> s)` and exits 1 if
 //! any failed.
@@ -13,12 +14,14 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use janus_api::agent_v1::ContainerPhase;
+use std::io::Write;
+
+use janus_api::agent_v1::{BoundPod, ContainerPhase, SetPodsRequest};
 use janus_tests::agent::{free_addr, Serve};
 use janus_tests::api::{apply_request, Client};
 use janus_tests::cgroups::{self, Layout, CGROUP2_ROOT};
 use janus_tests::scenarios::populate;
-use janus_tests::target::{Access, Root, Target, BUSYBOX};
+use janus_tests::target::{Access, Root, Starting, Target, BUSYBOX};
 use janus_tests::wait;
 
 /// Denies opening `/data/secret`.
@@ -106,7 +109,74 @@ fn run(agent: &Path, backend: &str, workdir: &Path) -> Result<u32> {
         )),
     };
     report("another-pods-container", started, &outcome, &mut failed);
+    let started = Instant::now();
+    let outcome = gated_first_read(&mut client, agent, &dir);
+    report("gated-first-read", started, &outcome, &mut failed);
     Ok(failed)
+}
+
+/// Behind the start gate: a container set up as runc sets one up (its mount namespace made
+/// and its root mounted, not entered) and held while `janus-agent hook` runs. Its first
+/// instruction, reading the denied file, is refused.
+fn gated_first_read(client: &mut Client, agent: &Path, dir: &Path) -> Result<()> {
+    // cgroupfs and containerd: the hook names a container by containerd's ID.
+    let layout = Layout::ALL[2];
+    let uid = "6a7e0000-0000-4000-8000-000000000001";
+    let root = Root::new(dir, "gated")?;
+    populate(&root)?;
+    client.apply(apply_request("default", "gated", uid, &[], DENY_SECRET))?;
+    client.set_pods(SetPodsRequest {
+        pods: vec![BoundPod {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: "gated-0".into(),
+            guards: vec!["gated".into()],
+            start_on_failure: false,
+        }],
+        closed_namespaces: Vec::new(),
+    })?;
+    let id = container_id(9, 0);
+    let starting = Starting::new(&root, &[BUSYBOX, "cat", "/data/secret"])?;
+    cgroups::enter(
+        Path::new(CGROUP2_ROOT),
+        &layout.container(uid, &id),
+        starting.pid(),
+    )?;
+    let bundle = dir.join("gated-bundle");
+    std::fs::create_dir_all(&bundle)?;
+    let config = serde_json::json!({ "root": { "path": root.dir() } });
+    std::fs::write(bundle.join("config.json"), config.to_string())?;
+    let state = serde_json::json!({
+        "ociVersion": "1.0.2", "id": id, "status": "creating", "pid": starting.pid(),
+        "bundle": bundle,
+        "annotations": { "io.kubernetes.cri.sandbox-uid": uid },
+    });
+    let (socket, _) = Serve::gate(dir, "agent");
+    let mut hook = Command::new(agent)
+        .arg("hook")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--unreachable", "refuse"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    hook.stdin
+        .take()
+        .context("piped")?
+        .write_all(state.to_string().as_bytes())?;
+    let answered = hook.wait_with_output()?;
+    ensure!(
+        answered.status.success(),
+        "the hook refused: {}",
+        String::from_utf8_lossy(&answered.stderr)
+    );
+    let out = starting.start()?;
+    ensure!(
+        out.contains("Operation not permitted"),
+        "the first read was not refused: {out}"
+    );
+    Ok(())
 }
 
 fn report(name: &str, started: Instant, outcome: &Result<()>, failed: &mut u32) {

@@ -1,5 +1,5 @@
-//! The start-window benchmark: `janus-start-window --agent PATH [--starts N]
-//! [--rescan-starts N] [--workdir DIR]`. Prints one table; exits 1 when a start was never
+//! The start-window benchmark: `janus-start-window --agent PATH [--gated-starts N]
+//! [--starts N] [--rescan-starts N] [--workdir DIR]`. Prints one table; exits 1 when a start was never
 //! refused, 2 on bad arguments. `janus-start-window first-read PATH OUT` is the process
 //! each container runs.
 
@@ -9,14 +9,15 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use janus_tests::start_window::{self, Options};
 
-const USAGE: &str = "usage: janus-start-window --agent PATH [--starts N] [--rescan-starts N] \
-    [--workdir DIR]";
+const USAGE: &str = "usage: janus-start-window --agent PATH [--gated-starts N] [--starts N] \
+    [--rescan-starts N] [--workdir DIR]";
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
     let mut o = Options {
         agent: PathBuf::new(),
-        starts: 50,
+        starts: 100,
         rescan_starts: 20,
+        gated_starts: 100,
         workdir: std::env::temp_dir(),
     };
     while let Some(a) = args.next() {
@@ -25,6 +26,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
             "--agent" => o.agent = PathBuf::from(value()?),
             "--starts" => o.starts = value()?.parse().context("--starts")?,
             "--rescan-starts" => o.rescan_starts = value()?.parse().context("--rescan-starts")?,
+            "--gated-starts" => o.gated_starts = value()?.parse().context("--gated-starts")?,
             "--workdir" => o.workdir = PathBuf::from(value()?),
             other => bail!("unknown argument {other:?}"),
         }
