@@ -28,8 +28,9 @@ pub const MATRIX: &[Platform] = &[
         kernel: "the host's",
         series: None,
         cgroup: "v1",
-        layouts: "containerd 1.6 and runc (`ctr run --cgroup`, the cgroupfs driver's paths)",
-        fanotify: "kernel tests, scenario table, `serve`, benchmarks",
+        layouts: "containerd 1.6 and runc (`ctr run --cgroup`, and `ctr run --config` from the \
+                  start gate's base spec; the cgroupfs driver's paths)",
+        fanotify: "kernel tests, scenario table, `serve`, the start gate, benchmarks",
         bpf: "refused by the kernel (EPERM): the fallback to fanotify",
         table_in_ci: true,
     },
@@ -38,8 +39,9 @@ pub const MATRIX: &[Platform] = &[
         series: Some(KernelSeries::V6_12),
         cgroup: "v2",
         layouts: KUBELET_LAYOUTS,
-        fanotify: "scenario table (enforce, monitor), `serve` on each layout",
-        bpf: "BPF tests, scenario table (enforce, monitor), `serve` on each layout",
+        fanotify: "scenario table (enforce, monitor), `serve` on each layout, the start gate",
+        bpf: "BPF tests, scenario table (enforce, monitor), `serve` on each layout, the start \
+              gate",
         table_in_ci: true,
     },
     Platform {
@@ -47,8 +49,8 @@ pub const MATRIX: &[Platform] = &[
         series: Some(KernelSeries::V6_1),
         cgroup: "v2",
         layouts: KUBELET_LAYOUTS,
-        fanotify: "`serve` on each layout; the table on demand",
-        bpf: "BPF tests, `serve` on each layout; the table on demand",
+        fanotify: "`serve` on each layout, the start gate; the table on demand",
+        bpf: "BPF tests, `serve` on each layout, the start gate; the table on demand",
         table_in_ci: false,
     },
 ];
