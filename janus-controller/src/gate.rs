@@ -68,7 +68,7 @@ impl Core {
             index.sync(&self.pods.state());
             for p in &policies {
                 for pod in index.selected(&p.namespace, &p.selector) {
-                    let uid = pod.uid().unwrap_or_default();
+                    let uid = pod.node_uid().unwrap_or_default();
                     guards_of.entry(uid).or_default().push(p);
                 }
             }
@@ -93,7 +93,7 @@ impl Core {
             .collect();
         let mut words: BTreeMap<String, Vec<BoundPod>> = BTreeMap::new();
         for pod in self.pods.state() {
-            let (Some(node), Some(uid)) = (pod.node(), pod.uid()) else {
+            let (Some(node), Some(uid)) = (pod.node(), pod.node_uid()) else {
                 continue;
             };
             if pod.finished() {
@@ -117,6 +117,9 @@ impl Core {
     /// Tells each agent its node's word: every one when `again`, else those whose word
     /// changed since they were last told.
     pub async fn tell_agents(&self, again: bool) {
+        // One telling at a time: a word computed earlier never reaches an agent after one
+        // computed later.
+        let _one = self.telling.lock().await;
         let endpoints = discover(self.slices.state().iter().map(|s| &**s));
         let (mut words, closed) = self.words();
         let sends: Vec<(String, String, SetPodsRequest, Vec<u8>)> = {
@@ -127,6 +130,7 @@ impl Core {
                     let word = SetPodsRequest {
                         pods: words.remove(&node).unwrap_or_default(),
                         closed_namespaces: closed.clone(),
+                        node: node.clone(),
                     };
                     let digest = word.encode_to_vec();
                     let same = told.get(&node) == Some(&digest);

@@ -61,6 +61,9 @@ pub struct ContainerStateView {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ended {}
 
+/// The annotation a static pod's mirror carries the kubelet's UID of the pod in.
+pub const MIRROR: &str = "kubernetes.io/config.mirror";
+
 impl PodView {
     /// The node it is bound to, once the scheduler placed it.
     pub fn node(&self) -> Option<&str> {
@@ -98,8 +101,24 @@ impl PodView {
     /// be most of a pod's metadata.
     pub fn trim(&mut self) {
         self.metadata.managed_fields = None;
-        self.metadata.annotations = None;
+        let annotations = self.metadata.annotations.take().map(|mut a| {
+            a.retain(|k, _| k == MIRROR);
+            a
+        });
+        self.metadata.annotations = annotations.filter(|a| !a.is_empty());
         self.metadata.owner_references = None;
+    }
+
+    /// The UID its node's kubelet and runtime know it by (its cgroup's, the CRI's): a static
+    /// pod's mirror in the API has a UID of its own and carries the kubelet's in
+    /// [`MIRROR`]; any other pod, its own.
+    pub fn node_uid(&self) -> Option<String> {
+        let mirror = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MIRROR));
+        mirror.cloned().or_else(|| self.metadata.uid.clone())
     }
 }
 
@@ -144,6 +163,20 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(pod.container_ids().count(), MAX_CONTAINERS);
+    }
+
+    #[test]
+    fn a_static_pod_is_known_on_its_node_by_its_mirrors_annotation() {
+        let mut pod: PodView = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "etcd-node-a", "uid": "api-uid",
+                         "annotations": {MIRROR: "0123abcd", "kubernetes.io/config.hash": "0123abcd", "big": "x"}},
+        }))
+        .unwrap();
+        pod.trim();
+        assert_eq!(pod.node_uid().as_deref(), Some("0123abcd"));
+        assert_eq!(pod.metadata.annotations.as_ref().unwrap().len(), 1);
+        pod.metadata.annotations = None;
+        assert_eq!(pod.node_uid().as_deref(), Some("api-uid"));
     }
 
     #[test]

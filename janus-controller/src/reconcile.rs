@@ -52,6 +52,7 @@ pub struct Core {
     /// Pods or guards changed: the agents' words may have.
     pub gates_changed: tokio::sync::Notify,
     pub(crate) namespace_modes: crate::gate::NamespaceModes,
+    pub(crate) telling: tokio::sync::Mutex<()>,
 }
 
 /// What one node's agent holds, as last listed or applied.
@@ -170,7 +171,7 @@ fn wanted(gref: &GuardRef, policy: &GuardPolicy, pods: &PodIndex) -> Vec<Wanted>
                 key: HoldingKey {
                     guard_namespace: gref.namespace.clone(),
                     guard_name: gref.name.clone(),
-                    pod_uid: pod.uid()?,
+                    pod_uid: pod.node_uid()?,
                 },
                 pod,
             })
@@ -243,6 +244,7 @@ impl Core {
             told: crate::gate::Told::default(),
             gates_changed: tokio::sync::Notify::new(),
             namespace_modes: crate::gate::NamespaceModes::default(),
+            telling: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -551,7 +553,7 @@ impl Core {
     /// The guards a change of `pod` can concern: those of its namespace whose selector
     /// picks it now, and those an agent holds on it (which it may have left).
     pub fn guards_touched_by(&self, pod: &PodView) -> Vec<ObjectRef<JanusGuard>> {
-        let uid = pod.uid().unwrap_or_default();
+        let uid = pod.node_uid().unwrap_or_default();
         let holders: BTreeSet<(String, String)> = self
             .held_where(|k, _| k.pod_uid == uid)
             .into_iter()
