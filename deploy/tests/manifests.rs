@@ -929,7 +929,7 @@ fn the_runtimes_hook_configurations_name_the_binary_the_daemonset_installs() {
     assert_eq!(crio["hook"]["path"], binary.as_str());
     assert_eq!(
         crio["hook"]["args"],
-        serde_json::json!(["janus-agent", "hook"])
+        serde_json::json!(["janus-agent", "hook", "--runtime", "cri-o"])
     );
     // Run by the runtime right before createRuntime, in its namespaces: CRI-O's hooks.d
     // takes the stages of runtime-spec 1.0.0.

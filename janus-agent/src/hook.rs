@@ -21,19 +21,31 @@ pub const SOCKET: &str = "/run/janus/agent.sock";
 /// for the agent to count and report.
 pub const UNGATED: &str = "/run/janus/ungated";
 
-/// containerd's CRI plugin and CRI-O: (pod UID, pod namespace, container ID prefix).
-const CRI_ANNOTATIONS: [(&str, &str, &str); 2] = [
-    (
-        "io.kubernetes.cri.sandbox-uid",
-        "io.kubernetes.cri.sandbox-namespace",
-        "containerd",
-    ),
-    (
-        "io.kubernetes.pod.uid",
-        "io.kubernetes.pod.namespace",
-        "cri-o",
-    ),
-];
+/// The runtime that runs the hook, and so which annotations name the pod: each copies the
+/// pod's own annotations too, so only its own keys are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    Containerd,
+    CriO,
+}
+
+impl Runtime {
+    /// (pod UID, pod namespace, container ID prefix).
+    fn annotations(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Runtime::Containerd => (
+                "io.kubernetes.cri.sandbox-uid",
+                "io.kubernetes.cri.sandbox-namespace",
+                "containerd",
+            ),
+            Runtime::CriO => (
+                "io.kubernetes.pod.uid",
+                "io.kubernetes.pod.namespace",
+                "cri-o",
+            ),
+        }
+    }
+}
 
 /// The most a request or an answer may be.
 pub const MAX_LINE: u64 = 64 * 1024;
@@ -70,6 +82,9 @@ pub enum Unreachable {
 
 #[derive(Debug, clap::Args)]
 pub struct HookArgs {
+    /// The runtime that runs the hook (deploy/runtime's configurations say).
+    #[arg(long, value_enum, default_value_t = Runtime::Containerd)]
+    pub runtime: Runtime,
     /// The agent's socket.
     #[arg(long, default_value = SOCKET)]
     pub socket: PathBuf,
@@ -79,6 +94,8 @@ pub struct HookArgs {
     pub timeout_secs: u64,
     /// What becomes of a pod's container when the agent cannot be reached (not running
     /// yet, as while its own DaemonSet pod starts): it starts by default, and is recorded.
+    /// An agent reached that gives no answer (it stopped meanwhile, or took longer than
+    /// `--timeout-secs`) refuses it, whatever this says.
     #[arg(long, value_enum, default_value_t = Unreachable::Start)]
     pub unreachable: Unreachable,
     /// Where the records of containers started without the agent go.
@@ -107,11 +124,9 @@ struct ConfigRoot {
 }
 
 /// The request for the container `state` describes; None when it is no pod's.
-fn request(state: &State) -> anyhow::Result<Option<Request>> {
-    let Some((uid, ns, prefix)) = CRI_ANNOTATIONS
-        .iter()
-        .find_map(|(uid, ns, prefix)| Some((state.annotations.get(*uid)?, *ns, *prefix)))
-    else {
+fn request(state: &State, runtime: Runtime) -> anyhow::Result<Option<Request>> {
+    let (uid, ns, prefix) = runtime.annotations();
+    let Some(uid) = state.annotations.get(uid) else {
         return Ok(None);
     };
     let config = state.bundle.join("config.json");
@@ -128,8 +143,20 @@ fn request(state: &State) -> anyhow::Result<Option<Request>> {
 }
 
 /// Asks the agent at `socket`.
-pub fn ask(socket: &Path, req: &Request, timeout: Duration) -> std::io::Result<Answer> {
-    let mut stream = UnixStream::connect(socket)?;
+pub fn ask(socket: &Path, req: &Request, timeout: Duration) -> Result<Answer, AskError> {
+    let stream = UnixStream::connect(socket).map_err(AskError::Connect)?;
+    exchange(stream, req, timeout).map_err(AskError::Answer)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("no answer: {0}")]
+    Answer(#[source] std::io::Error),
+}
+
+fn exchange(mut stream: UnixStream, req: &Request, timeout: Duration) -> std::io::Result<Answer> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req)?;
@@ -148,11 +175,11 @@ pub fn run(args: HookArgs) -> anyhow::Result<()> {
         .read_to_end(&mut stdin)
         .context("reading the container state on stdin")?;
     let state: State = serde_json::from_slice(&stdin).context("the container state on stdin")?;
-    let Some(req) = request(&state)? else {
+    let Some(req) = request(&state, args.runtime)? else {
         return Ok(());
     };
     let timeout = Duration::from_secs(args.timeout_secs);
-    match ask(&args.socket, &req, timeout) {
+    let why = match ask(&args.socket, &req, timeout) {
         Ok(answer) if answer.start => {
             if !answer.reason.is_empty() {
                 eprintln!(
@@ -160,22 +187,25 @@ pub fn run(args: HookArgs) -> anyhow::Result<()> {
                     state.id, answer.reason
                 );
             }
-            Ok(())
+            return Ok(());
         }
         Ok(answer) => bail!("container {} may not start: {}", state.id, answer.reason),
-        Err(e) => {
-            let why = format!("the agent at {} did not answer: {e}", args.socket.display());
-            match args.unreachable {
-                Unreachable::Refuse => bail!("container {} may not start: {why}", state.id),
-                Unreachable::Start => {
-                    eprintln!(
-                        "janus-agent: container {} starts unguarded: {why}",
-                        state.id
-                    );
-                    record(&args.ungated_dir, &req, &why);
-                    Ok(())
-                }
-            }
+        Err(e @ AskError::Answer(_)) => bail!(
+            "container {} may not start: the agent at {}: {e}",
+            state.id,
+            args.socket.display()
+        ),
+        Err(e) => format!("the agent at {}: {e}", args.socket.display()),
+    };
+    match args.unreachable {
+        Unreachable::Refuse => bail!("container {} may not start: {why}", state.id),
+        Unreachable::Start => {
+            eprintln!(
+                "janus-agent: container {} starts unguarded: {why}",
+                state.id
+            );
+            record(&args.ungated_dir, &req, &why);
+            Ok(())
         }
     }
 }
@@ -224,9 +254,11 @@ fn record(dir: &Path, req: &Request, why: &str) {
         at,
     };
     let name = req.container_id.replace("://", "-");
+    // Written whole, then named: the agent never reads half a record.
+    let partial = dir.join(format!(".{name}.partial"));
     let written = std::fs::create_dir_all(dir).and_then(|()| {
-        let json = serde_json::to_vec(&entry)?;
-        std::fs::write(dir.join(name), json)
+        std::fs::write(&partial, serde_json::to_vec(&entry)?)?;
+        std::fs::rename(&partial, dir.join(&name))
     });
     if let Err(e) = written {
         eprintln!(
@@ -261,7 +293,9 @@ mod tests {
             ("io.kubernetes.cri.sandbox-uid", "u-1"),
             ("io.kubernetes.cri.sandbox-namespace", "team"),
         ];
-        let req = request(&state(&containerd, &bundle)).unwrap().unwrap();
+        let req = request(&state(&containerd, &bundle), Runtime::Containerd)
+            .unwrap()
+            .unwrap();
         assert_eq!(req.container_id, "containerd://abc");
         assert_eq!(
             (req.pod_uid.as_str(), req.pod_namespace.as_str()),
@@ -270,13 +304,17 @@ mod tests {
         assert_eq!(req.rootfs, bundle.join("rootfs"));
         std::fs::write(bundle.join("config.json"), r#"{"root":{"path":"/merged"}}"#).unwrap();
         let crio = [("io.kubernetes.pod.uid", "u-2")];
-        let req = request(&state(&crio, &bundle)).unwrap().unwrap();
+        let req = request(&state(&crio, &bundle), Runtime::CriO)
+            .unwrap()
+            .unwrap();
         assert_eq!(req.container_id, "cri-o://abc");
         assert_eq!(req.rootfs, Path::new("/merged"));
+        // Only the runtime's own keys name a pod: a pod's author may set the other's.
+        let theirs = request(&state(&crio, &bundle), Runtime::Containerd).unwrap();
+        assert!(theirs.is_none());
         // No pod: nothing to gate, and the bundle is not read.
-        assert!(request(&state(&[], Path::new("/nonexistent")))
-            .unwrap()
-            .is_none());
+        let none = state(&[], Path::new("/nonexistent"));
+        assert!(request(&none, Runtime::Containerd).unwrap().is_none());
         std::fs::remove_dir_all(&bundle).unwrap();
     }
 }

@@ -99,6 +99,9 @@ pub struct ContainerRoot {
     /// How the kernel renders this root in our paths: empty when the target has a mount
     /// namespace of its own (its root then renders as `/`), else the host path of a chroot.
     prefix: Vec<u8>,
+    /// Before the runtime pivots into it (a start gate), how the root renders until then:
+    /// its path in the target's mount namespace.
+    setup_prefix: Vec<u8>,
     /// Inode of the target's mount namespace, to tell containers apart in diagnostics.
     pub mnt_ns: u64,
     /// The root directory: a process whose root it is acts in the container, whatever mounts
@@ -122,21 +125,39 @@ fn ns_inode(pid: &str, ns: &str) -> Option<u64> {
 impl ContainerRoot {
     pub fn open(at: &TargetRoot) -> Result<ContainerRoot, ResolveError> {
         let pid = at.pid;
-        let mut path = format!("/proc/{pid}/root").into_bytes();
+        let mut root = open_path(
+            None,
+            format!("/proc/{pid}/root").as_bytes(),
+            libc::O_DIRECTORY,
+        )
+        .map_err(|error| ResolveError::Root { pid, error })?;
         if let Some(rootfs) = &at.rootfs {
-            path.extend_from_slice(rootfs.as_os_str().as_encoded_bytes());
-        }
-        let root = open_path(None, &path, libc::O_DIRECTORY)
+            // In the process's root: a symlink on the way (a distribution's /var/run)
+            // resolves there, not in the agent's.
+            let rel = rootfs.as_os_str().as_encoded_bytes();
+            let rel = rel.strip_prefix(b"/").unwrap_or(rel);
+            root = openat2(
+                root.as_fd(),
+                rel,
+                libc::O_PATH | libc::O_DIRECTORY,
+                libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+            )
             .map_err(|error| ResolveError::Root { pid, error })?;
+        }
         let mnt_ns = ns_inode(&pid.to_string(), "mnt").unwrap_or(0);
         let own_ns = at.rootfs.is_some() && Some(mnt_ns) != ns_inode("self", "mnt");
         let mut prefix =
             fd_path(root.as_fd()).map_err(|error| ResolveError::Root { pid, error })?;
-        // A root in a mount namespace of its own renders as `/` once the runtime has
-        // pivoted into it, before the container runs a single instruction.
-        if prefix == b"/" || own_ns {
+        if prefix == b"/" {
             prefix.clear();
         }
+        // A root in a mount namespace of its own renders as `/` once the runtime has
+        // pivoted into it, before the container runs a single instruction; until then, as
+        // its path there.
+        let setup_prefix = match own_ns {
+            true => std::mem::take(&mut prefix),
+            false => Vec::new(),
+        };
         let st = nix::sys::stat::fstat(root.as_fd()).map_err(|e| ResolveError::Root {
             pid,
             error: e.into(),
@@ -147,6 +168,7 @@ impl ContainerRoot {
             pid,
             root,
             prefix,
+            setup_prefix,
             mnt_ns,
             root_id: FileId {
                 dev: st.st_dev,
@@ -154,6 +176,14 @@ impl ContainerRoot {
             },
             pid_ns,
         })
+    }
+
+    /// While the runtime has not pivoted into this root yet, where it is mounted in the
+    /// target's mount namespace: only the mounts there are the container's (the others are
+    /// the node's, copied, and gone once it pivots).
+    pub fn setting_up(&self) -> Option<&[u8]> {
+        let pivoted = process_root(self.pid) == Some(self.root_id);
+        (!self.setup_prefix.is_empty() && !pivoted).then_some(self.setup_prefix.as_slice())
     }
 
     /// The root directory's identity.
@@ -196,6 +226,15 @@ impl ContainerRoot {
     /// `None` when it lies outside this root (a host process reaching the file another way).
     /// Always a range of `rendered` itself, so the answering thread can use it in place.
     pub fn to_container(&self, rendered: &[u8]) -> Option<Range<usize>> {
+        if !self.setup_prefix.is_empty() {
+            match rendered.strip_prefix(self.setup_prefix.as_slice()) {
+                Some(b"") => return Some(0..1),
+                Some(rest) if rest.starts_with(b"/") => {
+                    return Some(self.setup_prefix.len()..rendered.len())
+                }
+                _ => {}
+            }
+        }
         if self.prefix.is_empty() {
             return rendered.starts_with(b"/").then_some(0..rendered.len());
         }

@@ -64,6 +64,7 @@ fn word(uid: &str, guards: &[&str], closed_namespaces: &[&str]) -> SetPodsReques
             start_on_failure: false,
         }],
         closed_namespaces: closed_namespaces.iter().map(|n| n.to_string()).collect(),
+        node: "node-a".into(),
     }
 }
 
@@ -189,6 +190,29 @@ async fn the_gate_guards_only_a_process_of_the_named_container() {
     assert!(answer.contains("\"start\":false"), "{answer}");
     let again = janus_agent::hook::ask(&socket, &req, Duration::from_secs(30)).unwrap();
     assert!(!again.start);
+
+    // A running container's process, named by one its runtime did not start beside it (a
+    // root with the socket mounted): refused before anything is guarded on it.
+    let (_cdir, _croot, cuid, cid, running) = support::pod_container("gate-running", "6a7e0001");
+    let theirs = janus_agent::hook::Request {
+        pod_uid: cuid,
+        pod_namespace: "default".into(),
+        container_id: format!("containerd://{cid}"),
+        pid: running.pid(),
+        rootfs: "/tmp".into(),
+    };
+    let answer = janus_agent::hook::ask(&socket, &theirs, Duration::from_secs(30)).unwrap();
+    assert!(!answer.start, "{answer:?}");
+    assert!(
+        answer.reason.contains("not a process its runtime set up"),
+        "{answer:?}"
+    );
+
+    // Another node's word is refused.
+    let mut other = word(&uid, &[], &[]);
+    other.node = "node-b".into();
+    let refused = client.set_pods(other).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -204,15 +228,9 @@ async fn a_start_the_agent_could_not_answer_is_recorded_and_counted() {
     })
     .to_string();
     let (_, ungated) = Serve::gate(&dir, "agent");
-    let hook = |unreachable: &str| {
+    let hook = |socket: &str, unreachable: &str| {
         let mut child = Command::new(AGENT)
-            .args([
-                "hook",
-                "--socket",
-                "/nonexistent/agent.sock",
-                "--unreachable",
-                unreachable,
-            ])
+            .args(["hook", "--socket", socket, "--unreachable", unreachable])
             .arg("--ungated-dir")
             .arg(&ungated)
             .stdin(Stdio::piped())
@@ -228,11 +246,23 @@ async fn a_start_the_agent_could_not_answer_is_recorded_and_counted() {
             .unwrap();
         child.wait_with_output().unwrap()
     };
-    let refused = hook("refuse");
+    // An agent reached that gives no answer (it stopped meanwhile): refused, whatever
+    // `--unreachable` says.
+    let mute = dir.join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let cut = hook(mute.to_str().unwrap(), "start");
+    assert!(!cut.status.success());
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("no answer"));
+    let refused = hook("/nonexistent/agent.sock", "refuse");
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("did not answer"));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot connect"));
     assert!(!ungated.exists(), "a refused start is no unguarded one");
-    let started = hook("start");
+    let started = hook("/nonexistent/agent.sock", "start");
     assert!(started.status.success());
     assert!(ungated.join("containerd-c1").exists());
     // The agent, once up, counts and reports it.
@@ -246,4 +276,22 @@ async fn a_start_the_agent_could_not_answer_is_recorded_and_counted() {
     })
     .unwrap();
     drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_gates_by_the_word_it_kept() {
+    let (dir, root, uid) = pod("kept-word");
+    let (before, mut client, _, _) = agent(&dir, &["--gate-within-secs", "1"]).await;
+    client.set_pods(word(&uid, &[], &[])).await.unwrap();
+    drop(before);
+    // The controller has not told the new agent anything yet.
+    let (_after, _client, metrics, socket) = agent(&dir, &["--gate-within-secs", "1"]).await;
+    let id = format!("gate-kept-{}", std::process::id());
+    let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
+    assert!(success, "{output}");
+    assert_eq!(
+        gate_total(metrics, "no_guard"),
+        1.0,
+        "the word was not kept"
+    );
 }

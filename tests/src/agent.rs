@@ -217,6 +217,8 @@ impl Serve {
             .arg(&socket)
             .arg("--ungated-dir")
             .arg(&ungated)
+            .arg("--gate-word-file")
+            .arg(dir.join(format!("{name}-word.pb")))
             .args(args)
             .stdin(Stdio::null())
             .stdout(fs::File::create(dir.join(format!("{name}.out")))?)

@@ -229,6 +229,7 @@ fn start(
                     start_on_failure: false,
                 }],
                 closed_namespaces: Vec::new(),
+                node: "node-a".into(),
             })?;
             let (ran, output) = spec.run(&id, &pod_uid)?;
             if !ran {

@@ -288,7 +288,7 @@ impl Marker {
         for i in 0..self.slots.len() {
             self.resolve(i, table, &mut found, metrics);
         }
-        let mounts = mount_ids(self.shared.root.pid);
+        let mounts = mount_ids(self.shared.root.pid, self.shared.root.setting_up());
         let exact: Vec<Rule> = self
             .slots
             .iter()
@@ -683,14 +683,25 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Mount IDs in the target's mount namespace, sorted, from its mountinfo. Read by the
-/// marker thread, off the answering thread, because reading a file there could wait on a
-/// mark.
-fn mount_ids(pid: i32) -> Vec<u64> {
+/// Mount IDs in the target's mount namespace, sorted, from its mountinfo; only those
+/// mounted at or below `under` when given. Read by the marker thread, off the answering
+/// thread, because reading a file there could wait on a mark.
+fn mount_ids(pid: i32, under: Option<&[u8]>) -> Vec<u64> {
     let text = std::fs::read(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let below = |point: &[u8]| {
+        under.is_none_or(|u| {
+            point
+                .strip_prefix(u)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"/"))
+        })
+    };
     let mut ids: Vec<u64> = text
         .split(|b| *b == b'\n')
-        .filter_map(|line| line.split(|b| *b == b' ').next())
+        .filter_map(|line| {
+            let mut fields = line.split(|b| *b == b' ');
+            let id = fields.next()?;
+            below(fields.nth(3)?).then_some(id)
+        })
         .filter_map(|id| std::str::from_utf8(id).ok()?.parse().ok())
         .collect();
     ids.sort_unstable();

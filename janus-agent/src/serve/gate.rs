@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use janus_api::agent_v1::{BoundPod, SetPodsRequest};
 use janus_api::holding::HoldingKey;
+use prost::Message;
 
 use super::{target_key, Guards, HeldContainer};
 use crate::hook::{self, Answer, Request, Ungated};
 use crate::pods::{self, ContainerId};
-use crate::resolve::TargetRoot;
+use crate::resolve::{self, TargetRoot};
 use crate::state::Phase;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -36,7 +37,14 @@ pub struct GateArgs {
     /// Where `janus-agent hook` records the containers it let start without an answer.
     #[arg(long, default_value = hook::UNGATED)]
     pub ungated_dir: PathBuf,
+    /// Where the controller's last word is kept, for an agent that restarts to gate by it
+    /// until the controller tells it again.
+    #[arg(long, default_value = "/run/janus/word.pb")]
+    pub gate_word_file: PathBuf,
 }
+
+/// The most characters of a reason the gate answers with.
+const MAX_REASON: usize = 2048;
 
 /// The most pods the controller may name: far above what a node runs.
 pub const MAX_BOUND_PODS: usize = 8192;
@@ -57,6 +65,8 @@ pub enum WordError {
     TooMany(usize),
     #[error("pods[{0}].uid: required")]
     NoUid(usize),
+    #[error("node: {0:?} is not this agent's node ({1:?})")]
+    OtherNode(String, String),
 }
 
 /// Why a container may not run as it is, and whether it runs anyway.
@@ -74,13 +84,61 @@ impl Guards {
         if let Some(i) = req.pods.iter().position(|p| p.uid.is_empty()) {
             return Err(WordError::NoUid(i));
         }
+        if req.node != self.node {
+            return Err(WordError::OtherNode(req.node, self.node.clone()));
+        }
+        tracing::info!(
+            pods = req.pods.len(),
+            guarded = req.pods.iter().filter(|p| !p.guards.is_empty()).count(),
+            closed_namespaces = req.closed_namespaces.len(),
+            "start gate: the controller's word on this node's pods"
+        );
+        self.keep(&req);
+        self.take_word(req);
+        Ok(())
+    }
+
+    /// Writes the word where a restarted agent finds it: whole, then named.
+    fn keep(&self, req: &SetPodsRequest) {
+        let path = &self.gate.word_file;
+        let partial = path.with_extension("partial");
+        let written = std::fs::write(&partial, req.encode_to_vec())
+            .and_then(|()| std::fs::rename(&partial, path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "start gate: cannot keep the controller's word; an agent restart waits for it again");
+        }
+    }
+
+    /// Takes the word kept by the agent that ran before, if it is this node's.
+    pub fn load_word(&self) {
+        let path = &self.gate.word_file;
+        let Ok(bytes) = std::fs::read(path) else {
+            return;
+        };
+        match SetPodsRequest::decode(bytes.as_slice()) {
+            Ok(req) if req.node == self.node && req.pods.len() <= MAX_BOUND_PODS => {
+                tracing::info!(
+                    pods = req.pods.len(),
+                    "start gate: the controller's last word, as kept"
+                );
+                self.take_word(req);
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "start gate: a kept word not for this node, or too large; not taken")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "start gate: a kept word that does not decode; not taken")
+            }
+        }
+    }
+
+    fn take_word(&self, req: SetPodsRequest) {
         let mut word = self.word.lock().expect("word lock");
         word.told = true;
         word.pods = req.pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
         word.closed_namespaces = req.closed_namespaces.into_iter().collect();
         word.generation += 1;
         self.changed.notify_all();
-        Ok(())
     }
 
     /// Wakes the gates waiting for a guard to arrive.
@@ -131,20 +189,31 @@ impl Guards {
 
     /// How many guards now hold the container, or why it is not guarded.
     fn admit_in(&self, req: &Request) -> Result<Option<usize>, Failure> {
-        let id: ContainerId = req.container_id.parse().map_err(|e| Failure {
-            reason: format!("container_id: {e}"),
+        let refuse = |reason: String| Failure {
+            reason,
             start: false,
+        };
+        let id: ContainerId = req
+            .container_id
+            .parse()
+            .map_err(|e| refuse(format!("container_id: {e}")))?;
+        // The process is the named container's, in the named pod, before any answer: the
+        // annotations it came by are the runtime's copy of what the pod's author wrote.
+        let process = pods::member(req.pid, &id, &req.pod_uid).ok_or_else(|| {
+            refuse(format!(
+                "pid {} is not a process of container {id} in pod {}",
+                req.pid, req.pod_uid
+            ))
         })?;
         let deadline = Instant::now() + self.gate.within;
         let pod = self.word_on(req, deadline)?;
-        if pod.guards.is_empty() {
-            return Ok(None);
-        }
         let fail = |reason: String| Failure {
             reason,
             start: pod.start_on_failure,
         };
-        let keys: Vec<HoldingKey> = pod
+        // Every guard the word names, and every one held for the pod that it does not (a
+        // word older than a guard's push).
+        let mut keys: BTreeSet<HoldingKey> = pod
             .guards
             .iter()
             .map(|g| HoldingKey {
@@ -153,6 +222,17 @@ impl Guards {
                 pod_uid: pod.uid.clone(),
             })
             .collect();
+        keys.extend(
+            self.held
+                .lock()
+                .expect("guards lock")
+                .keys()
+                .filter(|k| k.pod_uid == pod.uid)
+                .cloned(),
+        );
+        if keys.is_empty() {
+            return Ok(None);
+        }
         // Every guard of the pod, held: the controller pushes them as it binds the pod.
         loop {
             let generation = self.word.lock().expect("word lock").generation;
@@ -168,19 +248,13 @@ impl Guards {
                 )));
             }
         }
-        let at = TargetRoot {
-            pid: req.pid,
-            rootfs: Some(req.rootfs.clone()),
+        let gated = Gated {
+            process,
+            rootfs: req.rootfs.clone(),
         };
-        let process = pods::member(req.pid, &id, &pod.uid).ok_or_else(|| {
-            fail(format!(
-                "pid {} is not a process of container {id} in pod {}",
-                req.pid, pod.uid
-            ))
-        })?;
         let mut targets = Vec::new();
         for k in &keys {
-            targets.push(self.guard_gated(k, &id, process, &at).map_err(&fail)?);
+            targets.push(self.guard_gated(k, &id, &gated).map_err(&fail)?);
         }
         self.enforced(&targets, deadline).map_err(fail)?;
         Ok(Some(targets.len()))
@@ -216,14 +290,13 @@ impl Guards {
         }
     }
 
-    /// Guards the container under holding `k` with `process` as its init, pinned: the
+    /// Guards the container under holding `k` on the process the gate named, pinned: the
     /// process the runtime started, whatever a scan would take for the init later.
     fn guard_gated(
         &self,
         k: &HoldingKey,
         id: &ContainerId,
-        process: pods::Process,
-        at: &TargetRoot,
+        gated: &Gated,
     ) -> Result<String, String> {
         let mut held = self.held.lock().expect("guards lock");
         let h = held
@@ -239,14 +312,24 @@ impl Guards {
         };
         let c = &mut h.containers[i];
         let tkey = target_key(k, &c.raw);
-        if c.init == Some(process) && c.failure.is_none() {
-            return Ok(tkey);
+        let process = gated.process;
+        match c.init {
+            Some(p) if p == process && c.failure.is_none() => return Ok(tkey),
+            // A container runs once: one already guarded on a running process is not set up
+            // again, whoever asks.
+            Some(p) if p != process && pods::member(p.pid, id, &k.pod_uid) == Some(p) => {
+                return Err(format!("container {id} runs already (pid {})", p.pid));
+            }
+            _ => {}
         }
         c.init = Some(process);
+        c.gated = Some(gated.clone());
         c.settling = false;
+        let at = root_of(Some(gated), process);
         let added = self
             .agent
-            .add(&tkey, h.policy.clone(), at.clone(), h.pod_name.clone());
+            .add(&tkey, h.policy.clone(), at, h.pod_name.clone());
+        // Retried at each rescan while the process runs.
         c.failure = added.as_ref().err().map(ToString::to_string);
         added.map_err(|e| format!("guard {}/{}: {e}", k.guard_namespace, k.guard_name))?;
         Ok(tkey)
@@ -259,13 +342,13 @@ impl Guards {
             let states = self.agent.keyed_states();
             let mut waiting = None;
             for k in keys {
+                // A failed target is placed again: failed only at the deadline.
                 match states.get(k) {
                     Some(s) if s.phase == Phase::Enforcing => {}
-                    Some(s) if s.phase == Phase::Failed => {
-                        let why = s.reason.clone().unwrap_or_else(|| "failed".into());
-                        return Err(format!("{k}: {why}"));
+                    Some(s) => {
+                        let why = s.reason.as_deref().unwrap_or(s.phase.as_str());
+                        waiting = Some(format!("{k}: {why}"));
                     }
-                    Some(s) => waiting = Some(format!("{k}: {}", s.phase.as_str())),
                     None => waiting = Some(format!("{k}: lifted")),
                 }
             }
@@ -321,11 +404,32 @@ impl Answer {
     }
 }
 
+/// A container the start gate named: the runtime's init, and the directory that becomes
+/// its root.
+#[derive(Debug, Clone)]
+pub(super) struct Gated {
+    pub(super) process: pods::Process,
+    pub(super) rootfs: PathBuf,
+}
+
+/// Where `init` is guarded: the root the gate named while the runtime has not entered it
+/// yet, else its own.
+pub(super) fn root_of(gated: Option<&Gated>, init: pods::Process) -> TargetRoot {
+    let rootfs = gated
+        .filter(|g| g.process == init && !pods::rooted(init.pid))
+        .map(|g| g.rootfs.clone());
+    TargetRoot {
+        pid: init.pid,
+        rootfs,
+    }
+}
+
 /// The gate's settings, as [`Guards`] keeps them.
 pub(super) struct Gate {
     pub(super) within: Duration,
     pub(super) without_word: hook::Unreachable,
     pub(super) ungated_dir: PathBuf,
+    pub(super) word_file: PathBuf,
 }
 
 impl From<&GateArgs> for Gate {
@@ -334,6 +438,7 @@ impl From<&GateArgs> for Gate {
             within: Duration::from_secs(a.gate_within_secs),
             without_word: a.gate_without_word,
             ungated_dir: a.ungated_dir.clone(),
+            word_file: a.gate_word_file.clone(),
         }
     }
 }
@@ -378,7 +483,7 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 fn answer(stream: UnixStream, guards: &Guards) {
-    let answer = match read_request(&stream) {
+    let mut answer = match read_request(&stream) {
         Ok(req) => guards.admit(&req),
         Err(reason) => {
             tracing::warn!(%reason, "start gate: a request refused");
@@ -388,6 +493,11 @@ fn answer(stream: UnixStream, guards: &Guards) {
             }
         }
     };
+    // The runtime shows it in an error message; the hook reads a bounded line.
+    if let Some((cut, _)) = answer.reason.char_indices().nth(MAX_REASON) {
+        answer.reason.truncate(cut);
+        answer.reason.push('…');
+    }
     let mut line = serde_json::to_vec(&answer).expect("an answer serializes");
     line.push(b'\n');
     if let Err(e) = (&stream).write_all(&line) {
@@ -412,8 +522,32 @@ fn read_request(stream: &UnixStream) -> Result<Request, String> {
     if req.pid <= 0 {
         return Err(format!("pid: {} is no process", req.pid));
     }
-    if !req.rootfs.is_absolute() {
-        return Err(format!("rootfs: {} is not absolute", req.rootfs.display()));
+    let parent_dirs = req
+        .rootfs
+        .components()
+        .any(|c| c == std::path::Component::ParentDir);
+    if !req.rootfs.is_absolute() || parent_dirs {
+        return Err(format!(
+            "rootfs: {} is not an absolute path without `..`",
+            req.rootfs.display()
+        ));
+    }
+    // The runtime runs its hooks beside the container's init, both its children, in its
+    // own root: a process that asks for another's container (one of a running container,
+    // or a root in a pod with the socket mounted) is neither.
+    let parents = (
+        resolve::parent_pid(peer.pid()),
+        resolve::parent_pid(req.pid),
+    );
+    let siblings = matches!(parents, (Ok(a), Ok(b)) if a == b)
+        && resolve::process_root(peer.pid()).is_some()
+        && resolve::process_root(peer.pid()) == resolve::process_root(req.pid);
+    if !siblings {
+        return Err(format!(
+            "pid {}: not a process its runtime set up beside this hook (pid {})",
+            req.pid,
+            peer.pid()
+        ));
     }
     Ok(req)
 }

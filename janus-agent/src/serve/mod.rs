@@ -106,6 +106,10 @@ struct HeldContainer {
     adopted: bool,
     /// Its init was found still in its runtime's root ([`pods::rooted`]).
     settling: bool,
+    /// What the start gate named: the runtime's init, before it entered the container's
+    /// root, and that root. Guarded on that process while it runs, whoever else a scan
+    /// finds, under a changed spec too.
+    gated: Option<gate::Gated>,
 }
 
 impl HeldContainer {
@@ -118,6 +122,7 @@ impl HeldContainer {
             failure: None,
             adopted,
             settling: false,
+            gated: None,
         }
     }
 }
@@ -269,7 +274,10 @@ impl Guards {
                         if same {
                             containers.push(o);
                         } else {
-                            containers.push(HeldContainer::new(o.raw.clone(), o.id.clone(), true));
+                            containers.push(HeldContainer {
+                                gated: o.gated.clone(),
+                                ..HeldContainer::new(o.raw.clone(), o.id.clone(), true)
+                            });
                             replaced.push(o);
                         }
                     }
@@ -278,7 +286,11 @@ impl Guards {
                             self.agent.remove(&target_key(&key, &o.raw));
                         }
                     }
-                    _ => replaced.push(o),
+                    Some(i) => {
+                        containers[i].gated = o.gated.clone();
+                        replaced.push(o);
+                    }
+                    None => replaced.push(o),
                 }
             }
         }
@@ -438,24 +450,37 @@ impl Guards {
             let tkey = target_key(k, &c.raw);
             // Being set up by the runtime: guarded once its init is in its own root.
             c.settling = !scan.inits.contains_key(&c.id) && found.contains(&c.id);
-            // The init guarded stays the container's while it runs: a process that comes
-            // later (an exec's bootstrap, one with a PID namespace of its own) never takes
-            // its place. Its target lifts itself when it exits.
-            // A reading made before the start gate pinned it misses it: asked directly.
-            if c.init.is_some_and(|p| {
-                scan.runs(&c.id, p) || pods::member(p.pid, &c.id, &k.pod_uid) == Some(p)
-            }) {
-                c.settling = false;
-                continue;
-            }
-            match scan.init(&c.id) {
+            // The init guarded, or the runtime's init the start gate named, stays the
+            // container's while it runs: a process that comes later (an exec's bootstrap,
+            // one with a PID namespace of its own) never takes its place. A reading made
+            // before the gate pinned it misses it: asked directly.
+            let pinned = c.init.or(c.gated.as_ref().map(|g| g.process));
+            let running = pinned.filter(|p| {
+                scan.runs(&c.id, *p) || pods::member(p.pid, &c.id, &k.pod_uid) == Some(*p)
+            });
+            let next = match running {
+                Some(p) => {
+                    c.settling = false;
+                    // Guarded; or the gate's, lost to a changed spec or failed: again.
+                    if c.init == Some(p) && (c.failure.is_none() || c.gated.is_none()) {
+                        continue;
+                    }
+                    Some(p)
+                }
+                None => {
+                    c.gated = None;
+                    scan.init(&c.id)
+                }
+            };
+            match next {
                 Some(init) => {
                     let pid = init.pid;
                     c.init = Some(init);
+                    let at = gate::root_of(c.gated.as_ref(), init);
                     c.failure = match self.agent.add(
                         &tkey,
                         h.policy.clone(),
-                        pid.into(),
+                        at,
                         h.pod_name.clone(),
                     ) {
                         Ok(()) => {
@@ -772,6 +797,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.container_runtime,
         &args.gate,
     ));
+    guards.load_word();
     guards.count_ungated();
     gate::serve(&args.gate.gate_socket, guards.clone())?;
     let result = serve(&args, tls, agent.clone(), guards, shutdown).await;
@@ -942,6 +968,7 @@ mod tests {
                 gate_within_secs: 1,
                 gate_without_word: crate::hook::Unreachable::Start,
                 ungated_dir: "/nonexistent/ungated".into(),
+                gate_word_file: "/nonexistent/word.pb".into(),
             },
         )
     }

@@ -134,6 +134,7 @@ fn gated_first_read(client: &mut Client, agent: &Path, dir: &Path) -> Result<()>
             start_on_failure: false,
         }],
         closed_namespaces: Vec::new(),
+        node: "node-a".into(),
     })?;
     let id = container_id(9, 0);
     let starting = Starting::new(&root, &[BUSYBOX, "cat", "/data/secret"])?;
@@ -171,6 +172,12 @@ fn gated_first_read(client: &mut Client, agent: &Path, dir: &Path) -> Result<()>
         "the hook refused: {}",
         String::from_utf8_lossy(&answered.stderr)
     );
+    // The guard changes between the gate's answer and the first instruction: its new
+    // target takes the old one's place on the process the gate named, before the runtime
+    // has entered the container's root.
+    let changed =
+        r#"{"selector":{},"subjects":[{"deny":["/data/secret","/data/other"],"events":["open"]}]}"#;
+    client.apply(apply_request("default", "gated", uid, &[], changed))?;
     let out = starting.start()?;
     ensure!(
         out.contains("Operation not permitted"),
