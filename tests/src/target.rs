@@ -407,7 +407,9 @@ pub(crate) fn open_fd(path: &str, flags: libc::c_int) -> Result<OwnedFd> {
 
 /// A container as its runtime sets it up: a process in a mount namespace of its own with its
 /// root mounted but not entered, held before its first instruction until
-/// [`Starting::start`], as runc holds it while its createRuntime hooks run.
+/// [`Starting::start`], as runc holds it while its createRuntime hooks run. The process
+/// waits in the node's busybox shell, then becomes (exec, same PID) busybox's `chroot`,
+/// which enters the root and execs the container's command.
 pub struct Starting {
     child: Child,
 }
@@ -416,8 +418,10 @@ impl Starting {
     /// Sets up `root` for `argv`, which runs in it once started.
     pub fn new(root: &Root, argv: &[&str]) -> Result<Starting> {
         let dir = CString::new(root.dir().as_os_str().as_bytes())?;
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..])
+        let mut cmd = Command::new(BUSYBOX);
+        cmd.args(["sh", "-c", "read go && exec \"$0\" chroot \"$@\"", BUSYBOX])
+            .arg(root.dir())
+            .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -440,19 +444,11 @@ impl Starting {
                     libc::MS_BIND | libc::MS_REC,
                     std::ptr::null(),
                 ))?;
-                // Set up: say so, and wait to be started.
-                let mut byte = b'r';
-                check(libc::write(1, (&raw const byte).cast(), 1) as i32)?;
-                check(libc::read(0, (&raw mut byte).cast(), 1) as i32)?;
-                check(libc::chroot(dir.as_ptr()))?;
-                check(libc::chdir(c"/".as_ptr()))?;
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().context("setting up a container")?;
-        let mut ready = [0u8];
-        std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut ready)
-            .context("the container was not set up")?;
+        // Set up once spawned: the mounts are made before the shell runs.
+        let child = cmd.spawn().context("setting up a container")?;
         Ok(Starting { child })
     }
 
@@ -462,7 +458,11 @@ impl Starting {
 
     /// Lets it run its first instruction, and waits for its end: what it printed.
     pub fn start(mut self) -> Result<String> {
-        self.child.stdin.take().expect("piped").write_all(b"g")?;
+        self.child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(b"go\n")?;
         let out = self.child.wait_with_output()?;
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
