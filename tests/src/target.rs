@@ -151,22 +151,7 @@ impl Target {
         // SAFETY: only async-signal-safe system calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                check(libc::unshare(libc::CLONE_NEWNS))?;
-                let none = std::ptr::null();
-                check(libc::mount(
-                    none,
-                    c"/".as_ptr(),
-                    none,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ))?;
-                check(libc::mount(
-                    dir.as_ptr(),
-                    dir.as_ptr(),
-                    none,
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ))?;
+                own_mount_namespace(&dir)?;
                 check(libc::chroot(dir.as_ptr()))?;
                 check(libc::chdir(c"/".as_ptr()))?;
                 Ok(())
@@ -388,6 +373,34 @@ fn readable_by(fd: &impl AsRawFd, deadline: Instant) -> Result<()> {
     }
 }
 
+/// Between fork and exec: a mount namespace of the caller's own, with `dir` bind-mounted
+/// onto itself, so that a root made of it is reached through mounts of its own.
+fn own_mount_namespace(dir: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: plain syscall with an integer argument.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+    let none = std::ptr::null();
+    // SAFETY: NUL-terminated paths, no data.
+    check(unsafe {
+        libc::mount(
+            none,
+            c"/".as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })?;
+    // SAFETY: as above.
+    check(unsafe {
+        libc::mount(
+            dir.as_ptr(),
+            dir.as_ptr(),
+            none,
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    })
+}
+
 pub(crate) fn check(r: libc::c_int) -> std::io::Result<()> {
     if r < 0 {
         Err(std::io::Error::last_os_error())
@@ -427,25 +440,7 @@ impl Starting {
             .stderr(Stdio::piped());
         // SAFETY: only async-signal-safe system calls between fork and exec.
         unsafe {
-            cmd.pre_exec(move || {
-                check(libc::unshare(libc::CLONE_NEWNS))?;
-                let none = std::ptr::null();
-                check(libc::mount(
-                    none,
-                    c"/".as_ptr(),
-                    none,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ))?;
-                check(libc::mount(
-                    dir.as_ptr(),
-                    dir.as_ptr(),
-                    none,
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ))?;
-                Ok(())
-            });
+            cmd.pre_exec(move || own_mount_namespace(&dir));
         }
         // Set up once spawned: the mounts are made before the shell runs.
         let child = cmd.spawn().context("setting up a container")?;
@@ -458,11 +453,7 @@ impl Starting {
 
     /// Lets it run its first instruction, and waits for its end: what it printed.
     pub fn start(mut self) -> Result<String> {
-        self.child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(b"go\n")?;
+        self.child.stdin.take().expect("piped").write_all(b"go\n")?;
         let out = self.child.wait_with_output()?;
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
