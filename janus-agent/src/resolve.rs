@@ -102,6 +102,8 @@ pub struct ContainerRoot {
     /// Before the runtime pivots into it (a start gate), how the root renders until then:
     /// its path in the target's mount namespace.
     setup_prefix: Vec<u8>,
+    /// Seen in the root since: the setup prefix is the node's path, no longer the root's.
+    pivoted: std::sync::atomic::AtomicBool,
     /// Inode of the target's mount namespace, to tell containers apart in diagnostics.
     pub mnt_ns: u64,
     /// The root directory: a process whose root it is acts in the container, whatever mounts
@@ -169,6 +171,7 @@ impl ContainerRoot {
             root,
             prefix,
             setup_prefix,
+            pivoted: std::sync::atomic::AtomicBool::new(false),
             mnt_ns,
             root_id: FileId {
                 dev: st.st_dev,
@@ -182,8 +185,16 @@ impl ContainerRoot {
     /// target's mount namespace: only the mounts there are the container's (the others are
     /// the node's, copied, and gone once it pivots).
     pub fn setting_up(&self) -> Option<&[u8]> {
-        let pivoted = process_root(self.pid) == Some(self.root_id);
-        (!self.setup_prefix.is_empty() && !pivoted).then_some(self.setup_prefix.as_slice())
+        use std::sync::atomic::Ordering;
+        if self.setup_prefix.is_empty() || self.pivoted.load(Ordering::Relaxed) {
+            return None;
+        }
+        if process_root(self.pid) == Some(self.root_id) {
+            // Once: a later chroot of the target's does not make it a set-up again.
+            self.pivoted.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.setup_prefix.as_slice())
     }
 
     /// The root directory's identity.
@@ -226,7 +237,8 @@ impl ContainerRoot {
     /// `None` when it lies outside this root (a host process reaching the file another way).
     /// Always a range of `rendered` itself, so the answering thread can use it in place.
     pub fn to_container(&self, rendered: &[u8]) -> Option<Range<usize>> {
-        if !self.setup_prefix.is_empty() {
+        if !self.setup_prefix.is_empty() && !self.pivoted.load(std::sync::atomic::Ordering::Relaxed)
+        {
             match rendered.strip_prefix(self.setup_prefix.as_slice()) {
                 Some(b"") => return Some(0..1),
                 Some(rest) if rest.starts_with(b"/") => {

@@ -28,6 +28,23 @@ pub const NAMESPACE_LABEL: &str = "janus.clustergarage.io/on-gate-failure";
 #[derive(Default)]
 pub struct NamespaceModes(std::sync::Mutex<BTreeMap<String, bool>>);
 
+/// Of two pods a node knows by one UID (a static pod's mirror, or an object that claims
+/// to be one), what the gate waits for: every guard of both, failing open only if both do.
+/// Guards of another namespace are not this one's: the first with guards keeps its own.
+fn stricter(a: BoundPod, b: BoundPod) -> BoundPod {
+    let (mut a, b) = match a.guards.is_empty() {
+        true => (b, a),
+        false => (a, b),
+    };
+    if a.namespace == b.namespace {
+        a.guards.extend(b.guards);
+        a.guards.sort();
+        a.guards.dedup();
+    }
+    a.start_on_failure &= b.start_on_failure;
+    a
+}
+
 /// How many agents are told at once.
 const CONCURRENCY: usize = 32;
 
@@ -68,7 +85,7 @@ impl Core {
             index.sync(&self.pods.state());
             for p in &policies {
                 for pod in index.selected(&p.namespace, &p.selector) {
-                    let uid = pod.node_uid().unwrap_or_default();
+                    let uid = pod.uid().unwrap_or_default();
                     guards_of.entry(uid).or_default().push(p);
                 }
             }
@@ -91,7 +108,8 @@ impl Core {
                     .map(|(ns, _)| ns.clone()),
             )
             .collect();
-        let mut words: BTreeMap<String, Vec<BoundPod>> = BTreeMap::new();
+        // By node, then by the UID the node knows each pod by.
+        let mut words: BTreeMap<String, BTreeMap<String, BoundPod>> = BTreeMap::new();
         for pod in self.pods.state() {
             let (Some(node), Some(uid)) = (pod.node(), pod.node_uid()) else {
                 continue;
@@ -99,18 +117,25 @@ impl Core {
             if pod.finished() {
                 continue;
             }
-            let guards = guards_of.remove(&uid).unwrap_or_default();
-            words.entry(node.to_owned()).or_default().push(BoundPod {
+            let guards = guards_of.remove(&pod.uid().unwrap_or_default());
+            let guards = guards.unwrap_or_default();
+            let bound = BoundPod {
                 start_on_failure: guards.iter().all(|p| opens(p)),
                 guards: guards.iter().map(|p| p.name.clone()).collect(),
-                uid,
+                uid: uid.clone(),
                 namespace: pod.namespace().unwrap_or_default(),
                 name: pod.name_any(),
-            });
+            };
+            let pods = words.entry(node.to_owned()).or_default();
+            match pods.remove(&uid) {
+                Some(other) => pods.insert(uid, stricter(other, bound)),
+                None => pods.insert(uid, bound),
+            };
         }
-        for pods in words.values_mut() {
-            pods.sort_by(|a, b| a.uid.cmp(&b.uid));
-        }
+        let words = words
+            .into_iter()
+            .map(|(node, pods)| (node, pods.into_values().collect()))
+            .collect();
         (words, closed.into_iter().collect())
     }
 
@@ -155,5 +180,38 @@ impl Core {
                 };
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(namespace: &str, guards: &[&str], open: bool) -> BoundPod {
+        BoundPod {
+            uid: "u".into(),
+            namespace: namespace.into(),
+            name: "p".into(),
+            guards: guards.iter().map(|g| g.to_string()).collect(),
+            start_on_failure: open,
+        }
+    }
+
+    /// A pod that claims another's UID can add to what its start waits for, never take away.
+    #[test]
+    fn two_pods_known_by_one_uid_wait_for_the_guards_of_both() {
+        let claim = bound("other", &[], true);
+        let victim = bound("team", &["web"], false);
+        for (a, b) in [(claim.clone(), victim.clone()), (victim.clone(), claim)] {
+            let both = stricter(a, b);
+            assert_eq!(
+                (both.namespace.as_str(), both.guards.as_slice()),
+                ("team", &["web".to_string()][..])
+            );
+            assert!(!both.start_on_failure);
+        }
+        let same = stricter(bound("team", &["db"], true), victim);
+        assert_eq!(same.guards, ["db", "web"]);
+        assert!(!same.start_on_failure);
     }
 }

@@ -101,8 +101,14 @@ impl PodView {
     /// be most of a pod's metadata.
     pub fn trim(&mut self) {
         self.metadata.managed_fields = None;
+        // A mirror is owned by its node: any other pod's claim to be one is not read.
+        let node = self.node().map(str::to_owned);
+        let mirror =
+            self.metadata.owner_references.iter().flatten().any(|o| {
+                o.kind == "Node" && o.api_version == "v1" && Some(&o.name) == node.as_ref()
+            });
         let annotations = self.metadata.annotations.take().map(|mut a| {
-            a.retain(|k, _| k == MIRROR);
+            a.retain(|k, _| mirror && k == MIRROR);
             a
         });
         self.metadata.annotations = annotations.filter(|a| !a.is_empty());
@@ -167,11 +173,19 @@ mod tests {
 
     #[test]
     fn a_static_pod_is_known_on_its_node_by_its_mirrors_annotation() {
-        let mut pod: PodView = serde_json::from_value(serde_json::json!({
+        let mirror = serde_json::json!({
             "metadata": {"name": "etcd-node-a", "uid": "api-uid",
-                         "annotations": {MIRROR: "0123abcd", "kubernetes.io/config.hash": "0123abcd", "big": "x"}},
-        }))
-        .unwrap();
+                         "annotations": {MIRROR: "0123abcd", "kubernetes.io/config.hash": "0123abcd", "big": "x"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "n"}]},
+            "spec": {"nodeName": "node-a"},
+        });
+        // Any other pod may carry the annotation: not owned by its node, it is not read.
+        let mut claim = mirror.clone();
+        claim["metadata"]["ownerReferences"][0]["name"] = "node-b".into();
+        let mut claim: PodView = serde_json::from_value(claim).unwrap();
+        claim.trim();
+        assert_eq!(claim.node_uid().as_deref(), Some("api-uid"));
+        let mut pod: PodView = serde_json::from_value(mirror).unwrap();
         pod.trim();
         assert_eq!(pod.node_uid().as_deref(), Some("0123abcd"));
         assert_eq!(pod.metadata.annotations.as_ref().unwrap().len(), 1);

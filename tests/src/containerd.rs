@@ -126,6 +126,10 @@ impl GatedSpec {
         root: &Root,
         argv: &[&str],
     ) -> Result<GatedSpec> {
+        // The runtime runs the hook from its own working directory.
+        let agent = &agent
+            .canonicalize()
+            .with_context(|| format!("{}", agent.display()))?;
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/runtime/containerd/make-base-spec.sh");
         let base = dir.join("base-spec.json");

@@ -93,8 +93,7 @@ impl Guards {
             closed_namespaces = req.closed_namespaces.len(),
             "start gate: the controller's word on this node's pods"
         );
-        self.keep(&req);
-        self.take_word(req);
+        self.take_word(req, true);
         Ok(())
     }
 
@@ -121,7 +120,7 @@ impl Guards {
                     pods = req.pods.len(),
                     "start gate: the controller's last word, as kept"
                 );
-                self.take_word(req);
+                self.take_word(req, false);
             }
             Ok(_) => {
                 tracing::warn!(path = %path.display(), "start gate: a kept word not for this node, or too large; not taken")
@@ -132,9 +131,15 @@ impl Guards {
         }
     }
 
-    fn take_word(&self, req: SetPodsRequest) {
+    /// Takes `req` as the word; `told` when the controller said it now (else it was kept): a
+    /// pod a kept word does not name is one the controller may have bound since.
+    fn take_word(&self, req: SetPodsRequest, told: bool) {
         let mut word = self.word.lock().expect("word lock");
-        word.told = true;
+        if told {
+            // Under the lock: the file and the word taken are the same one.
+            self.keep(&req);
+        }
+        word.told = told;
         word.pods = req.pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
         word.closed_namespaces = req.closed_namespaces.into_iter().collect();
         word.generation += 1;
@@ -206,7 +211,12 @@ impl Guards {
             ))
         })?;
         let deadline = Instant::now() + self.gate.within;
-        let pod = self.word_on(req, deadline)?;
+        let pod = match self.word_on(req, deadline) {
+            Ok(pod) => pod,
+            // No word in time, but guards held for the pod (pushed while the word was late):
+            // those, failing closed unless each of them fails open.
+            Err(no_word) => self.held_word(&req.pod_uid).ok_or(no_word)?,
+        };
         let fail = |reason: String| Failure {
             reason,
             start: pod.start_on_failure,
@@ -329,10 +339,30 @@ impl Guards {
         let added = self
             .agent
             .add(&tkey, h.policy.clone(), at, h.pod_name.clone());
-        // Retried at each rescan while the process runs.
-        c.failure = added.as_ref().err().map(ToString::to_string);
-        added.map_err(|e| format!("guard {}/{}: {e}", k.guard_namespace, k.guard_name))?;
+        // Retried at each rescan while the process runs; the gate waits for it until its
+        // deadline.
+        if let Err(e) = &added {
+            tracing::warn!(guard = %k.guard_name, namespace = %k.guard_namespace, container = %id, error = %e, "start gate: cannot guard the container yet");
+        }
+        c.failure = added.err().map(|e| e.to_string());
         Ok(tkey)
+    }
+
+    /// The guards held for pod `uid`, as a word would name them; None when none is held.
+    fn held_word(&self, uid: &str) -> Option<BoundPod> {
+        let held = self.held.lock().expect("guards lock");
+        let mine: Vec<(&HoldingKey, &super::Held)> =
+            held.iter().filter(|(k, _)| k.pod_uid == uid).collect();
+        let (first, _) = mine.first()?;
+        Some(BoundPod {
+            uid: uid.to_owned(),
+            namespace: first.guard_namespace.clone(),
+            name: String::new(),
+            guards: mine.iter().map(|(k, _)| k.guard_name.clone()).collect(),
+            start_on_failure: mine
+                .iter()
+                .all(|(_, h)| h.policy.start_on_gate_failure == Some(true)),
+        })
     }
 
     /// Waits until every target in `keys` enforces.
@@ -349,7 +379,7 @@ impl Guards {
                         let why = s.reason.as_deref().unwrap_or(s.phase.as_str());
                         waiting = Some(format!("{k}: {why}"));
                     }
-                    None => waiting = Some(format!("{k}: lifted")),
+                    None => waiting = Some(format!("{k}: not placed")),
                 }
             }
             let Some(waiting) = waiting else {
@@ -372,7 +402,11 @@ impl Guards {
         let Ok(dir) = std::fs::read_dir(&self.gate.ungated_dir) else {
             return;
         };
-        for entry in dir.flatten() {
+        // A record being written is a dotfile until it is whole.
+        let records = dir
+            .flatten()
+            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."));
+        for entry in records {
             let path = entry.path();
             let record = std::fs::read(&path)
                 .ok()
