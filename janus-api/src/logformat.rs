@@ -1,5 +1,6 @@
 //! `logFormat` templates: parsed once at validation, rendered per decision.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::decide::Verdict;
@@ -35,9 +36,16 @@ pub enum Specifier {
     Via,
     /// `enforce` or `monitor`: the deciding subject's mode.
     Mode,
+    /// The process's parent, its real uid and gid, and its executable's path.
+    Ppid,
+    Uid,
+    Gid,
+    Exe,
+    /// The container's ID, with its runtime's prefix (`containerd://…`).
+    Container,
 }
 
-const SPECIFIERS: [(&str, Specifier); 15] = [
+const SPECIFIERS: [(&str, Specifier); 20] = [
     ("pod", Specifier::Pod),
     ("node", Specifier::Node),
     ("response", Specifier::Response),
@@ -53,12 +61,17 @@ const SPECIFIERS: [(&str, Specifier); 15] = [
     ("name", Specifier::Name),
     ("via", Specifier::Via),
     ("mode", Specifier::Mode),
+    ("ppid", Specifier::Ppid),
+    ("uid", Specifier::Uid),
+    ("gid", Specifier::Gid),
+    ("exe", Specifier::Exe),
+    ("container", Specifier::Container),
 ];
 
 /// What [`LogTemplate::parse`] accepts, as a regular expression (RE2, for the CRD's schema
 /// to refuse a bad `logFormat` at admission): single-line text, `{{`, `}}` and the known
 /// specifiers. A unit test keeps it in step with [`SPECIFIERS`].
-pub const LOG_FORMAT_PATTERN: &str = r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard|name|via|mode)\})*$";
+pub const LOG_FORMAT_PATTERN: &str = r"^([^{}\r\n]|\{\{|\}\}|\{(pod|node|response|allow|event|path|file|ftype|tags|pid|comm|guard|name|via|mode|ppid|uid|gid|exe|container)\})*$";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -78,6 +91,18 @@ impl Default for LogTemplate {
     }
 }
 
+/// The process a decision was made for. What could not be learnt (a process that ended
+/// before the agent read it) is `None`, and prints as `?`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    pub pid: i32,
+    pub ppid: Option<i32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub comm: Option<Vec<u8>>,
+    pub exe: Option<Vec<u8>>,
+}
+
 /// What a decision line is made of.
 #[derive(Debug, Clone, Copy)]
 pub struct LogRecord<'a> {
@@ -92,9 +117,10 @@ pub struct LogRecord<'a> {
     /// The name it was reached by, when that is not `path`.
     pub name: Option<&'a [u8]>,
     pub is_dir: bool,
-    pub tags: &'a str,
-    pub pid: i32,
-    pub comm: &'a [u8],
+    pub tags: &'a BTreeMap<String, String>,
+    pub process: &'a Process,
+    /// The container's ID; empty when not known (a PID guarded by `janus-agent guard`).
+    pub container: &'a str,
     pub mode: Mode,
 }
 
@@ -174,11 +200,25 @@ impl LogTemplate {
                         escape_into(if name.is_empty() { r.path } else { name }, out)
                     }
                     Specifier::Ftype => out.push_str(if r.is_dir { "directory" } else { "file" }),
-                    Specifier::Tags => out.push_str(r.tags),
-                    Specifier::Pid => {
-                        let _ = write!(out, "{}", r.pid);
+                    Specifier::Tags => {
+                        for (i, (k, v)) in r.tags.iter().enumerate() {
+                            if i > 0 {
+                                out.push(',');
+                            }
+                            let _ = write!(out, "{k}={v}");
+                        }
                     }
-                    Specifier::Comm => escape_into(r.comm, out),
+                    Specifier::Pid => {
+                        let _ = write!(out, "{}", r.process.pid);
+                    }
+                    Specifier::Ppid => number(r.process.ppid, out),
+                    Specifier::Uid => number(r.process.uid, out),
+                    Specifier::Gid => number(r.process.gid, out),
+                    Specifier::Comm => known(r.process.comm.as_deref(), out),
+                    Specifier::Exe => known(r.process.exe.as_deref(), out),
+                    Specifier::Container => {
+                        known(Some(r.container.as_bytes()).filter(|c| !c.is_empty()), out)
+                    }
                     Specifier::Guard => escape_into(r.guard.as_bytes(), out),
                     Specifier::Name => escape_into(r.name.unwrap_or(r.path), out),
                     Specifier::Via => {
@@ -193,6 +233,22 @@ impl LogTemplate {
         }
         let kept = out[start..].trim_end_matches(' ').len();
         out.truncate(start + kept);
+    }
+}
+
+fn number(n: Option<impl std::fmt::Display>, out: &mut String) {
+    match n {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push('?'),
+    }
+}
+
+fn known(bytes: Option<&[u8]>, out: &mut String) {
+    match bytes {
+        Some(b) => escape_into(b, out),
+        None => out.push('?'),
     }
 }
 
@@ -282,9 +338,9 @@ mod tests {
                     path,
                     name,
                     is_dir: false,
-                    tags: "team=a",
-                    pid: 1,
-                    comm: b"cat",
+                    tags: &BTreeMap::from([("team".into(), "a".into())]),
+                    process: &Process::default(),
+                    container: "",
                     mode: Mode::Enforce,
                 },
                 &mut line,
@@ -312,9 +368,9 @@ mod tests {
                     path: b"/data/secret",
                     name: None,
                     is_dir: false,
-                    tags: "",
-                    pid: 1,
-                    comm: b"cat",
+                    tags: &BTreeMap::new(),
+                    process: &Process::default(),
+                    container: "",
                     mode,
                 },
                 &mut line,

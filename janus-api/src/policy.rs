@@ -273,8 +273,8 @@ pub struct SubjectPolicy {
     pub only_dir: bool,
     pub auto_allow_owner: bool,
     pub audit: bool,
-    /// `key=value` pairs joined by commas, sorted by key, as `{tags}` prints them.
-    pub tags: String,
+    /// `{tags}` prints them as `key=value` pairs joined by commas, sorted by key.
+    pub tags: BTreeMap<String, String>,
     /// The subject's own `mode`, else the guard's.
     pub mode: Mode,
 }
@@ -517,7 +517,6 @@ fn validate_subject(
         }
     }
     let events = parse_events(&subject.events, &format!("{field}.events"), errors);
-    let mut tags = String::new();
     for (k, v) in &subject.tags {
         // Tags end up inside log lines: a newline would let a guard author forge lines.
         if k.chars().chain(v.chars()).any(char::is_control) || k.is_empty() {
@@ -526,12 +525,6 @@ fn validate_subject(
                 "tag keys must be non-empty and tags must not contain control characters".into(),
             );
         }
-        if !tags.is_empty() {
-            tags.push(',');
-        }
-        tags.push_str(k);
-        tags.push('=');
-        tags.push_str(v);
     }
     let mode = subject.mode.as_deref().map_or(guard_mode, |m| {
         Mode::parse(m, &format!("{field}.mode"), errors)
@@ -543,7 +536,7 @@ fn validate_subject(
         only_dir: subject.only_dir,
         auto_allow_owner: subject.auto_allow_owner,
         audit: subject.audit,
-        tags,
+        tags: subject.tags.clone(),
         mode,
     }
 }

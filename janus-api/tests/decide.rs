@@ -1,7 +1,7 @@
 //! The decision rule and the decision line, independent of any backend.
 
 use janus_api::guard::parse_documents;
-use janus_api::logformat::{escape_into, LogRecord};
+use janus_api::logformat::{escape_into, LogRecord, Process};
 use janus_api::{Event, GuardPolicy, LogTemplate, Mode, RuleSet, Verdict};
 
 fn rules(subjects: &str) -> RuleSet {
@@ -149,9 +149,21 @@ fn record<'a>(path: &'a [u8], tags: &'a str) -> LogRecord<'a> {
         event: Event::Access,
         path,
         is_dir: false,
-        tags,
-        pid: 42,
-        comm: b"cat",
+        tags: Box::leak(Box::new(
+            tags.split(',')
+                .filter_map(|t| t.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )),
+        process: Box::leak(Box::new(Process {
+            pid: 42,
+            ppid: Some(7),
+            uid: Some(1000),
+            gid: Some(1001),
+            comm: Some(b"cat".to_vec()),
+            exe: Some(b"/usr/bin/cat".to_vec()),
+        })),
+        container: "containerd://0123abcd",
         name: None,
         mode: Mode::Enforce,
     }
@@ -182,6 +194,37 @@ fn names_that_are_not_utf8_are_escaped() {
     let mut s = String::new();
     escape_into("é".as_bytes(), &mut s);
     assert_eq!(s, "é");
+}
+
+#[test]
+fn the_process_and_container_specifiers_render_what_is_known() {
+    let t = LogTemplate::parse("{pid} {ppid} {uid} {gid} {comm} {exe} {container}").unwrap();
+    let mut line = String::new();
+    t.render(&record(b"/p", ""), &mut line);
+    assert_eq!(
+        line,
+        "42 7 1000 1001 cat /usr/bin/cat containerd://0123abcd"
+    );
+    // A process that ended before it was read: only its PID is known.
+    let gone = Process {
+        pid: 42,
+        ..Process::default()
+    };
+    let mut r = record(b"/p", "");
+    r.process = &gone;
+    r.container = "";
+    line.clear();
+    t.render(&r, &mut line);
+    assert_eq!(line, "42 ? ? ? ? ? ?");
+    // An executable's name is escaped as a path is.
+    let odd = Process {
+        exe: Some(b"/tmp/x' \xff\n".to_vec()),
+        ..gone.clone()
+    };
+    r.process = &odd;
+    line.clear();
+    LogTemplate::parse("{exe}").unwrap().render(&r, &mut line);
+    assert_eq!(line, "/tmp/x\\' \\xff\\x0a");
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! Every JanusGuard example of the original documentation parses and validates unchanged.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use janus_api::guard::parse_documents;
-use janus_api::logformat::LogRecord;
+use janus_api::logformat::{LogRecord, Process};
 use janus_api::{Event, GuardPolicy, Mode, Verdict};
 
 fn fixture(name: &str) -> String {
@@ -47,7 +48,13 @@ fn required_definition() {
 #[test]
 fn custom_tagging_joins_tags_sorted() {
     let p = policy(&fixture("custom-tagging.yaml"));
-    assert_eq!(p.subjects[0].tags, "foo=bar,lorem=ipsum");
+    assert_eq!(
+        p.subjects[0].tags,
+        BTreeMap::from([
+            ("foo".into(), "bar".into()),
+            ("lorem".into(), "ipsum".into())
+        ])
+    );
     assert!(p.subjects[0].events.contains(Event::Modify));
 }
 
@@ -64,9 +71,13 @@ fn custom_logformat_renders_the_seed_specifiers() {
             event: Event::Open,
             path: b"/path/to/allow/file.ext",
             is_dir: false,
-            tags: "",
-            pid: 1,
-            comm: b"sh",
+            tags: &BTreeMap::new(),
+            process: &Process {
+                pid: 1,
+                comm: Some(b"sh".to_vec()),
+                ..Process::default()
+            },
+            container: "",
             name: None,
             mode: Mode::Enforce,
         },
