@@ -164,11 +164,24 @@ pub struct Decision {
     /// The path the task used, from the file up to its root across mounts: `via[i]` is
     /// the i-th name up, for `via_len` names.
     pub via: [[u8; NAME_LEN]; MAX_NAMES],
+    /// The task, as the kernel knew it when deciding: its parent's tgid, and its real uid
+    /// and gid in the initial user namespace.
+    pub ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad2: u32,
+    /// The task's `comm`, NUL-padded.
+    pub comm: [u8; COMM_LEN],
 }
 
+/// `TASK_COMM_LEN`.
+pub const COMM_LEN: usize = 16;
+
 // The record's layout is what the programs write and the agent reads: fixed here.
-const _: () = assert!(core::mem::size_of::<Decision>() == 40 + 2 * MAX_NAMES * NAME_LEN);
+const _: () = assert!(core::mem::size_of::<Decision>() == 72 + 2 * MAX_NAMES * NAME_LEN);
 const _: () = assert!(core::mem::offset_of!(Decision, rule) == 24);
+const _: () = assert!(core::mem::offset_of!(Decision, ppid) == 40 + 2 * MAX_NAMES * NAME_LEN);
+const _: () = assert!(core::mem::offset_of!(Decision, comm) == 56 + 2 * MAX_NAMES * NAME_LEN);
 
 /// Byte offsets of the kernel struct members the programs read, from the running
 /// kernel's BTF (Rust BPF has no CO-RE). Set by the loader as the global `OFFSETS`.
@@ -212,6 +225,9 @@ pub struct Offsets {
     pub mount_parent: u32,
     pub mount_mountpoint: u32,
     pub vfsmount_root: u32,
+    /// `task_struct.real_parent` and `task_struct.tgid`: the decision's parent PID.
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
 }
 
 impl Offsets {

@@ -32,18 +32,22 @@
 
 use aya_ebpf::{
     cty::c_void,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, generated},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, generated,
+    },
     macros::{lsm, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::LsmContext,
 };
 use aya_log_ebpf::warn;
 use janus_common::{
-    Decision, EventRule, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_BY_OWNER,
-    DECISION_IS_DIR, DECISION_MONITOR, DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED,
-    EVENTS, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES,
-    MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_MONITOR,
-    SCOPE_MONITOR, SCOPE_WATCHED, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
+    Decision, EventRule, InodeKey, Offsets, Rule, Scope, COMM_LEN, DECISION_AUDIT,
+    DECISION_BY_OWNER, DECISION_IS_DIR, DECISION_MONITOR, DECISION_TOO_DEEP, DECISION_VIA_CUT,
+    DECISION_VIA_DETACHED, EVENTS, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
+    MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT,
+    RULE_AUTO_ALLOW_OWNER, RULE_MONITOR, SCOPE_MONITOR, SCOPE_WATCHED, VERDICT_ALLOW, VERDICT_DENY,
+    VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -100,6 +104,8 @@ static OFFSETS: Offsets = Offsets {
     mount_parent: 0,
     mount_mountpoint: 0,
     vfsmount_root: 0,
+    task_real_parent: 0,
+    task_tgid: 0,
 };
 
 const EPERM: i32 = 1;
@@ -735,6 +741,9 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     };
     let rec = unsafe { &mut *entry.as_mut_ptr() };
     write_head(rec, &head);
+    // Before the walks below: the verifier then goes through it once, not once per state
+    // they leave (6.1's budget is close).
+    write_task(rec);
     if !deny && c.watched {
         // The enforced rules let it through: the nearest monitored rule may say otherwise.
         // The first record waits in the ring meanwhile, where the verifier does not carry
@@ -853,6 +862,7 @@ fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
     };
     let rec = unsafe { &mut *entry.as_mut_ptr() };
     write_head(rec, head);
+    write_task(rec);
     copy_names(off, rec, leaf);
     copy_via(off, rec, mnt, leaf);
     entry.submit(0);
@@ -879,6 +889,40 @@ fn write_head(rec: &mut Decision, head: &Head) {
     rec.depth = head.depth;
     rec.rule = head.rule;
     rec.flags = head.flags;
+}
+
+/// Who made the access, from the task itself: it may be gone by the time the agent reads
+/// the record. Without a branch (a failed read leaves 0, an empty name): it runs once per
+/// verifier state that reaches a record, and 6.1's budget is close.
+#[inline(always)]
+fn write_task(rec: &mut Decision) {
+    let ids = bpf_get_current_uid_gid();
+    rec.uid = ids as u32;
+    rec.gid = (ids >> 32) as u32;
+    // Read from the global, not from a copy of the offsets: the stack is small.
+    let (parent_off, tgid_off) = unsafe {
+        (
+            core::ptr::read_volatile(&OFFSETS.task_real_parent),
+            core::ptr::read_volatile(&OFFSETS.task_tgid),
+        )
+    };
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mut parent: *const u8 = core::ptr::null();
+    // SAFETY: helpers that write at most the given sizes into memory of that size; a
+    // failed read zeroes its destination.
+    unsafe {
+        generated::bpf_get_current_comm(rec.comm.as_mut_ptr() as *mut c_void, COMM_LEN as u32);
+        generated::bpf_probe_read_kernel(
+            &mut parent as *mut *const u8 as *mut c_void,
+            8,
+            task.add(parent_off as usize) as *const c_void,
+        );
+        generated::bpf_probe_read_kernel(
+            &mut rec.ppid as *mut u32 as *mut c_void,
+            4,
+            parent.add(tgid_off as usize) as *const c_void,
+        );
+    }
 }
 
 /// The names of the first `rec.depth` dentries from `leaf` up, for the log line; a name

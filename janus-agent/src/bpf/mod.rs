@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::Lsm;
 use aya::{Btf, Ebpf, EbpfLoader};
-use janus_api::{Event, GuardPolicy, Mode, RuleSet, Verdict};
+use janus_api::logformat::Process;
+use janus_api::{Event, Mode, RuleSet, Verdict};
 use janus_common::{
     Decision, InodeKey, Offsets, Rule, Scope, DECISION_AUDIT, DECISION_IS_DIR, DECISION_MONITOR,
     DECISION_TOO_DEEP, DECISION_VIA_CUT, DECISION_VIA_DETACHED, EV_ACCESS, EV_EXEC, EV_LINK,
@@ -332,6 +333,8 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
         mount_parent: b.member_offset("mount", "mnt_parent", Pointer)?,
         mount_mountpoint: b.member_offset("mount", "mnt_mountpoint", Pointer)?,
         vfsmount_root: b.member_offset("vfsmount", "mnt_root", Pointer)?,
+        task_real_parent: b.member_offset("task_struct", "real_parent", Pointer)?,
+        task_tgid: b.member_offset("task_struct", "tgid", Int(4))?,
     })
 }
 
@@ -553,12 +556,11 @@ impl Enforcer {
     /// between the two; that guard is then retired and must not be removed.
     pub fn guard(
         &self,
-        guard: Arc<GuardPolicy>,
+        ctx: Arc<LogContext>,
         at: &TargetRoot,
-        pod: String,
-        node: String,
         replacing: Option<u32>,
     ) -> Result<(u32, bool), GuardError> {
+        let guard = ctx.guard.clone();
         let pid = at.pid;
         let root = ContainerRoot::open(at)?;
         let scope_id = u32::try_from(root.mnt_ns)
@@ -691,7 +693,7 @@ impl Enforcer {
                 counters: self
                     .metrics
                     .decision_counters(&guard.name, &guard.namespace, BACKEND),
-                ctx: Arc::new(LogContext { guard, pod, node }),
+                ctx,
                 paths: table.paths,
                 scope: scope_id,
                 root: root_key,
@@ -842,7 +844,14 @@ fn handle(
         name,
         is_dir: d.flags & DECISION_IS_DIR != 0,
         subject: (d.flags & DECISION_TOO_DEEP == 0).then_some(usize::from(d.subject)),
-        pid: d.tgid as i32,
+        process: Process {
+            pid: d.tgid as i32,
+            ppid: (d.ppid != 0).then_some(d.ppid as i32),
+            uid: Some(d.uid),
+            gid: Some(d.gid),
+            comm: Some(d.comm.iter().take_while(|b| **b != 0).copied().collect()),
+            exe: None,
+        },
         mode,
     });
 }
