@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use janus_api::GuardPolicy;
 
 use crate::bpf::{self, BackendChoice, Enforcer};
-use crate::decisions::LogSender;
+use crate::decisions::{DecisionFormat, LogContext, LogSender};
 use crate::fanotify::target::{StartError, TargetSpec};
 use crate::fanotify::{self, Engine, TargetHandle};
 use crate::metrics::Metrics;
@@ -35,6 +35,10 @@ pub struct EnforceArgs {
     pub answer_threads: u8,
     #[command(flatten)]
     pub bpf_capacity: bpf::Capacity,
+    /// How each decision is written to stdout: the guard's `logFormat` (text), or one JSON
+    /// object per decision with every field (json; docs/decisions.md).
+    #[arg(long, value_enum, default_value_t = DecisionFormat::Text)]
+    pub decision_format: DecisionFormat,
 }
 
 #[cfg(test)]
@@ -45,6 +49,7 @@ impl EnforceArgs {
             backend: BackendChoice::Fanotify,
             answer_threads: 2,
             bpf_capacity: bpf::Capacity::default(),
+            decision_format: DecisionFormat::Text,
         }
     }
 }
@@ -55,16 +60,20 @@ enum Target {
     /// Decided in the kernel; what `/state` reports is fixed when it starts.
     Bpf {
         id: u32,
-        state: TargetState,
+        state: Box<TargetState>,
+        ctx: Arc<LogContext>,
     },
 }
 
 impl Target {
     fn state(&self) -> TargetState {
-        match self {
-            Target::Fanotify(handle) => handle.state(),
-            Target::Bpf { state, .. } => state.clone(),
-        }
+        let (mut state, ctx) = match self {
+            Target::Fanotify(handle) => (handle.state(), handle.ctx()),
+            Target::Bpf { state, ctx, .. } => ((**state).clone(), ctx),
+        };
+        state.denials = ctx.denials.count();
+        state.last_denial = ctx.denials.last().map(Into::into);
+        state
     }
 }
 
@@ -105,7 +114,13 @@ impl Agent {
 
     /// Starts enforcing `guard` on `pid` until [`Agent::shutdown`].
     pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), GuardError> {
-        self.add(&Agent::key(&guard, pid), guard, pid.into(), pod)
+        self.add(
+            &Agent::key(&guard, pid),
+            guard,
+            pid.into(),
+            pod,
+            String::new(),
+        )
     }
 
     /// The key [`Agent::guard`] holds `guard` on `pid` under.
@@ -123,12 +138,22 @@ impl Agent {
         guard: Arc<GuardPolicy>,
         at: TargetRoot,
         pod: String,
+        container: String,
     ) -> Result<(), GuardError> {
         let in_bpf = match self.targets.lock().expect("targets lock").get(key) {
             Some(Target::Bpf { id, .. }) => Some(*id),
             _ => None,
         };
-        let (target, swapped) = self.start(guard, at, pod, in_bpf)?;
+        let counters = (
+            self.metrics
+                .log_dropped
+                .with_label_values(&[&guard.name, &guard.namespace]),
+            self.metrics
+                .denials
+                .with_label_values(&[&guard.name, &guard.namespace, &pod]),
+        );
+        let ctx = LogContext::new(guard, pod, self.node.clone(), container, counters);
+        let (target, swapped) = self.start(Arc::new(ctx), at, in_bpf)?;
         let old = self
             .targets
             .lock()
@@ -146,25 +171,20 @@ impl Agent {
     /// The new target, and whether it took the BPF guard `replacing`'s place in the maps.
     fn start(
         &self,
-        guard: Arc<GuardPolicy>,
+        ctx: Arc<LogContext>,
         at: TargetRoot,
-        pod: String,
         replacing: Option<u32>,
     ) -> Result<(Target, bool), GuardError> {
         let pid = at.pid;
+        let guard = ctx.guard.clone();
         if let Some(enforcer) = &self.bpf {
-            match enforcer.guard(
-                guard.clone(),
-                &at,
-                pod.clone(),
-                self.node.clone(),
-                replacing,
-            ) {
+            match enforcer.guard(ctx.clone(), &at, replacing) {
                 Ok((id, swapped)) => {
                     tracing::info!(guard = %guard.name, pid, backend = bpf::BACKEND, "guarding");
                     let target = Target::Bpf {
                         id,
-                        state: bpf_state(&guard, pid, pod),
+                        state: Box::new(bpf_state(&guard, pid, ctx.pod.clone())),
+                        ctx,
                     };
                     return Ok((target, swapped));
                 }
@@ -184,12 +204,7 @@ impl Agent {
             .expect("fanotify lock")
             .as_ref()
             .ok_or(StartError::Stopped)?
-            .add(TargetSpec {
-                guard: guard.clone(),
-                root: at,
-                pod,
-                node: self.node.clone(),
-            })?;
+            .add(TargetSpec { ctx, root: at })?;
         tracing::info!(guard = %guard.name, pid, backend = fanotify::target::BACKEND, "guarding");
         Ok((Target::Fanotify(handle), false))
     }
@@ -203,14 +218,20 @@ impl Agent {
         let state = target.state();
         // The guard's metric series go with its last target on this node, so the series
         // stay as many as the guards held, however many come and go.
-        let last = !targets.values().any(|t| {
-            let s = t.state();
-            s.guard == state.guard && s.namespace == state.namespace
-        });
+        let same_guard = |s: &TargetState| s.guard == state.guard && s.namespace == state.namespace;
+        let others: Vec<TargetState> = targets
+            .values()
+            .map(Target::state)
+            .filter(|s| same_guard(s))
+            .collect();
         drop(targets);
         self.stop(target);
-        if last {
+        if others.is_empty() {
             self.metrics.forget_guard(&state.guard, &state.namespace);
+        }
+        if !others.iter().any(|s| s.pod == state.pod) {
+            self.metrics
+                .forget_pod(&state.guard, &state.namespace, &state.pod);
         }
         true
     }
@@ -289,5 +310,7 @@ fn bpf_state(guard: &GuardPolicy, pid: i32, pod: String) -> TargetState {
         passes: 0,
         audit: guard.subjects.iter().any(|s| s.audit),
         paths: Vec::new(),
+        denials: 0,
+        last_denial: None,
     }
 }

@@ -9,6 +9,7 @@ pub mod hook;
 pub mod http;
 pub mod metrics;
 pub mod pods;
+pub mod process;
 pub mod resolve;
 pub mod serve;
 pub mod standalone;

@@ -34,8 +34,9 @@ pub struct Metrics {
     pub marks: IntGaugeVec,
     pub targets: IntGaugeVec,
     pub latency: HistogramVec,
-    pub log_dropped: IntCounter,
+    pub log_dropped: IntCounterVec,
     pub new_dirs: IntCounterVec,
+    pub denials: IntCounterVec,
     pub guards: IntGaugeVec,
     pub bpf_events_dropped: IntCounter,
     pub backend_info: IntGaugeVec,
@@ -116,11 +117,19 @@ impl Metrics {
         );
         let log_dropped = register(
             &r,
-            IntCounter::new(
-                "janus_log_lines_dropped_total",
-                "Decision log lines dropped because stdout could not keep up (answers never wait for logging).",
+            IntCounterVec::new(
+                Opts::new(
+                    "janus_log_lines_dropped_total",
+                    "Decision records dropped because stdout could not keep up, or because the target had its share of the queue waiting (answers never wait for logging).",
+                ),
+                &["guard", "namespace"],
             )
             .expect("valid metric"),
+        );
+        let denials = counter(
+            "janus_denials_total",
+            "Accesses refused (or, in monitor mode, that would have been), by guard, namespace and pod: the dashboard's denials by pod. Who tried is in the decision records, not in a label.",
+            &["guard", "namespace", "pod"],
         );
         let new_dirs = counter(
             "janus_new_directories_total",
@@ -224,6 +233,7 @@ impl Metrics {
             latency,
             log_dropped,
             new_dirs,
+            denials,
             guards,
         }
     }
@@ -256,6 +266,12 @@ impl Metrics {
         }
         let _ = self.marks.remove_label_values(&[guard, namespace]);
         let _ = self.new_dirs.remove_label_values(&[guard, namespace]);
+        let _ = self.log_dropped.remove_label_values(&[guard, namespace]);
+    }
+
+    /// Drops the guard's denial series of one pod, once no target of it is left.
+    pub fn forget_pod(&self, guard: &str, namespace: &str, pod: &str) {
+        let _ = self.denials.remove_label_values(&[guard, namespace, pod]);
     }
 
     /// The decision counters of one guard, one per (response, event, mode).

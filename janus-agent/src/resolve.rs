@@ -407,19 +407,6 @@ pub fn parent_pid(pid: i32) -> Result<i32, ResolveError> {
         })
 }
 
-/// A process's command name, for `{comm}`; `?` once it is gone.
-pub fn comm(pid: i32) -> Vec<u8> {
-    match std::fs::read(format!("/proc/{pid}/comm")) {
-        Ok(mut c) => {
-            if c.last() == Some(&b'\n') {
-                c.pop();
-            }
-            c
-        }
-        Err(_) => b"?".to_vec(),
-    }
-}
-
 /// Opens an entry of `parent` by name without following symlinks or leaving `parent`.
 pub fn open_entry(parent: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<OwnedFd> {
     openat2(

@@ -66,7 +66,7 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<()> {
         .context("installing a SIGHUP handler")?;
     let policies = load_guards(&args.file)?;
     let metrics = Arc::new(Metrics::new());
-    let (log, writer) = decisions::start(Box::new(std::io::stdout()), metrics.log_dropped.clone());
+    let (log, writer) = decisions::start(Box::new(std::io::stdout()), args.enforce.decision_format);
     let node = args.node.clone().unwrap_or_else(|| {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::decisions::LastDenial;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
@@ -80,4 +82,34 @@ pub struct TargetState {
     pub passes: u64,
     pub audit: bool,
     pub paths: Vec<PathState>,
+    /// Accesses refused (or, in monitor mode, that would have been) since the target was
+    /// placed, logged or not.
+    pub denials: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_denial: Option<DenialBy>,
+}
+
+/// Who made a target's last logged denial, and when (RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DenialBy {
+    pub pid: i32,
+    /// The executable's path, else the command name, as `{exe}` prints it; `?` unknown.
+    pub by: String,
+    pub at: String,
+}
+
+impl From<LastDenial> for DenialBy {
+    fn from(d: LastDenial) -> DenialBy {
+        let mut by = String::new();
+        let name = d.process.exe.as_deref().or(d.process.comm.as_deref());
+        match name {
+            Some(n) => janus_api::logformat::escape_into(n, &mut by),
+            None => by.push('?'),
+        }
+        DenialBy {
+            pid: d.process.pid,
+            by,
+            at: jiff::Timestamp::try_from(d.at).map_or_else(|_| "?".into(), |t| t.to_string()),
+        }
+    }
 }

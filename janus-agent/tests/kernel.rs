@@ -83,6 +83,21 @@ fn run_table(name: &str, monitor: bool) -> usize {
     results.len()
 }
 
+/// Under fanotify: the record names the process in both formats, read after the answer.
+#[test]
+fn decision_records_name_who_tried() {
+    let dir = workdir("who-tried");
+    Runner {
+        agent_bin: Path::new(AGENT),
+        agent_args: FANOTIFY,
+        bpf: false,
+        monitor: false,
+        workdir: &dir,
+    }
+    .who_tried()
+    .unwrap();
+}
+
 #[test]
 fn scenario_table() {
     let ran = run_table("scenario-table", false);

@@ -1,30 +1,100 @@
-//! The decision log: one line per decision on stdout, written by its own thread after the
+//! The decision log: one record per decision on stdout, written by its own thread after the
 //! kernel has its answer. On a node stdout is a file the kubelet writes, so the answering
-//! thread only hands lines over and never waits for them.
+//! thread only hands records over and never waits for them.
 
 use std::io::Write;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
 
-use janus_api::logformat::Specifier;
+use janus_api::logformat::{Process, Specifier};
 use janus_api::{Event, GuardPolicy, LogRecord, Mode, Verdict};
 use prometheus::IntCounter;
 
-use crate::resolve;
+use crate::process;
 
-/// Lines waiting to be written before new ones are dropped and counted.
+mod json;
+
+/// Records waiting to be written before new ones are dropped and counted.
 const BACKLOG: usize = 64 * 1024;
+/// The most records one target may have waiting: a container that floods denials fills its
+/// own share, and every other target's records still find room.
+const SHARE: usize = 1024;
 /// How long the writer lets lines gather after a flush before it waits on the channel
 /// again. A sender wakes the writer only while it waits, and that wake (a futex call and a
 /// context switch) cost the answering thread more than the decision itself under load.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// What every line of one guard on one target shares.
+/// `--decision-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecisionFormat {
+    /// One line per decision in the guard's `logFormat`.
+    #[default]
+    Text,
+    /// One JSON object per decision with every field (docs/decisions.md).
+    Json,
+}
+
+/// What every record of one guard on one target shares.
 pub struct LogContext {
     pub guard: Arc<GuardPolicy>,
     pub pod: String,
     pub node: String,
+    /// The container's ID as the controller named it; empty when not known.
+    pub container: String,
+    /// The guard's `janus_log_lines_dropped_total` and the pod's `janus_denials_total`.
+    pub dropped: IntCounter,
+    pub denied: IntCounter,
+    /// Records of this target waiting to be written.
+    queued: AtomicUsize,
+    pub denials: Denials,
+}
+
+impl LogContext {
+    pub fn new(
+        guard: Arc<GuardPolicy>,
+        pod: String,
+        node: String,
+        container: String,
+        (dropped, denied): (IntCounter, IntCounter),
+    ) -> LogContext {
+        LogContext {
+            guard,
+            pod,
+            node,
+            container,
+            dropped,
+            denied,
+            queued: AtomicUsize::new(0),
+            denials: Denials::default(),
+        }
+    }
+}
+
+/// The denials of one target, for the controller's Events: how many (every one, logged or
+/// dropped), and who made the last one that was logged.
+#[derive(Default)]
+pub struct Denials {
+    count: AtomicU64,
+    last: Mutex<Option<LastDenial>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastDenial {
+    pub process: Process,
+    pub at: SystemTime,
+}
+
+impl Denials {
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn last(&self) -> Option<LastDenial> {
+        self.last.lock().expect("denials lock").clone()
+    }
 }
 
 pub struct Entry {
@@ -38,13 +108,25 @@ pub struct Entry {
     pub is_dir: bool,
     /// Index of the deciding subject, for its tags; `None` for internal errors.
     pub subject: Option<usize>,
-    pub pid: i32,
+    /// Who made the access: its PID, and what the kernel's record held of the rest.
+    pub process: Process,
     /// Whether the kernel was told `verdict`, or to allow.
     pub mode: Mode,
 }
 
+/// When a record was handed over: after the answer, so the answer never waits for a clock.
+struct Stamp {
+    wall: SystemTime,
+    boot: Duration,
+}
+
+struct Stamped {
+    entry: Box<Entry>,
+    at: Stamp,
+}
+
 enum Message {
-    Line(Box<Entry>),
+    Line(Stamped),
     /// Sent by [`LogWriter::finish`]: what was queued before it is written, then the writer
     /// ends, whoever still holds a sender (an HTTP handler's copy of the agent, say).
     Finish,
@@ -53,13 +135,33 @@ enum Message {
 #[derive(Clone)]
 pub struct LogSender {
     tx: SyncSender<Message>,
-    dropped: IntCounter,
 }
 
 impl LogSender {
     pub fn send(&self, entry: Entry) {
-        if self.tx.try_send(Message::Line(Box::new(entry))).is_err() {
-            self.dropped.inc();
+        let ctx = &entry.ctx;
+        if entry.verdict == Verdict::Deny {
+            ctx.denials.count.fetch_add(1, Ordering::Relaxed);
+            ctx.denied.inc();
+        }
+        if ctx.queued.fetch_add(1, Ordering::Relaxed) >= SHARE {
+            ctx.queued.fetch_sub(1, Ordering::Relaxed);
+            ctx.dropped.inc();
+            return;
+        }
+        let at = Stamp {
+            wall: SystemTime::now(),
+            boot: process::since_boot(),
+        };
+        let line = Message::Line(Stamped {
+            entry: Box::new(entry),
+            at,
+        });
+        if let Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) = self.tx.try_send(line) {
+            if let Message::Line(Stamped { entry, .. }) = m {
+                entry.ctx.queued.fetch_sub(1, Ordering::Relaxed);
+                entry.ctx.dropped.inc();
+            }
         }
     }
 }
@@ -80,31 +182,45 @@ impl LogWriter {
     }
 }
 
-pub fn start(out: Box<dyn Write + Send>, dropped: IntCounter) -> (LogSender, LogWriter) {
+pub fn start(out: Box<dyn Write + Send>, format: DecisionFormat) -> (LogSender, LogWriter) {
     let (tx, rx) = sync_channel(BACKLOG);
     let thread = std::thread::Builder::new()
         .name("decision-log".into())
-        .spawn(move || write_loop(rx, out))
+        .spawn(move || write_loop(rx, out, format))
         .expect("spawning the log thread");
-    let sender = LogSender {
-        tx: tx.clone(),
-        dropped,
-    };
+    let sender = LogSender { tx: tx.clone() };
     (sender, LogWriter { tx, thread })
 }
 
-fn write_loop(rx: Receiver<Message>, out: Box<dyn Write + Send>) {
+fn write_loop(rx: Receiver<Message>, out: Box<dyn Write + Send>, format: DecisionFormat) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut line = String::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(message) = next {
-            let Message::Line(e) = message else {
+            let Message::Line(Stamped { mut entry, at }) = message else {
                 let _ = out.flush();
                 return;
             };
+            entry.ctx.queued.fetch_sub(1, Ordering::Relaxed);
+            let template = &entry.ctx.guard.log_format;
+            if format == DecisionFormat::Json
+                || entry.verdict == Verdict::Deny
+                || PROCESS_SPECIFIERS.iter().any(|s| template.uses(*s))
+            {
+                process::complete(&mut entry.process, at.boot);
+            }
+            if entry.verdict == Verdict::Deny {
+                *entry.ctx.denials.last.lock().expect("denials lock") = Some(LastDenial {
+                    process: entry.process.clone(),
+                    at: at.wall,
+                });
+            }
             line.clear();
-            render(&e, &mut line);
+            match format {
+                DecisionFormat::Text => render(&entry, &mut line),
+                DecisionFormat::Json => json::render(&entry, at.wall, &mut line),
+            }
             line.push('\n');
             if out.write_all(line.as_bytes()).is_err() {
                 return;
@@ -119,18 +235,22 @@ fn write_loop(rx: Receiver<Message>, out: Box<dyn Write + Send>) {
     }
 }
 
+/// The specifiers read from `/proc` when the kernel's record does not hold them.
+const PROCESS_SPECIFIERS: [Specifier; 5] = [
+    Specifier::Ppid,
+    Specifier::Uid,
+    Specifier::Gid,
+    Specifier::Comm,
+    Specifier::Exe,
+];
+
 fn render(e: &Entry, out: &mut String) {
-    let template = &e.ctx.guard.log_format;
-    let comm = if template.uses(Specifier::Comm) {
-        resolve::comm(e.pid)
-    } else {
-        Vec::new()
-    };
+    let empty = Default::default();
     let tags = e
         .subject
         .and_then(|i| e.ctx.guard.subjects.get(i))
-        .map_or("", |s| s.tags.as_str());
-    template.render(
+        .map_or(&empty, |s| &s.tags);
+    e.ctx.guard.log_format.render(
         &LogRecord {
             pod: &e.ctx.pod,
             node: &e.ctx.node,
@@ -141,10 +261,111 @@ fn render(e: &Entry, out: &mut String) {
             name: e.name.as_deref(),
             is_dir: e.is_dir,
             tags,
-            pid: e.pid,
-            comm: &comm,
+            process: &e.process,
+            container: &e.ctx.container,
             mode: e.mode,
         },
         out,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    /// Stdout that takes nothing until the test lets it: the writer stalls, and every
+    /// record sent meanwhile waits in the queue.
+    struct Stalled {
+        go: Receiver<()>,
+        out: Arc<Mutex<Vec<u8>>>,
+        open: bool,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.open {
+                let _ = self.go.recv();
+                self.open = true;
+            }
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn target(pod: &str) -> Arc<LogContext> {
+        let yaml = "apiVersion: januscontroller.clustergarage.io/v1alpha1\nkind: JanusGuard\n\
+                    metadata: {name: g, namespace: n}\nspec:\n  selector: {matchLabels: {a: b}}\n  \
+                    subjects:\n  - deny: [/data]\n    events: [open]\n";
+        let guard = janus_api::guard::parse_documents(yaml).unwrap().remove(0);
+        let guard = Arc::new(GuardPolicy::from_guard(&guard).unwrap());
+        let counter = |name: &str| IntCounter::new(format!("{name}_{pod}"), "test").unwrap();
+        Arc::new(LogContext::new(
+            guard,
+            pod.into(),
+            "node".into(),
+            String::new(),
+            (counter("dropped"), counter("denied")),
+        ))
+    }
+
+    fn deny(ctx: &Arc<LogContext>) -> Entry {
+        Entry {
+            ctx: ctx.clone(),
+            verdict: Verdict::Deny,
+            event: Event::Open,
+            path: b"/data/secret".to_vec(),
+            name: None,
+            is_dir: false,
+            subject: Some(0),
+            process: Process {
+                pid: i32::MAX,
+                ..Process::default()
+            },
+            mode: Mode::Enforce,
+        }
+    }
+
+    #[test]
+    fn a_flooding_target_cannot_take_another_targets_records() {
+        let (go, stalled) = channel();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = Stalled {
+            go: stalled,
+            out: out.clone(),
+            open: false,
+        };
+        let (log, writer) = start(Box::new(sink), DecisionFormat::Text);
+        let (flood, quiet) = (target("flood"), target("quiet"));
+        // More than the whole queue holds.
+        for _ in 0..BACKLOG + 10_000 {
+            log.send(deny(&flood));
+        }
+        for _ in 0..10 {
+            log.send(deny(&quiet));
+        }
+        go.send(()).unwrap();
+        writer.finish();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let lines = |pod: &str| {
+            text.lines()
+                .filter(|l| l.contains(&format!("({pod}:")))
+                .count()
+        };
+        assert_eq!(lines("quiet"), 10);
+        assert_eq!(quiet.dropped.get(), 0);
+        // The flood kept its share (and what the writer held when it stalled), no more,
+        // and every record it lost is counted; every denial is counted either way.
+        let flooded = lines("flood") as u64;
+        assert!(
+            flooded >= SHARE as u64 && flooded < 2 * SHARE as u64,
+            "{flooded}"
+        );
+        assert_eq!(flooded + flood.dropped.get(), (BACKLOG + 10_000) as u64);
+        assert_eq!(flood.denials.count(), (BACKLOG + 10_000) as u64);
+        assert_eq!(flood.denied.get(), (BACKLOG + 10_000) as u64);
+    }
 }

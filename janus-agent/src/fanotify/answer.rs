@@ -18,6 +18,7 @@ use super::target::{TargetShared, BACKEND};
 use crate::decisions::{Entry, LogSender};
 use crate::metrics::Metrics;
 use crate::resolve::{self, FileId};
+use janus_api::logformat::Process;
 
 /// Which targets an event's process belongs to, rebuilt by the marker thread whenever a
 /// target comes, goes or its mounts change.
@@ -294,7 +295,10 @@ impl Answerer {
                 path,
                 is_dir,
                 subject: Some(d.decision.subject),
-                pid,
+                process: Process {
+                    pid,
+                    ..Process::default()
+                },
                 mode,
             });
         }

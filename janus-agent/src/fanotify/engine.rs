@@ -20,7 +20,7 @@ use super::created::{CreateWatch, Created};
 use super::group::{AlignedBuf, FanotifyError, PermGroup};
 use super::marks::{MarkTable, TargetId};
 use super::target::{Marker, StartError, TargetShared, TargetSpec, BACKEND};
-use crate::decisions::LogSender;
+use crate::decisions::{LogContext, LogSender};
 use crate::metrics::Metrics;
 use crate::state::TargetState;
 
@@ -59,6 +59,10 @@ pub struct TargetHandle {
 impl TargetHandle {
     pub fn state(&self) -> TargetState {
         self.shared.state.lock().expect("state lock").clone()
+    }
+
+    pub fn ctx(&self) -> &Arc<LogContext> {
+        &self.shared.ctx
     }
 
     /// Lifts the guard: its marks are gone (or narrowed to what other targets need) when

@@ -32,10 +32,9 @@ pub enum StartError {
 }
 
 pub struct TargetSpec {
-    pub guard: Arc<GuardPolicy>,
+    /// The guard, and what its records name the target by.
+    pub ctx: Arc<LogContext>,
     pub root: TargetRoot,
-    pub pod: String,
-    pub node: String,
 }
 
 /// What the answering thread decides with, changed in place by the marker thread.
@@ -141,7 +140,7 @@ impl TargetShared {
         let pid = spec.root.pid;
         let root = ContainerRoot::open(&spec.root)?;
         let owners = spec.root.owners()?;
-        let guard = spec.guard;
+        let guard = spec.ctx.guard.clone();
         let warnings = unsupported_warnings(&guard);
         for w in &warnings {
             tracing::warn!(guard = %guard.name, namespace = %guard.namespace, pid, "{w}");
@@ -159,7 +158,7 @@ impl TargetShared {
                 guard: guard.name.clone(),
                 namespace: guard.namespace.clone(),
                 pid,
-                pod: spec.pod.clone(),
+                pod: spec.ctx.pod.clone(),
                 backend: BACKEND,
                 phase: Phase::Pending,
                 reason: None,
@@ -168,12 +167,10 @@ impl TargetShared {
                 passes: 0,
                 audit,
                 paths: Vec::new(),
+                denials: 0,
+                last_denial: None,
             }),
-            ctx: Arc::new(LogContext {
-                guard,
-                pod: spec.pod,
-                node: spec.node,
-            }),
+            ctx: spec.ctx,
             root,
             view: RwLock::new(View::default()),
         })

@@ -322,6 +322,7 @@ impl Guards {
         };
         let c = &mut h.containers[i];
         let tkey = target_key(k, &c.raw);
+        let raw = c.raw.clone();
         let process = gated.process;
         match c.init {
             Some(p) if p == process && c.failure.is_none() => return Ok(tkey),
@@ -338,7 +339,7 @@ impl Guards {
         let at = root_of(Some(gated), process);
         let added = self
             .agent
-            .add(&tkey, h.policy.clone(), at, h.pod_name.clone());
+            .add(&tkey, h.policy.clone(), at, h.pod_name.clone(), raw);
         // Retried at each rescan while the process runs; the gate waits for it until its
         // deadline.
         if let Err(e) = &added {

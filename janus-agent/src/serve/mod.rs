@@ -482,6 +482,7 @@ impl Guards {
                         h.policy.clone(),
                         at,
                         h.pod_name.clone(),
+                        c.raw.clone(),
                     ) {
                         Ok(()) => {
                             tracing::info!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, container = %c.raw, pid, "guarding container");
@@ -519,6 +520,7 @@ impl Guards {
             .iter()
             .map(|c| {
                 let state = states.get(&target_key(k, &c.raw));
+                let last = state.and_then(|s| s.last_denial.as_ref());
                 let (phase, reason) = match (&c.failure, c.init, state) {
                     (Some(f), _, _) => (ContainerPhase::Failed, f.clone()),
                     (None, None, _) if c.settling => (
@@ -550,6 +552,10 @@ impl Guards {
                     // The agent picks a backend per guard: say which one this container got.
                     backend: state.map_or(BACKEND, |s| s.backend).into(),
                     adopted: c.adopted,
+                    denials: state.map_or(0, |s| s.denials),
+                    last_denied_by: last.map(|d| d.by.clone()).unwrap_or_default(),
+                    last_denied_pid: last.map_or(0, |d| d.pid),
+                    last_denied_at: last.map(|d| d.at.clone()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -783,7 +789,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = crate::standalone::Shutdown::listen()?;
     let tls = tls::server_config(&args.tls)?;
     let metrics = Arc::new(Metrics::new());
-    let (log, writer) = decisions::start(Box::new(std::io::stdout()), metrics.log_dropped.clone());
+    let (log, writer) = decisions::start(Box::new(std::io::stdout()), args.enforce.decision_format);
     let node = args.node.clone().unwrap_or_else(|| {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
@@ -949,8 +955,7 @@ mod tests {
 
     fn guards() -> Guards {
         let metrics = Arc::new(Metrics::new());
-        let (log, _writer) =
-            decisions::start(Box::new(std::io::sink()), metrics.log_dropped.clone());
+        let (log, _writer) = decisions::start(Box::new(std::io::sink()), Default::default());
         let agent = Agent::new(
             metrics,
             log,
