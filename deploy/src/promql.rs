@@ -350,7 +350,7 @@ janus_decision_latency_seconds_bucket{backend=\"fanotify\",le=\"0.001\"} 3
 janus_decision_latency_seconds_sum{backend=\"fanotify\"} 0.0001
 janus_decision_latency_seconds_count{backend=\"fanotify\"} 3
 # TYPE janus_log_lines_dropped_total counter
-janus_log_lines_dropped_total 0
+janus_log_lines_dropped_total{guard=\"g\",namespace=\"n\"} 0
 ";
 
     fn check(q: &str) -> Vec<String> {
@@ -369,7 +369,12 @@ janus_log_lines_dropped_total 0
             ["deny".to_owned()].into()
         );
         assert!(f["janus_decision_latency_seconds_bucket"].contains_key("le"));
-        assert!(f["janus_log_lines_dropped_total"].is_empty());
+        assert_eq!(
+            f["janus_log_lines_dropped_total"]
+                .keys()
+                .collect::<Vec<_>>(),
+            ["guard", "namespace"]
+        );
     }
 
     #[test]
@@ -401,7 +406,7 @@ janus_log_lines_dropped_total 0
             ["groups by \"kind\", which not every metric of the query has"]
         );
         assert_eq!(
-            check("label_values(janus_log_lines_dropped_total, guard)").len(),
+            check("label_values(janus_log_lines_dropped_total, pod)").len(),
             1
         );
         assert_eq!(check("up{pod=\"x\"}"), ["metric up has no label \"pod\""]);

@@ -77,7 +77,7 @@ async fn queried_metrics_exist_on_a_running_agent() {
     let policy = Arc::new(janus_api::GuardPolicy::from_guard(&guard).unwrap());
 
     let metrics = Arc::new(Metrics::new());
-    let (log, writer) = decisions::start(Box::new(std::io::sink()), metrics.log_dropped.clone());
+    let (log, writer) = decisions::start(Box::new(std::io::sink()), Default::default());
     let agent = Arc::new(
         Agent::new(
             metrics,
@@ -87,6 +87,7 @@ async fn queried_metrics_exist_on_a_running_agent() {
                 backend: janus_agent::bpf::BackendChoice::Auto,
                 answer_threads: 2,
                 bpf_capacity: janus_agent::bpf::Capacity::default(),
+                decision_format: Default::default(),
             },
         )
         .unwrap(),

@@ -182,6 +182,26 @@ pub struct JanusGuardStatus {
     /// while the spec is not valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// Accesses refused in the selected pods (or, in monitor mode, that would have been),
+    /// as their agents count them since the guard was placed on each container: a
+    /// restarted agent or container starts again from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denials: Option<i64>,
+    /// The latest of those denials that was logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_denial: Option<LastDenial>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastDenial {
+    pub pod: String,
+    /// The executable's path, else the command name; `?` when the process was gone
+    /// before the agent could read it.
+    pub by: String,
+    pub pid: i32,
+    /// RFC 3339.
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

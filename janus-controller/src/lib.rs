@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod crd;
+pub mod denials;
 pub mod gate;
 pub mod index;
 pub mod metrics;
@@ -42,6 +43,11 @@ pub struct RunArgs {
     /// Seconds between reconciliations that list every agent and fix drift both ways.
     #[arg(long, default_value_t = 30)]
     pub reconcile_period_secs: u64,
+    /// Seconds between two Events on one guard about the denials in one pod (each says
+    /// how many there were since the last); the agents' counts are read at each
+    /// reconciliation.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub denial_event_window_secs: u64,
     /// Timeout of one call to an agent, in seconds.
     #[arg(long, default_value_t = 5)]
     pub agent_timeout_secs: u64,
@@ -132,14 +138,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (guards, guard_events, mut deleted) = watch_guards(client.clone());
     let controller = Controller::for_stream(guard_events, guards.clone());
-    let core = Arc::new(Core::new(
-        client,
-        guards.clone(),
-        pods,
-        slices,
-        agents::AgentPool::new(tls, Duration::from_secs(args.agent_timeout_secs)),
-        metrics,
-    ));
+    let core = Arc::new(
+        Core::new(
+            client,
+            guards.clone(),
+            pods,
+            slices,
+            agents::AgentPool::new(tls, Duration::from_secs(args.agent_timeout_secs)),
+            metrics,
+        )
+        .with_denial_window(Duration::from_secs(args.denial_event_window_secs)),
+    );
 
     let period = Duration::from_secs(args.reconcile_period_secs.max(1));
     let periodic = {

@@ -20,7 +20,7 @@ enum Command {
     /// Print the JanusGuard CustomResourceDefinition (YAML).
     Crd,
     /// Run the controller.
-    Run(janus_controller::RunArgs),
+    Run(Box<janus_controller::RunArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(janus_controller::run(args))
+                .block_on(janus_controller::run(*args))
         }
     }
 }

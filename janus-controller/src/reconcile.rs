@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
 use janus_api::agent_v1::{
@@ -22,7 +23,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::agents::{discover, AgentPool, ItemFailure, Listing};
-use crate::crd::{Condition, JanusGuard, JanusGuardStatus};
+use crate::crd::{Condition, JanusGuard, JanusGuardStatus, LastDenial};
+use crate::denials::{DenialEvents, PodDenials};
 use crate::index::{self, PodIndex};
 use crate::metrics::Metrics;
 use crate::pod::PodView;
@@ -53,6 +55,7 @@ pub struct Core {
     pub gates_changed: tokio::sync::Notify,
     pub(crate) namespace_modes: crate::gate::NamespaceModes,
     pub(crate) telling: tokio::sync::Mutex<()>,
+    denial_events: DenialEvents,
 }
 
 /// What one node's agent holds, as last listed or applied.
@@ -216,6 +219,26 @@ impl Problems {
     }
 }
 
+/// The default window of denial Events.
+pub const DENIAL_WINDOW: Duration = Duration::from_secs(60);
+
+/// What a guard's status says of its pods.
+struct Tally {
+    guarded: i64,
+    pending: usize,
+    selected: usize,
+    denials: Denials,
+}
+
+/// A guard's denials over its pods, for its status and Events.
+#[derive(Default)]
+struct Denials {
+    count: u64,
+    last: Option<LastDenial>,
+    /// The Events due.
+    notes: Vec<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("updating the status of {0}: {1}")]
@@ -245,7 +268,14 @@ impl Core {
             gates_changed: tokio::sync::Notify::new(),
             namespace_modes: crate::gate::NamespaceModes::default(),
             telling: tokio::sync::Mutex::new(()),
+            denial_events: DenialEvents::new(DENIAL_WINDOW),
         }
+    }
+
+    /// At most one denial Event per guard and pod per `window` (`--denial-event-window`).
+    pub fn with_denial_window(mut self, window: Duration) -> Core {
+        self.denial_events = DenialEvents::new(window);
+        self
     }
 
     fn held(&self, node: &str, key: &Key) -> Option<Arc<GuardStatus>> {
@@ -458,10 +488,28 @@ impl Core {
         let mut problems = plan.problems;
         let mut guarded = 0;
         let mut pending = 0;
+        let mut denials = Denials::default();
         for (node, result) in &outcomes {
             match result {
                 Err((reason, message)) => problems.add(reason, message.clone()),
                 Ok(status) => {
+                    let pod = PodDenials::of(status);
+                    if let Some(note) = self.denial_events.due(
+                        &plan.gref.uid,
+                        &status.pod_name,
+                        &pod,
+                        std::time::Instant::now(),
+                    ) {
+                        denials.notes.push(note);
+                    }
+                    denials.count = denials.count.saturating_add(pod.count);
+                    if pod
+                        .last
+                        .as_ref()
+                        .is_some_and(|l| denials.last.as_ref().is_none_or(|d| d.at < l.at))
+                    {
+                        denials.last = pod.last;
+                    }
                     for w in &status.warnings {
                         problems.add("UnsupportedEvent", format!("{w} on node {node}"));
                     }
@@ -490,15 +538,20 @@ impl Core {
             msgs.sort();
             msgs.dedup();
         }
-        self.update_status(
-            plan.guard,
+        let notes = std::mem::take(&mut denials.notes);
+        let tally = Tally {
             guarded,
             pending,
-            outcomes.len(),
-            &problems,
-            plan.mode,
-        )
-        .await
+            selected: outcomes.len(),
+            denials,
+        };
+        let updated = self
+            .update_status(plan.guard, tally, &problems, plan.mode)
+            .await;
+        for note in notes {
+            self.event(plan.guard, "Denied", &note).await;
+        }
+        updated
     }
 
     /// Removes what `removals` name from the agents that hold it, one batched call per node;
@@ -654,6 +707,15 @@ impl Core {
             .lock()
             .expect("written lock")
             .retain(|uid, _| uids.contains(uid));
+        let held: BTreeSet<(String, String)> = {
+            let h = self.holdings.lock().expect("holdings lock");
+            h.values()
+                .flat_map(|n| n.held.values())
+                .map(|s| (s.guard_uid.clone(), s.pod_name.clone()))
+                .collect()
+        };
+        self.denial_events
+            .retain(|g, p| held.contains(&(g.to_owned(), p.to_owned())));
         let orphans = self.held_where(|k, _| {
             !existing.contains(&(k.guard_namespace.as_str(), k.guard_name.as_str()))
         });
@@ -664,12 +726,16 @@ impl Core {
     async fn update_status(
         &self,
         guard: &JanusGuard,
-        guarded: i64,
-        pending: usize,
-        selected: usize,
+        tally: Tally,
         problems: &Problems,
         mode: Option<&str>,
     ) -> Result<(), Error> {
+        let Tally {
+            guarded,
+            pending,
+            selected,
+            denials,
+        } = tally;
         let uid = guard.uid().unwrap_or_default();
         // The store's copy, unless it is still the one this controller last wrote over:
         // then what it wrote. A status anyone else wrote since is the store's, and is
@@ -734,6 +800,8 @@ impl Core {
             pods_guarded: guarded,
             observed_generation: guard.meta().generation,
             mode: mode.map(str::to_owned),
+            denials: Some(i64::try_from(denials.count).unwrap_or(i64::MAX)).filter(|n| *n > 0),
+            last_denial: denials.last,
         };
         if status == old {
             return Ok(());
@@ -763,7 +831,8 @@ impl Core {
         Ok(())
     }
 
-    /// A Warning Event on the guard; failing to record one is logged, not fatal.
+    /// A Warning Event on the guard (one per reason and note: the API server counts
+    /// repeats); failing to record one is logged, not fatal.
     async fn event(&self, guard: &JanusGuard, reason: &str, note: &str) {
         use kube::runtime::events::{Event, EventType, Recorder, Reporter};
         let recorder = Recorder::new(
@@ -776,7 +845,7 @@ impl Core {
         let event = Event {
             type_: EventType::Warning,
             reason: reason.into(),
-            note: Some(note.chars().take(1024).collect()),
+            note: Some(crate::denials::cut(note, 1024)),
             action: "Reconcile".into(),
             secondary: None,
         };

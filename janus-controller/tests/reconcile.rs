@@ -932,3 +932,120 @@ async fn an_agent_without_batched_calls_gets_one_call_per_pod() {
     assert_eq!(w.a.pods(), ["web/pod-web-1"]);
     assert_eq!(w.a.unchanged.load(Ordering::SeqCst), 0);
 }
+
+/// Adds `n` denials by `/usr/bin/cat` to every container the fake agent holds for `pod`.
+fn deny(agent: &FakeAgent, pod: &str, n: u64, pid: i32, at: &str) {
+    for s in agent.held.lock().unwrap().values_mut() {
+        if s.pod_name != pod {
+            continue;
+        }
+        for c in &mut s.containers {
+            c.denials += n;
+            c.last_denied_by = "/usr/bin/cat".into();
+            c.last_denied_pid = pid;
+            c.last_denied_at = at.into();
+        }
+    }
+}
+
+fn writes(api: &MockApi) -> usize {
+    api.seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.method != "GET")
+        .count()
+}
+
+#[tokio::test]
+async fn a_burst_of_denials_is_one_event_and_a_count_not_a_write_each() {
+    let mut w = world().await;
+    populate(&mut w);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(w.a.pods(), ["web/pod-web-1"]);
+    let before = writes(&w.api);
+    // 10,000 denials in web-1, seen over ten passes (a pass every few seconds).
+    for i in 0..10 {
+        deny(
+            &w.a,
+            "web-1",
+            1_000,
+            4000 + i,
+            &format!("2026-12-04T11:00:{i:02}Z"),
+        );
+        w.core.sync_all().await.unwrap();
+    }
+    let denied: Vec<String> = w
+        .api
+        .events()
+        .into_iter()
+        .filter(|(reason, _)| reason == "Denied")
+        .map(|(_, note)| note)
+        .collect();
+    // The first pass reports at once; the rest wait for the window (a minute).
+    assert_eq!(
+        denied,
+        ["1000 denials in pod web-1, last by /usr/bin/cat pid 4000 at 2026-12-04T11:00:00Z"]
+    );
+    let status = w.api.status("web").unwrap();
+    assert_eq!(status["denials"], 10_000);
+    assert_eq!(
+        status["lastDenial"],
+        json!({"pod": "web-1", "by": "/usr/bin/cat", "pid": 4009, "at": "2026-12-04T11:00:09Z"})
+    );
+    // One Event and at most a status write per pass, not one per denial.
+    assert!(
+        writes(&w.api) - before <= 11,
+        "{} writes",
+        writes(&w.api) - before
+    );
+    // Passes with nothing new write nothing.
+    let settled = writes(&w.api);
+    w.core.sync_all().await.unwrap();
+    assert_eq!(writes(&w.api), settled);
+}
+
+#[tokio::test]
+async fn denials_held_back_are_reported_with_their_count_once_the_window_passed() {
+    let (client, api) = MockApi::start();
+    let mut stores = Stores::new();
+    let a = FakeAgent::default();
+    stores.agents(&[("node-a", a.serve().await)]);
+    let core = Core::new(
+        client,
+        stores.guards.0.clone(),
+        stores.pods.0.clone(),
+        stores.slices.0.clone(),
+        AgentPool::new(None, Duration::from_secs(2)),
+        Arc::new(Metrics::new()),
+    )
+    .with_denial_window(Duration::from_millis(300));
+    stores.guard(web_guard(1));
+    stores.pod(web_1());
+    core.sync_all().await.unwrap();
+    deny(&a, "web-1", 1, 7, "2026-12-04T11:00:00Z");
+    core.sync_all().await.unwrap();
+    deny(&a, "web-1", 9_999, 8, "2026-12-04T11:00:01Z");
+    core.sync_all().await.unwrap();
+    let denied = || {
+        api.events()
+            .into_iter()
+            .filter(|(reason, _)| reason == "Denied")
+            .map(|(_, note)| note)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(denied().len(), 1);
+    // Once the window has passed, the next pass says what was held back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while denied().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", denied());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        core.sync_all().await.unwrap();
+    }
+    let notes = denied();
+    assert!(
+        notes[1].starts_with("9999 denials in pod web-1 in the last ")
+            && notes[1].ends_with("last by /usr/bin/cat pid 8 at 2026-12-04T11:00:01Z"),
+        "{notes:?}"
+    );
+}

@@ -433,7 +433,7 @@ impl FakeAgent {
                     },
                     pid: 1,
                     backend: "fanotify".into(),
-                    adopted: false,
+                    ..Default::default()
                 })
                 .chain(self.adopt.load(Ordering::SeqCst).then(|| ContainerStatus {
                     container_id: "containerd://sandbox".into(),
