@@ -26,3 +26,4 @@ pub mod scenarios;
 pub mod start_window;
 pub mod target;
 pub mod wait;
+pub mod who;

@@ -1,5 +1,5 @@
 //! Runs the scenario table against a backend: `janus-scenarios --agent PATH [--backend B]
-//! [--mode enforce|monitor] [--workdir DIR]`. Prints one line per scenario and a summary; exits 1 if any failed.
+//! [--mode enforce|monitor] [--workdir DIR] [--only SCENARIO]`. Prints one line per scenario and a summary; exits 1 if any failed.
 //! Each scenario runs in a process group of its own under a deadline, so one that hangs
 //! fails alone.
 
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let mut backend = None;
     let mut monitor = false;
     let mut workdir = std::env::temp_dir();
+    let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
                 }
             },
             "--workdir" => workdir = args.next().map(PathBuf::from).unwrap_or(workdir),
+            "--only" => only = args.next(),
             other => {
                 eprintln!("janus-scenarios: unknown argument {other:?}");
                 return ExitCode::from(2);
@@ -41,7 +43,7 @@ fn main() -> ExitCode {
     let Some(agent) = agent else {
         eprintln!(
             "usage: janus-scenarios --agent PATH [--backend auto|bpf|fanotify] \
-             [--mode enforce|monitor] [--workdir DIR]"
+             [--mode enforce|monitor] [--workdir DIR] [--only SCENARIO]"
         );
         return ExitCode::from(2);
     };
@@ -62,18 +64,31 @@ fn main() -> ExitCode {
         if monitor { "monitor" } else { "enforce" }
     );
     let (mut passed, mut failed) = (0, 0);
-    for s in runner.applicable() {
+    // The table, then (enforcing) the decision records' fields in both formats.
+    let who_tried = (!monitor).then_some("who-tried");
+    let names = runner
+        .applicable()
+        .map(|s| s.name)
+        .chain(who_tried)
+        .filter(|n| only.as_deref().is_none_or(|o| o == *n));
+    let table: Vec<_> = runner.applicable().collect();
+    for name in names {
         let started = Instant::now();
-        let outcome = isolate::run(SCENARIO_DEADLINE, || runner.run(s));
+        let outcome = isolate::run(SCENARIO_DEADLINE, || {
+            match table.iter().find(|s| s.name == name) {
+                Some(s) => runner.run(s),
+                None => runner.who_tried(),
+            }
+        });
         let took = started.elapsed().as_secs_f64();
         match outcome {
             Ok(()) => {
                 passed += 1;
-                println!("scenario {}: ok ({took:.1} s)", s.name);
+                println!("scenario {name}: ok ({took:.1} s)");
             }
             Err(e) => {
                 failed += 1;
-                println!("scenario {}: FAILED: {e:#} ({took:.1} s)", s.name);
+                println!("scenario {name}: FAILED: {e:#} ({took:.1} s)");
             }
         }
     }
