@@ -1007,19 +1007,14 @@ async fn a_burst_of_denials_is_one_event_and_a_count_not_a_write_each() {
 
 #[tokio::test]
 async fn denials_held_back_are_reported_with_their_count_once_the_window_passed() {
-    let (client, api) = MockApi::start();
-    let mut stores = Stores::new();
-    let a = FakeAgent::default();
-    stores.agents(&[("node-a", a.serve().await)]);
-    let core = Core::new(
-        client,
-        stores.guards.0.clone(),
-        stores.pods.0.clone(),
-        stores.slices.0.clone(),
-        AgentPool::new(None, Duration::from_secs(2)),
-        Arc::new(Metrics::new()),
-    )
-    .with_denial_window(Duration::from_millis(300));
+    let World {
+        mut stores,
+        api,
+        core,
+        a,
+        ..
+    } = world().await;
+    let core = core.with_denial_window(Duration::from_millis(300));
     stores.guard(web_guard(1));
     stores.pod(web_1());
     core.sync_all().await.unwrap();
