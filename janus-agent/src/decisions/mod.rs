@@ -277,6 +277,8 @@ mod tests {
     /// Stdout that takes nothing until the test lets it: the writer stalls, and every
     /// record sent meanwhile waits in the queue.
     struct Stalled {
+        /// Told once the writer is blocked in its first write.
+        entered: std::sync::mpsc::Sender<()>,
         go: Receiver<()>,
         out: Arc<Mutex<Vec<u8>>>,
         open: bool,
@@ -285,6 +287,7 @@ mod tests {
     impl Write for Stalled {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             if !self.open {
+                let _ = self.entered.send(());
                 let _ = self.go.recv();
                 self.open = true;
             }
@@ -332,14 +335,19 @@ mod tests {
     #[test]
     fn a_flooding_target_cannot_take_another_targets_records() {
         let (go, stalled) = channel();
+        let (entered, blocked) = channel();
         let out = Arc::new(Mutex::new(Vec::new()));
         let sink = Stalled {
+            entered,
             go: stalled,
             out: out.clone(),
             open: false,
         };
         let (log, writer) = start(Box::new(sink), DecisionFormat::Text);
-        let (flood, quiet) = (target("flood"), target("quiet"));
+        let (first, flood, quiet) = (target("first"), target("flood"), target("quiet"));
+        // The writer takes one record and blocks writing it out, holding nothing else.
+        log.send(deny(&first));
+        blocked.recv_timeout(Duration::from_secs(10)).unwrap();
         // More than the whole queue holds.
         for _ in 0..BACKLOG + 10_000 {
             log.send(deny(&flood));
@@ -357,13 +365,11 @@ mod tests {
         };
         assert_eq!(lines("quiet"), 10);
         assert_eq!(quiet.dropped.get(), 0);
-        // The flood kept its share (and what the writer held when it stalled), no more,
-        // and every record it lost is counted; every denial is counted either way.
+        assert_eq!(lines("first"), 1);
+        // The flood kept its share, no more, and every record it lost is counted; every
+        // denial is counted either way.
         let flooded = lines("flood") as u64;
-        assert!(
-            flooded >= SHARE as u64 && flooded < 2 * SHARE as u64,
-            "{flooded}"
-        );
+        assert_eq!(flooded, SHARE as u64);
         assert_eq!(flooded + flood.dropped.get(), (BACKLOG + 10_000) as u64);
         assert_eq!(flood.denials.count(), (BACKLOG + 10_000) as u64);
         assert_eq!(flood.denied.get(), (BACKLOG + 10_000) as u64);
