@@ -430,17 +430,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         .unwrap_or_default();
     let ns_init = nspid.len() > 1 && nspid.last().map(String::as_str) == Some("1");
     let stat = std::fs::read(format!("{proc_root}/{pid}/stat")).ok()?;
-    // Fields after the command name, which may itself contain ')'.
-    let after = stat
-        .iter()
-        .rposition(|b| *b == b')')
-        .map(|i| &stat[i + 1..])?;
-    let fields: Vec<&str> = std::str::from_utf8(after)
-        .ok()?
-        .split_whitespace()
-        .collect();
-    let ppid = fields.get(1)?.parse().ok()?;
-    let start = fields.get(19)?.parse().ok()?;
+    let (ppid, start) = resolve::stat_fields(&stat)?;
     // Only a pod's processes can be a container's init.
     let in_pod = cgroups.iter().any(|c| c.contains("kubepods"));
     let rooted = in_pod && roots_differ(pid, ppid);

@@ -75,12 +75,7 @@ fn exe(pid: i32) -> Option<Vec<u8>> {
 /// The parent PID and the start time (ticks since boot) from `/proc/PID/stat`.
 fn stat(pid: i32) -> Option<(i32, u64)> {
     let raw = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    // The name is in parentheses and may hold anything, spaces and ')' included.
-    let after = raw.iter().rposition(|b| *b == b')')?;
-    let rest = std::str::from_utf8(&raw[after + 1..]).ok()?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state (3), ppid (4), ..., starttime (22).
-    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+    crate::resolve::stat_fields(&raw)
 }
 
 /// The real uid and gid from `/proc/PID/status`.

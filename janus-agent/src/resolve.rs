@@ -391,20 +391,27 @@ pub fn open_path(
 pub fn parent_pid(pid: i32) -> Result<i32, ResolveError> {
     let stat = std::fs::read(format!("/proc/{pid}/stat"))
         .map_err(|error| ResolveError::Stat { pid, error })?;
-    // The command name may contain anything, ')' included: the fields start after the last.
-    let after = stat
-        .iter()
-        .rposition(|b| *b == b')')
-        .map(|i| &stat[i + 1..])
-        .unwrap_or_default();
-    std::str::from_utf8(after)
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
+    stat_fields(&stat)
+        .map(|(ppid, _)| ppid)
         .ok_or_else(|| ResolveError::Stat {
             pid,
             error: io::Error::new(io::ErrorKind::InvalidData, "no ppid field"),
         })
+}
+
+/// The parent PID and the start time (ticks since boot) of a `/proc/PID/stat`.
+pub fn stat_fields(stat: &[u8]) -> Option<(i32, u64)> {
+    // The command name may contain anything, ')' included: the fields start after the last.
+    let after = stat
+        .iter()
+        .rposition(|b| *b == b')')
+        .map(|i| &stat[i + 1..])?;
+    let fields: Vec<&str> = std::str::from_utf8(after)
+        .ok()?
+        .split_whitespace()
+        .collect();
+    // After the name: state (3), ppid (4), ..., starttime (22).
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
 }
 
 /// Opens an entry of `parent` by name without following symlinks or leaving `parent`.
