@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use janus_api::agent_v1::GuardStatus;
 
 use crate::crd::LastDenial;
@@ -18,20 +19,20 @@ pub struct PodDenials {
 }
 
 impl PodDenials {
-    /// What an agent reports, bounded: a compromised node's agent can claim anything of
-    /// its own pods, but not a status the API server refuses, nor an overflow.
-    pub fn of(status: &GuardStatus) -> PodDenials {
+    /// What an agent reports of pod `pod` (named by the controller, not by the agent),
+    /// bounded: a compromised node's agent can claim anything of its own pods, but not a
+    /// status the API server refuses, nor an overflow, nor as the last denial one at a
+    /// time that is not RFC 3339 or is ahead of `now` (which would keep it last).
+    pub fn of(status: &GuardStatus, pod: &str, now: DateTime<Utc>) -> PodDenials {
         let mut d = PodDenials::default();
         for c in &status.containers {
             d.count = d.count.saturating_add(c.denials);
-            if c.last_denied_at.is_empty() {
+            let Some(at) = denial_time(&c.last_denied_at, now) else {
                 continue;
-            }
-            let at = cut(&c.last_denied_at, 64);
-            // RFC 3339 in UTC from one clock per node: the text orders as the time does.
+            };
             if d.last.as_ref().is_none_or(|l| l.at < at) {
                 d.last = Some(LastDenial {
-                    pod: status.pod_name.clone(),
+                    pod: pod.to_owned(),
                     by: cut(&c.last_denied_by, MAX_BY),
                     pid: c.last_denied_pid,
                     at,
@@ -40,6 +41,16 @@ impl PodDenials {
         }
         d
     }
+}
+
+/// How far ahead of the controller's clock a node's may be.
+const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// `at` as the status writes it (RFC 3339 in UTC to the millisecond, whose text orders as
+/// the time does), if it is a time and not ahead of `now`.
+fn denial_time(at: &str, now: DateTime<Utc>) -> Option<String> {
+    let at = DateTime::parse_from_rfc3339(at).ok()?.with_timezone(&Utc);
+    (at <= now + CLOCK_SKEW).then(|| at.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
 /// The longest executable name kept, in bytes (a path may be 4,096; an Event note 1,024).
@@ -59,6 +70,7 @@ pub(crate) fn cut(s: &str, max: usize) -> String {
 }
 
 /// What the last Event of one guard and pod reported.
+#[derive(Debug, Clone, Copy)]
 struct Reported {
     /// The pod's count when it was sent.
     count: u64,
@@ -68,6 +80,14 @@ struct Reported {
 /// At most this many denial Events per window for the whole cluster: a thousand pods
 /// denying at once wait their turn rather than become a thousand API writes.
 pub const EVENTS_PER_WINDOW: u32 = 30;
+
+/// An Event due: its note, and what to undo if it cannot be recorded.
+#[derive(Debug)]
+pub struct Due {
+    pub note: String,
+    key: (String, String),
+    before: Option<Reported>,
+}
 
 /// Decides which Events are due; the caller records them.
 pub struct DenialEvents {
@@ -92,10 +112,11 @@ impl DenialEvents {
         }
     }
 
-    /// The note of the Event due for this guard and pod now, if any: the denials counted
-    /// since the last one, once a window has passed since it. A count that went down (the
-    /// agent restarted, or the guard was placed again) starts again from 0.
-    pub fn due(&self, guard_uid: &str, pod: &str, d: &PodDenials, now: Instant) -> Option<String> {
+    /// The Event due for this guard and pod now, if any: the denials counted since the last
+    /// one, once a window has passed since it. A count that went down (the agent restarted,
+    /// or the guard was placed again) starts again from 0. It counts as reported unless
+    /// given back with [`DenialEvents::unsent`].
+    pub fn due(&self, guard_uid: &str, pod: &str, d: &PodDenials, now: Instant) -> Option<Due> {
         let mut state = self.state.lock().expect("denials lock");
         let State {
             reported,
@@ -125,8 +146,8 @@ impl DenialEvents {
             return None;
         }
         *sent += 1;
-        reported.insert(
-            key,
+        let before = reported.insert(
+            key.clone(),
             Reported {
                 count: d.count,
                 at: now,
@@ -143,7 +164,17 @@ impl DenialEvents {
         if let Some(l) = &d.last {
             note.push_str(&format!(", last by {} pid {} at {}", l.by, l.pid, l.at));
         }
-        Some(note)
+        Some(Due { note, key, before })
+    }
+
+    /// An Event that could not be recorded: what it reported is still new, and due again
+    /// at the next pass.
+    pub fn unsent(&self, due: Due) {
+        let mut state = self.state.lock().expect("denials lock");
+        match due.before {
+            Some(r) => state.reported.insert(due.key, r),
+            None => state.reported.remove(&due.key),
+        };
     }
 
     /// Forgets the guards and pods not in `live`.
@@ -177,23 +208,24 @@ mod tests {
         let e = DenialEvents::new(Duration::from_secs(60));
         let t0 = Instant::now();
         assert_eq!(
-            e.due("g", "web-1", &pod(3), t0).as_deref(),
+            note(e.due("g", "web-1", &pod(3), t0)).as_deref(),
             Some("3 denials in pod web-1, last by /usr/bin/cat pid 4242 at 2026-12-04T11:00:00Z")
         );
         // Within the window: held back, and counted in the next one.
         assert_eq!(
-            e.due("g", "web-1", &pod(500), t0 + Duration::from_secs(30)),
+            note(e.due("g", "web-1", &pod(500), t0 + Duration::from_secs(30))),
             None
         );
-        let note = e.due("g", "web-1", &pod(10_003), t0 + Duration::from_secs(61));
+        let later = note(e.due("g", "web-1", &pod(10_003), t0 + Duration::from_secs(61)));
         assert!(
-            note.as_deref()
+            later
+                .as_deref()
                 .is_some_and(|n| n.starts_with("10000 denials in pod web-1 in the last 61s")),
-            "{note:?}"
+            "{later:?}"
         );
         // Nothing new: nothing to say.
         assert_eq!(
-            e.due("g", "web-1", &pod(10_003), t0 + Duration::from_secs(200)),
+            note(e.due("g", "web-1", &pod(10_003), t0 + Duration::from_secs(200))),
             None
         );
         // Another pod has its own window.
@@ -222,18 +254,21 @@ mod tests {
             denials: u64::MAX,
             last_denied_by: "é".repeat(1 << 20),
             last_denied_pid: 1,
-            last_denied_at: "9".repeat(1 << 20),
+            last_denied_at: "2026-12-04T10:00:00.5+01:00".into(),
             ..Default::default()
         };
         let status = GuardStatus {
-            pod_name: "web-1".into(),
+            // What the agent says its pod is does not matter.
+            pod_name: "another-pod".into(),
             containers: vec![huge.clone(), huge],
             ..Default::default()
         };
-        let d = PodDenials::of(&status);
+        let now = "2026-12-04T09:01:00Z".parse().unwrap();
+        let d = PodDenials::of(&status, "web-1", now);
         assert_eq!(d.count, u64::MAX);
         let last = d.last.unwrap();
-        assert!(last.by.len() <= MAX_BY && last.at.len() <= 64);
+        assert_eq!((last.pod.as_str(), last.at.as_str()), ("web-1", "2026-12-04T09:00:00.500Z"));
+        assert!(last.by.len() <= MAX_BY);
         assert!(
             last.by.ends_with("é…"),
             "cut on a character boundary: {}",
@@ -242,11 +277,51 @@ mod tests {
     }
 
     #[test]
+    fn a_last_denial_at_no_time_or_ahead_of_the_clock_is_not_the_last() {
+        use janus_api::agent_v1::ContainerStatus;
+        let at = |at: &str| ContainerStatus {
+            denials: 1,
+            last_denied_by: "/bin/cat".into(),
+            last_denied_at: at.into(),
+            ..Default::default()
+        };
+        let status = GuardStatus {
+            containers: vec![
+                at("9".repeat(1 << 20).as_str()),
+                at("2026-12-04 09:00"),
+                at("2126-01-01T00:00:00Z"),
+                at(""),
+            ],
+            ..Default::default()
+        };
+        let now = "2026-12-04T09:01:00Z".parse().unwrap();
+        let d = PodDenials::of(&status, "web-1", now);
+        assert_eq!((d.count, d.last), (4, None));
+    }
+
+    #[test]
     fn a_count_that_starts_again_is_new() {
         let e = DenialEvents::new(Duration::from_secs(60));
         let t0 = Instant::now();
         assert!(e.due("g", "web-1", &pod(100), t0).is_some());
-        let note = e.due("g", "web-1", &pod(7), t0 + Duration::from_secs(61));
-        assert!(note.is_some_and(|n| n.starts_with("7 denials")));
+        let seven = note(e.due("g", "web-1", &pod(7), t0 + Duration::from_secs(61)));
+        assert!(seven.is_some_and(|n| n.starts_with("7 denials")));
+    }
+
+    #[test]
+    fn an_event_not_recorded_is_due_again_with_its_denials() {
+        let e = DenialEvents::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let first = e.due("g", "web-1", &pod(5), t0).expect("due");
+        e.unsent(first);
+        let again = note(e.due("g", "web-1", &pod(8), t0 + Duration::from_secs(1)));
+        assert!(again.is_some_and(|n| n.starts_with("8 denials in pod web-1,")));
+        // Recorded this time: the next window reports only what is new.
+        let next = note(e.due("g", "web-1", &pod(9), t0 + Duration::from_secs(62)));
+        assert!(next.is_some_and(|n| n.starts_with("1 denial in pod web-1 in the last 61s")));
+    }
+
+    fn note(due: Option<Due>) -> Option<String> {
+        due.map(|d| d.note)
     }
 }

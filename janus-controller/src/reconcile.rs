@@ -185,6 +185,24 @@ fn wanted(gref: &GuardRef, policy: &GuardPolicy, pods: &PodIndex) -> Vec<Wanted>
 /// What one pod's agent answered, or why it did not: (Degraded reason, message).
 type Outcome = Result<Arc<GuardStatus>, (&'static str, String)>;
 
+/// Which pod an outcome is of, as this controller's plan names it: what an agent says of
+/// itself (its status's pod name) names nothing on the guard, so a compromised node cannot
+/// put its denials on another pod.
+#[derive(Debug, Clone)]
+struct Reached {
+    node: String,
+    pod: String,
+}
+
+impl Reached {
+    fn of(w: &Wanted) -> Reached {
+        Reached {
+            node: w.node.clone(),
+            pod: w.pod.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// What went wrong for a guard, by reason, for its Degraded condition and Events.
 #[derive(Debug, Default)]
 struct Problems(BTreeMap<&'static str, Vec<String>>);
@@ -236,7 +254,7 @@ struct Denials {
     count: u64,
     last: Option<LastDenial>,
     /// The Events due.
-    notes: Vec<String>,
+    due: Vec<crate::denials::Due>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +366,7 @@ impl Core {
         };
 
         // What each node's agent must be sent; what is current is an outcome already.
-        let mut outcomes: Vec<Vec<(String, Outcome)>> = vec![Vec::new(); plans.len()];
+        let mut outcomes: Vec<Vec<(Reached, Outcome)>> = vec![Vec::new(); plans.len()];
         let mut lacking: Vec<(usize, &Wanted)> = Vec::new();
         {
             let holdings = self.holdings.lock().expect("holdings lock");
@@ -356,13 +374,13 @@ impl Core {
                 for w in &plan.wanted {
                     if !endpoints.contains_key(&w.node) {
                         let msg = format!("no agent found on node {}", w.node);
-                        outcomes[i].push((w.node.clone(), Err(("AgentUnreachable", msg))));
+                        outcomes[i].push((Reached::of(w), Err(("AgentUnreachable", msg))));
                         continue;
                     }
                     // What the agent holds is repaired unless it is exactly what is wanted.
                     match holdings.get(&w.node).and_then(|h| h.held.get(&w.key)) {
                         Some(held) if plan.is_held(w, held) => {
-                            outcomes[i].push((w.node.clone(), Ok(held.clone())));
+                            outcomes[i].push((Reached::of(w), Ok(held.clone())));
                         }
                         _ => lacking.push((i, w)),
                     }
@@ -383,14 +401,14 @@ impl Core {
             let item = (i, w.key.clone(), plans[i].request(w));
             sends.entry(w.node.clone()).or_default().push(item);
         }
-        let pushed: Vec<(usize, String, Outcome)> = stream::iter(sends)
+        let pushed: Vec<(usize, Reached, Outcome)> = stream::iter(sends)
             .map(|(node, items)| self.push(&endpoints, node, items))
             .buffer_unordered(CONCURRENCY)
             .flat_map(stream::iter)
             .collect()
             .await;
-        for (i, node, outcome) in pushed {
-            outcomes[i].push((node, outcome));
+        for (i, at, outcome) in pushed {
+            outcomes[i].push((at, outcome));
         }
 
         // Lift the guards from pods they no longer select, wherever an agent holds them.
@@ -441,7 +459,7 @@ impl Core {
         endpoints: &BTreeMap<String, String>,
         node: String,
         items: Vec<(usize, Key, ApplyGuardRequest)>,
-    ) -> Vec<(usize, String, Outcome)> {
+    ) -> Vec<(usize, Reached, Outcome)> {
         let addr = &endpoints[&node];
         let (meta, reqs): (Vec<(usize, Key, String)>, Vec<ApplyGuardRequest>) = items
             .into_iter()
@@ -478,29 +496,33 @@ impl Core {
                         Err((reason, format!("pod {pod}: {e}")))
                     }
                 };
-                (i, node.clone(), outcome)
+                let at = Reached {
+                    node: node.clone(),
+                    pod,
+                };
+                (i, at, outcome)
             })
             .collect()
     }
 
     /// One guard's status from its pods' outcomes.
-    async fn report(&self, plan: Plan<'_>, outcomes: Vec<(String, Outcome)>) -> Result<(), Error> {
+    async fn report(&self, plan: Plan<'_>, outcomes: Vec<(Reached, Outcome)>) -> Result<(), Error> {
         let mut problems = plan.problems;
         let mut guarded = 0;
         let mut pending = 0;
         let mut denials = Denials::default();
-        for (node, result) in &outcomes {
+        for (Reached { node, pod: pod_name }, result) in &outcomes {
             match result {
                 Err((reason, message)) => problems.add(reason, message.clone()),
                 Ok(status) => {
-                    let pod = PodDenials::of(status);
-                    if let Some(note) = self.denial_events.due(
+                    let pod = PodDenials::of(status, pod_name, chrono::Utc::now());
+                    if let Some(due) = self.denial_events.due(
                         &plan.gref.uid,
-                        &status.pod_name,
+                        pod_name,
                         &pod,
                         std::time::Instant::now(),
                     ) {
-                        denials.notes.push(note);
+                        denials.due.push(due);
                     }
                     denials.count = denials.count.saturating_add(pod.count);
                     if pod
@@ -519,8 +541,8 @@ impl Core {
                             problems.add(
                                 "ContainerFailed",
                                 format!(
-                                    "pod {} container {} on node {node}: {}",
-                                    status.pod_name, c.container_id, c.reason
+                                    "pod {pod_name} container {} on node {node}: {}",
+                                    c.container_id, c.reason
                                 ),
                             );
                         }
@@ -538,7 +560,7 @@ impl Core {
             msgs.sort();
             msgs.dedup();
         }
-        let notes = std::mem::take(&mut denials.notes);
+        let due = std::mem::take(&mut denials.due);
         let tally = Tally {
             guarded,
             pending,
@@ -548,8 +570,10 @@ impl Core {
         let updated = self
             .update_status(plan.guard, tally, &problems, plan.mode)
             .await;
-        for note in notes {
-            self.event(plan.guard, "Denied", &note).await;
+        for due in due {
+            if !self.event(plan.guard, "Denied", &due.note).await {
+                self.denial_events.unsent(due);
+            }
         }
         updated
     }
@@ -707,15 +731,22 @@ impl Core {
             .lock()
             .expect("written lock")
             .retain(|uid, _| uids.contains(uid));
-        let held: BTreeSet<(String, String)> = {
-            let h = self.holdings.lock().expect("holdings lock");
-            h.values()
-                .flat_map(|n| n.held.values())
-                .map(|s| (s.guard_uid.clone(), s.pod_name.clone()))
-                .collect()
-        };
-        self.denial_events
-            .retain(|g, p| held.contains(&(g.to_owned(), p.to_owned())));
+        // Denial windows of pods that still exist, under guards that still exist (a guard's
+        // pods are in its namespace).
+        let namespace_of: BTreeMap<String, &str> = guards
+            .iter()
+            .filter_map(|g| Some((g.uid()?, g.metadata.namespace.as_deref()?)))
+            .collect();
+        let pods = self.pods.state();
+        let pods: BTreeSet<(&str, &str)> = pods
+            .iter()
+            .filter_map(|p| Some((p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?)))
+            .collect();
+        self.denial_events.retain(|g, p| {
+            namespace_of
+                .get(g)
+                .is_some_and(|ns| pods.contains(&(*ns, p)))
+        });
         let orphans = self.held_where(|k, _| {
             !existing.contains(&(k.guard_namespace.as_str(), k.guard_name.as_str()))
         });
@@ -833,7 +864,8 @@ impl Core {
 
     /// A Warning Event on the guard (one per reason and note: the API server counts
     /// repeats); failing to record one is logged, not fatal.
-    async fn event(&self, guard: &JanusGuard, reason: &str, note: &str) {
+    /// Records an Event on `guard`; whether the API server took it.
+    async fn event(&self, guard: &JanusGuard, reason: &str, note: &str) -> bool {
         use kube::runtime::events::{Event, EventType, Recorder, Reporter};
         let recorder = Recorder::new(
             self.client.clone(),
@@ -849,9 +881,11 @@ impl Core {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&event, &guard.object_ref(&())).await {
+        let published = recorder.publish(&event, &guard.object_ref(&())).await;
+        if let Err(e) = &published {
             tracing::warn!(error = %e, "recording an event");
         }
+        published.is_ok()
     }
 }
 

@@ -985,13 +985,13 @@ async fn a_burst_of_denials_is_one_event_and_a_count_not_a_write_each() {
     // The first pass reports at once; the rest wait for the window (a minute).
     assert_eq!(
         denied,
-        ["1000 denials in pod web-1, last by /usr/bin/cat pid 4000 at 2026-12-04T11:00:00Z"]
+        ["1000 denials in pod web-1, last by /usr/bin/cat pid 4000 at 2026-12-04T11:00:00.000Z"]
     );
     let status = w.api.status("web").unwrap();
     assert_eq!(status["denials"], 10_000);
     assert_eq!(
         status["lastDenial"],
-        json!({"pod": "web-1", "by": "/usr/bin/cat", "pid": 4009, "at": "2026-12-04T11:00:09Z"})
+        json!({"pod": "web-1", "by": "/usr/bin/cat", "pid": 4009, "at": "2026-12-04T11:00:09.000Z"})
     );
     // One Event and at most a status write per pass, not one per denial.
     assert!(
@@ -1040,7 +1040,7 @@ async fn denials_held_back_are_reported_with_their_count_once_the_window_passed(
     let notes = denied();
     assert!(
         notes[1].starts_with("9999 denials in pod web-1 in the last ")
-            && notes[1].ends_with("last by /usr/bin/cat pid 8 at 2026-12-04T11:00:01Z"),
+            && notes[1].ends_with("last by /usr/bin/cat pid 8 at 2026-12-04T11:00:01.000Z"),
         "{notes:?}"
     );
 }
