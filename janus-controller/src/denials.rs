@@ -267,7 +267,10 @@ mod tests {
         let d = PodDenials::of(&status, "web-1", now);
         assert_eq!(d.count, u64::MAX);
         let last = d.last.unwrap();
-        assert_eq!((last.pod.as_str(), last.at.as_str()), ("web-1", "2026-12-04T09:00:00.500Z"));
+        assert_eq!(
+            (last.pod.as_str(), last.at.as_str()),
+            ("web-1", "2026-12-04T09:00:00.500Z")
+        );
         assert!(last.by.len() <= MAX_BY);
         assert!(
             last.by.ends_with("é…"),

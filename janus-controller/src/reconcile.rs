@@ -511,7 +511,14 @@ impl Core {
         let mut guarded = 0;
         let mut pending = 0;
         let mut denials = Denials::default();
-        for (Reached { node, pod: pod_name }, result) in &outcomes {
+        for (
+            Reached {
+                node,
+                pod: pod_name,
+            },
+            result,
+        ) in &outcomes
+        {
             match result {
                 Err((reason, message)) => problems.add(reason, message.clone()),
                 Ok(status) => {
@@ -740,7 +747,12 @@ impl Core {
         let pods = self.pods.state();
         let pods: BTreeSet<(&str, &str)> = pods
             .iter()
-            .filter_map(|p| Some((p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?)))
+            .filter_map(|p| {
+                Some((
+                    p.metadata.namespace.as_deref()?,
+                    p.metadata.name.as_deref()?,
+                ))
+            })
             .collect();
         self.denial_events.retain(|g, p| {
             namespace_of
