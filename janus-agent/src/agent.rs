@@ -66,11 +66,19 @@ enum Target {
 }
 
 impl Target {
+    fn ctx(&self) -> &Arc<LogContext> {
+        match self {
+            Target::Fanotify(handle) => handle.ctx(),
+            Target::Bpf { ctx, .. } => ctx,
+        }
+    }
+
     fn state(&self) -> TargetState {
-        let (mut state, ctx) = match self {
-            Target::Fanotify(handle) => (handle.state(), handle.ctx()),
-            Target::Bpf { state, ctx, .. } => ((**state).clone(), ctx),
+        let mut state = match self {
+            Target::Fanotify(handle) => handle.state(),
+            Target::Bpf { state, .. } => (**state).clone(),
         };
+        let ctx = self.ctx();
         state.denials = ctx.denials.count();
         state.last_denial = ctx.denials.last().map(Into::into);
         state
@@ -140,9 +148,12 @@ impl Agent {
         pod: String,
         container: String,
     ) -> Result<(), GuardError> {
-        let in_bpf = match self.targets.lock().expect("targets lock").get(key) {
-            Some(Target::Bpf { id, .. }) => Some(*id),
-            _ => None,
+        // A re-applied or changed guard keeps counting where the target it replaces was: the
+        // controller reports the count, which must not go back.
+        let (in_bpf, denials) = match self.targets.lock().expect("targets lock").get(key) {
+            Some(t @ Target::Bpf { id, .. }) => (Some(*id), Some(t.ctx().denials.clone())),
+            Some(t) => (None, Some(t.ctx().denials.clone())),
+            None => (None, None),
         };
         let counters = (
             self.metrics
@@ -152,7 +163,10 @@ impl Agent {
                 .denials
                 .with_label_values(&[&guard.name, &guard.namespace, &pod]),
         );
-        let ctx = LogContext::new(guard, pod, self.node.clone(), container, counters);
+        let mut ctx = LogContext::new(guard, pod, self.node.clone(), container, counters);
+        if let Some(denials) = denials {
+            ctx.denials = denials;
+        }
         let (target, swapped) = self.start(Arc::new(ctx), at, in_bpf)?;
         let old = self
             .targets

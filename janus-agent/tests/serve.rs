@@ -389,6 +389,20 @@ async fn no_read_succeeds_across_re_applies() {
         tries.iter().all(|&(read, _)| !read),
         "reads succeeded across re-applies: {tries:?}"
     );
+    // Each refused read is a denial, and the count goes on across the re-applies (the
+    // controller reports it; it must never go back).
+    let listed = client
+        .list_guards(ListGuardsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let denials = listed.guards[0].containers[0].denials;
+    // The last refusal may be counted just after its read returned.
+    assert!(
+        denials + 1 >= tries.len() as u64,
+        "{denials} denials counted for {} refused reads",
+        tries.len()
+    );
 }
 
 /// A guard rolled out in monitor mode refuses nothing and logs each would-be denial; the

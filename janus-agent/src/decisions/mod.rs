@@ -49,7 +49,8 @@ pub struct LogContext {
     pub denied: IntCounter,
     /// Records of this target waiting to be written.
     queued: AtomicUsize,
-    pub denials: Denials,
+    /// Shared with the target this one replaces, if any.
+    pub denials: Arc<Denials>,
 }
 
 impl LogContext {
@@ -68,7 +69,7 @@ impl LogContext {
             dropped,
             denied,
             queued: AtomicUsize::new(0),
-            denials: Denials::default(),
+            denials: Arc::default(),
         }
     }
 }
