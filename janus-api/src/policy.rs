@@ -155,9 +155,6 @@ impl EventSet {
     pub fn iter(self) -> impl Iterator<Item = Event> {
         Event::ALL.into_iter().filter(move |e| self.contains(*e))
     }
-    pub fn bits(self) -> u8 {
-        self.0
-    }
 }
 
 impl FromIterator<Event> for EventSet {
@@ -226,15 +223,6 @@ impl GuardPath {
         me == b"/"
             || path == me
             || (path.len() > me.len() && path.starts_with(me) && path[me.len()] == b'/')
-    }
-
-    /// Depth in components; `/` is 0. Longer paths win, so this orders rules.
-    pub fn depth(&self) -> usize {
-        if self.0 == b"/" {
-            0
-        } else {
-            self.0.iter().filter(|b| **b == b'/').count()
-        }
     }
 
     /// `name` below this path; None for a name that is not one component (empty, `.`,
