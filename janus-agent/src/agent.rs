@@ -311,20 +311,6 @@ impl Agent {
 }
 
 fn bpf_state(guard: &GuardPolicy, pid: i32, pod: String) -> TargetState {
-    TargetState {
-        guard: guard.name.clone(),
-        namespace: guard.namespace.clone(),
-        pid,
-        pod,
-        backend: bpf::BACKEND,
-        phase: Phase::Enforcing,
-        reason: None,
-        warnings: Vec::new(),
-        marks: 0,
-        passes: 0,
-        audit: guard.subjects.iter().any(|s| s.audit),
-        paths: Vec::new(),
-        denials: 0,
-        last_denial: None,
-    }
+    let audit = guard.subjects.iter().any(|s| s.audit);
+    TargetState::new(guard, (pid, pod), bpf::BACKEND, Phase::Enforcing, audit)
 }

@@ -89,6 +89,34 @@ pub struct TargetState {
     pub last_denial: Option<DenialBy>,
 }
 
+impl TargetState {
+    /// A target of `guard` on `pid` as its backend starts it: no marks, paths or denials yet.
+    pub fn new(
+        guard: &janus_api::GuardPolicy,
+        (pid, pod): (i32, String),
+        backend: &'static str,
+        phase: Phase,
+        audit: bool,
+    ) -> TargetState {
+        TargetState {
+            guard: guard.name.clone(),
+            namespace: guard.namespace.clone(),
+            pid,
+            pod,
+            backend,
+            phase,
+            reason: None,
+            warnings: Vec::new(),
+            marks: 0,
+            passes: 0,
+            audit,
+            paths: Vec::new(),
+            denials: 0,
+            last_denial: None,
+        }
+    }
+}
+
 /// Who made a target's last logged denial, and when (RFC 3339).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DenialBy {

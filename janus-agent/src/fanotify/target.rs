@@ -155,20 +155,14 @@ impl TargetShared {
                 Verdict::Allow
             },
             state: Mutex::new(TargetState {
-                guard: guard.name.clone(),
-                namespace: guard.namespace.clone(),
-                pid,
-                pod: spec.ctx.pod.clone(),
-                backend: BACKEND,
-                phase: Phase::Pending,
-                reason: None,
                 warnings,
-                marks: 0,
-                passes: 0,
-                audit,
-                paths: Vec::new(),
-                denials: 0,
-                last_denial: None,
+                ..TargetState::new(
+                    &guard,
+                    (pid, spec.ctx.pod.clone()),
+                    BACKEND,
+                    Phase::Pending,
+                    audit,
+                )
             }),
             ctx: spec.ctx,
             root,
