@@ -150,10 +150,14 @@ impl Agent {
     ) -> Result<(), GuardError> {
         // A re-applied or changed guard keeps counting where the target it replaces was: the
         // controller reports the count, which must not go back.
-        let (in_bpf, denials) = match self.targets.lock().expect("targets lock").get(key) {
-            Some(t @ Target::Bpf { id, .. }) => (Some(*id), Some(t.ctx().denials.clone())),
-            Some(t) => (None, Some(t.ctx().denials.clone())),
-            None => (None, None),
+        let (in_bpf, denials) = {
+            let targets = self.targets.lock().expect("targets lock");
+            let old = targets.get(key);
+            let in_bpf = match old {
+                Some(Target::Bpf { id, .. }) => Some(*id),
+                _ => None,
+            };
+            (in_bpf, old.map(|t| t.ctx().denials.clone()))
         };
         let counters = (
             self.metrics
@@ -229,23 +233,24 @@ impl Agent {
         let Some(target) = targets.remove(key) else {
             return false;
         };
-        let state = target.state();
+        let ctx = target.ctx().clone();
+        let (guard, namespace) = (&ctx.guard.name, &ctx.guard.namespace);
         // The guard's metric series go with its last target on this node, so the series
         // stay as many as the guards held, however many come and go.
-        let same_guard = |s: &TargetState| s.guard == state.guard && s.namespace == state.namespace;
-        let others: Vec<TargetState> = targets
+        let others: Vec<&Arc<LogContext>> = targets
             .values()
-            .map(Target::state)
-            .filter(|s| same_guard(s))
+            .map(Target::ctx)
+            .filter(|c| &c.guard.name == guard && &c.guard.namespace == namespace)
             .collect();
+        let (last_of_guard, last_of_pod) =
+            (others.is_empty(), !others.iter().any(|c| c.pod == ctx.pod));
         drop(targets);
         self.stop(target);
-        if others.is_empty() {
-            self.metrics.forget_guard(&state.guard, &state.namespace);
+        if last_of_guard {
+            self.metrics.forget_guard(guard, namespace);
         }
-        if !others.iter().any(|s| s.pod == state.pod) {
-            self.metrics
-                .forget_pod(&state.guard, &state.namespace, &state.pod);
+        if last_of_pod {
+            self.metrics.forget_pod(guard, namespace, &ctx.pod);
         }
         true
     }
