@@ -11,7 +11,8 @@ use janus_api::agent_v1::GuardStatus;
 
 use crate::crd::LastDenial;
 
-/// One pod's denials under one guard, summed over its containers.
+/// One pod's denials under one guard, summed over its containers; or a guard's, summed
+/// over its pods.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodDenials {
     pub count: u64,
@@ -26,20 +27,30 @@ impl PodDenials {
     pub fn of(status: &GuardStatus, pod: &str, now: DateTime<Utc>) -> PodDenials {
         let mut d = PodDenials::default();
         for c in &status.containers {
-            d.count = d.count.saturating_add(c.denials);
-            let Some(at) = denial_time(&c.last_denied_at, now) else {
-                continue;
-            };
-            if d.last.as_ref().is_none_or(|l| l.at < at) {
-                d.last = Some(LastDenial {
+            d.add(PodDenials {
+                count: c.denials,
+                last: denial_time(&c.last_denied_at, now).map(|at| LastDenial {
                     pod: pod.to_owned(),
                     by: cut(&c.last_denied_by, MAX_BY),
                     pid: c.last_denied_pid,
                     at,
-                });
-            }
+                }),
+            });
         }
         d
+    }
+
+    /// Adds `other`'s denials to these: the counts sum (saturating), the later last
+    /// denial stays.
+    pub fn add(&mut self, other: PodDenials) {
+        self.count = self.count.saturating_add(other.count);
+        if other
+            .last
+            .as_ref()
+            .is_some_and(|o| self.last.as_ref().is_none_or(|l| l.at < o.at))
+        {
+            self.last = other.last;
+        }
     }
 }
 

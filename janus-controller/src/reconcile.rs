@@ -23,7 +23,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::agents::{discover, AgentPool, ItemFailure, Listing};
-use crate::crd::{Condition, JanusGuard, JanusGuardStatus, LastDenial};
+use crate::crd::{Condition, JanusGuard, JanusGuardStatus};
 use crate::denials::{DenialEvents, PodDenials};
 use crate::index::{self, PodIndex};
 use crate::metrics::Metrics;
@@ -251,8 +251,7 @@ struct Tally {
 /// A guard's denials over its pods, for its status and Events.
 #[derive(Default)]
 struct Denials {
-    count: u64,
-    last: Option<LastDenial>,
+    total: PodDenials,
     /// The Events due.
     due: Vec<crate::denials::Due>,
 }
@@ -531,14 +530,7 @@ impl Core {
                     ) {
                         denials.due.push(due);
                     }
-                    denials.count = denials.count.saturating_add(pod.count);
-                    if pod
-                        .last
-                        .as_ref()
-                        .is_some_and(|l| denials.last.as_ref().is_none_or(|d| d.at < l.at))
-                    {
-                        denials.last = pod.last;
-                    }
+                    denials.total.add(pod);
                     for w in &status.warnings {
                         problems.add("UnsupportedEvent", format!("{w} on node {node}"));
                     }
@@ -843,8 +835,9 @@ impl Core {
             pods_guarded: guarded,
             observed_generation: guard.meta().generation,
             mode: mode.map(str::to_owned),
-            denials: Some(i64::try_from(denials.count).unwrap_or(i64::MAX)).filter(|n| *n > 0),
-            last_denial: denials.last,
+            denials: Some(i64::try_from(denials.total.count).unwrap_or(i64::MAX))
+                .filter(|n| *n > 0),
+            last_denial: denials.total.last,
         };
         if status == old {
             return Ok(());
