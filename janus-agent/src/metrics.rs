@@ -148,7 +148,7 @@ impl Metrics {
             &r,
             IntCounter::new(
                 "janus_bpf_events_dropped_total",
-                "BPF decisions not reported because the ring buffer was full (the decision itself stood).",
+                "BPF decision records dropped because the ring buffer was full, or half full with the target's share of it waiting (the decision itself stood, and is counted in janus_decisions_total).",
             )
             .expect("valid metric"),
         );
@@ -310,6 +310,10 @@ pub struct DecisionCounters {
 
 impl DecisionCounters {
     pub fn inc(&self, verdict: Verdict, event: Event, mode: Mode) {
-        self.by[event as usize][mode as usize][(verdict == Verdict::Deny) as usize].inc();
+        self.inc_by(verdict, event, mode, 1);
+    }
+
+    pub fn inc_by(&self, verdict: Verdict, event: Event, mode: Mode, n: u64) {
+        self.by[event as usize][mode as usize][(verdict == Verdict::Deny) as usize].inc_by(n);
     }
 }

@@ -18,8 +18,45 @@ pub const MAX_RULES: u32 = 64 * 1024;
 /// Mount namespaces (targets) enforced in the kernel at once by default
 /// (`--bpf-max-targets`): twice the 1,000 containers of a busy node.
 pub const MAX_SCOPES: u32 = 2048;
-/// Bytes of the decision ring buffer: about 3,900 records, a burst the agent drains.
+/// Bytes of the decision ring buffer: about 3,800 records, a burst the agent drains.
 pub const RING_BYTES: u32 = 1 << 22;
+/// Records of one guard on one target that may wait in the ring once it is half full: past
+/// that, a flooding target's records are counted in its [`Tally`] and dropped, so that the
+/// ring keeps room for every other target's.
+pub const RING_SHARE: u64 = 256;
+/// Slots of [`Tally::lost`]: one per event, verdict and mode ([`lost_slot`]).
+pub const LOST_SLOTS: usize = 32;
+
+/// What the kernel did with the records of the targets given one slot ([`Scope::slot`]): the
+/// value of `TALLIES` there, which outlives a target's scope while the agent may still read
+/// it. The programs only add to it (atomically), and the agent writes how many records of
+/// the slot it has read at the same slot of `DRAINED`: the records waiting in the ring are
+/// the difference. Neither is ever reset, so a slot given to another target goes on
+/// counting right.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tally {
+    /// Records charged to the target: reserved in the ring.
+    pub charged: u64,
+    /// Decisions whose record was dropped (over the share, or the ring full), by
+    /// [`lost_slot`]: counted here so that the agent's counts do not depend on the ring.
+    pub lost: [u64; LOST_SLOTS],
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            charged: 0,
+            lost: [0; LOST_SLOTS],
+        }
+    }
+}
+
+/// The slot of [`Tally::lost`] for event `ev` (`EV_*`), denied or not, monitored or not.
+#[inline(always)]
+pub const fn lost_slot(ev: usize, deny: bool, monitor: bool) -> usize {
+    (ev << 2 | (deny as usize) << 1 | monitor as usize) & (LOST_SLOTS - 1)
+}
 
 /// Index of each event in [`Rule::events`]; the same order as `janus_api::Event`.
 pub const EV_OPEN: usize = 0;
@@ -130,6 +167,8 @@ pub struct Scope {
     pub owners: [u32; 2],
     /// `SCOPE_*`.
     pub flags: u32,
+    /// The target's entry of `TALLIES` and `DRAINED`.
+    pub slot: u32,
 }
 
 /// One decision, as the ring buffer carries it.
@@ -169,7 +208,8 @@ pub struct Decision {
     pub ppid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub _pad2: u32,
+    /// The target's share of the ring the record was charged to (`Scope::slot`).
+    pub slot: u32,
     /// The task's `comm`, NUL-padded.
     pub comm: [u8; COMM_LEN],
 }
@@ -178,6 +218,9 @@ pub struct Decision {
 pub const COMM_LEN: usize = 16;
 
 // The record's layout is what the programs write and the agent reads: fixed here.
+const _: () = assert!(lost_slot(EV_LINK, true, true) < LOST_SLOTS);
+const _: () = assert!(core::mem::size_of::<Tally>() == 8 + 8 * LOST_SLOTS);
+const _: () = assert!(core::mem::size_of::<Scope>() == 20);
 const _: () = assert!(core::mem::size_of::<Decision>() == 72 + 2 * MAX_NAMES * NAME_LEN);
 const _: () = assert!(core::mem::offset_of!(Decision, rule) == 24);
 const _: () = assert!(core::mem::offset_of!(Decision, ppid) == 40 + 2 * MAX_NAMES * NAME_LEN);
@@ -245,5 +288,6 @@ mod pod {
     unsafe impl aya::Pod for super::Rule {}
     unsafe impl aya::Pod for super::Scope {}
     unsafe impl aya::Pod for super::Decision {}
+    unsafe impl aya::Pod for super::Tally {}
     unsafe impl aya::Pod for super::Offsets {}
 }

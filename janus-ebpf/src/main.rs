@@ -21,33 +21,42 @@
 //!   the fanotify backend; the loader merged equal paths so that deny wins there. A walk
 //!   that runs out of depth, or a kernel read that fails, for a task in a guarded scope
 //!   denies (fail closed).
-//! - Every decision goes to the agent through `DECISIONS`; when the ring is full the
-//!   decision stands and `DROPPED` counts the loss.
+//! - Every decision goes to the agent through `DECISIONS`; when the ring is full, or half
+//!   full and the target already has its share (`RING_SHARE`) waiting, the decision stands,
+//!   and its record is counted in the target's `TALLY` and in `DROPPED` instead: one
+//!   container's flood cannot take the ring from the others, nor make a count wrong.
 //!
 //! Rust BPF has no CO-RE, so the loader reads the kernel's struct layout from its BTF and
 //! sets `OFFSETS` before loading.
 
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write in `core` (no CAS), but
+// the instruction set has an atomic add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
+    bindings::BPF_RB_AVAIL_DATA,
     cty::c_void,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, generated,
     },
     macros::{lsm, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, RingBuf},
     programs::LsmContext,
 };
 use aya_log_ebpf::warn;
 use janus_common::{
-    Decision, EventRule, InodeKey, Offsets, Rule, Scope, COMM_LEN, DECISION_AUDIT,
-    DECISION_BY_OWNER, DECISION_IS_DIR, DECISION_MONITOR, DECISION_TOO_DEEP, DECISION_VIA_CUT,
-    DECISION_VIA_DETACHED, EVENTS, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY, EV_OPEN, EV_RENAME,
-    MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES, RULE_AUDIT,
-    RULE_AUTO_ALLOW_OWNER, RULE_MONITOR, SCOPE_MONITOR, SCOPE_WATCHED, VERDICT_ALLOW, VERDICT_DENY,
-    VERDICT_NONE,
+    lost_slot, Decision, EventRule, InodeKey, Offsets, Rule, Scope, Tally, COMM_LEN,
+    DECISION_AUDIT, DECISION_BY_OWNER, DECISION_IS_DIR, DECISION_MONITOR, DECISION_TOO_DEEP,
+    DECISION_VIA_CUT, DECISION_VIA_DETACHED, EVENTS, EV_ACCESS, EV_EXEC, EV_LINK, EV_MODIFY,
+    EV_OPEN, EV_RENAME, MAX_DEPTH, MAX_NAMES, MAX_RULES, MAX_SCOPES, NAME_LEN, RING_BYTES,
+    RING_SHARE, RULE_AUDIT, RULE_AUTO_ALLOW_OWNER, RULE_MONITOR, SCOPE_MONITOR, SCOPE_WATCHED,
+    VERDICT_ALLOW, VERDICT_DENY, VERDICT_NONE,
 };
 
 /// Guarded mount namespaces, by `ns.inum`.
@@ -67,15 +76,23 @@ static RULES: HashMap<InodeKey, Rule> = HashMap::with_max_entries(MAX_RULES, 0);
 #[map(name = "DECISIONS")]
 static DECISIONS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
-/// Decisions the ring buffer had no room for (index 0).
 /// `[EV_RENAME - EV_RENAME]`, `[EV_LINK - EV_RENAME]`: 1 once the loader attached
 /// `path_rename`, `path_link`. A move those let through (monitor mode) is then recorded
 /// there, with the name used, and the `inode_*` hook that follows records nothing more.
 #[map(name = "NAMED")]
 static NAMED: Array<u32> = Array::with_max_entries(2, 0);
 
+/// Records the ring buffer did not take (index 0).
 #[map(name = "DROPPED")]
 static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each target's tally, at its slot (`Scope::slot`; the loader sizes both maps).
+#[map(name = "TALLIES")]
+static TALLIES: Array<Tally> = Array::with_max_entries(2 * MAX_SCOPES, 0);
+
+/// How many of each target's records the agent has read, at its slot: the agent writes it.
+#[map(name = "DRAINED")]
+static DRAINED: Array<u64> = Array::with_max_entries(2 * MAX_SCOPES, 0);
 
 #[no_mangle]
 static OFFSETS: Offsets = Offsets {
@@ -136,6 +153,7 @@ fn exit_code(r: i32) -> i32 {
 /// find the root) and mounts crossed. Deeper, the path is given as not reaching the root.
 const VIA_STEPS: usize = 3 * MAX_NAMES;
 const _: () = assert!(MAX_NAMES.is_power_of_two());
+const _: () = assert!(EVENTS.is_power_of_two());
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
@@ -365,10 +383,10 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
     if !off.is_set() {
         return 0;
     }
-    let (scope, guard_id, tgid, fail) = match task_scope(&off) {
+    let (scope, guard_id, tgid, fail, slot) = match task_scope(off) {
         Prep::Skip => return 0,
         Prep::Fail(r) => return r,
-        Prep::Go(c, _) => (c.scope, c.guard_id, c.tgid, c.fail),
+        Prep::Go(c, _) => (c.scope, c.guard_id, c.tgid, c.fail, c.slot),
     };
     let (Ok(old_parent), Ok(new_parent)) = (
         read::<*const u8>(old, off.dentry_parent),
@@ -377,11 +395,11 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
         return fail;
     };
     // The enforced rules first: a move that takes an object out of one is refused.
-    let (key, rule, depth, monitor) = match escape(&off, old_parent, new_parent, scope, false) {
+    let (key, rule, depth, monitor) = match escape(off, old_parent, new_parent, scope, false) {
         Walk::Lost => return fail,
         Walk::Found(key, rule, depth) => (key, rule, depth, false),
         // Then the monitored ones: such a move is recorded, and let through.
-        Walk::Root => match escape(&off, old_parent, new_parent, scope, true) {
+        Walk::Root => match escape(off, old_parent, new_parent, scope, true) {
             Walk::Found(key, rule, depth) => (key, rule, depth, true),
             Walk::Root | Walk::Lost => return 0,
         },
@@ -404,7 +422,14 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
     if rule.flags & RULE_AUDIT != 0 {
         head.flags |= DECISION_AUDIT;
     }
-    emit(&off, &head, old, mnt);
+    record(&Made {
+        head,
+        leaf: old as u64,
+        mnt: mnt as u64,
+        watched: 0,
+        owner: 0,
+        slot,
+    });
     if monitor {
         0
     } else {
@@ -523,9 +548,13 @@ fn below(off: &Offsets, dentry: *const u8, scope: u32, want: InodeKey, monitored
     Walk::Lost
 }
 
-fn offsets() -> Offsets {
-    // Volatile so the compiler does not fold the zeros the loader overwrites.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+/// The loader's offsets, read in place (a copy on the stack would count against the 512
+/// bytes that a hook and the functions it calls share).
+#[inline(always)]
+fn offsets() -> &'static Offsets {
+    // Through an opaque pointer, so the compiler does not fold the zeros the loader
+    // overwrites.
+    unsafe { &*core::hint::black_box(&raw const OFFSETS) }
 }
 
 #[inline(always)]
@@ -535,7 +564,7 @@ fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
 
 /// What every event of one hook call shares.
 struct Call {
-    off: Offsets,
+    off: &'static Offsets,
     scope: u32,
     guard_id: u32,
     tgid: u32,
@@ -546,6 +575,8 @@ struct Call {
     fail: i32,
     /// The guard has subjects in monitor mode.
     watched: bool,
+    /// Its share of the ring (`Scope::slot`).
+    slot: u32,
     leaf: *const u8,
     /// The file's mount (null if unreadable: no name used is given).
     mnt: *const u8,
@@ -562,7 +593,7 @@ enum Prep {
 
 /// The guarded scope of the current task, as a [`Call`] without a file.
 #[inline(always)]
-fn task_scope(off: &Offsets) -> Prep {
+fn task_scope(off: &'static Offsets) -> Prep {
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let Ok(nsproxy) = read::<*const u8>(task, off.task_nsproxy) else {
         return Prep::Skip;
@@ -593,7 +624,7 @@ fn task_scope(off: &Offsets) -> Prep {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     Prep::Go(
         Call {
-            off: *off,
+            off,
             scope: ns,
             guard_id: scope.guard_id,
             tgid,
@@ -605,6 +636,7 @@ fn task_scope(off: &Offsets) -> Prep {
                 -EPERM
             },
             watched: scope.flags & SCOPE_WATCHED != 0,
+            slot: scope.slot,
             leaf: core::ptr::null(),
             mnt: core::ptr::null(),
         },
@@ -615,7 +647,7 @@ fn task_scope(off: &Offsets) -> Prep {
 /// Fails a call closed when the current task is in a guarded scope.
 #[inline(always)]
 fn fail_if_scoped() -> i32 {
-    match task_scope(&offsets()) {
+    match task_scope(offsets()) {
         Prep::Skip => 0,
         Prep::Fail(r) => r,
         Prep::Go(c, _) => c.fail,
@@ -629,7 +661,7 @@ fn prepare(file: *const u8) -> Prep {
         return Prep::Skip;
     }
     let Ok(mode) = read::<u32>(file, off.file_f_mode) else {
-        return match task_scope(&off) {
+        return match task_scope(off) {
             Prep::Go(c, _) => Prep::Fail(c.fail),
             other => other,
         };
@@ -639,7 +671,7 @@ fn prepare(file: *const u8) -> Prep {
     if off.fmode_backing != 0 && mode & off.fmode_backing != 0 {
         return Prep::Skip;
     }
-    let mut c = match task_scope(&off) {
+    let mut c = match task_scope(off) {
         Prep::Go(c, _) => c,
         other => return other,
     };
@@ -681,9 +713,13 @@ fn refuses(rule: &EventRule, owner: bool) -> bool {
 /// for it, which answers. Where it lets the access through and the guard has subjects in
 /// monitor mode, a second walk finds the nearest monitored rule: if that one would refuse,
 /// it is what the record says (and the access is still allowed).
-#[inline(always)]
+///
+/// A call, not inlined: a hook that decides two or three events (an exec, an open, a
+/// write-open) goes on from the few states where it returns, not from one per path through
+/// it; inlined, the verifier's work multiplied past 6.1's budget.
+#[inline(never)]
 fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
-    let off = &c.off;
+    let off = c.off;
     let mut dentry = c.leaf;
     let mut hit = None;
     let mut depth = 0;
@@ -712,7 +748,15 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
         depth += 1;
     }
     // No record yet (the root was reached without a rule).
-    let mut head = head_of(c, ev);
+    let mut made = Made {
+        head: head_of(c, ev),
+        leaf: c.leaf as u64,
+        mnt: c.mnt as u64,
+        watched: 0,
+        owner: u8::from(c.owner),
+        slot: c.slot,
+    };
+    let head = &mut made.head;
     match hit {
         None if depth < MAX_DEPTH => {}
         None => {
@@ -729,43 +773,14 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
                 head.flags |= DECISION_MONITOR;
             }
         }
-        Some((rule, key)) => decided_by(&mut head, &rule, key, depth, c.owner),
+        Some((rule, key)) => decided_by(head, &rule, key, depth, c.owner),
     }
     let deny = head.verdict == VERDICT_DENY && head.flags & DECISION_MONITOR == 0;
     let answer = if deny { -EPERM } else { 0 };
-    let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
-        // Counted even where the monitored rules, still to be walked, would have made no
-        // record: telling them apart here takes the 6.1 verifier past its budget.
-        dropped();
-        return answer;
-    };
-    let rec = unsafe { &mut *entry.as_mut_ptr() };
-    write_head(rec, &head);
-    // Before the walks below: the verifier then goes through it once, not once per state
-    // they leave (6.1's budget is close).
-    write_task(rec);
-    if !deny && c.watched {
-        // The enforced rules let it through: the nearest monitored rule may say otherwise.
-        // The first record waits in the ring meanwhile, where the verifier does not carry
-        // its values through the walk.
-        if let Some((rule, key, depth)) = nearest_monitored(off, c.leaf, c.scope, ev) {
-            let none = unsafe { core::ptr::read_volatile(&rec.verdict) } == VERDICT_NONE;
-            if none || refuses(&rule, c.owner) {
-                let mut watched = head_of(c, ev);
-                decided_by(&mut watched, &rule, key, depth, c.owner);
-                write_head(rec, &watched);
-            }
-        }
-    }
-    if unsafe { core::ptr::read_volatile(&rec.verdict) } == VERDICT_NONE {
-        entry.discard(0);
-        return answer;
-    }
-    // Names only now, for a decision: the log line needs those below the deciding rule (the
-    // agent knows the rule's own path), so a file no rule covers copies none.
-    copy_names(off, rec, c.leaf);
-    copy_via(off, rec, c.mnt, c.leaf);
-    entry.submit(0);
+    // The record is made by a function the verifier goes through once, on its own: inline,
+    // it went through it once per state that reaches here, past 6.1's budget.
+    made.watched = u8::from(!deny && c.watched);
+    record(&made);
     answer
 }
 
@@ -837,7 +852,9 @@ fn nearest_monitored(
 }
 
 /// The fixed part of a decision record.
-struct Head {
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Head {
     guard_id: u32,
     scope: u32,
     tgid: u32,
@@ -849,26 +866,135 @@ struct Head {
     rule: InodeKey,
 }
 
-/// Writes a decision to the ring: `head`, the first `head.depth` names from `leaf` up (those
-/// below the rule), and the path used on mount `mnt`. The record is the caller's own
-/// reservation, which no other program run can touch (a task preempted mid-run shares no
-/// working space); when the ring is full the record is lost and counted, never the
-/// decision, which the caller has made.
-#[inline(always)]
-fn emit(off: &Offsets, head: &Head, leaf: *const u8, mnt: *const u8) {
-    let Some(mut entry) = DECISIONS.reserve::<Decision>(0) else {
+/// A decision made, as [`record`] takes it: plain memory of a fixed size, which is what a
+/// global function may be given (its pointers as numbers, read with `bpf_probe_read_kernel`).
+#[repr(C)]
+pub struct Made {
+    head: Head,
+    /// The file's dentry, where the names and the monitored rules' walk start.
+    leaf: u64,
+    /// Its mount (0 if unreadable: no name used is given).
+    mnt: u64,
+    /// 1: the enforced rules let it through and the guard has monitored subjects, whose
+    /// nearest rule may be what the record says.
+    watched: u8,
+    /// 1: the task is the container's owner.
+    owner: u8,
+    /// The deciding target's slot in `TALLIES` and `DRAINED` (`Scope::slot`), as read with
+    /// the decision: its scope may have been replaced since.
+    slot: u32,
+}
+
+/// Writes the record of a decision to the ring: its head, the first `head.depth` names from
+/// the leaf up (those below the rule: the agent knows the rule's own path), and the path used
+/// on the mount. Where the enforced rules let the access through, the nearest monitored rule
+/// may say otherwise first; with no rule at all there is nothing to record. When the ring has
+/// no room for the guard's record, the decision stands and its loss is counted (`lost`).
+///
+/// A global function (exported, with BTF): the verifier checks it once, on its own, with
+/// whatever `made` holds, instead of once per state of each hook that calls it.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn janus_record(made: *const Made) -> i32 {
+    // SAFETY: the caller's stack, or null (which the verifier makes us check).
+    let Some(made) = (unsafe { made.as_ref() }) else {
+        return 0;
+    };
+    let mut head = made.head;
+    let ev = usize::from(head.event);
+    let (leaf, mnt) = (made.leaf as *const u8, made.mnt as *const u8);
+    let off = offsets();
+    // A move (`EV_RENAME`, `EV_LINK`) has no monitored rules of its own to walk. The mask
+    // changes nothing below `EVENTS`, but puts the bound on the value that indexes (the
+    // compiler would drop it, and the check above, from what it spills).
+    if made.watched != 0 && ev < EVENTS {
+        let ev = core::hint::black_box(ev) & (EVENTS - 1);
+        if let Some((rule, key, depth)) = nearest_monitored(off, leaf, head.scope, ev) {
+            if head.verdict == VERDICT_NONE || refuses(&rule, made.owner != 0) {
+                head = Head {
+                    subject: 0,
+                    verdict: VERDICT_NONE,
+                    flags: head.flags & DECISION_IS_DIR,
+                    depth: MAX_DEPTH as u8,
+                    rule: InodeKey::default(),
+                    ..head
+                };
+                decided_by(&mut head, &rule, key, depth, made.owner != 0);
+            }
+        }
+    }
+    if head.verdict == VERDICT_NONE {
+        // No rule for this file: no decision to record.
+        return 0;
+    }
+    let Some(tally) = TALLIES.get_ptr_mut(made.slot) else {
+        // Not a slot the agent gave (it sized the map): no share to charge.
         dropped();
-        return;
+        return 0;
+    };
+    let drained = DRAINED.get(made.slot).copied().unwrap_or(0);
+    let Some(mut entry) = reserve(&head, tally, drained) else {
+        return 0;
     };
     let rec = unsafe { &mut *entry.as_mut_ptr() };
-    write_head(rec, head);
+    write_head(rec, &head);
+    rec.slot = made.slot;
     write_task(rec);
     copy_names(off, rec, leaf);
     copy_via(off, rec, mnt, leaf);
     entry.submit(0);
+    0
 }
 
-/// Counts a record the full ring could not take.
+/// Calls [`janus_record`].
+#[inline(always)]
+fn record(made: &Made) {
+    janus_record(made);
+}
+
+/// A record for `head`'s decision in the ring, charged to its guard; or `None` with the loss
+/// counted: the ring is full, or half full with the guard's share of it waiting.
+#[inline(always)]
+fn reserve(head: &Head, tally: *mut Tally, drained: u64) -> Option<RingBufEntry<Decision>> {
+    // SAFETY: the map's value, which stays while the program runs.
+    let charged = unsafe { core::ptr::read_volatile(&raw const (*tally).charged) };
+    let admitted = charged.wrapping_sub(drained) < RING_SHARE
+        || DECISIONS.query(BPF_RB_AVAIL_DATA.into()) < u64::from(RING_BYTES / 2);
+    let entry = if admitted {
+        DECISIONS.reserve::<Decision>(0)
+    } else {
+        None
+    };
+    match &entry {
+        // Charged before the agent can read it: what it has read never runs ahead.
+        // SAFETY: as above.
+        Some(_) => unsafe { add(&raw mut (*tally).charged, 1) },
+        None => lost(head, tally),
+    }
+    entry
+}
+
+/// Counts `head`'s decision, whose record the ring did not take, in its target's tally, then
+/// the record in `DROPPED`: the reader looks at the tallies when `DROPPED` has grown.
+#[inline(always)]
+fn lost(head: &Head, tally: *mut Tally) {
+    let slot = lost_slot(
+        usize::from(head.event),
+        head.verdict == VERDICT_DENY,
+        head.flags & DECISION_MONITOR != 0,
+    );
+    // SAFETY: the map's value; `lost_slot` is below `LOST_SLOTS`.
+    unsafe { add(&raw mut (*tally).lost[slot], 1) };
+    dropped();
+}
+
+/// Adds `n` to `*at`, atomically: the programs of every CPU count on the same tally.
+#[inline(always)]
+unsafe fn add(at: *mut u64, n: u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(at, n) };
+}
+
+/// Counts a record the ring did not take.
 #[inline(always)]
 fn dropped() {
     if let Some(n) = DROPPED.get_ptr_mut(0) {
@@ -892,8 +1018,7 @@ fn write_head(rec: &mut Decision, head: &Head) {
 }
 
 /// Who made the access, from the task itself: it may be gone by the time the agent reads
-/// the record. Without a branch (a failed read leaves 0, an empty name): it runs once per
-/// verifier state that reaches a record, and 6.1's budget is close.
+/// the record. A failed read leaves 0, or an empty name.
 #[inline(always)]
 fn write_task(rec: &mut Decision) {
     let ids = bpf_get_current_uid_gid();
@@ -974,7 +1099,7 @@ fn copy_name(dst: &mut [u8; NAME_LEN], name: *const u8) -> Option<bool> {
 ///
 /// The count of names lives in the record, not in a register: the verifier does not track
 /// values in ring memory, so the states it meets at the loop's head differ by the step alone
-/// (tracked counters would multiply them, past its budget in `file_open`).
+/// (tracked counters would multiply them, past its budget).
 #[inline(always)]
 fn copy_via(off: &Offsets, rec: &mut Decision, mnt: *const u8, leaf: *const u8) {
     unsafe { core::ptr::write_volatile(&mut rec.via_len, 0) };

@@ -36,6 +36,14 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf> {
     if opts.release {
         cmd.arg("--release");
     }
+    // BTF (from the debug info) with func_info: the kernel then verifies the exported
+    // `janus_record` once, as a global function, instead of inline in every hook's states.
+    let flags = [
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+        "-Clink-arg=--export=janus_record",
+    ];
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
     eprintln!("xtask: building janus-ebpf ({TOOLCHAIN}, {TARGET})");
     let exes = util::cargo_build_executables(&mut cmd)?;
     let built = exes

@@ -9,6 +9,7 @@
 mod audit;
 pub mod btf;
 pub mod rules;
+mod share;
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -119,6 +120,17 @@ struct GuardEntry {
     /// Since when the guard is lifted or replaced: kept a while for the records the ring
     /// still holds, then forgotten.
     retired: Option<Instant>,
+    share: share::Share,
+}
+
+impl GuardEntry {
+    /// Counts the decisions whose record the kernel dropped since the last look.
+    fn count_lost(&mut self, shares: &share::Shares) {
+        for (verdict, event, mode, n) in shares.lost_since(&mut self.share) {
+            self.counters.inc_by(verdict, event, mode, n);
+            self.ctx.lost(verdict, n);
+        }
+    }
 }
 
 /// How long a lifted guard's entry stays for records still in the ring.
@@ -128,6 +140,7 @@ struct Maps {
     scopes: HashMap<MapData, u32, Scope>,
     roots: HashMap<MapData, InodeKey, u32>,
     rules: HashMap<MapData, InodeKey, Rule>,
+    shares: share::Shares,
     capacity: Capacity,
     rule_count: u32,
     next_guard: u32,
@@ -147,6 +160,14 @@ pub struct Capacity {
     #[arg(long = "bpf-max-targets", default_value_t = MAX_SCOPES,
           value_parser = clap::value_parser!(u32).range(1..=1 << 16))]
     pub targets: u32,
+}
+
+impl Capacity {
+    /// Entries of the programs' `TALLIES` and `DRAINED`: a target's share of the decision
+    /// ring outlives it while its lifted guard is kept (`RETIRED_FOR`).
+    fn share_slots(self) -> u32 {
+        2 * self.targets
+    }
 }
 
 impl Default for Capacity {
@@ -222,7 +243,7 @@ impl Maps {
 /// The loaded, attached programs. Dropping it (or [`Enforcer::shutdown`]) detaches them.
 pub struct Enforcer {
     ebpf: Mutex<Option<Ebpf>>,
-    maps: Mutex<Maps>,
+    maps: Arc<Mutex<Maps>>,
     guards: Arc<Mutex<StdHashMap<u32, GuardEntry>>>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
@@ -473,6 +494,8 @@ impl Enforcer {
             .map_max_entries("RULES", capacity.rules)
             .map_max_entries("SCOPES", capacity.targets)
             .map_max_entries("ROOTS", capacity.targets)
+            .map_max_entries("TALLIES", capacity.share_slots())
+            .map_max_entries("DRAINED", capacity.share_slots())
             .load(OBJECT)
             .map_err(|e| load(&e))?;
         read_bpf_log(&mut ebpf);
@@ -523,26 +546,31 @@ impl Enforcer {
         let rules = HashMap::try_from(take(&mut ebpf, "RULES")?).map_err(|e| load(&e))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "DECISIONS")?).map_err(|e| load(&e))?;
         let dropped = PerCpuArray::try_from(take(&mut ebpf, "DROPPED")?).map_err(|e| load(&e))?;
+        let tallies = Array::try_from(take(&mut ebpf, "TALLIES")?).map_err(|e| load(&e))?;
+        let drained = Array::try_from(take(&mut ebpf, "DRAINED")?).map_err(|e| load(&e))?;
 
+        let maps = Arc::new(Mutex::new(Maps {
+            scopes,
+            roots,
+            rules,
+            shares: share::Shares::new(tallies, drained),
+            capacity,
+            rule_count: 0,
+            next_guard: 1,
+        }));
         let guards = Arc::new(Mutex::new(StdHashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
-            let (guards, stop, metrics) = (guards.clone(), stop.clone(), metrics.clone());
+            let (maps, guards) = (maps.clone(), guards.clone());
+            let (stop, metrics) = (stop.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name("bpf-decisions".into())
-                .spawn(move || read_loop(ring, dropped, &guards, &stop, &metrics, &log))
+                .spawn(move || read_loop(ring, dropped, (&maps, &guards), &stop, &metrics, &log))
                 .map_err(|e| load(&e))?
         };
         Ok(Enforcer {
             ebpf: Mutex::new(Some(ebpf)),
-            maps: Mutex::new(Maps {
-                scopes,
-                roots,
-                rules,
-                capacity,
-                rule_count: 0,
-                next_guard: 1,
-            }),
+            maps,
             guards,
             metrics,
             stop,
@@ -624,8 +652,14 @@ impl Enforcer {
         let mut guards = self.guards.lock().expect("guards lock");
         let now = Instant::now();
         guards.retain(|_, g| {
-            g.retired
-                .is_none_or(|t| now.duration_since(t) < RETIRED_FOR)
+            let kept = g
+                .retired
+                .is_none_or(|t| now.duration_since(t) < RETIRED_FOR);
+            if !kept {
+                g.count_lost(&maps.shares);
+                maps.shares.close(&g.share);
+            }
+            kept
         });
         // The guard replaced in place: the same target's, still on this mount namespace.
         let replaced = replacing.and_then(|id| {
@@ -670,18 +704,31 @@ impl Enforcer {
         if guard.mode() != Some(Mode::Enforce) {
             flags |= SCOPE_WATCHED;
         }
-        let scope = Scope {
-            guard_id,
-            owners,
-            flags,
+        let placed = maps.shares.open().and_then(|share| {
+            let scope = Scope {
+                guard_id,
+                owners,
+                flags,
+                slot: share.slot(),
+            };
+            match maps.place(&table.rules, root_key, scope_id, scope, &old) {
+                Ok(()) => Ok(share),
+                Err(e) => {
+                    maps.shares.close(&share);
+                    Err(e)
+                }
+            }
+        });
+        let share = match placed {
+            Ok(share) => share,
+            Err(e) => {
+                self.metrics
+                    .placement_failures
+                    .with_label_values(&[BACKEND, "map"])
+                    .inc();
+                return Err(e);
+            }
         };
-        if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope, &old) {
-            self.metrics
-                .placement_failures
-                .with_label_values(&[BACKEND, "map"])
-                .inc();
-            return Err(e);
-        }
         if replaced {
             if let Some(g) = replacing.and_then(|id| guards.get_mut(&id)) {
                 g.retired = Some(now);
@@ -698,6 +745,7 @@ impl Enforcer {
                 scope: scope_id,
                 root: root_key,
                 retired: None,
+                share,
             },
         );
         Ok((guard_id, replaced))
@@ -747,23 +795,40 @@ impl Drop for Enforcer {
     }
 }
 
+/// Records the reader takes from the ring before it tells the programs what it has read:
+/// a flood that keeps the ring from emptying must not leave the shares unaccounted.
+const READ_BATCH: usize = 1024;
+
+/// How often at most the reader looks at every target's tally while records are dropped,
+/// and how long after the last drop it looks once more (a tally's add may be seen after
+/// the `DROPPED` that follows it).
+const RECOUNT_EVERY: Duration = Duration::from_millis(100);
+
 fn read_loop(
     mut ring: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
-    guards: &Mutex<StdHashMap<u32, GuardEntry>>,
+    (maps, guards): (&Mutex<Maps>, &Mutex<StdHashMap<u32, GuardEntry>>),
     stop: &AtomicBool,
     metrics: &Metrics,
     log: &LogSender,
 ) {
     let mut audit = None;
     let mut dropped_seen = 0u64;
+    // When the tallies are to be read next, while drops are news; and `DROPPED` then.
+    let mut recount: Option<Instant> = None;
+    let mut recounted_at = 0u64;
+    // Records read, by slot.
+    let mut read = vec![0u64; maps.lock().expect("maps lock").shares.slots()];
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         // SAFETY: the ring's descriptor lives as long as `ring`.
         let fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
         let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16));
-        while let Some(item) = ring.next() {
+        for _ in 0..READ_BATCH {
+            let Some(item) = ring.next() else {
+                break;
+            };
             if item.len() < std::mem::size_of::<Decision>() {
                 metrics
                     .internal_errors
@@ -774,15 +839,36 @@ fn read_loop(
             // SAFETY: Decision is plain data and the record is at least that long.
             let d: Decision = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
+            // Read, whatever it holds: it was charged to its slot.
+            let Some(n) = read.get_mut(d.slot as usize) else {
+                metrics
+                    .internal_errors
+                    .with_label_values(&[BACKEND, "corrupt_record"])
+                    .inc();
+                continue;
+            };
+            *n += 1;
             handle(&d, guards, metrics, log, &mut audit);
         }
-        if let Ok(per_cpu) = dropped.get(&0, 0) {
-            let total: u64 = per_cpu.iter().sum();
-            if total > dropped_seen {
-                metrics.bpf_events_dropped.inc_by(total - dropped_seen);
-                dropped_seen = total;
-            }
+        let total: u64 = dropped.get(&0, 0).map_or(0, |c| c.iter().sum());
+        let now = Instant::now();
+        if total > dropped_seen {
+            metrics.bpf_events_dropped.inc_by(total - dropped_seen);
+            dropped_seen = total;
+            recount.get_or_insert(now);
         }
+        let mut maps = maps.lock().expect("maps lock");
+        let mut guards = guards.lock().expect("guards lock");
+        maps.shares.tell(&read);
+        if recount.is_some_and(|at| now >= at) {
+            for g in guards.values_mut() {
+                g.count_lost(&maps.shares);
+            }
+            // Again while drops come, and once more after the last; then not until the next.
+            recount = (dropped_seen != recounted_at).then_some(now + RECOUNT_EVERY);
+            recounted_at = dropped_seen;
+        }
+        drop((maps, guards));
         if stopping {
             return;
         }

@@ -72,6 +72,16 @@ impl LogContext {
             denials: Arc::default(),
         }
     }
+
+    /// `n` decisions whose records never reached the writer (the kernel dropped them):
+    /// counted as denials where they were, and as dropped lines.
+    pub fn lost(&self, verdict: Verdict, n: u64) {
+        if verdict == Verdict::Deny {
+            self.denials.count.fetch_add(n, Ordering::Relaxed);
+            self.denied.inc_by(n);
+        }
+        self.dropped.inc_by(n);
+    }
 }
 
 /// The denials of one target, for the controller's Events: how many (every one, logged or

@@ -34,7 +34,7 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(600);
 
 fn main() -> ExitCode {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: [(&str, Scenario); 18] = [
+    let scenarios: [(&str, Scenario); 19] = [
         ("deny", deny),
         ("allow-longest-path", allow_longest_path),
         ("recursion", recursion),
@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         ("fail-closed-depth", fail_closed_depth),
         ("load", load),
         ("full-ring", full_ring),
+        ("fair-ring", fair_ring),
         ("log-format", log_format),
         ("fallback-to-fanotify", fallback_to_fanotify),
         ("audit", audit),
@@ -502,7 +503,8 @@ fn load() -> Result<()> {
 }
 
 /// The agent stops reading decisions (SIGSTOP): the ring buffer fills, every open still
-/// gets the kernel's answer, and what the ring could not hold is counted, not lost unseen.
+/// gets the kernel's answer, and every decision is counted, the ones whose record the ring
+/// could not hold too, and each as a line written or a line dropped.
 fn full_ring() -> Result<()> {
     let root = tree("full-ring", &["secret/f"])?;
     let t = Target::start(&root)?;
@@ -525,12 +527,72 @@ fn full_ring() -> Result<()> {
     );
     let addr = agent.metrics;
     agent.wait_for(
-        |_, _| {
-            let logged = metric(addr, "janus_decisions_total{backend=\"bpf\"");
-            let dropped = metric(addr, "janus_bpf_events_dropped_total");
-            matches!((logged, dropped), (Ok(l), Ok(d)) if d > 0.0 && l + d == f64::from(total))
+        |out, _| every_decision_counted(addr, out, total),
+        "every open counted as a decision, and as a line written or dropped",
+    )?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// Whether `total` denials (all of them) are counted as decisions and as denials, some
+/// records were dropped by the kernel, and each is a line of `out` or a dropped line.
+fn every_decision_counted(addr: SocketAddr, out: &str, total: u32) -> bool {
+    let total = f64::from(total);
+    let lines = out.lines().filter(|l| l.starts_with("<DENY>")).count() as f64;
+    let counts = [
+        "janus_decisions_total{backend=\"bpf\"",
+        "janus_denials_total{",
+        "janus_bpf_events_dropped_total",
+        "janus_log_lines_dropped_total{",
+    ]
+    .map(|series| metric(addr, series).unwrap_or(f64::NAN));
+    let [decisions, denials, kernel_dropped, lines_dropped] = counts;
+    decisions == total && denials == total && kernel_dropped > 0.0 && lines + lines_dropped == total
+}
+
+/// One target floods denials while the agent reads nothing (SIGSTOP): the kernel stops
+/// taking its records once the ring is half full, so a second target's denials made after
+/// the flood still reach the log, every one; and every decision of both is counted.
+fn fair_ring() -> Result<()> {
+    let (a, b) = (
+        tree("fair-ring-a", &["secret/flood"])?,
+        tree("fair-ring-b", &["secret/quiet"])?,
+    );
+    let (a, b) = (Target::start(&a)?, Target::start(&b)?);
+    let yaml = guard_yaml("  - deny: [/secret]\n    events: [open]\n");
+    let mut agent = Agent::start_with("fair-ring", &yaml, &[a.pid, b.pid], &[])?;
+    agent.wait_for(
+        |_, err| err.matches("guarding").count() >= 2,
+        "both targets guarded",
+    )?;
+    agent.signal(libc::SIGSTOP);
+    // Two denied opens per round: 16,000 records, four times what the ring holds.
+    const WORKERS: u32 = 4;
+    const OPENS: u32 = 2000;
+    let (denied, opened) = a.child_load("/secret/flood", "/secret/flood", WORKERS, OPENS)?;
+    ensure!(
+        denied == WORKERS * OPENS && opened == 0,
+        "flood: denied {denied}, opened {opened} of {}",
+        WORKERS * OPENS
+    );
+    const QUIET: u32 = 50;
+    let (denied, opened) = b.child_load("/secret/quiet", "/secret/quiet", 1, QUIET)?;
+    ensure!(
+        denied == QUIET && opened == 0,
+        "quiet: denied {denied}, opened {opened} of {QUIET}"
+    );
+    agent.signal(libc::SIGCONT);
+    let total = 2 * (WORKERS * OPENS + QUIET);
+    let addr = agent.metrics;
+    agent.wait_for(
+        |out, _| {
+            let quiet = out
+                .lines()
+                .filter(|l| l.contains("'/secret/quiet'"))
+                .count();
+            quiet == 2 * QUIET as usize && every_decision_counted(addr, out, total)
         },
-        "decisions counted plus drops to make up every open",
+        "every denial of the quiet target logged, and every decision of both counted",
     )?;
     agent.stop()?;
     Ok(())
