@@ -11,7 +11,8 @@ use aya::maps::{Array, MapData};
 use janus_api::{Event, Mode, Verdict};
 use janus_common::{lost_slot, Tally, LOST_SLOTS};
 
-use super::{map_error, GuardError, RETIRED_FOR};
+use super::maps::{map_error, RETIRED_FOR};
+use super::GuardError;
 
 pub(super) struct Shares {
     tallies: Array<MapData, Tally>,
