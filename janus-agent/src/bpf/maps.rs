@@ -161,3 +161,74 @@ pub(super) fn linked_files(
 pub(super) fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> GuardError {
     move |source| GuardError::Map { map, source }
 }
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::Array;
+    use janus_common::{EventRule, VERDICT_ALLOW, VERDICT_DENY};
+
+    use super::*;
+
+    /// Real kernel maps (the agent's tests run as root), the scope map holding one target.
+    fn maps() -> Maps {
+        let capacity = Capacity {
+            rules: 8,
+            targets: 1,
+        };
+        let slots = capacity.share_slots();
+        Maps {
+            scopes: HashMap::create(capacity.targets, 0).expect("a hash map"),
+            roots: HashMap::create(4, 0).expect("a hash map"),
+            rules: HashMap::create(capacity.rules, 0).expect("a hash map"),
+            shares: share::Shares::new(
+                Array::create(slots, 0).expect("an array"),
+                Array::create(slots, 0).expect("an array"),
+            ),
+            capacity,
+            rule_count: 0,
+            next_guard: 1,
+        }
+    }
+
+    fn key(ino: u64) -> InodeKey {
+        InodeKey {
+            ino,
+            dev: 1,
+            scope: 0,
+        }
+    }
+
+    fn rule(verdict: u8) -> Rule {
+        let mut r = Rule::default();
+        r.events[0] = EventRule {
+            verdict,
+            ..EventRule::default()
+        };
+        r
+    }
+
+    #[test]
+    fn a_late_insert_that_fails_leaves_the_maps_as_they_were() {
+        let mut m = maps();
+        let first = StdHashMap::from([(key(1), rule(VERDICT_DENY))]);
+        m.place(&first, key(100), 1, Scope::default(), &HashSet::new())
+            .expect("the first target fits");
+        // A second target's rules (one new, one over the first's) and root go in, then its
+        // scope does not fit: everything it placed must be taken back.
+        let second =
+            StdHashMap::from([(key(1), rule(VERDICT_ALLOW)), (key(2), rule(VERDICT_DENY))]);
+        let err = m
+            .place(&second, key(200), 2, Scope::default(), &HashSet::new())
+            .expect_err("the scope map is full");
+        assert!(
+            matches!(err, GuardError::Map { map: "SCOPES", .. }),
+            "{err}"
+        );
+        let rules: Vec<_> = m.rules.iter().map(|r| r.expect("an entry")).collect();
+        assert_eq!(rules, [(key(1), rule(VERDICT_DENY))]);
+        let roots: Vec<_> = m.roots.iter().map(|r| r.expect("an entry")).collect();
+        assert_eq!(roots, [(key(100), 1)]);
+        assert_eq!(m.rule_count, 1);
+        assert!(m.scopes.get(&2, 0).is_err());
+    }
+}
