@@ -195,6 +195,7 @@ impl Agent {
     ) -> Result<(Target, bool), GuardError> {
         let pid = at.pid;
         let guard = ctx.guard.clone();
+        let mut fallback = None;
         if let Some(enforcer) = &self.bpf {
             match enforcer.guard(ctx.clone(), &at, replacing) {
                 Ok((id, swapped)) => {
@@ -206,14 +207,21 @@ impl Agent {
                     };
                     return Ok((target, swapped));
                 }
-                Err(bpf::GuardError::Unsupported(why)) => {
-                    tracing::warn!(guard = %guard.name, pid, reason = %why, "guard not expressible in BPF; enforcing it with fanotify");
+                Err(e) => {
+                    let Some(reason) = e.fallback() else {
+                        return Err(e.into());
+                    };
+                    tracing::warn!(guard = %guard.name, pid, reason, error = %e, "guard not expressible in BPF; enforcing it with fanotify");
+                    self.metrics
+                        .bpf_fallbacks
+                        .with_label_values(&[reason])
+                        .inc();
                     self.metrics
                         .backend_info
                         .with_label_values(&[fanotify::target::BACKEND])
                         .set(1);
+                    fallback = Some(format!("enforced by fanotify, not BPF ({reason}): {e}"));
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         let handle = self
@@ -222,7 +230,11 @@ impl Agent {
             .expect("fanotify lock")
             .as_ref()
             .ok_or(StartError::Stopped)?
-            .add(TargetSpec { ctx, root: at })?;
+            .add(TargetSpec {
+                ctx,
+                root: at,
+                fallback,
+            })?;
         tracing::info!(guard = %guard.name, pid, backend = fanotify::target::BACKEND, "guarding");
         Ok((Target::Fanotify(handle), false))
     }

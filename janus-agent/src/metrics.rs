@@ -43,6 +43,7 @@ pub struct Metrics {
     pub api_refused: IntCounterVec,
     pub kernel_marks: IntGauge,
     pub placement_failures: IntCounterVec,
+    pub bpf_fallbacks: IntCounterVec,
     pub cgroup_watch_failed: IntGauge,
     pub gate: IntCounterVec,
 }
@@ -186,6 +187,14 @@ impl Metrics {
             "Marks, watches or map entries a guard needed that could not be placed (kind: mark|watch|stat|limit|escaped|map), e.g. at a kernel quota; the target is failed until they are.",
             &["backend", "kind"],
         );
+        let bpf_fallbacks = counter(
+            "janus_bpf_fallbacks_total",
+            "Targets the BPF backend left to fanotify, by reason (no_mount_namespace|path_missing|scope_taken|maps_full|shares_taken): the guard is enforced, by fanotify.",
+            &["reason"],
+        );
+        for reason in crate::bpf::FALLBACK_REASONS {
+            bpf_fallbacks.with_label_values(&[reason]);
+        }
         let gate = counter(
             "janus_gate_total",
             "Containers the start gate answered, by outcome: guarded (every guard of its pod enforced before it ran), no_guard (its pod has none), started_unguarded (the gate failed and the pod's guards fail open, or the agent could not be reached), refused (it failed closed).",
@@ -222,6 +231,7 @@ impl Metrics {
             api_refused,
             kernel_marks,
             placement_failures,
+            bpf_fallbacks,
             cgroup_watch_failed,
             gate,
             decisions,

@@ -5,7 +5,41 @@
 //! cannot use CO-RE relocations, so the loader reads the offsets itself and
 //! hands them to the program as a global (`janus_common::Offsets`).
 
-use anyhow::{bail, ensure, Context, Result};
+/// What is wrong with the kernel's BTF, for the programs' needs.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not little-endian BTF")]
+    NotLittleEndian,
+    #[error("BTF truncated")]
+    Truncated,
+    #[error("BTF {0} section out of bounds")]
+    Section(&'static str),
+    #[error("unknown BTF kind {0}")]
+    UnknownKind(u32),
+    #[error("BTF type id {0} out of range")]
+    TypeId(u32),
+    #[error("struct {0} not in BTF")]
+    NoStruct(String),
+    #[error("struct {0} has no member {1}")]
+    NoMember(String, String),
+    #[error("{0}.{1} is a bitfield")]
+    Bitfield(String, String),
+    #[error("{name}.{member} is not {expect:?} (BTF kind {kind})")]
+    Kind {
+        name: String,
+        member: String,
+        expect: Expect,
+        kind: u32,
+    },
+}
+
+type Result<T> = std::result::Result<T, BtfError>;
 
 const BTF_MAGIC: u16 = 0xeb9f;
 
@@ -60,19 +94,21 @@ pub enum Expect {
 }
 
 fn u16_at(data: &[u8], off: usize) -> Result<u16> {
-    let b = data.get(off..off + 2).context("BTF truncated")?;
+    let b = data.get(off..off + 2).ok_or(BtfError::Truncated)?;
     Ok(u16::from_le_bytes([b[0], b[1]]))
 }
 
 fn u32_at(data: &[u8], off: usize) -> Result<u32> {
-    let b = data.get(off..off + 4).context("BTF truncated")?;
+    let b = data.get(off..off + 4).ok_or(BtfError::Truncated)?;
     Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 impl Btf {
     /// Parses little-endian (x86_64) BTF.
     pub fn parse(data: &[u8]) -> Result<Self> {
-        ensure!(u16_at(data, 0)? == BTF_MAGIC, "not little-endian BTF");
+        if u16_at(data, 0)? != BTF_MAGIC {
+            return Err(BtfError::NotLittleEndian);
+        }
         let hdr_len = u32_at(data, 4)? as usize;
         let type_off = hdr_len + u32_at(data, 8)? as usize;
         let type_len = u32_at(data, 12)? as usize;
@@ -80,11 +116,11 @@ impl Btf {
         let str_len = u32_at(data, 20)? as usize;
         let strings = data
             .get(str_off..str_off + str_len)
-            .context("BTF string section out of bounds")?
+            .ok_or(BtfError::Section("string"))?
             .to_vec();
         let tdata = data
             .get(type_off..type_off + type_len)
-            .context("BTF type section out of bounds")?;
+            .ok_or(BtfError::Section("type"))?;
 
         let mut types = vec![Type {
             name_off: 0,
@@ -120,7 +156,7 @@ impl Btf {
                 KIND_ENUM | KIND_FUNC_PROTO => pos += 8 * vlen,
                 KIND_DATASEC | KIND_ENUM64 => pos += 12 * vlen,
                 _ if kind <= KIND_TYPE_TAG => {}
-                _ => bail!("unknown BTF kind {kind}"),
+                _ => return Err(BtfError::UnknownKind(kind)),
             }
             types.push(Type {
                 name_off,
@@ -139,9 +175,7 @@ impl Btf {
     }
 
     fn get(&self, id: u32) -> Result<&Type> {
-        self.types
-            .get(id as usize)
-            .with_context(|| format!("BTF type id {id} out of range"))
+        self.types.get(id as usize).ok_or(BtfError::TypeId(id))
     }
 
     /// Follows typedefs and qualifiers.
@@ -164,22 +198,27 @@ impl Btf {
             .types
             .iter()
             .find(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name)
-            .with_context(|| format!("struct {name} not in BTF"))?;
+            .ok_or_else(|| BtfError::NoStruct(name.to_owned()))?;
         let (bits, type_id) = self
             .find_member(st, member)?
-            .with_context(|| format!("struct {name} has no member {member}"))?;
-        ensure!(bits % 8 == 0, "{name}.{member} is a bitfield");
+            .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))?;
+        if bits % 8 != 0 {
+            return Err(BtfError::Bitfield(name.to_owned(), member.to_owned()));
+        }
         let t = self.resolve(type_id)?;
         let ok = match expect {
             Expect::Pointer => t.kind == KIND_PTR,
             Expect::Int(bytes) => t.kind == KIND_INT && t.size_or_type == bytes,
             Expect::Struct => t.kind == KIND_STRUCT,
         };
-        ensure!(
-            ok,
-            "{name}.{member} is not {expect:?} (BTF kind {})",
-            t.kind
-        );
+        if !ok {
+            return Err(BtfError::Kind {
+                name: name.to_owned(),
+                member: member.to_owned(),
+                expect,
+                kind: t.kind,
+            });
+        }
         Ok(bits / 8)
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use aya::maps::Array;
+use aya::maps::{Array, Map, MapError};
 use aya::programs::Lsm;
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -17,10 +17,9 @@ pub(super) fn attach(capacity: Capacity) -> Result<Ebpf, StartError> {
     lsm_active()?;
     raise_memlock_limit();
     let t0 = Instant::now();
-    let offsets = kernel_offsets().map_err(StartError::Btf)?;
-    let kernel_btf = Btf::from_sys_fs().map_err(|e| StartError::Btf(e.into()))?;
+    let offsets = kernel_offsets()?;
+    let kernel_btf = Btf::from_sys_fs().map_err(StartError::AyaBtf)?;
     tracing::debug!(elapsed = ?t0.elapsed(), ?offsets, "read the kernel's BTF");
-    let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&kernel_btf))
         .override_global("OFFSETS", &offsets, true)
@@ -30,34 +29,38 @@ pub(super) fn attach(capacity: Capacity) -> Result<Ebpf, StartError> {
         .map_max_entries("TALLIES", capacity.share_slots())
         .map_max_entries("DRAINED", capacity.share_slots())
         .load(OBJECT)
-        .map_err(|e| load(&e))?;
+        .map_err(StartError::Object)?;
     read_bpf_log(&mut ebpf);
     for name in PROGRAMS {
         let program: &mut Lsm = ebpf
             .program_mut(name)
-            .ok_or_else(|| StartError::Load(format!("no {name} program in the object")))?
+            .ok_or(StartError::Missing(name))?
             .try_into()
-            .map_err(|e| load(&e))?;
+            .map_err(|source| StartError::Program { name, source })?;
         let attached = program
             .load(name, &kernel_btf)
-            .map_err(|e| StartError::Load(format!("{name}: {}", chain(&e))))
+            .map_err(|source| StartError::Program { name, source })
             .and_then(|()| {
                 program
                     .attach()
                     .map(drop)
-                    .map_err(|e| StartError::Load(format!("attaching {name}: {e:#}")))
+                    .map_err(|source| StartError::Attach { name, source })
             });
         match attached {
             Ok(()) => {
                 tracing::debug!(program = name, elapsed = ?t0.elapsed(), "attached");
                 if let Some(i) = NAMING_ONLY.iter().position(|n| *n == name) {
                     // The inode hooks leave the record of a monitored move to it.
+                    let map_error = |source| StartError::Map {
+                        name: "NAMED",
+                        source,
+                    };
                     let mut named: Array<_, u32> = ebpf
                         .map_mut("NAMED")
-                        .ok_or_else(|| StartError::Load("no NAMED map in the object".into()))?
+                        .ok_or(StartError::Missing("NAMED"))?
                         .try_into()
-                        .map_err(|e| load(&e))?;
-                    named.set(i as u32, 1, 0).map_err(|e| load(&e))?;
+                        .map_err(map_error)?;
+                    named.set(i as u32, 1, 0).map_err(map_error)?;
                 }
             }
             // The inode hooks refuse the same moves; these only add the name used.
@@ -93,8 +96,19 @@ const PROGRAMS: [&str; 8] = [
 /// of the programs' `NAMED` map (rename, link).
 const NAMING_ONLY: [&str; 2] = ["path_rename", "path_link"];
 
-/// An error with its causes, one line (aya's load error keeps errno in its source).
-fn chain(e: &dyn std::error::Error) -> String {
+/// Takes the map `name` out of the loaded object, as the kind `as_kind` makes of it.
+pub(super) fn map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    as_kind: impl FnOnce(Map) -> Result<T, MapError>,
+) -> Result<T, StartError> {
+    let map = ebpf.take_map(name).ok_or(StartError::Missing(name))?;
+    as_kind(map).map_err(|source| StartError::Map { name, source })
+}
+
+/// An error with its causes, one line (aya's load error keeps errno, and the verifier's
+/// log, in its source).
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string().trim_end().trim_end_matches(':').to_owned();
     let mut source = e.source();
     while let Some(s) = source {

@@ -1,10 +1,10 @@
 //! The BPF LSM backend: the kernel decides guarded opens and reads itself (`janus-ebpf`),
 //! and the agent fills its maps and logs the decisions it reports through a ring buffer.
 //!
-//! Which guards it cannot express, and so leaves to fanotify ([`GuardError::Unsupported`]):
+//! Which guards it cannot express, and so leaves to fanotify ([`GuardError::fallback`]):
 //! a guarded path that does not exist when the guard starts (the maps are keyed by inode),
-//! a second guard on a mount namespace that already has one, and more rules or targets
-//! than the maps hold.
+//! a second guard on a mount namespace that already has one, and more rules, targets or
+//! shares of the decision ring than the maps hold.
 
 mod audit;
 pub mod btf;
@@ -74,17 +74,64 @@ pub enum StartError {
     LsmInactive(String),
     #[error("cannot read {LSM_LIST}: {0}")]
     LsmList(std::io::Error),
-    #[error("kernel BTF: {0:#}")]
-    Btf(anyhow::Error),
-    #[error("loading the BPF programs: {0}")]
-    Load(String),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("kernel BTF, as aya reads it: {0}")]
+    AyaBtf(#[source] aya::BtfError),
+    #[error("loading the BPF object: {}", load::chain(.0))]
+    Object(#[source] aya::EbpfError),
+    #[error("loading the BPF programs: {name}: {}", load::chain(.source))]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {name}: {}", load::chain(.source))]
+    Attach {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("no {0} in the BPF object")]
+    Missing(&'static str),
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("starting the decision reader: {0}")]
+    Reader(#[source] std::io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
-    /// The guard is valid but this backend cannot enforce it; fanotify should.
-    #[error("{0}")]
-    Unsupported(String),
+    #[error("pid {pid}: no mount namespace")]
+    NoMountNamespace { pid: i32 },
+    #[error("{source} (BPF keys rules by inode, so guarded paths must exist)")]
+    PathMissing {
+        #[source]
+        source: resolve::ResolveError,
+    },
+    #[error("mount namespace {scope} of pid {pid} already has a guard in BPF")]
+    ScopeTaken { scope: u32, pid: i32 },
+    #[error(
+        "the BPF maps are full: {needed} rules with {used} of {rules} used (--bpf-max-rules), \
+         {held} of {targets} targets held (--bpf-max-targets)"
+    )]
+    MapsFull {
+        needed: u32,
+        used: u32,
+        rules: u32,
+        held: u32,
+        targets: u32,
+    },
+    #[error(
+        "all {slots} shares of the decision ring are taken (by targets held, and lifted in \
+         the last {} s)",
+        RETIRED_FOR.as_secs()
+    )]
+    SharesTaken { slots: usize },
     #[error(transparent)]
     Resolve(#[from] resolve::ResolveError),
     #[error("updating BPF map {map}: {source}")]
@@ -92,6 +139,31 @@ pub enum GuardError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+}
+
+/// Every value of [`GuardError::fallback`], for the metric's series.
+pub const FALLBACK_REASONS: [&str; 5] = [
+    "no_mount_namespace",
+    "path_missing",
+    "scope_taken",
+    "maps_full",
+    "shares_taken",
+];
+
+impl GuardError {
+    /// Why fanotify should enforce the guard instead (`janus_bpf_fallbacks_total` and the
+    /// target's state say it): the guard is valid, but this backend cannot hold it. `None`
+    /// for a failure of the target itself.
+    pub fn fallback(&self) -> Option<&'static str> {
+        match self {
+            GuardError::NoMountNamespace { .. } => Some("no_mount_namespace"),
+            GuardError::PathMissing { .. } => Some("path_missing"),
+            GuardError::ScopeTaken { .. } => Some("scope_taken"),
+            GuardError::MapsFull { .. } => Some("maps_full"),
+            GuardError::SharesTaken { .. } => Some("shares_taken"),
+            GuardError::Resolve(_) | GuardError::Map { .. } => None,
+        }
+    }
 }
 
 /// What the ring reader needs to turn a decision record into a log line.
@@ -185,18 +257,13 @@ impl Enforcer {
             return Err(StartError::NotCompiledIn);
         }
         let mut ebpf = load::attach(capacity)?;
-        let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
-        let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| StartError::Load(format!("no {name} map in the object")))
-        };
-        let scopes = HashMap::try_from(take(&mut ebpf, "SCOPES")?).map_err(|e| load(&e))?;
-        let roots = HashMap::try_from(take(&mut ebpf, "ROOTS")?).map_err(|e| load(&e))?;
-        let rules = HashMap::try_from(take(&mut ebpf, "RULES")?).map_err(|e| load(&e))?;
-        let ring = RingBuf::try_from(take(&mut ebpf, "DECISIONS")?).map_err(|e| load(&e))?;
-        let dropped = PerCpuArray::try_from(take(&mut ebpf, "DROPPED")?).map_err(|e| load(&e))?;
-        let tallies = Array::try_from(take(&mut ebpf, "TALLIES")?).map_err(|e| load(&e))?;
-        let drained = Array::try_from(take(&mut ebpf, "DRAINED")?).map_err(|e| load(&e))?;
+        let scopes = load::map(&mut ebpf, "SCOPES", HashMap::try_from)?;
+        let roots = load::map(&mut ebpf, "ROOTS", HashMap::try_from)?;
+        let rules = load::map(&mut ebpf, "RULES", HashMap::try_from)?;
+        let ring = load::map(&mut ebpf, "DECISIONS", RingBuf::try_from)?;
+        let dropped = load::map(&mut ebpf, "DROPPED", PerCpuArray::try_from)?;
+        let tallies = load::map(&mut ebpf, "TALLIES", Array::try_from)?;
+        let drained = load::map(&mut ebpf, "DRAINED", Array::try_from)?;
 
         let maps = Arc::new(Mutex::new(Maps {
             scopes,
@@ -215,7 +282,7 @@ impl Enforcer {
             std::thread::Builder::new()
                 .name("bpf-decisions".into())
                 .spawn(move || read_loop(ring, dropped, (&maps, &guards), &stop, &metrics, &log))
-                .map_err(|e| load(&e))?
+                .map_err(StartError::Reader)?
         };
         Ok(Enforcer {
             ebpf: Mutex::new(Some(ebpf)),
@@ -243,7 +310,7 @@ impl Enforcer {
         let scope_id = u32::try_from(root.mnt_ns)
             .ok()
             .filter(|&n| n != 0)
-            .ok_or_else(|| GuardError::Unsupported(format!("pid {pid}: no mount namespace")))?;
+            .ok_or(GuardError::NoMountNamespace { pid })?;
         let mut table = rules::Table::default();
         let mut resolved = Vec::new();
         let mut dirs = Vec::new();
@@ -252,9 +319,7 @@ impl Enforcer {
                 resolve::ResolveError::Path { ref error, .. }
                     if error.kind() == std::io::ErrorKind::NotFound =>
                 {
-                    GuardError::Unsupported(format!(
-                        "{e} (BPF keys rules by inode, so guarded paths must exist)"
-                    ))
+                    GuardError::PathMissing { source: e }
                 }
                 e => e.into(),
             })?;
@@ -319,9 +384,10 @@ impl Enforcer {
         let old: HashSet<InodeKey> = match replaced {
             Some(g) => g.paths.keys().copied().collect(),
             None if maps.scopes.get(&scope_id, 0).is_ok() => {
-                return Err(GuardError::Unsupported(format!(
-                    "mount namespace {scope_id} of pid {pid} already has a guard in BPF"
-                )))
+                return Err(GuardError::ScopeTaken {
+                    scope: scope_id,
+                    pid,
+                })
             }
             None => HashSet::new(),
         };
@@ -338,11 +404,13 @@ impl Enforcer {
                 .placement_failures
                 .with_label_values(&[BACKEND, "map"])
                 .inc();
-            return Err(GuardError::Unsupported(format!(
-                "the BPF maps are full: {needed} rules with {} of {} used (--bpf-max-rules), \
-                 {held} of {} targets held (--bpf-max-targets)",
-                maps.rule_count, cap.rules, cap.targets
-            )));
+            return Err(GuardError::MapsFull {
+                needed,
+                used: maps.rule_count,
+                rules: cap.rules,
+                held,
+                targets: cap.targets,
+            });
         }
         let guard_id = maps.next_guard;
         maps.next_guard += 1;
@@ -441,5 +509,33 @@ impl Enforcer {
 impl Drop for Enforcer {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fallback_reason_has_its_series() {
+        let missing = resolve::ResolveError::Path {
+            path: janus_api::GuardPath::parse("/secret").unwrap(),
+            error: std::io::ErrorKind::NotFound.into(),
+        };
+        let fallbacks = [
+            GuardError::NoMountNamespace { pid: 1 },
+            GuardError::PathMissing { source: missing },
+            GuardError::ScopeTaken { scope: 1, pid: 1 },
+            GuardError::MapsFull {
+                needed: 1,
+                used: 1,
+                rules: 1,
+                held: 1,
+                targets: 1,
+            },
+            GuardError::SharesTaken { slots: 1 },
+        ];
+        let reasons: Vec<_> = fallbacks.iter().filter_map(GuardError::fallback).collect();
+        assert_eq!(reasons, FALLBACK_REASONS);
     }
 }

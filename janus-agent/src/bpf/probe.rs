@@ -29,10 +29,13 @@ pub fn lsm_active() -> Result<(), StartError> {
 }
 
 /// Reads the struct layout the programs need from the running kernel's BTF.
-pub fn kernel_offsets() -> anyhow::Result<Offsets> {
+pub fn kernel_offsets() -> Result<Offsets, btf::BtfError> {
     use btf::Expect::{Int, Pointer, Struct};
-    let raw = std::fs::read("/sys/kernel/btf/vmlinux")
-        .map_err(|e| anyhow::anyhow!("reading /sys/kernel/btf/vmlinux: {e}"))?;
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    let raw = std::fs::read(VMLINUX).map_err(|source| btf::BtfError::Read {
+        path: VMLINUX,
+        source,
+    })?;
     let b = btf::Btf::parse(&raw)?;
     let f_path = b.member_offset("file", "f_path", Struct)?;
     let d_name = b.member_offset("dentry", "d_name", Struct)?;

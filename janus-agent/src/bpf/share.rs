@@ -11,7 +11,7 @@ use aya::maps::{Array, MapData};
 use janus_api::{Event, Mode, Verdict};
 use janus_common::{lost_slot, Tally, LOST_SLOTS};
 
-use super::maps::{map_error, RETIRED_FOR};
+use super::maps::map_error;
 use super::GuardError;
 
 pub(super) struct Shares {
@@ -57,13 +57,8 @@ impl Shares {
     /// A slot for a new target; an error when every slot is taken (by targets held, or
     /// lifted a short while ago). The slot's counts go on from its last target's.
     pub fn open(&mut self) -> Result<Share, GuardError> {
-        let slot = self.free.pop().ok_or_else(|| {
-            GuardError::Unsupported(format!(
-                "all {} shares of the decision ring are taken (by targets held, and lifted \
-                 in the last {} s)",
-                self.told.len(),
-                RETIRED_FOR.as_secs()
-            ))
+        let slot = self.free.pop().ok_or(GuardError::SharesTaken {
+            slots: self.told.len(),
         })?;
         match self.tallies.get(&slot, 0) {
             Ok(tally) => Ok(Share {

@@ -35,6 +35,8 @@ pub struct TargetSpec {
     /// The guard, and what its records name the target by.
     pub ctx: Arc<LogContext>,
     pub root: TargetRoot,
+    /// Why the BPF backend left it to fanotify, for the target's state.
+    pub fallback: Option<String>,
 }
 
 /// What the answering thread decides with, changed in place by the marker thread.
@@ -141,10 +143,12 @@ impl TargetShared {
         let root = ContainerRoot::open(&spec.root)?;
         let owners = spec.root.owners()?;
         let guard = spec.ctx.guard.clone();
-        let warnings = unsupported_warnings(&guard);
+        let mut warnings = unsupported_warnings(&guard);
         for w in &warnings {
             tracing::warn!(guard = %guard.name, namespace = %guard.namespace, pid, "{w}");
         }
+        // Logged where it was decided.
+        warnings.extend(spec.fallback);
         Ok(TargetShared {
             id,
             owners,

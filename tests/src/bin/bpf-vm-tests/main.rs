@@ -893,6 +893,13 @@ fn fallback_to_fanotify() -> Result<()> {
         metric(agent.metrics, "janus_decisions_total{backend=\"fanotify\"")? >= 1.0,
         "counted under fanotify"
     );
+    let reason = "janus_bpf_fallbacks_total{reason=\"path_missing\"}";
+    ensure!(metric(agent.metrics, reason)? == 1.0, "{reason} is not 1");
+    let (status, state) = http_get(agent.metrics, "/state")?;
+    ensure!(
+        status == 200 && state.contains("enforced by fanotify, not BPF (path_missing)"),
+        "/state does not say why the target is on fanotify: {state}"
+    );
     agent.stop()?;
     Ok(())
 }
