@@ -178,13 +178,17 @@ struct GuardEntry {
     /// Since when the guard is lifted or replaced: kept a while for the records the ring
     /// still holds, then forgotten.
     retired: Option<Instant>,
-    share: share::Share,
+    /// Its share of the decision ring; handed to the guard that replaced it in place.
+    share: Option<share::Share>,
 }
 
 impl GuardEntry {
     /// Counts the decisions whose record the kernel dropped since the last look.
     fn count_lost(&mut self, shares: &share::Shares) {
-        for (verdict, event, mode, n) in shares.lost_since(&mut self.share) {
+        let Some(share) = &mut self.share else {
+            return;
+        };
+        for (verdict, event, mode, n) in shares.lost_since(share) {
             self.counters.inc_by(verdict, event, mode, n);
             self.ctx.lost(verdict, n);
         }
@@ -366,14 +370,14 @@ impl Enforcer {
         let mut guards = self.guards.lock().expect("guards lock");
         let now = Instant::now();
         guards.retain(|_, g| {
-            let kept = g
-                .retired
-                .is_none_or(|t| now.duration_since(t) < RETIRED_FOR);
-            if !kept {
-                g.count_lost(&maps.shares);
-                maps.shares.close(&g.share);
+            if g.retired
+                .is_none_or(|t| now.duration_since(t) < RETIRED_FOR)
+            {
+                return true;
             }
-            kept
+            g.count_lost(&maps.shares);
+            // Kept while records charged to its slot may still be in the ring.
+            g.share.as_ref().is_some_and(|s| !maps.shares.close(s))
         });
         // The guard replaced in place: the same target's, still on this mount namespace.
         let replaced = replacing.and_then(|id| {
@@ -421,31 +425,39 @@ impl Enforcer {
         if guard.mode() != Some(Mode::Enforce) {
             flags |= SCOPE_WATCHED;
         }
-        let placed = maps.shares.open().and_then(|share| {
-            let scope = Scope {
-                guard_id,
-                owners,
-                flags,
-                slot: share.slot(),
-            };
-            match maps.place(&table.rules, root_key, scope_id, scope, &old) {
-                Ok(()) => Ok(share),
-                Err(e) => {
-                    maps.shares.close(&share);
-                    Err(e)
-                }
-            }
-        });
-        let share = match placed {
-            Ok(share) => share,
-            Err(e) => {
+        // The replaced guard's share of the ring goes to its successor: the same target's
+        // records, counted in one slot (and a re-apply takes no new one).
+        let mut predecessor = replacing
+            .filter(|_| replaced)
+            .and_then(|id| guards.get_mut(&id));
+        let share = match predecessor.as_mut().and_then(|g| g.share.take()) {
+            Some(share) => share,
+            None => maps.shares.open().inspect_err(|_| {
                 self.metrics
                     .placement_failures
                     .with_label_values(&[BACKEND, "map"])
                     .inc();
-                return Err(e);
-            }
+            })?,
         };
+        let scope = Scope {
+            guard_id,
+            owners,
+            flags,
+            slot: share.slot(),
+        };
+        if let Err(e) = maps.place(&table.rules, root_key, scope_id, scope, &old) {
+            match predecessor {
+                Some(g) => g.share = Some(share),
+                None => {
+                    maps.shares.close(&share);
+                }
+            }
+            self.metrics
+                .placement_failures
+                .with_label_values(&[BACKEND, "map"])
+                .inc();
+            return Err(e);
+        }
         if replaced {
             if let Some(g) = replacing.and_then(|id| guards.get_mut(&id)) {
                 g.retired = Some(now);
@@ -462,7 +474,7 @@ impl Enforcer {
                 scope: scope_id,
                 root: root_key,
                 retired: None,
-                share,
+                share: Some(share),
             },
         );
         Ok((guard_id, replaced))

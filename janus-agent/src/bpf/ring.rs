@@ -37,43 +37,25 @@ pub(super) fn read_loop(
     metrics: &Metrics,
     log: &LogSender,
 ) {
-    let mut audit = None;
+    let mut reader = Reader {
+        audit: None,
+        read: vec![0; maps.lock().expect("maps lock").shares.slots()],
+    };
     let mut dropped_seen = 0u64;
     // When the tallies are to be read next, while drops are news; and `DROPPED` then.
     let mut recount: Option<Instant> = None;
     let mut recounted_at = 0u64;
-    // Records read, by slot.
-    let mut read = vec![0u64; maps.lock().expect("maps lock").shares.slots()];
     loop {
+        // The programs are detached before `stop` is set: what is in the ring then is all
+        // there will be, and it is read to the end.
         let stopping = stop.load(Ordering::Relaxed);
         // SAFETY: the ring's descriptor lives as long as `ring`.
         let fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
         let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16));
-        for _ in 0..READ_BATCH {
-            let Some(item) = ring.next() else {
-                break;
-            };
-            if item.len() < std::mem::size_of::<Decision>() {
-                metrics
-                    .internal_errors
-                    .with_label_values(&[BACKEND, "short_record"])
-                    .inc();
-                continue;
-            }
-            // SAFETY: Decision is plain data and the record is at least that long.
-            let d: Decision = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            drop(item);
-            // Read, whatever it holds: it was charged to its slot.
-            let Some(n) = read.get_mut(d.slot as usize) else {
-                metrics
-                    .internal_errors
-                    .with_label_values(&[BACKEND, "corrupt_record"])
-                    .inc();
-                continue;
-            };
-            *n += 1;
-            handle(&d, guards, metrics, log, &mut audit);
+        let mut n = reader.batch(&mut ring, guards, metrics, log);
+        while stopping && n == READ_BATCH {
+            n = reader.batch(&mut ring, guards, metrics, log);
         }
         let total: u64 = dropped.get(&0, 0).map_or(0, |c| c.iter().sum());
         let now = Instant::now();
@@ -84,8 +66,8 @@ pub(super) fn read_loop(
         }
         let mut maps = maps.lock().expect("maps lock");
         let mut guards = guards.lock().expect("guards lock");
-        maps.shares.tell(&read);
-        if recount.is_some_and(|at| now >= at) {
+        maps.shares.tell(&reader.read);
+        if stopping || recount.is_some_and(|at| now >= at) {
             for g in guards.values_mut() {
                 g.count_lost(&maps.shares);
             }
@@ -98,6 +80,50 @@ pub(super) fn read_loop(
             return;
         }
         std::thread::sleep(Duration::from_millis(0));
+    }
+}
+
+/// The reader's own state: the audit socket, and the records it has read of each slot.
+struct Reader {
+    audit: Option<audit::AuditLog>,
+    read: Vec<u64>,
+}
+
+impl Reader {
+    /// Reads up to `READ_BATCH` records; how many it read.
+    fn batch(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        guards: &Mutex<StdHashMap<u32, GuardEntry>>,
+        metrics: &Metrics,
+        log: &LogSender,
+    ) -> usize {
+        for n in 0..READ_BATCH {
+            let Some(item) = ring.next() else {
+                return n;
+            };
+            if item.len() < std::mem::size_of::<Decision>() {
+                metrics
+                    .internal_errors
+                    .with_label_values(&[BACKEND, "short_record"])
+                    .inc();
+                continue;
+            }
+            // SAFETY: Decision is plain data and the record is at least that long.
+            let d: Decision = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            // Read, whatever it holds: it was charged to its slot.
+            let Some(read) = self.read.get_mut(d.slot as usize) else {
+                metrics
+                    .internal_errors
+                    .with_label_values(&[BACKEND, "corrupt_record"])
+                    .inc();
+                continue;
+            };
+            *read += 1;
+            handle(&d, guards, metrics, log, &mut self.audit);
+        }
+        READ_BATCH
     }
 }
 

@@ -72,10 +72,18 @@ impl Shares {
         }
     }
 
-    /// Gives a slot back, once no record of its target can be in the ring and its tally
-    /// has been read for the last time.
-    pub fn close(&mut self, share: &Share) {
-        self.free.push(share.slot);
+    /// Gives a slot back once every record charged to it has been read and its tally read
+    /// for the last time; false (the slot kept) while some may still be in the ring.
+    pub fn close(&mut self, share: &Share) -> bool {
+        let read = self.told[share.slot as usize];
+        let drained = self
+            .tallies
+            .get(&share.slot, 0)
+            .is_ok_and(|t| t.charged == read);
+        if drained {
+            self.free.push(share.slot);
+        }
+        drained
     }
 
     /// Tells the programs how many records of each slot the reader has read (`read`, by

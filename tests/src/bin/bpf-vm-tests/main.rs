@@ -681,7 +681,7 @@ fn exchange() -> Result<()> {
 
 /// The guard file edited and applied again (SIGHUP) twenty times while children of the
 /// target open the denied file in a loop: each new guard takes the old one's place in the
-/// maps, so every open is refused, and the target stays in BPF.
+/// maps and its share of the ring, so every open is refused, and the target stays in BPF.
 fn reapply() -> Result<()> {
     let root = tree("reapply", &["secret/f", "public/f"])?;
     let t = Target::start(&root)?;
@@ -690,7 +690,9 @@ fn reapply() -> Result<()> {
             "  - deny: [/secret]\n    events: [open]\n    tags: {{round: r{round}}}\n"
         ))
     };
-    let mut agent = Agent::start("reapply", &yaml(0), t.pid)?;
+    // Room for one target (and two shares of the ring): each apply must hand the target's
+    // share to the next, or the third within 10 s would find none and leave BPF.
+    let mut agent = Agent::start_with("reapply", &yaml(0), &[t.pid], &["--bpf-max-targets", "1"])?;
     let file = Path::new(WORK).join("agent-reapply/guard.yaml");
     let stop = std::sync::atomic::AtomicBool::new(false);
     const ROUNDS: usize = 20;
