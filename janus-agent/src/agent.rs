@@ -16,11 +16,11 @@ use crate::resolve::TargetRoot;
 use crate::state::{Phase, TargetState};
 
 #[derive(Debug, thiserror::Error)]
-pub enum GuardError {
+pub enum PlaceError {
     #[error(transparent)]
     Fanotify(#[from] StartError),
     #[error(transparent)]
-    Bpf(#[from] bpf::GuardError),
+    Bpf(#[from] bpf::PlaceError),
 }
 
 /// How the agent enforces, for `guard` and `serve` alike.
@@ -121,7 +121,7 @@ impl Agent {
     }
 
     /// Starts enforcing `guard` on `pid` until [`Agent::shutdown`].
-    pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), GuardError> {
+    pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), PlaceError> {
         self.add(
             &Agent::key(&guard, pid),
             guard,
@@ -147,7 +147,7 @@ impl Agent {
         at: TargetRoot,
         pod: String,
         container: String,
-    ) -> Result<(), GuardError> {
+    ) -> Result<(), PlaceError> {
         // A re-applied or changed guard keeps counting where the target it replaces was: the
         // controller reports the count, which must not go back.
         let (in_bpf, denials) = {
@@ -192,12 +192,12 @@ impl Agent {
         ctx: Arc<LogContext>,
         at: TargetRoot,
         replacing: Option<u32>,
-    ) -> Result<(Target, bool), GuardError> {
+    ) -> Result<(Target, bool), PlaceError> {
         let pid = at.pid;
         let guard = ctx.guard.clone();
         let mut fallback = None;
         if let Some(enforcer) = &self.bpf {
-            match enforcer.guard(ctx.clone(), &at, replacing) {
+            match enforcer.place(ctx.clone(), &at, replacing) {
                 Ok((id, swapped)) => {
                     tracing::info!(guard = %guard.name, pid, backend = bpf::BACKEND, "guarding");
                     let target = Target::Bpf {

@@ -161,8 +161,8 @@ const _: () = assert!(core::mem::offset_of!(Rule, monitor) == EVENTS * 4);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Scope {
-    /// The agent's handle of the guard, echoed in decisions.
-    pub guard_id: u32,
+    /// The agent's handle of the target (a guard on one container), echoed in decisions.
+    pub target_id: u32,
     /// autoAllowOwner: the target's process and its parent (host tgids); 0 = none.
     pub owners: [u32; 2],
     /// `SCOPE_*`.
@@ -175,7 +175,7 @@ pub struct Scope {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Decision {
-    pub guard_id: u32,
+    pub target_id: u32,
     pub scope: u32,
     pub tgid: u32,
     /// Index of the deciding subject.

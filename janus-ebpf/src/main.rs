@@ -385,10 +385,10 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
     if !off.is_set() {
         return 0;
     }
-    let (scope, guard_id, tgid, fail, slot) = match task_scope(off) {
+    let (scope, target_id, tgid, fail, slot) = match task_scope(off) {
         Prep::Skip => return 0,
         Prep::Fail(r) => return r,
-        Prep::Go(c, _) => (c.scope, c.guard_id, c.tgid, c.fail, c.slot),
+        Prep::Go(c, _) => (c.scope, c.target_id, c.tgid, c.fail, c.slot),
     };
     let (Ok(old_parent), Ok(new_parent)) = (
         read::<*const u8>(old, off.dentry_parent),
@@ -410,7 +410,7 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
         return 0;
     }
     let mut head = Head {
-        guard_id,
+        target_id,
         scope,
         tgid,
         subject: rule.subject,
@@ -568,7 +568,7 @@ fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
 struct Call {
     off: &'static Offsets,
     scope: u32,
-    guard_id: u32,
+    target_id: u32,
     tgid: u32,
     owner: bool,
     is_dir: bool,
@@ -628,7 +628,7 @@ fn task_scope(off: &'static Offsets) -> Prep {
         Call {
             off,
             scope: ns,
-            guard_id: scope.guard_id,
+            target_id: scope.target_id,
             tgid,
             owner: tgid == scope.owners[0] || tgid == scope.owners[1],
             is_dir: false,
@@ -790,7 +790,7 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
 #[inline(always)]
 fn head_of(c: &Call, ev: usize) -> Head {
     Head {
-        guard_id: c.guard_id,
+        target_id: c.target_id,
         scope: c.scope,
         tgid: c.tgid,
         subject: 0,
@@ -857,7 +857,7 @@ fn nearest_monitored(
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Head {
-    guard_id: u32,
+    target_id: u32,
     scope: u32,
     tgid: u32,
     subject: u16,
@@ -1017,7 +1017,7 @@ fn dropped() {
 
 #[inline(always)]
 fn write_head(rec: &mut Decision, head: &Head) {
-    rec.guard_id = head.guard_id;
+    rec.target_id = head.target_id;
     rec.scope = head.scope;
     rec.tgid = head.tgid;
     rec.subject = head.subject;

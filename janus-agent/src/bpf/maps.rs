@@ -8,7 +8,7 @@ use std::time::Duration;
 use aya::maps::{HashMap, MapData};
 use janus_common::{InodeKey, Rule, Scope, MAX_RULES, MAX_SCOPES};
 
-use super::{share, GuardError};
+use super::{share, PlaceError};
 use crate::resolve::{self, FileId};
 
 /// How long a lifted guard's entry stays for records still in the ring.
@@ -21,7 +21,7 @@ pub(super) struct Maps {
     pub(super) shares: share::Shares,
     pub(super) capacity: Capacity,
     pub(super) rule_count: u32,
-    pub(super) next_guard: u32,
+    pub(super) next_target: u32,
 }
 
 /// How many entries the kernel maps hold, set when the programs are loaded. The maps are
@@ -70,7 +70,7 @@ impl Maps {
         scope_id: u32,
         scope: Scope,
         old: &HashSet<InodeKey>,
-    ) -> Result<(), GuardError> {
+    ) -> Result<(), PlaceError> {
         let mut undo = Vec::with_capacity(rules.len());
         let mut result = Ok(());
         for (key, rule) in rules {
@@ -158,8 +158,8 @@ pub(super) fn linked_files(
 }
 
 /// How a map update failed, naming the map.
-pub(super) fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> GuardError {
-    move |source| GuardError::Map { map, source }
+pub(super) fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> PlaceError {
+    move |source| PlaceError::Map { map, source }
 }
 
 #[cfg(test)]
@@ -186,7 +186,7 @@ mod tests {
             ),
             capacity,
             rule_count: 0,
-            next_guard: 1,
+            next_target: 1,
         }
     }
 
@@ -221,7 +221,7 @@ mod tests {
             .place(&second, key(200), 2, Scope::default(), &HashSet::new())
             .expect_err("the scope map is full");
         assert!(
-            matches!(err, GuardError::Map { map: "SCOPES", .. }),
+            matches!(err, PlaceError::Map { map: "SCOPES", .. }),
             "{err}"
         );
         let rules: Vec<_> = m.rules.iter().map(|r| r.expect("an entry")).collect();

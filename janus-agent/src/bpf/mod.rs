@@ -1,7 +1,7 @@
 //! The BPF LSM backend: the kernel decides guarded opens and reads itself (`janus-ebpf`),
 //! and the agent fills its maps and logs the decisions it reports through a ring buffer.
 //!
-//! Which guards it cannot express, and so leaves to fanotify ([`GuardError::fallback`]):
+//! Which guards it cannot express, and so leaves to fanotify ([`PlaceError::fallback`]):
 //! a guarded path that does not exist when the guard starts (the maps are keyed by inode),
 //! a second guard on a mount namespace that already has one, and more rules, targets or
 //! shares of the decision ring than the maps hold.
@@ -105,7 +105,7 @@ pub enum StartError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum GuardError {
+pub enum PlaceError {
     #[error("pid {pid}: no mount namespace")]
     NoMountNamespace { pid: i32 },
     #[error("{source} (BPF keys rules by inode, so guarded paths must exist)")]
@@ -141,7 +141,7 @@ pub enum GuardError {
     },
 }
 
-/// Every value of [`GuardError::fallback`], for the metric's series.
+/// Every value of [`PlaceError::fallback`], for the metric's series.
 pub const FALLBACK_REASONS: [&str; 5] = [
     "no_mount_namespace",
     "path_missing",
@@ -150,24 +150,24 @@ pub const FALLBACK_REASONS: [&str; 5] = [
     "shares_taken",
 ];
 
-impl GuardError {
+impl PlaceError {
     /// Why fanotify should enforce the guard instead (`janus_bpf_fallbacks_total` and the
     /// target's state say it): the guard is valid, but this backend cannot hold it. `None`
     /// for a failure of the target itself.
     pub fn fallback(&self) -> Option<&'static str> {
         match self {
-            GuardError::NoMountNamespace { .. } => Some("no_mount_namespace"),
-            GuardError::PathMissing { .. } => Some("path_missing"),
-            GuardError::ScopeTaken { .. } => Some("scope_taken"),
-            GuardError::MapsFull { .. } => Some("maps_full"),
-            GuardError::SharesTaken { .. } => Some("shares_taken"),
-            GuardError::Resolve(_) | GuardError::Map { .. } => None,
+            PlaceError::NoMountNamespace { .. } => Some("no_mount_namespace"),
+            PlaceError::PathMissing { .. } => Some("path_missing"),
+            PlaceError::ScopeTaken { .. } => Some("scope_taken"),
+            PlaceError::MapsFull { .. } => Some("maps_full"),
+            PlaceError::SharesTaken { .. } => Some("shares_taken"),
+            PlaceError::Resolve(_) | PlaceError::Map { .. } => None,
         }
     }
 }
 
 /// What the ring reader needs to turn a decision record into a log line.
-struct GuardEntry {
+struct TargetEntry {
     ctx: Arc<LogContext>,
     counters: DecisionCounters,
     /// The guard's rule keys, with the path each was resolved from.
@@ -182,7 +182,7 @@ struct GuardEntry {
     share: Option<share::Share>,
 }
 
-impl GuardEntry {
+impl TargetEntry {
     /// Counts the decisions whose record the kernel dropped since the last look.
     fn count_lost(&mut self, shares: &share::Shares) {
         let Some(share) = &mut self.share else {
@@ -199,7 +199,7 @@ impl GuardEntry {
 pub struct Enforcer {
     ebpf: Mutex<Option<Ebpf>>,
     maps: Arc<Mutex<Maps>>,
-    guards: Arc<Mutex<StdHashMap<u32, GuardEntry>>>,
+    targets: Arc<Mutex<StdHashMap<u32, TargetEntry>>>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     reader: Mutex<Option<JoinHandle<()>>>,
@@ -276,22 +276,22 @@ impl Enforcer {
             shares: share::Shares::new(tallies, drained),
             capacity,
             rule_count: 0,
-            next_guard: 1,
+            next_target: 1,
         }));
-        let guards = Arc::new(Mutex::new(StdHashMap::new()));
+        let targets = Arc::new(Mutex::new(StdHashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
-            let (maps, guards) = (maps.clone(), guards.clone());
+            let (maps, targets) = (maps.clone(), targets.clone());
             let (stop, metrics) = (stop.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name("bpf-decisions".into())
-                .spawn(move || read_loop(ring, dropped, (&maps, &guards), &stop, &metrics, &log))
+                .spawn(move || read_loop(ring, dropped, (&maps, &targets), &stop, &metrics, &log))
                 .map_err(StartError::Reader)?
         };
         Ok(Enforcer {
             ebpf: Mutex::new(Some(ebpf)),
             maps,
-            guards,
+            targets,
             metrics,
             stop,
             reader: Mutex::new(Some(reader)),
@@ -302,19 +302,19 @@ impl Enforcer {
     /// [`Enforcer::remove`] takes, and whether it took the place of the guard `replacing`
     /// (the same target's, on the same mount namespace) in the maps, with no moment
     /// between the two; that guard is then retired and must not be removed.
-    pub fn guard(
+    pub fn place(
         &self,
         ctx: Arc<LogContext>,
         at: &TargetRoot,
         replacing: Option<u32>,
-    ) -> Result<(u32, bool), GuardError> {
+    ) -> Result<(u32, bool), PlaceError> {
         let guard = ctx.guard.clone();
         let pid = at.pid;
         let root = ContainerRoot::open(at)?;
         let scope_id = u32::try_from(root.mnt_ns)
             .ok()
             .filter(|&n| n != 0)
-            .ok_or(GuardError::NoMountNamespace { pid })?;
+            .ok_or(PlaceError::NoMountNamespace { pid })?;
         let mut table = rules::Table::default();
         let mut resolved = Vec::new();
         let mut dirs = Vec::new();
@@ -323,12 +323,12 @@ impl Enforcer {
                 resolve::ResolveError::Path { ref error, .. }
                     if error.kind() == std::io::ErrorKind::NotFound =>
                 {
-                    GuardError::PathMissing { source: e }
+                    PlaceError::PathMissing { source: e }
                 }
                 e => e.into(),
             })?;
             let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| {
-                GuardError::Resolve(resolve::ResolveError::Path {
+                PlaceError::Resolve(resolve::ResolveError::Path {
                     path: rule.path.clone(),
                     error: e.into(),
                 })
@@ -367,9 +367,9 @@ impl Enforcer {
         let root_key = stat_key(root.root_id(), 0);
 
         let mut maps = self.maps.lock().expect("maps lock");
-        let mut guards = self.guards.lock().expect("guards lock");
+        let mut targets = self.targets.lock().expect("targets lock");
         let now = Instant::now();
-        guards.retain(|_, g| {
+        targets.retain(|_, g| {
             if g.retired
                 .is_none_or(|t| now.duration_since(t) < RETIRED_FOR)
             {
@@ -381,14 +381,14 @@ impl Enforcer {
         });
         // The guard replaced in place: the same target's, still on this mount namespace.
         let replaced = replacing.and_then(|id| {
-            guards
+            targets
                 .get(&id)
                 .filter(|g| g.scope == scope_id && g.retired.is_none())
         });
         let old: HashSet<InodeKey> = match replaced {
             Some(g) => g.paths.keys().copied().collect(),
             None if maps.scopes.get(&scope_id, 0).is_ok() => {
-                return Err(GuardError::ScopeTaken {
+                return Err(PlaceError::ScopeTaken {
                     scope: scope_id,
                     pid,
                 })
@@ -399,7 +399,7 @@ impl Enforcer {
         // While both are in the maps, the new keys come on top of the old.
         let needed = table.rules.keys().filter(|k| !old.contains(k)).count() as u32;
         let held =
-            guards.values().filter(|g| g.retired.is_none()).count() as u32 - u32::from(replaced);
+            targets.values().filter(|g| g.retired.is_none()).count() as u32 - u32::from(replaced);
         let cap = maps.capacity;
         if maps.rule_count + needed > cap.rules || held >= cap.targets {
             // Full maps are a sizing fault the operator must see, not a partial guard: the
@@ -408,7 +408,7 @@ impl Enforcer {
                 .placement_failures
                 .with_label_values(&[BACKEND, "map"])
                 .inc();
-            return Err(GuardError::MapsFull {
+            return Err(PlaceError::MapsFull {
                 needed,
                 used: maps.rule_count,
                 rules: cap.rules,
@@ -416,8 +416,8 @@ impl Enforcer {
                 targets: cap.targets,
             });
         }
-        let guard_id = maps.next_guard;
-        maps.next_guard += 1;
+        let target_id = maps.next_target;
+        maps.next_target += 1;
         let mut flags = 0;
         if guard.monitors_only() {
             flags |= SCOPE_MONITOR;
@@ -429,7 +429,7 @@ impl Enforcer {
         // records, counted in one slot (and a re-apply takes no new one).
         let mut predecessor = replacing
             .filter(|_| replaced)
-            .and_then(|id| guards.get_mut(&id));
+            .and_then(|id| targets.get_mut(&id));
         let share = match predecessor.as_mut().and_then(|g| g.share.take()) {
             Some(share) => share,
             None => maps.shares.open().inspect_err(|_| {
@@ -440,7 +440,7 @@ impl Enforcer {
             })?,
         };
         let scope = Scope {
-            guard_id,
+            target_id,
             owners,
             flags,
             slot: share.slot(),
@@ -459,13 +459,13 @@ impl Enforcer {
             return Err(e);
         }
         if replaced {
-            if let Some(g) = replacing.and_then(|id| guards.get_mut(&id)) {
+            if let Some(g) = replacing.and_then(|id| targets.get_mut(&id)) {
                 g.retired = Some(now);
             }
         }
-        guards.insert(
-            guard_id,
-            GuardEntry {
+        targets.insert(
+            target_id,
+            TargetEntry {
                 counters: self
                     .metrics
                     .decision_counters(&guard.name, &guard.namespace, BACKEND),
@@ -477,16 +477,16 @@ impl Enforcer {
                 share: Some(share),
             },
         );
-        Ok((guard_id, replaced))
+        Ok((target_id, replaced))
     }
 
     /// Lifts a guard: the scope goes first, so the kernel stops deciding for it before its
     /// rules disappear.
-    pub fn remove(&self, guard_id: u32) {
+    pub fn remove(&self, target_id: u32) {
         let mut maps = self.maps.lock().expect("maps lock");
-        let mut guards = self.guards.lock().expect("guards lock");
+        let mut targets = self.targets.lock().expect("targets lock");
         // A guard replaced in place is retired already: its scope is its successor's.
-        let Some(entry) = guards.get_mut(&guard_id).filter(|g| g.retired.is_none()) else {
+        let Some(entry) = targets.get_mut(&target_id).filter(|g| g.retired.is_none()) else {
             return;
         };
         entry.retired = Some(Instant::now());
@@ -535,19 +535,19 @@ mod tests {
             error: std::io::ErrorKind::NotFound.into(),
         };
         let fallbacks = [
-            GuardError::NoMountNamespace { pid: 1 },
-            GuardError::PathMissing { source: missing },
-            GuardError::ScopeTaken { scope: 1, pid: 1 },
-            GuardError::MapsFull {
+            PlaceError::NoMountNamespace { pid: 1 },
+            PlaceError::PathMissing { source: missing },
+            PlaceError::ScopeTaken { scope: 1, pid: 1 },
+            PlaceError::MapsFull {
                 needed: 1,
                 used: 1,
                 rules: 1,
                 held: 1,
                 targets: 1,
             },
-            GuardError::SharesTaken { slots: 1 },
+            PlaceError::SharesTaken { slots: 1 },
         ];
-        let reasons: Vec<_> = fallbacks.iter().filter_map(GuardError::fallback).collect();
+        let reasons: Vec<_> = fallbacks.iter().filter_map(PlaceError::fallback).collect();
         assert_eq!(reasons, FALLBACK_REASONS);
     }
 }

@@ -16,7 +16,7 @@ use janus_common::{
 };
 
 use super::maps::Maps;
-use super::{audit, GuardEntry, BACKEND};
+use super::{audit, TargetEntry, BACKEND};
 use crate::decisions::{Entry, LogContext, LogSender};
 use crate::metrics::Metrics;
 
@@ -32,7 +32,7 @@ const RECOUNT_EVERY: Duration = Duration::from_millis(100);
 pub(super) fn read_loop(
     mut ring: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
-    (maps, guards): (&Mutex<Maps>, &Mutex<StdHashMap<u32, GuardEntry>>),
+    (maps, targets): (&Mutex<Maps>, &Mutex<StdHashMap<u32, TargetEntry>>),
     stop: &AtomicBool,
     metrics: &Metrics,
     log: &LogSender,
@@ -53,9 +53,9 @@ pub(super) fn read_loop(
         let fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
         let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16));
-        let mut n = reader.batch(&mut ring, guards, metrics, log);
+        let mut n = reader.batch(&mut ring, targets, metrics, log);
         while stopping && n == READ_BATCH {
-            n = reader.batch(&mut ring, guards, metrics, log);
+            n = reader.batch(&mut ring, targets, metrics, log);
         }
         let total: u64 = dropped.get(&0, 0).map_or(0, |c| c.iter().sum());
         let now = Instant::now();
@@ -65,17 +65,17 @@ pub(super) fn read_loop(
             recount.get_or_insert(now);
         }
         let mut maps = maps.lock().expect("maps lock");
-        let mut guards = guards.lock().expect("guards lock");
+        let mut targets = targets.lock().expect("targets lock");
         maps.shares.tell(&reader.read);
         if stopping || recount.is_some_and(|at| now >= at) {
-            for g in guards.values_mut() {
+            for g in targets.values_mut() {
                 g.count_lost(&maps.shares);
             }
             // Again while drops come, and once more after the last; then not until the next.
             recount = (dropped_seen != recounted_at).then_some(now + RECOUNT_EVERY);
             recounted_at = dropped_seen;
         }
-        drop((maps, guards));
+        drop((maps, targets));
         if stopping {
             return;
         }
@@ -94,7 +94,7 @@ impl Reader {
     fn batch(
         &mut self,
         ring: &mut RingBuf<MapData>,
-        guards: &Mutex<StdHashMap<u32, GuardEntry>>,
+        targets: &Mutex<StdHashMap<u32, TargetEntry>>,
         metrics: &Metrics,
         log: &LogSender,
     ) -> usize {
@@ -121,7 +121,7 @@ impl Reader {
                 continue;
             };
             *read += 1;
-            handle(&d, guards, metrics, log, &mut self.audit);
+            handle(&d, targets, metrics, log, &mut self.audit);
         }
         READ_BATCH
     }
@@ -129,13 +129,13 @@ impl Reader {
 
 fn handle(
     d: &Decision,
-    guards: &Mutex<StdHashMap<u32, GuardEntry>>,
+    targets: &Mutex<StdHashMap<u32, TargetEntry>>,
     metrics: &Metrics,
     log: &LogSender,
     audit: &mut Option<audit::AuditLog>,
 ) {
-    let guards = guards.lock().expect("guards lock");
-    let Some(g) = guards.get(&d.guard_id) else {
+    let targets = targets.lock().expect("targets lock");
+    let Some(g) = targets.get(&d.target_id) else {
         metrics
             .internal_errors
             .with_label_values(&[BACKEND, "unknown_guard"])

@@ -12,7 +12,7 @@ use janus_api::{Event, Mode, Verdict};
 use janus_common::{lost_slot, Tally, LOST_SLOTS};
 
 use super::maps::map_error;
-use super::GuardError;
+use super::PlaceError;
 
 pub(super) struct Shares {
     tallies: Array<MapData, Tally>,
@@ -56,8 +56,8 @@ impl Shares {
 
     /// A slot for a new target; an error when every slot is taken (by targets held, or
     /// lifted a short while ago). The slot's counts go on from its last target's.
-    pub fn open(&mut self) -> Result<Share, GuardError> {
-        let slot = self.free.pop().ok_or(GuardError::SharesTaken {
+    pub fn open(&mut self) -> Result<Share, PlaceError> {
+        let slot = self.free.pop().ok_or(PlaceError::SharesTaken {
             slots: self.told.len(),
         })?;
         match self.tallies.get(&slot, 0) {
