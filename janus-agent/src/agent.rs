@@ -9,11 +9,12 @@ use janus_api::GuardPolicy;
 
 use crate::bpf::{self, BackendChoice, Enforcer};
 use crate::decisions::{DecisionFormat, LogContext, LogSender};
-use crate::fanotify::target::{StartError, TargetSpec};
+use crate::fanotify::target::StartError;
 use crate::fanotify::{self, Engine, TargetHandle};
 use crate::metrics::Metrics;
 use crate::resolve::TargetRoot;
 use crate::state::{Phase, TargetState};
+use crate::target::TargetSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlaceError {
@@ -195,15 +196,19 @@ impl Agent {
     ) -> Result<(Target, bool), PlaceError> {
         let pid = at.pid;
         let guard = ctx.guard.clone();
-        let mut fallback = None;
+        let mut spec = TargetSpec {
+            ctx,
+            root: at,
+            warnings: Vec::new(),
+        };
         if let Some(enforcer) = &self.bpf {
-            match enforcer.place(ctx.clone(), &at, replacing) {
+            match enforcer.place(&spec, replacing) {
                 Ok((id, swapped)) => {
                     tracing::info!(guard = %guard.name, pid, backend = bpf::BACKEND, "guarding");
                     let target = Target::Bpf {
                         id,
-                        state: Box::new(bpf_state(&guard, pid, ctx.pod.clone())),
-                        ctx,
+                        state: Box::new(bpf_state(&guard, pid, spec.ctx.pod.clone())),
+                        ctx: spec.ctx,
                     };
                     return Ok((target, swapped));
                 }
@@ -220,7 +225,8 @@ impl Agent {
                         .backend_info
                         .with_label_values(&[fanotify::target::BACKEND])
                         .set(1);
-                    fallback = Some(format!("enforced by fanotify, not BPF ({reason}): {e}"));
+                    let why = format!("enforced by fanotify, not BPF ({reason}): {e}");
+                    spec.warnings.push(why);
                 }
             }
         }
@@ -230,11 +236,7 @@ impl Agent {
             .expect("fanotify lock")
             .as_ref()
             .ok_or(StartError::Stopped)?
-            .add(TargetSpec {
-                ctx,
-                root: at,
-                fallback,
-            })?;
+            .add(spec)?;
         tracing::info!(guard = %guard.name, pid, backend = fanotify::target::BACKEND, "guarding");
         Ok((Target::Fanotify(handle), false))
     }

@@ -14,4 +14,5 @@ pub mod resolve;
 pub mod serve;
 pub mod standalone;
 pub mod state;
+pub mod target;
 pub mod tls;

@@ -35,7 +35,8 @@ use janus_common::{
 
 use crate::decisions::{LogContext, LogSender};
 use crate::metrics::{DecisionCounters, Metrics};
-use crate::resolve::{self, ContainerRoot, FileId, TargetRoot};
+use crate::resolve::{self, ContainerRoot, FileId};
+use crate::target::TargetSpec;
 use maps::{linked_files, stat_key, Maps, RETIRED_FOR};
 use probe::LSM_LIST;
 use ring::read_loop;
@@ -304,10 +305,10 @@ impl Enforcer {
     /// between the two; that guard is then retired and must not be removed.
     pub fn place(
         &self,
-        ctx: Arc<LogContext>,
-        at: &TargetRoot,
+        spec: &TargetSpec,
         replacing: Option<u32>,
     ) -> Result<(u32, bool), PlaceError> {
+        let (ctx, at) = (spec.ctx.clone(), &spec.root);
         let guard = ctx.guard.clone();
         let pid = at.pid;
         let root = ContainerRoot::open(at)?;

@@ -19,10 +19,11 @@ use super::answer::{Answerer, Registry};
 use super::created::{CreateWatch, Created};
 use super::group::{AlignedBuf, FanotifyError, PermGroup};
 use super::marks::{MarkTable, TargetId};
-use super::target::{Marker, StartError, TargetShared, TargetSpec, BACKEND};
+use super::target::{Marker, StartError, TargetShared, BACKEND};
 use crate::decisions::{LogContext, LogSender};
 use crate::metrics::Metrics;
 use crate::state::TargetState;
+use crate::target::TargetSpec;
 
 /// How often missing paths are retried, symlinked paths re-resolved, removed objects
 /// forgotten and mounts read again.

@@ -14,8 +14,9 @@ use super::marks::{MarkTable, TargetId};
 use super::tree::{Failure, Found, Walk};
 use crate::decisions::LogContext;
 use crate::metrics::{DecisionCounters, Metrics};
-use crate::resolve::{self, ContainerRoot, FileId, ResolveError, TargetRoot};
+use crate::resolve::{self, ContainerRoot, FileId, ResolveError};
 use crate::state::{PathState, PathStatus, Phase, TargetState};
+use crate::target::TargetSpec;
 
 pub const BACKEND: &str = "fanotify";
 
@@ -29,14 +30,6 @@ pub enum StartError {
     Pidfd { pid: i32, error: std::io::Error },
     #[error("the fanotify engine has stopped")]
     Stopped,
-}
-
-pub struct TargetSpec {
-    /// The guard, and what its records name the target by.
-    pub ctx: Arc<LogContext>,
-    pub root: TargetRoot,
-    /// Why the BPF backend left it to fanotify, for the target's state.
-    pub fallback: Option<String>,
 }
 
 /// What the answering thread decides with, changed in place by the marker thread.
@@ -147,8 +140,8 @@ impl TargetShared {
         for w in &warnings {
             tracing::warn!(guard = %guard.name, namespace = %guard.namespace, pid, "{w}");
         }
-        // Logged where it was decided.
-        warnings.extend(spec.fallback);
+        // Logged where they were decided.
+        warnings.extend(spec.warnings);
         Ok(TargetShared {
             id,
             owners,
