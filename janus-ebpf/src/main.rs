@@ -23,7 +23,7 @@
 //!   denies (fail closed).
 //! - Every decision goes to the agent through `DECISIONS`; when the ring is full, or half
 //!   full and the target already has its share (`RING_SHARE`) waiting, the decision stands,
-//!   and its record is counted in the target's `TALLY` and in `DROPPED` instead: one
+//!   and its record is counted in the target's tally (`TALLIES`) and in `DROPPED` instead: one
 //!   container's flood cannot take the ring from the others, nor make a count wrong.
 //!
 //! Rust BPF has no CO-RE, so the loader reads the kernel's struct layout from its BTF and
@@ -424,7 +424,7 @@ fn keep_in_guard(old: *const u8, new: *const u8, action: usize, mnt: *const u8) 
     if rule.flags & RULE_AUDIT != 0 {
         head.flags |= DECISION_AUDIT;
     }
-    record(&Made {
+    janus_record(&Made {
         head,
         leaf: old as u64,
         mnt: mnt as u64,
@@ -782,7 +782,7 @@ fn check(ctx: &LsmContext, c: &Call, ev: usize) -> i32 {
     // The record is made by a function the verifier goes through once, on its own: inline,
     // it went through it once per state that reaches here, past 6.1's budget.
     made.watched = u8::from(!deny && c.watched);
-    record(&made);
+    janus_record(&made);
     answer
 }
 
@@ -868,7 +868,7 @@ pub struct Head {
     rule: InodeKey,
 }
 
-/// A decision made, as [`record`] takes it: plain memory of a fixed size, which is what a
+/// A decision made, as [`janus_record`] takes it: plain memory of a fixed size, which is what a
 /// global function may be given (its pointers as numbers, read with `bpf_probe_read_kernel`).
 #[repr(C)]
 pub struct Made {
@@ -954,12 +954,6 @@ pub extern "C" fn janus_record(made: *const Made) -> i32 {
 const _: () = assert!(core::mem::size_of::<Head>() == 40);
 const _: () = assert!(core::mem::size_of::<Made>() == 64);
 
-/// Calls [`janus_record`].
-#[inline(always)]
-fn record(made: &Made) {
-    janus_record(made);
-}
-
 /// A record for `head`'s decision in the ring, charged to its target; or `None` with the
 /// loss counted: the ring is full, or half full with the target's share of it waiting. Runs
 /// on other CPUs at the same moment may each find the share one short of full: a target can
@@ -1009,9 +1003,9 @@ unsafe fn add(at: *mut u64, n: u64) {
 #[inline(always)]
 fn dropped() {
     if let Some(n) = DROPPED.get_ptr_mut(0) {
-        // Per CPU; a run that preempts this one between the load and the store could
-        // lose a count (the BPF target has no atomic add in `core`).
-        unsafe { *n += 1 };
+        // SAFETY: the map's value, this CPU's; atomic, as a run that preempts this one
+        // may count too.
+        unsafe { add(n, 1) };
     }
 }
 
