@@ -459,10 +459,8 @@ impl Enforcer {
                 .inc();
             return Err(e);
         }
-        if replaced {
-            if let Some(g) = replacing.and_then(|id| targets.get_mut(&id)) {
-                g.retired = Some(now);
-            }
+        if let Some(g) = predecessor {
+            g.retired = Some(now);
         }
         targets.insert(
             target_id,

@@ -77,10 +77,15 @@ impl LogContext {
     /// counted as denials where they were, and as dropped lines.
     pub fn lost(&self, verdict: Verdict, n: u64) {
         if verdict == Verdict::Deny {
-            self.denials.count.fetch_add(n, Ordering::Relaxed);
-            self.denied.inc_by(n);
+            self.count_denials(n);
         }
         self.dropped.inc_by(n);
+    }
+
+    /// `n` denials made: counted whatever becomes of their records.
+    fn count_denials(&self, n: u64) {
+        self.denials.count.fetch_add(n, Ordering::Relaxed);
+        self.denied.inc_by(n);
     }
 }
 
@@ -152,8 +157,7 @@ impl LogSender {
     pub fn send(&self, entry: Entry) {
         let ctx = &entry.ctx;
         if entry.verdict == Verdict::Deny {
-            ctx.denials.count.fetch_add(1, Ordering::Relaxed);
-            ctx.denied.inc();
+            ctx.count_denials(1);
         }
         if ctx.queued.fetch_add(1, Ordering::Relaxed) >= SHARE {
             ctx.queued.fetch_sub(1, Ordering::Relaxed);
