@@ -12,7 +12,8 @@ use crate::decisions::{DecisionFormat, LogContext, LogSender};
 use crate::fanotify::target::StartError;
 use crate::fanotify::{self, Engine, TargetHandle};
 use crate::metrics::Metrics;
-use crate::resolve::TargetRoot;
+use crate::pin::PinnedProcess;
+use crate::resolve::{ResolveError, TargetRoot};
 use crate::state::{Phase, TargetState};
 use crate::target::TargetSpec;
 
@@ -22,6 +23,8 @@ pub enum PlaceError {
     Fanotify(#[from] StartError),
     #[error(transparent)]
     Bpf(#[from] bpf::PlaceError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
 }
 
 /// How the agent enforces, for `guard` and `serve` alike.
@@ -123,13 +126,8 @@ impl Agent {
 
     /// Starts enforcing `guard` on `pid` until [`Agent::shutdown`].
     pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), PlaceError> {
-        self.add(
-            &Agent::key(&guard, pid),
-            guard,
-            pid.into(),
-            pod,
-            String::new(),
-        )
+        let at = TargetRoot::new(PinnedProcess::pin_pid(pid)?, None);
+        self.add(&Agent::key(&guard, pid), guard, at, pod, String::new())
     }
 
     /// The key [`Agent::guard`] holds `guard` on `pid` under.
@@ -194,7 +192,7 @@ impl Agent {
         at: TargetRoot,
         replacing: Option<u32>,
     ) -> Result<(Target, bool), PlaceError> {
-        let pid = at.pid;
+        let pid = at.pid();
         let guard = ctx.guard.clone();
         let mut spec = TargetSpec {
             ctx,

@@ -24,8 +24,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
-use crate::resolve;
+use crate::pin::{PinnedProcess, ProcDir};
+use crate::resolve::{self, ResolveError};
 
 /// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, fixed by the kernel).
 const INITIAL_CGROUP_NS: u64 = 0xEFFF_FFFB;
@@ -220,15 +222,18 @@ fn roots_differ(pid: i32, ppid: i32) -> bool {
 }
 
 /// Process `pid`, when it runs in `container`'s cgroup in pod `pod_uid`'s.
-pub fn member(pid: i32, container: &ContainerId, pod_uid: &str) -> Option<Process> {
+pub fn member(pid: i32, container: &ContainerId, pod_uid: &str) -> Option<Member> {
     let p = read_proc("/proc", pid)?;
     let inside = p.cgroups.iter().any(|path| {
         pod_of(path)
             .is_some_and(|(uid, leaf)| uid == pod_uid && leaf.is_some_and(|l| container.is_leaf(l)))
     });
-    inside.then_some(Process {
-        pid,
-        start: p.start,
+    inside.then_some(Member {
+        process: Process {
+            pid,
+            start: p.start,
+        },
+        dir: p.dir,
     })
 }
 
@@ -251,6 +256,9 @@ struct Proc {
     rooted: bool,
     /// Its parent (0: none).
     ppid: i32,
+    /// Its `/proc/PID`, through which it was read: kept for a pod's processes, one of which
+    /// may be chosen as an init and pinned.
+    dir: Option<Arc<ProcDir>>,
 }
 
 /// What one pass over /proc found for the containers and pods asked about.
@@ -266,6 +274,8 @@ pub struct Scan {
     pub containers: BTreeMap<String, BTreeSet<ContainerId>>,
     /// The processes of each container found, by PID, with their start times.
     pub members: BTreeMap<ContainerId, BTreeMap<i32, u64>>,
+    /// The directory each init was read through.
+    init_dirs: BTreeMap<ContainerId, Arc<ProcDir>>,
 }
 
 /// A process, by its PID and its start time (clock ticks since boot): a PID the kernel
@@ -286,10 +296,33 @@ impl Scan {
     }
 
     /// The init of `container`, if found.
-    pub fn init(&self, container: &ContainerId) -> Option<Process> {
+    pub fn init(&self, container: &ContainerId) -> Option<Member> {
         let pid = *self.inits.get(container)?;
         let start = *self.members.get(container)?.get(&pid)?;
-        Some(Process { pid, start })
+        Some(Member {
+            process: Process { pid, start },
+            dir: self.init_dirs.get(container).cloned(),
+        })
+    }
+}
+
+/// A container's process as one reading of /proc found it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub process: Process,
+    /// The `/proc/PID` it was read through.
+    dir: Option<Arc<ProcDir>>,
+}
+
+impl Member {
+    /// Pins the process read: refused once it has ended, whoever has its PID since.
+    pub fn pin(&self) -> Result<PinnedProcess, ResolveError> {
+        let pid = self.process.pid;
+        let dir = self.dir.clone().ok_or_else(|| ResolveError::Pin {
+            pid,
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "not read from /proc"),
+        })?;
+        PinnedProcess::hold(self.process, dir)
     }
 }
 
@@ -353,7 +386,10 @@ fn scan_procs(procs: &[Proc], pods: &[(String, Runtime)]) -> Scan {
             .filter(|p| p.rooted && !pids.contains(&p.ppid))
             .min_by_key(|p| (p.ns_depth, !p.ns_init, p.start, p.pid));
         if let Some(p) = init {
-            out.inits.insert(cid, p.pid);
+            out.inits.insert(cid.clone(), p.pid);
+            if let Some(dir) = &p.dir {
+                out.init_dirs.insert(cid, dir.clone());
+            }
         }
     }
     out
@@ -415,22 +451,24 @@ fn read_procs(proc_root: &str) -> Vec<Proc> {
         .collect()
 }
 
-/// None when the process vanished mid-read: it is simply not there.
+/// None when the process vanished mid-read: it is simply not there. Read through its
+/// directory, held open: every field is that one process's, even if its PID is given again
+/// meanwhile.
 fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
-    let cgroup = std::fs::read(format!("{proc_root}/{pid}/cgroup")).ok()?;
+    let dir = ProcDir::open(proc_root, pid).ok()?;
+    let cgroup = dir.read("cgroup").ok()?;
     let cgroups: Vec<String> = String::from_utf8_lossy(&cgroup)
         .lines()
         .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_owned))
         .collect();
-    let status = std::fs::read(format!("{proc_root}/{pid}/status")).ok()?;
+    let status = dir.read("status").ok()?;
     let nspid: Vec<String> = String::from_utf8_lossy(&status)
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
         .map(|ids| ids.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default();
     let ns_init = nspid.len() > 1 && nspid.last().map(String::as_str) == Some("1");
-    let stat = std::fs::read(format!("{proc_root}/{pid}/stat")).ok()?;
-    let (ppid, start) = resolve::stat_fields(&stat)?;
+    let (ppid, start) = dir.stat().ok()?;
     // Only a pod's processes can be a container's init.
     let in_pod = cgroups.iter().any(|c| c.contains("kubepods"));
     let rooted = in_pod && roots_differ(pid, ppid);
@@ -442,6 +480,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         start,
         rooted,
         ppid,
+        dir: in_pod.then(|| Arc::new(dir)),
     })
 }
 
@@ -482,7 +521,8 @@ mod tests {
         let s = scan(&[runc.clone(), init(false), chrooted]);
         assert_eq!(s.inits.get(&c), None);
         let s = scan(&[runc, init(true)]);
-        assert_eq!(s.init(&c), Some(Process { pid: 11, start: 2 }));
+        let init = s.init(&c).map(|m| m.process);
+        assert_eq!(init, Some(Process { pid: 11, start: 2 }));
         // A process is its PID and its start: the same PID started again is another.
         assert!(s.runs(&c, Process { pid: 10, start: 1 }));
         assert!(!s.runs(&c, Process { pid: 11, start: 3 }));
@@ -502,6 +542,7 @@ mod tests {
             start,
             rooted: true,
             ppid: 0,
+            dir: None,
         }
     }
 

@@ -5,8 +5,11 @@ use std::ffi::CString;
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 use janus_api::GuardPath;
+
+use crate::pin::PinnedProcess;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -14,6 +17,10 @@ pub enum ResolveError {
     Root { pid: i32, error: io::Error },
     #[error("pid {pid}: cannot read /proc/{pid}/stat: {error}")]
     Stat { pid: i32, error: io::Error },
+    #[error("pid {pid}: cannot hold the process (pidfd, /proc/{pid}): {error}")]
+    Pin { pid: i32, error: io::Error },
+    #[error("pid {pid}: no longer the process chosen (started at tick {start}): it ended")]
+    Replaced { pid: i32, start: u64 },
     #[error("{path}: {error}")]
     Path { path: GuardPath, error: io::Error },
     #[error("{path}: resolves outside the container's root as the agent sees it")]
@@ -63,31 +70,37 @@ pub fn is_dir(st: &libc::statx) -> bool {
     u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR
 }
 
-/// A target process, and where its container's files are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A target process, pinned, and where its container's files are.
+#[derive(Debug, Clone)]
 pub struct TargetRoot {
-    pub pid: i32,
+    pub process: Arc<PinnedProcess>,
     /// While the runtime sets the container up (a start gate runs before `pivot_root`),
     /// the directory that becomes its root, as the process's mount namespace names it;
     /// None once the process's root is the container's.
     pub rootfs: Option<std::path::PathBuf>,
 }
 
-impl From<i32> for TargetRoot {
-    fn from(pid: i32) -> TargetRoot {
-        TargetRoot { pid, rootfs: None }
-    }
-}
-
 impl TargetRoot {
+    pub fn new(process: PinnedProcess, rootfs: Option<std::path::PathBuf>) -> TargetRoot {
+        TargetRoot {
+            process: Arc::new(process),
+            rootfs,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
+    }
+
     /// The processes `autoAllowOwner` lets through: the target and its parent, which a
     /// container's init started by an init of its own (tini) needs. Before `pivot_root` the
     /// parent is the runtime, which exits and leaves its PID to be given again: the target
     /// alone.
     pub fn owners(&self) -> Result<[i32; 2], ResolveError> {
+        let pid = self.pid();
         Ok(match self.rootfs {
-            Some(_) => [self.pid, self.pid],
-            None => [self.pid, parent_pid(self.pid)?],
+            Some(_) => [pid, pid],
+            None => [pid, self.process.stat()?.0],
         })
     }
 }
@@ -95,6 +108,7 @@ impl TargetRoot {
 /// A target process's root directory, held open.
 pub struct ContainerRoot {
     pub pid: i32,
+    process: Arc<PinnedProcess>,
     root: OwnedFd,
     /// How the kernel renders this root in our paths: empty when the target has a mount
     /// namespace of its own (its root then renders as `/`), else the host path of a chroot.
@@ -118,21 +132,19 @@ const NS_GET_PARENT: libc::c_ulong = 0xb702;
 /// PID namespaces nest at most 32 deep (MAX_PID_NS_LEVEL).
 const MAX_PID_NS_DEPTH: usize = 33;
 
-fn ns_inode(pid: &str, ns: &str) -> Option<u64> {
-    std::fs::metadata(format!("/proc/{pid}/ns/{ns}"))
+fn own_ns_inode(ns: &str) -> Option<u64> {
+    std::fs::metadata(format!("/proc/self/ns/{ns}"))
         .ok()
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
 }
 
 impl ContainerRoot {
     pub fn open(at: &TargetRoot) -> Result<ContainerRoot, ResolveError> {
-        let pid = at.pid;
-        let mut root = open_path(
-            None,
-            format!("/proc/{pid}/root").as_bytes(),
-            libc::O_DIRECTORY,
-        )
-        .map_err(|error| ResolveError::Root { pid, error })?;
+        let process = at.process.clone();
+        let pid = process.pid();
+        let mut root = process
+            .open("root", libc::O_DIRECTORY)
+            .map_err(|error| ResolveError::Root { pid, error })?;
         if let Some(rootfs) = &at.rootfs {
             // In the process's root: a symlink on the way (a distribution's /var/run)
             // resolves there, not in the agent's.
@@ -146,8 +158,8 @@ impl ContainerRoot {
             )
             .map_err(|error| ResolveError::Root { pid, error })?;
         }
-        let mnt_ns = ns_inode(&pid.to_string(), "mnt").unwrap_or(0);
-        let own_ns = at.rootfs.is_some() && Some(mnt_ns) != ns_inode("self", "mnt");
+        let mnt_ns = process.ns_inode("mnt").unwrap_or(0);
+        let own_ns = at.rootfs.is_some() && Some(mnt_ns) != own_ns_inode("mnt");
         let mut prefix =
             fd_path(root.as_fd()).map_err(|error| ResolveError::Root { pid, error })?;
         if prefix == b"/" {
@@ -164,10 +176,12 @@ impl ContainerRoot {
             pid,
             error: e.into(),
         })?;
-        let pid_ns =
-            ns_inode(&pid.to_string(), "pid").filter(|ns| Some(*ns) != ns_inode("self", "pid"));
+        let pid_ns = process
+            .ns_inode("pid")
+            .filter(|ns| Some(*ns) != own_ns_inode("pid"));
         Ok(ContainerRoot {
             pid,
+            process,
             root,
             prefix,
             setup_prefix,
@@ -189,12 +203,21 @@ impl ContainerRoot {
         if self.setup_prefix.is_empty() || self.pivoted.load(Ordering::Relaxed) {
             return None;
         }
-        if process_root(self.pid) == Some(self.root_id) {
+        let root = self
+            .process
+            .open("root", 0)
+            .and_then(|fd| statx(fd.as_fd()));
+        if root.is_ok_and(|st| FileId::of(&st) == self.root_id) {
             // Once: a later chroot of the target's does not make it a set-up again.
             self.pivoted.store(true, Ordering::Relaxed);
             return None;
         }
         Some(self.setup_prefix.as_slice())
+    }
+
+    /// The target process, pinned.
+    pub fn process(&self) -> &PinnedProcess {
+        &self.process
     }
 
     /// The root directory's identity.

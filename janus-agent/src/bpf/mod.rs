@@ -310,7 +310,7 @@ impl Enforcer {
     ) -> Result<(u32, bool), PlaceError> {
         let (ctx, at) = (spec.ctx.clone(), &spec.root);
         let guard = ctx.guard.clone();
-        let pid = at.pid;
+        let pid = at.pid();
         let root = ContainerRoot::open(at)?;
         let scope_id = u32::try_from(root.mnt_ns)
             .ok()

@@ -161,7 +161,7 @@ impl Engine {
             &self.inner.metrics,
             self.inner.audit,
         )?);
-        let marker = Marker::new(shared.clone())?;
+        let marker = Marker::new(shared.clone());
         let (tx, rx) = sync_channel(1);
         if !self.inner.send(Command::Add(Box::new(marker), tx)) || rx.recv().is_err() {
             return Err(StartError::Stopped);
@@ -199,7 +199,7 @@ impl MarkerLoop {
             let pidfds: Vec<(TargetId, BorrowedFd<'_>)> = self
                 .targets
                 .iter()
-                .map(|(id, m)| (*id, m.pidfd.as_fd()))
+                .map(|(id, m)| (*id, m.shared.root.process().pidfd()))
                 .collect();
             let ready = wait(
                 self.table.watch().as_fd(),

@@ -3,7 +3,7 @@
 //! marks ([`Marker`]).
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, RwLock};
 
 use janus_api::decide::{Decision, Rule};
@@ -14,6 +14,7 @@ use super::marks::{MarkTable, TargetId};
 use super::tree::{Failure, Found, Walk};
 use crate::decisions::LogContext;
 use crate::metrics::{DecisionCounters, Metrics};
+use crate::pin::PinnedProcess;
 use crate::resolve::{self, ContainerRoot, FileId, ResolveError};
 use crate::state::{PathState, PathStatus, Phase, TargetState};
 use crate::target::TargetSpec;
@@ -26,8 +27,6 @@ pub enum StartError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Fanotify(#[from] FanotifyError),
-    #[error("pid {pid}: pidfd_open: {error}")]
-    Pidfd { pid: i32, error: std::io::Error },
     #[error("the fanotify engine has stopped")]
     Stopped,
 }
@@ -132,7 +131,7 @@ impl TargetShared {
         metrics: &Metrics,
         audit: bool,
     ) -> Result<TargetShared, StartError> {
-        let pid = spec.root.pid;
+        let pid = spec.root.pid();
         let root = ContainerRoot::open(&spec.root)?;
         let owners = spec.root.owners()?;
         let guard = spec.ctx.guard.clone();
@@ -202,7 +201,6 @@ struct PathSlot {
 /// What the marker thread keeps of a target.
 pub struct Marker {
     pub shared: Arc<TargetShared>,
-    pub pidfd: OwnedFd,
     slots: Vec<PathSlot>,
     /// Objects below guarded paths that could not be marked in the last walk.
     failures: Vec<String>,
@@ -229,9 +227,7 @@ fn at_the_open(rule: &Rule) -> Rule {
 }
 
 impl Marker {
-    pub fn new(shared: Arc<TargetShared>) -> Result<Marker, StartError> {
-        let pid = shared.root.pid;
-        let pidfd = pidfd_open(pid).map_err(|error| StartError::Pidfd { pid, error })?;
+    pub fn new(shared: Arc<TargetShared>) -> Marker {
         let slots = RuleSet::from_policy(shared.guard())
             .rules()
             .iter()
@@ -248,13 +244,12 @@ impl Marker {
                 current: None,
             })
             .collect();
-        Ok(Marker {
+        Marker {
             shared,
-            pidfd,
             slots,
             failures: Vec::new(),
             published: 0,
-        })
+        }
     }
 
     pub fn id(&self) -> TargetId {
@@ -276,7 +271,7 @@ impl Marker {
         for i in 0..self.slots.len() {
             self.resolve(i, table, &mut found, metrics);
         }
-        let mounts = mount_ids(self.shared.root.pid, self.shared.root.setting_up());
+        let mounts = mount_ids(self.shared.root.process(), self.shared.root.setting_up());
         let exact: Vec<Rule> = self
             .slots
             .iter()
@@ -660,22 +655,11 @@ fn add_found(view: &mut View, found: Vec<Found>) {
     }
 }
 
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain syscall with integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Mount IDs in the target's mount namespace, sorted, from its mountinfo; only those
 /// mounted at or below `under` when given. Read by the marker thread, off the answering
 /// thread, because reading a file there could wait on a mark.
-fn mount_ids(pid: i32, under: Option<&[u8]>) -> Vec<u64> {
-    let text = std::fs::read(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+fn mount_ids(process: &PinnedProcess, under: Option<&[u8]>) -> Vec<u64> {
+    let text = process.read("mountinfo").unwrap_or_default();
     let below = |point: &[u8]| {
         under.is_none_or(|u| {
             point

@@ -17,6 +17,7 @@ use prost::Message;
 
 use super::{target_key, Guards, HeldContainer};
 use crate::hook::{self, Answer, Request, Ungated};
+use crate::pin::PinnedProcess;
 use crate::pods::{self, ContainerId};
 use crate::resolve::{self, TargetRoot};
 use crate::state::Phase;
@@ -204,12 +205,14 @@ impl Guards {
             .map_err(|e| refuse(format!("container_id: {e}")))?;
         // The process is the named container's, in the named pod, before any answer: the
         // annotations it came by are the runtime's copy of what the pod's author wrote.
-        let process = pods::member(req.pid, &id, &req.pod_uid).ok_or_else(|| {
+        let member = pods::member(req.pid, &id, &req.pod_uid).ok_or_else(|| {
             refuse(format!(
                 "pid {} is not a process of container {id} in pod {}",
                 req.pid, req.pod_uid
             ))
         })?;
+        // Held from here on: the runtime's init, not whoever has its PID later.
+        let process = Arc::new(member.pin().map_err(|e| refuse(e.to_string()))?);
         let deadline = Instant::now() + self.gate.within;
         let pod = match self.word_on(req, deadline) {
             Ok(pod) => pod,
@@ -323,17 +326,24 @@ impl Guards {
         let c = &mut h.containers[i];
         let tkey = target_key(k, &c.raw);
         let raw = c.raw.clone();
-        let process = gated.process;
-        match c.init {
-            Some(p) if p == process && c.failure.is_none() => return Ok(tkey),
+        let process = gated.process.clone();
+        // Both pinned and running: the same PID and start are the same process.
+        let same = c.init.as_ref().map(|p| p.process()) == Some(process.process());
+        match &c.init {
+            Some(_) if same && c.failure.is_none() => return Ok(tkey),
             // A container runs once: one already guarded on a running process is not set up
             // again, whoever asks.
-            Some(p) if p != process && pods::member(p.pid, id, &k.pod_uid) == Some(p) => {
-                return Err(format!("container {id} runs already (pid {})", p.pid));
+            Some(p)
+                if !same
+                    && p.runs()
+                    && pods::member(p.pid(), id, &k.pod_uid).map(|m| m.process)
+                        == Some(p.process()) =>
+            {
+                return Err(format!("container {id} runs already (pid {})", p.pid()));
             }
             _ => {}
         }
-        c.init = Some(process);
+        c.init = Some(process.clone());
         c.gated = Some(gated.clone());
         c.settling = false;
         let at = root_of(Some(gated), process);
@@ -443,18 +453,18 @@ impl Answer {
 /// its root.
 #[derive(Debug, Clone)]
 pub(super) struct Gated {
-    pub(super) process: pods::Process,
+    pub(super) process: Arc<PinnedProcess>,
     pub(super) rootfs: PathBuf,
 }
 
 /// Where `init` is guarded: the root the gate named while the runtime has not entered it
 /// yet, else its own.
-pub(super) fn root_of(gated: Option<&Gated>, init: pods::Process) -> TargetRoot {
+pub(super) fn root_of(gated: Option<&Gated>, init: Arc<PinnedProcess>) -> TargetRoot {
     let rootfs = gated
-        .filter(|g| g.process == init && !pods::rooted(init.pid))
+        .filter(|g| g.process.process() == init.process() && !pods::rooted(init.pid()))
         .map(|g| g.rootfs.clone());
     TargetRoot {
-        pid: init.pid,
+        process: init,
         rootfs,
     }
 }

@@ -29,6 +29,7 @@ pub mod gate;
 
 use crate::agent::Agent;
 use crate::fanotify::target::{unsupported_warnings, BACKEND};
+use crate::pin::PinnedProcess;
 use crate::pods::{self, ContainerId, ContainerIdError, Runtime};
 use crate::state::{Phase, TargetState};
 use crate::{decisions, http, metrics::Metrics, tls};
@@ -99,7 +100,7 @@ struct HeldContainer {
     id: ContainerId,
     /// The init process guarded, once found: pinned while it runs in the container,
     /// whichever process a later scan would take for the init.
-    init: Option<pods::Process>,
+    init: Option<Arc<PinnedProcess>>,
     /// Why guarding the current init failed; retried when the init changes.
     failure: Option<String>,
     /// Found in the pod's cgroup by the agent, not yet listed by the controller.
@@ -113,6 +114,11 @@ struct HeldContainer {
 }
 
 impl HeldContainer {
+    /// The init guarded, as a process's identity.
+    fn init_process(&self) -> Option<pods::Process> {
+        self.init.as_ref().map(|p| p.process())
+    }
+
     /// Not guarded yet.
     fn new(raw: String, id: ContainerId, adopted: bool) -> HeldContainer {
         HeldContainer {
@@ -310,7 +316,7 @@ impl Guards {
             let again = h
                 .containers
                 .iter()
-                .any(|c| c.raw == o.raw && c.init == o.init);
+                .any(|c| c.raw == o.raw && c.init_process() == o.init_process());
             if !again {
                 self.agent.remove(&target_key(&key, &o.raw));
             }
@@ -454,28 +460,37 @@ impl Guards {
             // container's while it runs: a process that comes later (an exec's bootstrap,
             // one with a PID namespace of its own) never takes its place. A reading made
             // before the gate pinned it misses it: asked directly.
-            let pinned = c.init.or(c.gated.as_ref().map(|g| g.process));
+            let pinned = c
+                .init
+                .clone()
+                .or_else(|| c.gated.as_ref().map(|g| g.process.clone()));
             let running = pinned.filter(|p| {
-                scan.runs(&c.id, *p) || pods::member(p.pid, &c.id, &k.pod_uid) == Some(*p)
+                let id = p.process();
+                p.runs()
+                    && (scan.runs(&c.id, id)
+                        || pods::member(id.pid, &c.id, &k.pod_uid).map(|m| m.process) == Some(id))
             });
             let next = match running {
                 Some(p) => {
                     c.settling = false;
                     // Guarded; or the gate's, lost to a changed spec or failed: again.
-                    if c.init == Some(p) && (c.failure.is_none() || c.gated.is_none()) {
+                    let same = c.init.as_ref().is_some_and(|i| Arc::ptr_eq(i, &p));
+                    if same && (c.failure.is_none() || c.gated.is_none()) {
                         continue;
                     }
-                    Some(p)
+                    Some(Ok(p))
                 }
                 None => {
                     c.gated = None;
-                    scan.init(&c.id)
+                    // Pinned as this reading found it: an init that ended since is refused,
+                    // whoever has its PID now.
+                    scan.init(&c.id).map(|m| m.pin().map(Arc::new))
                 }
             };
             match next {
-                Some(init) => {
-                    let pid = init.pid;
-                    c.init = Some(init);
+                Some(Ok(init)) => {
+                    let pid = init.pid();
+                    c.init = Some(init.clone());
                     let at = gate::root_of(c.gated.as_ref(), init);
                     c.failure = match self.agent.add(
                         &tkey,
@@ -493,6 +508,13 @@ impl Guards {
                             Some(e.to_string())
                         }
                     };
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(guard = %k.guard_name, namespace = %k.guard_namespace, container = %c.raw, error = %e, "cannot pin the container's init");
+                    if c.init.take().is_some() {
+                        self.agent.remove(&tkey);
+                    }
+                    c.failure = Some(e.to_string());
                 }
                 None => {
                     if c.init.take().is_some() {
@@ -521,7 +543,7 @@ impl Guards {
             .map(|c| {
                 let state = states.get(&target_key(k, &c.raw));
                 let last = state.and_then(|s| s.last_denial.as_ref());
-                let (phase, reason) = match (&c.failure, c.init, state) {
+                let (phase, reason) = match (&c.failure, &c.init, state) {
                     (Some(f), _, _) => (ContainerPhase::Failed, f.clone()),
                     (None, None, _) if c.settling => (
                         ContainerPhase::Pending,
@@ -548,7 +570,7 @@ impl Guards {
                     container_id: c.raw.clone(),
                     phase: phase as i32,
                     reason,
-                    pid: c.init.map_or(0, |p| p.pid),
+                    pid: c.init.as_ref().map_or(0, |p| p.pid()),
                     // The agent picks a backend per guard: say which one this container got.
                     backend: state.map_or(BACKEND, |s| s.backend).into(),
                     adopted: c.adopted,
