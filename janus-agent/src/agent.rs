@@ -126,7 +126,7 @@ impl Agent {
 
     /// Starts enforcing `guard` on `pid` until [`Agent::shutdown`].
     pub fn guard(&self, guard: Arc<GuardPolicy>, pid: i32, pod: String) -> Result<(), PlaceError> {
-        let at = TargetRoot::new(PinnedProcess::pin_pid(pid)?, None);
+        let at = TargetRoot::process(PinnedProcess::pin_pid(pid)?);
         self.add(&Agent::key(&guard, pid), guard, at, pod, String::new())
     }
 

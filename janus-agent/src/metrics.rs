@@ -39,6 +39,8 @@ pub struct Metrics {
     pub denials: IntCounterVec,
     pub guards: IntGaugeVec,
     pub bpf_events_dropped: IntCounter,
+    pub pin_failures: IntCounter,
+    pub scans_incomplete: IntCounter,
     pub backend_info: IntGaugeVec,
     pub api_refused: IntCounterVec,
     pub kernel_marks: IntGauge,
@@ -153,6 +155,22 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let pin_failures = register(
+            &r,
+            IntCounter::new(
+                "janus_init_pin_failures_total",
+                "Container inits that ended before they could be held (pidfd); the container is failed until its next init is found.",
+            )
+            .expect("valid metric"),
+        );
+        let scans_incomplete = register(
+            &r,
+            IntCounter::new(
+                "janus_proc_scans_incomplete_total",
+                "Readings of /proc that could not open every process (EMFILE, ENFILE): nothing is guarded or lifted from such a reading.",
+            )
+            .expect("valid metric"),
+        );
         let backend_info = gauge(
             "janus_backend_info",
             "1 for the enforcement backend in use (bpf|fanotify).",
@@ -227,6 +245,8 @@ impl Metrics {
         Metrics {
             registry: r,
             bpf_events_dropped,
+            pin_failures,
+            scans_incomplete,
             backend_info,
             api_refused,
             kernel_marks,

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::pods::Process;
-use crate::resolve::{self, ResolveError};
+use crate::resolve::{self, FileId, ResolveError};
 
 /// A process's `/proc/PID` directory, held open: what is read through it is that process's,
 /// or nothing once it has been reaped.
@@ -33,6 +33,25 @@ impl ProcDir {
             libc::O_DIRECTORY,
         )?;
         Ok(ProcDir { pid, dir })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The process's root directory; None once it is gone or hides it.
+    pub fn root(&self) -> Option<FileId> {
+        let fd = self.open_at("root", 0).ok()?;
+        resolve::statx(fd.as_fd()).ok().map(|st| FileId::of(&st))
+    }
+
+    /// Whether the process runs in a root other than that of `ppid`, its parent: a
+    /// container's init, whose parent is its runtime ([`crate::pods::rooted`]).
+    pub fn rooted_under(&self, ppid: i32) -> bool {
+        match (self.root(), resolve::process_root(ppid)) {
+            (Some(mine), Some(theirs)) => mine != theirs,
+            _ => false,
+        }
     }
 
     /// Opens `name` in the directory (O_PATH and `extra`).
@@ -158,6 +177,12 @@ impl PinnedProcess {
     pub fn stat(&self) -> Result<(i32, u64), ResolveError> {
         self.dir.stat()
     }
+
+    /// Whether the process has entered a root other than its parent's (its runtime's).
+    pub fn rooted(&self) -> bool {
+        self.stat()
+            .is_ok_and(|(ppid, _)| self.dir.rooted_under(ppid))
+    }
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -181,6 +206,9 @@ mod tests {
             .expect("spawn sleep")
     }
 
+    /// Tests that ask for a PID again, one at a time: each would take the other's.
+    static PID_REUSE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// A process under `pid`, which the kernel gave before: the PID is asked for by setting
     /// the last PID given (root only), which other forks on the machine can race.
     fn reuse(pid: i32) -> std::process::Child {
@@ -203,6 +231,7 @@ mod tests {
 
     #[test]
     fn a_pinned_process_is_never_read_through_its_pid_given_again() {
+        let _one = PID_REUSE.lock().unwrap_or_else(|e| e.into_inner());
         let mut first = child();
         let pid = first.id() as i32;
         let p = PinnedProcess::pin_pid(pid).expect("pin");
@@ -224,6 +253,7 @@ mod tests {
 
     #[test]
     fn a_process_chosen_and_ended_before_it_is_pinned_is_refused_whoever_has_its_pid() {
+        let _one = PID_REUSE.lock().unwrap_or_else(|e| e.into_inner());
         let mut first = child();
         let pid = first.id() as i32;
         // Chosen from what was read through its directory, as a scan chooses an init.
@@ -241,5 +271,21 @@ mod tests {
         second.wait().expect("reap");
         let err = PinnedProcess::hold(chosen, dir).expect_err("gone");
         assert!(matches!(err, ResolveError::Pin { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_containers_owner_is_its_init_alone_and_a_named_process_shares_it_with_its_parent() {
+        use crate::resolve::TargetRoot;
+        let mut c = child();
+        let pid = c.id() as i32;
+        let me = std::process::id() as i32;
+        let named = TargetRoot::process(PinnedProcess::pin_pid(pid).expect("pin"));
+        assert_eq!(named.owners().expect("owners"), [pid, me]);
+        // A container's init has the runtime or its shim for a parent, whose PID is given
+        // again once it exits: never an owner.
+        let init = TargetRoot::container(Arc::new(PinnedProcess::pin_pid(pid).expect("pin")), None);
+        assert_eq!(init.owners().expect("owners"), [pid, pid]);
+        c.kill().expect("kill");
+        c.wait().expect("reap");
     }
 }

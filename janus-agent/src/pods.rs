@@ -27,7 +27,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::pin::{PinnedProcess, ProcDir};
-use crate::resolve::{self, ResolveError};
+use crate::resolve::ResolveError;
 
 /// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, fixed by the kernel).
 const INITIAL_CGROUP_NS: u64 = 0xEFFF_FFFB;
@@ -211,19 +211,13 @@ pub fn pod_uid(component: &str) -> Option<String> {
 /// it made the init) would otherwise pass an init still in the runtime's root. Never waits:
 /// the agent looks again once the runtime's shim has taken the child over.
 pub fn rooted(pid: i32) -> bool {
-    resolve::parent_pid(pid).is_ok_and(|ppid| roots_differ(pid, ppid))
-}
-
-fn roots_differ(pid: i32, ppid: i32) -> bool {
-    match (resolve::process_root(pid), resolve::process_root(ppid)) {
-        (Some(mine), Some(theirs)) => mine != theirs,
-        _ => false,
-    }
+    ProcDir::open("/proc", pid)
+        .is_ok_and(|dir| dir.stat().is_ok_and(|(ppid, _)| dir.rooted_under(ppid)))
 }
 
 /// Process `pid`, when it runs in `container`'s cgroup in pod `pod_uid`'s.
 pub fn member(pid: i32, container: &ContainerId, pod_uid: &str) -> Option<Member> {
-    let p = read_proc("/proc", pid)?;
+    let p = read_proc(ProcDir::open("/proc", pid).ok()?)?;
     let inside = p.cgroups.iter().any(|path| {
         pod_of(path)
             .is_some_and(|(uid, leaf)| uid == pod_uid && leaf.is_some_and(|l| container.is_leaf(l)))
@@ -270,6 +264,9 @@ pub struct Scan {
     pub inits: BTreeMap<ContainerId, i32>,
     /// Pods with at least one process on this node, by their pod cgroup or a container.
     pub pods_present: BTreeSet<String>,
+    /// Some process could not be read for want of descriptors: what the reading misses
+    /// may be there.
+    pub incomplete: bool,
     /// The containers found in each pod's cgroup (its sandbox among them), by pod UID.
     pub containers: BTreeMap<String, BTreeSet<ContainerId>>,
     /// The processes of each container found, by PID, with their start times.
@@ -329,17 +326,19 @@ impl Member {
 /// One reading of /proc, made when first asked and shared by every question after it: a
 /// batch of requests reads /proc once, not once per request.
 #[derive(Default)]
-pub struct Procs(std::sync::OnceLock<Vec<Proc>>);
+pub struct Procs(std::sync::OnceLock<(Vec<Proc>, bool)>);
 
 impl Procs {
     fn get(&self) -> &[Proc] {
-        self.0.get_or_init(|| read_procs("/proc"))
+        &self.0.get_or_init(|| read_procs("/proc")).0
     }
 
     /// The containers of the given pods (each with the runtime that runs them), as this
     /// reading found them.
     pub fn scan(&self, pods: &[(String, Runtime)]) -> Scan {
-        scan_procs(self.get(), pods)
+        let mut scan = scan_procs(self.get(), pods);
+        scan.incomplete = self.0.get().is_some_and(|(_, exhausted)| *exhausted);
+        scan
     }
 
     /// See [`misplaced_in`].
@@ -441,21 +440,36 @@ fn add_member<'p>(
     }
 }
 
-fn read_procs(proc_root: &str) -> Vec<Proc> {
+/// Every process under `proc_root`, and whether one could not be opened for want of
+/// descriptors (then any of them may be missing, the init among them).
+fn read_procs(proc_root: &str) -> (Vec<Proc>, bool) {
     let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
+        return (Vec::new(), true);
     };
-    dir.filter_map(|e| e.ok())
+    let mut exhausted = false;
+    let procs = dir
+        .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| read_proc(proc_root, pid))
-        .collect()
+        .filter_map(|pid| match ProcDir::open(proc_root, pid) {
+            // Held for a process that can be an init only: a reading holds no more.
+            Ok(dir) => read_proc(dir).map(|p| Proc {
+                dir: p.dir.filter(|_| p.rooted),
+                ..p
+            }),
+            Err(e) => {
+                exhausted |= matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                None
+            }
+        })
+        .collect();
+    (procs, exhausted)
 }
 
 /// None when the process vanished mid-read: it is simply not there. Read through its
 /// directory, held open: every field is that one process's, even if its PID is given again
 /// meanwhile.
-fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
-    let dir = ProcDir::open(proc_root, pid).ok()?;
+fn read_proc(dir: ProcDir) -> Option<Proc> {
+    let pid = dir.pid();
     let cgroup = dir.read("cgroup").ok()?;
     let cgroups: Vec<String> = String::from_utf8_lossy(&cgroup)
         .lines()
@@ -471,7 +485,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
     let (ppid, start) = dir.stat().ok()?;
     // Only a pod's processes can be a container's init.
     let in_pod = cgroups.iter().any(|c| c.contains("kubepods"));
-    let rooted = in_pod && roots_differ(pid, ppid);
+    let rooted = in_pod && dir.rooted_under(ppid);
     Some(Proc {
         pid,
         cgroups,
@@ -480,7 +494,7 @@ fn read_proc(proc_root: &str, pid: i32) -> Option<Proc> {
         start,
         rooted,
         ppid,
-        dir: in_pod.then(|| Arc::new(dir)),
+        dir: Some(Arc::new(dir)),
     })
 }
 
@@ -747,7 +761,8 @@ mod tests {
     #[test]
     fn this_process_is_found_in_the_real_proc() {
         let me = std::process::id() as i32;
-        let procs = read_procs("/proc");
+        let (procs, exhausted) = read_procs("/proc");
+        assert!(!exhausted);
         assert!(procs.iter().any(|p| p.pid == me && !p.cgroups.is_empty()));
     }
 }

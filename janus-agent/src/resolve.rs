@@ -78,13 +78,28 @@ pub struct TargetRoot {
     /// the directory that becomes its root, as the process's mount namespace names it;
     /// None once the process's root is the container's.
     pub rootfs: Option<std::path::PathBuf>,
+    /// Whether the process's parent is an owner too ([`TargetRoot::owners`]).
+    parent_owns: bool,
 }
 
 impl TargetRoot {
-    pub fn new(process: PinnedProcess, rootfs: Option<std::path::PathBuf>) -> TargetRoot {
+    /// A container's init: its parent is the runtime or its shim, outside the container,
+    /// and no owner (a PID the runtime leaves when it exits would be given again).
+    pub fn container(process: Arc<PinnedProcess>, rootfs: Option<std::path::PathBuf>) -> Self {
+        TargetRoot {
+            process,
+            rootfs,
+            parent_owns: false,
+        }
+    }
+
+    /// A process named on the command line, which an init of its own (tini) may have
+    /// started: its parent is an owner too.
+    pub fn process(process: PinnedProcess) -> TargetRoot {
         TargetRoot {
             process: Arc::new(process),
-            rootfs,
+            rootfs: None,
+            parent_owns: true,
         }
     }
 
@@ -92,15 +107,13 @@ impl TargetRoot {
         self.process.pid()
     }
 
-    /// The processes `autoAllowOwner` lets through: the target and its parent, which a
-    /// container's init started by an init of its own (tini) needs. Before `pivot_root` the
-    /// parent is the runtime, which exits and leaves its PID to be given again: the target
-    /// alone.
+    /// The processes `autoAllowOwner` lets through: the target, and its parent where
+    /// [`TargetRoot::process`] says so.
     pub fn owners(&self) -> Result<[i32; 2], ResolveError> {
         let pid = self.pid();
-        Ok(match self.rootfs {
-            Some(_) => [pid, pid],
-            None => [pid, self.process.stat()?.0],
+        Ok(match self.parent_owns && self.rootfs.is_none() {
+            true => [pid, self.process.stat()?.0],
+            false => [pid, pid],
         })
     }
 }

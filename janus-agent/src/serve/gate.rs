@@ -330,7 +330,7 @@ impl Guards {
         // Both pinned and running: the same PID and start are the same process.
         let same = c.init.as_ref().map(|p| p.process()) == Some(process.process());
         match &c.init {
-            Some(_) if same && c.failure.is_none() => return Ok(tkey),
+            Some(p) if same && p.runs() && c.failure.is_none() => return Ok(tkey),
             // A container runs once: one already guarded on a running process is not set up
             // again, whoever asks.
             Some(p)
@@ -461,12 +461,9 @@ pub(super) struct Gated {
 /// yet, else its own.
 pub(super) fn root_of(gated: Option<&Gated>, init: Arc<PinnedProcess>) -> TargetRoot {
     let rootfs = gated
-        .filter(|g| g.process.process() == init.process() && !pods::rooted(init.pid()))
+        .filter(|g| g.process.process() == init.process() && !init.rooted())
         .map(|g| g.rootfs.clone());
-    TargetRoot {
-        process: init,
-        rootfs,
-    }
+    TargetRoot::container(init, rootfs)
 }
 
 /// The gate's settings, as [`Guards`] keeps them.

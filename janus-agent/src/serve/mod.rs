@@ -111,6 +111,9 @@ struct HeldContainer {
     /// root, and that root. Guarded on that process while it runs, whoever else a scan
     /// finds, under a changed spec too.
     gated: Option<gate::Gated>,
+    /// The init a replaced spec guarded: guarded again under this one while it runs, not
+    /// chosen afresh.
+    kept: Option<Arc<PinnedProcess>>,
 }
 
 impl HeldContainer {
@@ -129,6 +132,7 @@ impl HeldContainer {
             adopted,
             settling: false,
             gated: None,
+            kept: None,
         }
     }
 }
@@ -282,6 +286,7 @@ impl Guards {
                         } else {
                             containers.push(HeldContainer {
                                 gated: o.gated.clone(),
+                                kept: o.init.clone(),
                                 ..HeldContainer::new(o.raw.clone(), o.id.clone(), true)
                             });
                             replaced.push(o);
@@ -294,6 +299,7 @@ impl Guards {
                     }
                     Some(i) => {
                         containers[i].gated = o.gated.clone();
+                        containers[i].kept = o.init.clone();
                         replaced.push(o);
                     }
                     None => replaced.push(o),
@@ -437,6 +443,14 @@ impl Guards {
     }
 
     fn sync(&self, k: &Key, h: &mut Held, scan: &pods::Scan, now: Instant) {
+        if scan.incomplete {
+            // A process it missed may be an init: nothing is chosen, kept or lifted on it,
+            // and the pod is not taken for gone.
+            h.last_seen = Some(now);
+            tracing::error!(guard = %k.guard_name, namespace = %k.guard_namespace, pod = %h.pod_name, "/proc could not be read whole (out of descriptors): the pod's containers are left as they were");
+            self.agent.metrics().scans_incomplete.inc();
+            return;
+        }
         if scan.pods_present.contains(&k.pod_uid) {
             h.last_seen = Some(now);
         }
@@ -463,6 +477,7 @@ impl Guards {
             let pinned = c
                 .init
                 .clone()
+                .or_else(|| c.kept.take())
                 .or_else(|| c.gated.as_ref().map(|g| g.process.clone()));
             let running = pinned.filter(|p| {
                 let id = p.process();
@@ -510,11 +525,15 @@ impl Guards {
                     };
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(guard = %k.guard_name, namespace = %k.guard_namespace, container = %c.raw, error = %e, "cannot pin the container's init");
+                    let failure = Some(e.to_string());
+                    if c.failure != failure {
+                        tracing::warn!(guard = %k.guard_name, namespace = %k.guard_namespace, container = %c.raw, error = %e, "cannot pin the container's init");
+                    }
+                    self.agent.metrics().pin_failures.inc();
                     if c.init.take().is_some() {
                         self.agent.remove(&tkey);
                     }
-                    c.failure = Some(e.to_string());
+                    c.failure = failure;
                 }
                 None => {
                     if c.init.take().is_some() {
