@@ -85,14 +85,7 @@ impl Agent {
 
     /// The decision lines written so far.
     pub fn lines(&self) -> Vec<String> {
-        fs::read(self.dir.join("stdout"))
-            .map(|b| {
-                String::from_utf8_lossy(&b)
-                    .lines()
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
+        decision_lines(&self.dir)
     }
 
     pub fn stderr(&self) -> String {
@@ -107,6 +100,47 @@ impl Agent {
             self.lines().into_iter().find(|l| pred(l))
         })
         .with_context(|| format!("decision lines so far:\n{}", self.lines().join("\n")))
+    }
+
+    /// Waits until `cond(stdout, stderr)` holds, failing at once if the agent exits.
+    pub fn wait_for(&mut self, what: &str, cond: impl Fn(&str, &str) -> bool) -> Result<()> {
+        wait::until(what, STARTUP, || {
+            let (out, err) = (self.lines().join("\n"), self.stderr());
+            if cond(&out, &err) {
+                return Some(Ok(()));
+            }
+            let exited = self.child.as_mut()?.try_wait().ok().flatten()?;
+            Some(Err(anyhow::anyhow!(
+                "the agent exited ({exited}) before {what}; stderr:\n{err}"
+            )))
+        })
+        .with_context(|| format!("agent stderr:\n{}", self.stderr()))?
+    }
+
+    /// Waits for a decision line that is `line` (trailing blanks aside).
+    pub fn expect_line(&mut self, line: &str) -> Result<()> {
+        self.wait_for(&format!("the line {line:?}"), |out, _| {
+            out.lines().any(|l| l.trim_end() == line.trim_end())
+        })
+    }
+
+    /// Sends `sig` to the agent.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig)?;
+        Ok(())
+    }
+
+    /// Stops the agent, which must exit cleanly, and returns its decision lines.
+    pub fn finish(self) -> Result<String> {
+        let dir = self.dir.clone();
+        let status = self.stop()?;
+        if !status.success() {
+            bail!(
+                "the agent exited with {status}: {}",
+                fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+            );
+        }
+        Ok(decision_lines(&dir).join("\n"))
     }
 
     /// GET `path` on the agent's HTTP address: (status, body).
@@ -168,6 +202,18 @@ impl Drop for Agent {
             let _ = c.wait();
         }
     }
+}
+
+/// The decision lines an agent started in `dir` wrote, also once it has exited.
+pub fn decision_lines(dir: &Path) -> Vec<String> {
+    fs::read(dir.join("stdout"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A free loopback address for a process about to listen: bound, read and released.

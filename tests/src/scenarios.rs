@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{decision_lines, Agent, AgentConfig};
 use crate::target::{Access, Root, Target, BUSYBOX};
 use crate::wait;
 
@@ -27,6 +27,8 @@ pub enum Who {
 pub enum Op {
     /// Open and read.
     Read,
+    /// Open a directory and list it.
+    List,
     /// Execute.
     Exec,
     /// Open for appending and write.
@@ -99,10 +101,25 @@ pub struct Check {
     /// The path a deny line names: the guarded file's, for a file reached by another name
     /// (the line then gives `path` after ` via `).
     pub logged: &'static str,
+    /// The whole line the access must log (as the guard in force writes it; pod
+    /// `scenario-pod` on node `scenario-node`), allowed or denied.
+    pub line: Option<&'static str>,
+    /// No line may name the path: it is under no rule.
+    pub unlogged: bool,
 }
 
 impl Check {
-    fn line(&self) -> Logged {
+    const fn logs(mut self, line: &'static str) -> Check {
+        self.line = Some(line);
+        self
+    }
+
+    const fn unlogged(mut self) -> Check {
+        self.unlogged = true;
+        self
+    }
+
+    fn deny_line(&self) -> Logged {
         Logged {
             path: self.logged,
             via: (self.logged != self.path).then_some(self.path),
@@ -117,11 +134,13 @@ const fn check(who: Who, op: Op, path: &'static str, expect: Expect) -> Check {
         path,
         expect,
         logged: path,
+        line: None,
+        unlogged: false,
     }
 }
 
 use Expect::{Allowed, Denied};
-use Op::{Exec, Map, Read, ReadWhileRenaming, Write};
+use Op::{Exec, List, Map, Read, ReadWhileRenaming, Write};
 use Who::{Nested, Other, Owner};
 
 /// The backends a scenario applies to.
@@ -168,16 +187,18 @@ pub const FILES: &[(&str, &str)] = &[
 pub const TABLE: &[Scenario] = &[
     Scenario {
         name: "deny-file",
-        subjects: "  - deny: [/data/secret]\n    events: [open]\n",
+        subjects: "  - deny: [/data/secret]\n    events: [open]\n    tags: {team: scenarios}\n",
         needs: Needs::Any,
         later: &[],
         prepare: &[],
         steps: &[],
         recheck: false,
         checks: &[
-            check(Other, Read, "/data/secret", Denied),
-            check(Other, Read, "/data/public", Allowed),
-            check(Other, Read, "/srv/plain", Allowed),
+            check(Other, Read, "/data/secret", Denied).logs(
+                "<DENY> OPEN_PERM file '/data/secret' (scenario-pod:scenario-node) team=scenarios",
+            ),
+            check(Other, Read, "/data/public", Allowed).unlogged(),
+            check(Other, Read, "/srv/plain", Allowed).unlogged(),
         ],
     },
     Scenario {
@@ -189,10 +210,14 @@ pub const TABLE: &[Scenario] = &[
         steps: &[],
         recheck: false,
         checks: &[
-            check(Other, Read, "/data/sub/deep/file", Denied),
-            check(Other, Read, "/data/fresh", Denied),
+            check(Other, Read, "/data/sub/deep/file", Denied)
+                .logs("<DENY> OPEN_PERM file '/data/sub/deep/file' (scenario-pod:scenario-node) "),
+            check(Other, Read, "/data/fresh", Denied)
+                .logs("<DENY> OPEN_PERM file '/data/fresh' (scenario-pod:scenario-node) "),
+            check(Other, List, "/data/sub", Denied)
+                .logs("<DENY> OPEN_PERM directory '/data/sub' (scenario-pod:scenario-node) "),
             check(Other, Read, "/data/secret", Denied),
-            check(Other, Read, "/srv/plain", Allowed),
+            check(Other, Read, "/srv/plain", Allowed).unlogged(),
         ],
     },
     Scenario {
@@ -204,9 +229,11 @@ pub const TABLE: &[Scenario] = &[
         steps: &[],
         recheck: false,
         checks: &[
-            check(Other, Read, "/data/public", Allowed),
+            check(Other, Read, "/data/public", Allowed)
+                .logs("<ALLOW> OPEN_PERM file '/data/public' (scenario-pod:scenario-node) "),
             check(Other, Read, "/data/sub/deep/file", Allowed),
-            check(Other, Read, "/data/secret", Denied),
+            check(Other, Read, "/data/secret", Denied)
+                .logs("<DENY> OPEN_PERM file '/data/secret' (scenario-pod:scenario-node) "),
         ],
     },
     Scenario {
@@ -228,8 +255,10 @@ pub const TABLE: &[Scenario] = &[
         steps: &[],
         recheck: false,
         checks: &[
-            check(Owner, Read, "/data/secret", Allowed),
-            check(Other, Read, "/data/secret", Denied),
+            check(Owner, Read, "/data/secret", Allowed)
+                .logs("<ALLOW> OPEN_PERM file '/data/secret' (scenario-pod:scenario-node) "),
+            check(Other, Read, "/data/secret", Denied)
+                .logs("<DENY> OPEN_PERM file '/data/secret' (scenario-pod:scenario-node) "),
         ],
     },
     Scenario {
@@ -308,6 +337,21 @@ pub const TABLE: &[Scenario] = &[
         ],
     },
     Scenario {
+        name: "absolute-symlink-resolved-inside-root",
+        subjects: "  - deny: [/data/abs-link]\n    events: [open]\n",
+        needs: Needs::Any,
+        later: &[],
+        prepare: &[],
+        steps: &[],
+        recheck: false,
+        checks: &[
+            check(Other, Read, HOST_DECOY, Denied).logs(
+                "<DENY> OPEN_PERM file '/run/janus-tests/decoy' (scenario-pod:scenario-node) ",
+            ),
+            check(Other, Read, "/data/public", Allowed).unlogged(),
+        ],
+    },
+    Scenario {
         name: "directories-created-later",
         subjects: "  - deny: [/data]\n    events: [open]\n",
         needs: Needs::Any,
@@ -358,8 +402,9 @@ pub const TABLE: &[Scenario] = &[
         steps: &[],
         recheck: false,
         checks: &[
-            check(Other, Write, "/data/secret", Denied),
-            check(Other, Read, "/data/secret", Allowed),
+            check(Other, Write, "/data/secret", Denied)
+                .logs("<DENY> MODIFY_PERM file '/data/secret' (scenario-pod:scenario-node) "),
+            check(Other, Read, "/data/secret", Allowed).unlogged(),
         ],
     },
     Scenario {
@@ -561,6 +606,9 @@ pub const TABLE: &[Scenario] = &[
 /// the first time.
 pub const NEW_PATH_WINDOW: Duration = Duration::from_secs(1);
 
+/// A path that both the node and every root have, the target of `/data/abs-link`.
+pub const HOST_DECOY: &str = "/run/janus-tests/decoy";
+
 /// Lays out the standard files in `root`.
 pub fn populate(root: &Root) -> Result<()> {
     for (path, content) in FILES {
@@ -568,6 +616,13 @@ pub fn populate(root: &Root) -> Result<()> {
     }
     root.script("/data/bin/tool", "echo tool")?;
     root.symlink("/data/link", "secret")?;
+    // An absolute link to a path the node has too: the guard must land on the container's
+    // file, which a lookup on the node would miss for the node's own.
+    let decoy = Path::new(HOST_DECOY);
+    std::fs::create_dir_all(decoy.parent().context("the decoy's directory")?)?;
+    std::fs::write(decoy, "the node's\n")?;
+    root.write(HOST_DECOY, b"the container's\n")?;
+    root.symlink("/data/abs-link", HOST_DECOY)?;
     std::fs::hard_link(root.host("/data/secret"), root.host("/srv/alias"))?;
     Ok(())
 }
@@ -654,6 +709,7 @@ impl Runner<'_> {
         } else {
             guard_yaml(s.name, s.subjects)
         };
+        let agent_dir = self.workdir.join(format!("agent-{}", s.name));
         let agent = Agent::start(
             &AgentConfig {
                 bin: self.agent_bin,
@@ -663,7 +719,7 @@ impl Runner<'_> {
                 node: "scenario-node",
                 extra: self.agent_args,
             },
-            &self.workdir.join(format!("agent-{}", s.name)),
+            &agent_dir,
         )?;
         for path in s.later {
             root.write(path, b"later\n")?;
@@ -726,10 +782,22 @@ impl Runner<'_> {
                 bail!("a guard in monitor mode claims a refusal: {l}");
             }
         }
+        if s.steps.is_empty() && s.prepare.is_empty() {
+            // A process of the node is in no container: never refused.
+            for c in s.checks.iter().filter(|c| c.expect == Expect::Denied) {
+                let host = root.host(c.path);
+                let read = match c.op {
+                    Op::List => std::fs::read_dir(&host).map(drop),
+                    _ => std::fs::read(&host).map(drop),
+                };
+                read.with_context(|| format!("the node reads {}", host.display()))?;
+            }
+        }
         let status = agent.stop()?;
         if !status.success() {
             bail!("the agent exited with {status} after SIGTERM");
         }
+        self.after_exit(s, &mut target, &decision_lines(&agent_dir))?;
         target.kill()?;
         Ok(())
     }
@@ -771,7 +839,7 @@ impl Runner<'_> {
                 refused && matches!(got, Access::Failed(m) if m.contains("No such file"))
             };
             let mark = deny_mark(self.monitor);
-            let quoted = c.line().quoted();
+            let quoted = c.deny_line().quoted();
             let logged = || {
                 agent
                     .lines()
@@ -815,6 +883,31 @@ impl Runner<'_> {
             if got == Access::Denied {
                 agent.wait_line(&format!("a {mark} line for {quoted}"), |_| logged())?;
             }
+            if let Some(line) = c.line.filter(|_| line_expected) {
+                let want = line.replacen("<DENY>", mark, 1);
+                agent.wait_line(&format!("the line {want:?}"), |l| {
+                    l.trim_end() == want.trim_end()
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Once the agent has exited: no line named a path under no rule, and, where the
+    /// guard's paths are where the table left them, what it refused works again and the
+    /// node's own processes read it throughout.
+    fn after_exit(&self, s: &Scenario, target: &mut Target, lines: &[String]) -> Result<()> {
+        for c in s.checks.iter().filter(|c| c.unlogged) {
+            let named = format!("'{}'", c.path);
+            if let Some(l) = lines.iter().find(|l| l.contains(&named)) {
+                bail!("{} is under no rule, yet logged: {l}", c.path);
+            }
+        }
+        if !s.steps.is_empty() || self.monitor {
+            return Ok(());
+        }
+        for c in s.checks.iter().filter(|c| c.expect == Expect::Denied) {
+            readable(target, c).context("the guard must lift with the agent")?;
         }
         Ok(())
     }
@@ -868,6 +961,7 @@ pub fn attempt(target: &mut Target, c: &Check) -> Result<Access> {
         (Who::Owner, Op::Write) => target.owner_run(&format!("echo x >> '{}'", c.path)),
         (Who::Owner, Op::Exec) => target.owner_run(&format!("exec_check=$('{}')", c.path)),
         (Who::Other, Op::Read) => target.cat(c.path),
+        (Who::Other, Op::List) => target.exec(&[BUSYBOX, "ls", c.path]),
         (Who::Nested, Op::Read) => target.exec(&[BUSYBOX, "unshare", "-m", BUSYBOX, "cat", c.path]),
         (Who::Nested, _) => bail!("the table only reads from a nested mount namespace"),
         (Who::Other, Op::Exec) => target.exec(&[c.path]),
@@ -876,8 +970,8 @@ pub fn attempt(target: &mut Target, c: &Check) -> Result<Access> {
         }
         (Who::Other, Op::Map) => target.map_read(c.path),
         (Who::Other, Op::ReadWhileRenaming) => read_while_renaming(target, c.path),
-        (Who::Owner, Op::Map | Op::ReadWhileRenaming) => {
-            bail!("the table maps and races as another process only")
+        (Who::Owner, Op::Map | Op::ReadWhileRenaming | Op::List) => {
+            bail!("the table maps, lists and races as another process only")
         }
     }
 }
