@@ -404,7 +404,7 @@ pub const TABLE: &[Scenario] = &[
         checks: &[
             check(Other, Write, "/data/secret", Denied)
                 .logs("<DENY> MODIFY_PERM file '/data/secret' (scenario-pod:scenario-node) "),
-            check(Other, Read, "/data/secret", Allowed).unlogged(),
+            check(Other, Read, "/data/secret", Allowed),
         ],
     },
     Scenario {
