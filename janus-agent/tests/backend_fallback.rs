@@ -2,66 +2,47 @@
 //! on a build without the BPF object, must fall back to fanotify, say why in one line and
 //! still enforce; `--backend bpf` must refuse to start instead. Needs root.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-const GUARD: &str = r#"apiVersion: januscontroller.clustergarage.io/v1alpha1
-kind: JanusGuard
-metadata: {name: fallback, namespace: default}
-spec:
-  selector: {matchLabels: {app: x}}
-  subjects:
-  - deny: [DIR/secret]
-    events: [open]
-"#;
+use janus_tests::agent::{Agent, AgentConfig};
+use janus_tests::scenarios::{guard_yaml, populate};
+use janus_tests::target::{Access, Root, Target};
 
-fn agent(backend: &str, guard: &std::path::Path, pid: u32) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_janus-agent"))
-        .args(["guard", "--backend", backend, "--file"])
-        .arg(guard)
-        .args(["--pid", &pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting janus-agent")
+const AGENT: &str = env!("CARGO_BIN_EXE_janus-agent");
+
+fn config<'a>(guard: &'a str, pids: &'a [i32], extra: &'a [&'a str]) -> AgentConfig<'a> {
+    AgentConfig {
+        bin: Path::new(AGENT),
+        guard,
+        pids,
+        pod: "fallback-pod",
+        node: "fallback-node",
+        extra,
+    }
 }
 
 #[test]
 fn auto_falls_back_to_fanotify_and_bpf_alone_refuses() {
     let dir = std::env::temp_dir().join(format!("janus-fallback-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("secret")).unwrap();
-    std::fs::write(dir.join("secret/f"), "x").unwrap();
-    let guard = dir.join("guard.yaml");
-    std::fs::write(&guard, GUARD.replace("DIR", dir.to_str().unwrap())).unwrap();
-    let mut target = Command::new("sleep").arg("60").spawn().unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Root::new(&dir, "fallback").unwrap();
+    populate(&root).unwrap();
+    let target = Target::start(&root).unwrap();
+    let pids = [target.pid()];
+    let guard = guard_yaml("fallback", "  - deny: [/data/secret]\n    events: [open]\n");
 
     // auto: falls back, guards with fanotify, and the guard is enforced.
-    let mut auto = agent("auto", &guard, target.id());
-    let mut stderr = auto.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stderr.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut text = String::new();
-    let guarding = |t: &str| {
-        t.lines()
+    let mut auto = Agent::start(
+        &config(&guard, &pids, &["--backend", "auto"]),
+        &dir.join("auto"),
+    )
+    .unwrap();
+    auto.wait_for("a fanotify guarding line", |_, err| {
+        err.lines()
             .any(|l| l.contains(" guarding") && l.contains("fanotify"))
-    };
-    while !guarding(&text) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(chunk) => text.push_str(&String::from_utf8_lossy(&chunk)),
-            Err(_) => panic!("no fanotify guarding line within 30 s; stderr:\n{text}"),
-        }
-    }
+    })
+    .unwrap();
+    let text = auto.stderr();
     assert!(
         text.contains("falling back to fanotify"),
         "the fallback must be logged with its reason; stderr:\n{text}"
@@ -75,35 +56,28 @@ fn auto_falls_back_to_fanotify_and_bpf_alone_refuses() {
         1,
         "logged once; stderr:\n{text}"
     );
-    // The target shares our mounts and the subject has no autoAllowOwner, so the guard
-    // applies to this process too, once fanotify has placed its marks.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match std::fs::File::open(dir.join("secret/f")) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "fanotify must enforce the guard after the fallback (got {other:?})"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(auto.id() as i32, libc::SIGTERM) };
-    assert!(auto.wait().unwrap().success());
+    assert_eq!(
+        target.open_as_other("/data/secret", false).unwrap(),
+        Access::Denied,
+        "fanotify must enforce the guard after the fallback"
+    );
+    auto.finish().unwrap();
 
     // bpf: refuses to start here, naming why.
-    let out = agent("bpf", &guard, target.id())
-        .wait_with_output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let bpf = Agent::spawn(
+        &config(&guard, &pids, &["--backend", "bpf"]),
+        &dir.join("bpf"),
+    )
+    .unwrap();
+    let err_dir = dir.join("bpf");
+    let status = bpf.wait_exit().unwrap();
+    let err = std::fs::read_to_string(err_dir.join("stderr")).unwrap();
     assert!(
-        !out.status.success(),
+        !status.success(),
         "--backend bpf must fail here; stderr:\n{err}"
     );
     assert!(err.contains("--backend bpf:"), "stderr:\n{err}");
 
-    target.kill().ok();
-    target.wait().ok();
+    target.kill().unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }

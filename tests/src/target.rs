@@ -302,6 +302,140 @@ impl Target {
         Ok(Access::from_output(out.status.success(), &text))
     }
 
+    /// Opens `path` (for writing when `write`) from a process that entered the target and
+    /// is not its owner: one open(2), no program run in the root.
+    pub fn open_as_other(&self, path: &str, write: bool) -> Result<Access> {
+        let path = CString::new(path)?;
+        let flags = if write {
+            libc::O_WRONLY
+        } else {
+            libc::O_RDONLY
+        };
+        self.syscall_as_other(move || {
+            // SAFETY: a NUL-terminated path; the descriptor is ours to close.
+            match unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) } {
+                fd if fd >= 0 => unsafe { libc::close(fd) },
+                r => r,
+            }
+        })
+    }
+
+    /// Renames `from` to `to` with renameat2 `flags` (`RENAME_EXCHANGE` swaps them), from a
+    /// process that entered the target and is not its owner.
+    pub fn rename_as_other(&self, from: &str, to: &str, flags: u32) -> Result<Access> {
+        let (from, to) = (CString::new(from)?, CString::new(to)?);
+        self.syscall_as_other(move || {
+            // SAFETY: NUL-terminated paths.
+            unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    flags,
+                )
+            }
+        })
+    }
+
+    /// One system call by a process that enters the target (not its owner) and exits with
+    /// its errno, bounded as `exec` is.
+    fn syscall_as_other(
+        &self,
+        call: impl Fn() -> libc::c_int + Send + Sync + 'static,
+    ) -> Result<Access> {
+        let mut cmd = self.command(&[BUSYBOX])?;
+        // SAFETY: only async-signal-safe system calls, then _exit.
+        unsafe {
+            cmd.pre_exec(move || {
+                let errno = match call() {
+                    r if r < 0 => std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(255),
+                    _ => 0,
+                };
+                libc::_exit(errno.min(255))
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(cmd.status());
+        });
+        let status = match rx.recv_timeout(OPERATION_DEADLINE) {
+            Ok(status) => status.context("a process entering the target")?,
+            Err(_) => bail!("a system call in the target: no result within {OPERATION_DEADLINE:?}"),
+        };
+        Ok(match status.code() {
+            Some(0) => Access::Ok(String::new()),
+            Some(libc::EPERM) => Access::Denied,
+            other => Access::Failed(match other {
+                Some(errno) => std::io::Error::from_raw_os_error(errno).to_string(),
+                None => format!("{status}"),
+            }),
+        })
+    }
+
+    /// `workers` processes that entered the target (none its owner) at once each open
+    /// `denied` and `allowed` `opens` times: (EPERM answers on `denied`, opens of
+    /// `allowed` that worked).
+    pub fn load(
+        &self,
+        denied: &str,
+        allowed: &str,
+        workers: u32,
+        opens: u32,
+    ) -> Result<(u32, u32)> {
+        let (denied, allowed) = (CString::new(denied)?, CString::new(allowed)?);
+        let mut running = Vec::new();
+        for _ in 0..workers {
+            let mut cmd = self.command(&[BUSYBOX])?;
+            cmd.stdout(Stdio::piped());
+            let (denied, allowed) = (denied.clone(), allowed.clone());
+            // SAFETY: only async-signal-safe system calls, then _exit.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let open = |p: &CString| match libc::open(
+                        p.as_ptr(),
+                        libc::O_RDONLY | libc::O_CLOEXEC,
+                    ) {
+                        fd if fd >= 0 => {
+                            libc::close(fd);
+                            0
+                        }
+                        _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(-1),
+                    };
+                    let (mut refused, mut opened) = (0u32, 0u32);
+                    for _ in 0..opens {
+                        refused += u32::from(open(&denied) == libc::EPERM);
+                        opened += u32::from(open(&allowed) == 0);
+                    }
+                    let mut counts = [0u8; 8];
+                    counts[..4].copy_from_slice(&refused.to_ne_bytes());
+                    counts[4..].copy_from_slice(&opened.to_ne_bytes());
+                    libc::write(1, counts.as_ptr().cast(), counts.len());
+                    libc::_exit(0)
+                });
+            }
+            // At once: spawning waits for each to end (it never execs).
+            running.push(std::thread::spawn(move || cmd.output()));
+        }
+        let (mut refused, mut opened) = (0, 0);
+        for worker in running {
+            let out = worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a load worker panicked"))?
+                .context("a load worker")?;
+            let counts: [u8; 8] = out
+                .stdout
+                .as_slice()
+                .try_into()
+                .context("a worker's counts")?;
+            refused += u32::from_ne_bytes(counts[..4].try_into()?);
+            opened += u32::from_ne_bytes(counts[4..].try_into()?);
+        }
+        Ok((refused, opened))
+    }
+
     /// `cat path` from inside the target, by a process that is not the owner.
     pub fn cat(&self, path: &str) -> Result<Access> {
         self.exec(&[BUSYBOX, "cat", path])
