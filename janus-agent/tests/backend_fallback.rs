@@ -3,10 +3,10 @@
 //! still enforce; `--backend bpf` must refuse to start instead. Needs root.
 
 use std::path::Path;
+use std::process::Command;
 
 use janus_tests::agent::{Agent, AgentConfig};
-use janus_tests::scenarios::{guard_yaml, populate};
-use janus_tests::target::{Access, Root, Target};
+use janus_tests::scenarios::guard_yaml;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_janus-agent");
 
@@ -24,12 +24,16 @@ fn config<'a>(guard: &'a str, pids: &'a [i32], extra: &'a [&'a str]) -> AgentCon
 #[test]
 fn auto_falls_back_to_fanotify_and_bpf_alone_refuses() {
     let dir = std::env::temp_dir().join(format!("janus-fallback-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let root = Root::new(&dir, "fallback").unwrap();
-    populate(&root).unwrap();
-    let target = Target::start(&root).unwrap();
-    let pids = [target.pid()];
-    let guard = guard_yaml("fallback", "  - deny: [/data/secret]\n    events: [open]\n");
+    std::fs::create_dir_all(dir.join("secret")).unwrap();
+    std::fs::write(dir.join("secret/f"), "x").unwrap();
+    // A process named on the command line that shares the node's mounts and root: its
+    // guard's paths are the node's.
+    let mut target = Command::new("sleep").arg("60").spawn().unwrap();
+    let pids = [target.id() as i32];
+    let guard = guard_yaml(
+        "fallback",
+        &format!("  - deny: [{}/secret]\n    events: [open]\n", dir.display()),
+    );
 
     // auto: falls back, guards with fanotify, and the guard is enforced.
     let mut auto = Agent::start(
@@ -56,10 +60,13 @@ fn auto_falls_back_to_fanotify_and_bpf_alone_refuses() {
         1,
         "logged once; stderr:\n{text}"
     );
+    // The target shares our mounts and the subject has no autoAllowOwner, so the guard
+    // applies to this process too.
+    let open = std::fs::File::open(dir.join("secret/f"));
     assert_eq!(
-        target.open_as_other("/data/secret", false).unwrap(),
-        Access::Denied,
-        "fanotify must enforce the guard after the fallback"
+        open.as_ref().err().and_then(|e| e.raw_os_error()),
+        Some(libc::EPERM),
+        "fanotify must enforce the guard after the fallback (got {open:?})"
     );
     auto.finish().unwrap();
 
@@ -69,15 +76,15 @@ fn auto_falls_back_to_fanotify_and_bpf_alone_refuses() {
         &dir.join("bpf"),
     )
     .unwrap();
-    let err_dir = dir.join("bpf");
     let status = bpf.wait_exit().unwrap();
-    let err = std::fs::read_to_string(err_dir.join("stderr")).unwrap();
+    let err = std::fs::read_to_string(dir.join("bpf/stderr")).unwrap();
     assert!(
         !status.success(),
         "--backend bpf must fail here; stderr:\n{err}"
     );
     assert!(err.contains("--backend bpf:"), "stderr:\n{err}");
 
-    target.kill().unwrap();
+    target.kill().ok();
+    target.wait().ok();
     std::fs::remove_dir_all(&dir).ok();
 }

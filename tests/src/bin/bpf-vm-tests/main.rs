@@ -29,8 +29,9 @@ const AGENT: &str = "/bin/janus-agent";
 type Scenario = fn() -> Result<()>;
 const WORK: &str = "/tmp/bpf-vm";
 
-/// A scenario that has not finished by then is killed and fails; the agent's own waits are
-/// 240 s, so this is only reached by a step that would otherwise block for ever.
+/// A scenario that has not finished by then is killed and fails; the harness's own waits
+/// are at most [`janus_tests::agent::STARTUP`], so this is only reached by a step that
+/// would otherwise block for ever.
 const SCENARIO_DEADLINE: Duration = Duration::from_secs(600);
 
 fn main() -> ExitCode {
