@@ -162,18 +162,9 @@ fn handle(
     let path = decision_path(d, g.paths.get(&d.rule).map(Vec::as_slice));
     let name = via_path(d, &path);
     g.counters.inc(verdict, event, mode);
-    if d.flags & DECISION_AUDIT != 0 {
-        send_audit(
-            audit,
-            metrics,
-            &g.ctx,
-            d,
-            (verdict, event, mode),
-            &path,
-            name.as_deref(),
-        );
-    }
-    log.send(Entry {
+    let audited = (d.flags & DECISION_AUDIT != 0)
+        .then(|| audit_text(&g.ctx, d, (verdict, event, mode), &path, name.as_deref()));
+    let entry = Entry {
         ctx: g.ctx.clone(),
         verdict,
         event,
@@ -190,21 +181,33 @@ fn handle(
             exe: None,
         },
         mode,
-    });
+    };
+    // The kernel may hold a send while its audit backlog is full: never with the targets
+    // locked, which placing and lifting targets wait on.
+    drop(targets);
+    if let Some(text) = audited {
+        if audit.is_none() {
+            *audit = audit::AuditLog::open().ok();
+        }
+        let sent = audit.as_mut().map(|a| a.send(&text));
+        if !matches!(sent, Some(Ok(()))) {
+            metrics
+                .internal_errors
+                .with_label_values(&[BACKEND, "audit"])
+                .inc();
+        }
+    }
+    log.send(entry);
 }
 
-fn send_audit(
-    audit: &mut Option<audit::AuditLog>,
-    metrics: &Metrics,
+/// The text of a decision's audit record.
+fn audit_text(
     ctx: &LogContext,
     d: &Decision,
     (verdict, event, mode): (Verdict, Event, Mode),
     path: &[u8],
     via: Option<&[u8]>,
-) {
-    if audit.is_none() {
-        *audit = audit::AuditLog::open().ok();
-    }
+) -> Vec<u8> {
     let mut text = format!(
         "janus: response={} mode={} event={} guard={}/{} pod={} pid={} path=",
         verdict.as_lower(),
@@ -228,13 +231,7 @@ fn send_audit(
         text.extend_from_slice(b" via=");
         text.extend(hex(via));
     }
-    let sent = audit.as_mut().map(|a| a.send(&text));
-    if !matches!(sent, Some(Ok(()))) {
-        metrics
-            .internal_errors
-            .with_label_values(&[BACKEND, "audit"])
-            .inc();
-    }
+    text
 }
 
 /// Appends `/` and a name as the programs copy it (NUL-terminated), marked `…` where the
