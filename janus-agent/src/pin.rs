@@ -45,8 +45,13 @@ impl ProcDir {
         resolve::statx(fd.as_fd()).ok().map(|st| FileId::of(&st))
     }
 
-    /// Whether the process runs in a root other than that of `ppid`, its parent: a
-    /// container's init, whose parent is its runtime ([`crate::pods::rooted`]).
+    /// Whether the process runs in a root other than its parent's: a container's init,
+    /// whose parent is its runtime ([`crate::pods::rooted`]).
+    pub fn rooted(&self) -> bool {
+        self.stat().is_ok_and(|(ppid, _)| self.rooted_under(ppid))
+    }
+
+    /// [`ProcDir::rooted`], with the parent `ppid` already read.
     pub fn rooted_under(&self, ppid: i32) -> bool {
         match (self.root(), resolve::process_root(ppid)) {
             (Some(mine), Some(theirs)) => mine != theirs,
@@ -180,8 +185,12 @@ impl PinnedProcess {
 
     /// Whether the process has entered a root other than its parent's (its runtime's).
     pub fn rooted(&self) -> bool {
-        self.stat()
-            .is_ok_and(|(ppid, _)| self.dir.rooted_under(ppid))
+        self.dir.rooted()
+    }
+
+    /// The process's root directory; None once it is gone or hides it.
+    pub fn root(&self) -> Option<FileId> {
+        self.dir.root()
     }
 }
 

@@ -211,8 +211,7 @@ pub fn pod_uid(component: &str) -> Option<String> {
 /// it made the init) would otherwise pass an init still in the runtime's root. Never waits:
 /// the agent looks again once the runtime's shim has taken the child over.
 pub fn rooted(pid: i32) -> bool {
-    ProcDir::open("/proc", pid)
-        .is_ok_and(|dir| dir.stat().is_ok_and(|(ppid, _)| dir.rooted_under(ppid)))
+    ProcDir::open("/proc", pid).is_ok_and(|dir| dir.rooted())
 }
 
 /// Process `pid`, when it runs in `container`'s cgroup in pod `pod_uid`'s.

@@ -120,7 +120,6 @@ impl TargetRoot {
 
 /// A target process's root directory, held open.
 pub struct ContainerRoot {
-    pub pid: i32,
     process: Arc<PinnedProcess>,
     root: OwnedFd,
     /// How the kernel renders this root in our paths: empty when the target has a mount
@@ -193,7 +192,6 @@ impl ContainerRoot {
             .ns_inode("pid")
             .filter(|ns| Some(*ns) != own_ns_inode("pid"));
         Ok(ContainerRoot {
-            pid,
             process,
             root,
             prefix,
@@ -216,11 +214,7 @@ impl ContainerRoot {
         if self.setup_prefix.is_empty() || self.pivoted.load(Ordering::Relaxed) {
             return None;
         }
-        let root = self
-            .process
-            .open("root", 0)
-            .and_then(|fd| statx(fd.as_fd()));
-        if root.is_ok_and(|st| FileId::of(&st) == self.root_id) {
+        if self.process.root() == Some(self.root_id) {
             // Once: a later chroot of the target's does not make it a set-up again.
             self.pivoted.store(true, Ordering::Relaxed);
             return None;
@@ -231,6 +225,10 @@ impl ContainerRoot {
     /// The target process, pinned.
     pub fn process(&self) -> &PinnedProcess {
         &self.process
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
     }
 
     /// The root directory's identity.

@@ -488,7 +488,7 @@ impl Marker {
         };
         let Some(path) = escaped else { return };
         let g = self.shared.guard();
-        tracing::warn!(guard = %g.name, namespace = %g.namespace, pid = self.shared.root.pid, %path, "an entry was moved out of the guarded tree before it could be marked: it is not guarded where it went");
+        tracing::warn!(guard = %g.name, namespace = %g.namespace, pid = self.shared.root.pid(), %path, "an entry was moved out of the guarded tree before it could be marked: it is not guarded where it went");
         metrics
             .placement_failures
             .with_label_values(&[BACKEND, "escaped"])
@@ -624,9 +624,9 @@ impl Marker {
         st.phase = Phase::Exited;
         st.reason = Some(format!(
             "process {} exited; its marks were removed",
-            self.shared.root.pid
+            self.shared.root.pid()
         ));
-        tracing::info!(pid = self.shared.root.pid, guard = %self.shared.guard().name, "target exited; guard lifted");
+        tracing::info!(pid = self.shared.root.pid(), guard = %self.shared.guard().name, "target exited; guard lifted");
     }
 }
 

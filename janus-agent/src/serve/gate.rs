@@ -328,7 +328,7 @@ impl Guards {
         let raw = c.raw.clone();
         let process = gated.process.clone();
         // Both pinned and running: the same PID and start are the same process.
-        let same = c.init.as_ref().map(|p| p.process()) == Some(process.process());
+        let same = c.init_process() == Some(process.process());
         match &c.init {
             Some(p) if same && p.runs() && c.failure.is_none() => return Ok(tkey),
             // A container runs once: one already guarded on a running process is not set up
