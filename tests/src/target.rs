@@ -224,17 +224,15 @@ impl Target {
         // is guarded.
         let (pid, args): (_, Vec<String>) =
             (self.pid(), argv.iter().map(|a| a.to_string()).collect());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(command_in(pid, &args).map(|mut c| c.output()));
-        });
-        let out = match rx.recv_timeout(OPERATION_DEADLINE) {
-            Ok(Ok(Ok(out))) => out,
+        let ran = bounded(&format!("{argv:?} in the target"), move || {
+            command_in(pid, &args).map(|mut c| c.output())
+        })?;
+        let out = match ran {
+            Ok(Ok(out)) => out,
             // execve itself refused: an exec guard.
-            Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::EPERM) => return Ok(Access::Denied),
-            Ok(Ok(Err(e))) => return Err(e).context("running a command in the target"),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => bail!("{argv:?} in the target: no result within {OPERATION_DEADLINE:?}"),
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EPERM) => return Ok(Access::Denied),
+            Ok(Err(e)) => return Err(e).context("running a command in the target"),
+            Err(e) => return Err(e),
         };
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
@@ -281,18 +279,12 @@ impl Target {
                 libc::_exit(0);
             });
         }
-        // On a thread, to bound it, as `exec` does.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(cmd.output());
-        });
-        let out = match rx.recv_timeout(OPERATION_DEADLINE) {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::EPERM) => return Ok(Access::Denied),
-            Ok(Err(e)) => return Err(e).context("mapping a file in the target"),
-            Err(_) => {
-                bail!("mapping {shown} in the target: no result within {OPERATION_DEADLINE:?}")
-            }
+        let out = match bounded(&format!("mapping {shown} in the target"), move || {
+            cmd.output()
+        })? {
+            Ok(out) => out,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(Access::Denied),
+            Err(e) => return Err(e).context("mapping a file in the target"),
         };
         // A page fault refused (pre-content events) kills with SIGBUS.
         if std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(libc::SIGBUS) {
@@ -311,13 +303,7 @@ impl Target {
         } else {
             libc::O_RDONLY
         };
-        self.syscall_as_other(move || {
-            // SAFETY: a NUL-terminated path; the descriptor is ours to close.
-            match unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) } {
-                fd if fd >= 0 => unsafe { libc::close(fd) },
-                r => r,
-            }
-        })
+        self.syscall_as_other(move || open_close(&path, flags))
     }
 
     /// Renames `from` to `to` with renameat2 `flags` (`RENAME_EXCHANGE` swaps them), from a
@@ -326,7 +312,7 @@ impl Target {
         let (from, to) = (CString::new(from)?, CString::new(to)?);
         self.syscall_as_other(move || {
             // SAFETY: NUL-terminated paths.
-            unsafe {
+            errno_of(unsafe {
                 libc::renameat2(
                     libc::AT_FDCWD,
                     from.as_ptr(),
@@ -334,12 +320,12 @@ impl Target {
                     to.as_ptr(),
                     flags,
                 )
-            }
+            })
         })
     }
 
     /// One system call by a process that enters the target (not its owner) and exits with
-    /// its errno, bounded as `exec` is.
+    /// the errno `call` returns (0: it worked), bounded as `exec` is.
     fn syscall_as_other(
         &self,
         call: impl Fn() -> libc::c_int + Send + Sync + 'static,
@@ -347,24 +333,10 @@ impl Target {
         let mut cmd = self.command(&[BUSYBOX])?;
         // SAFETY: only async-signal-safe system calls, then _exit.
         unsafe {
-            cmd.pre_exec(move || {
-                let errno = match call() {
-                    r if r < 0 => std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(255),
-                    _ => 0,
-                };
-                libc::_exit(errno.min(255))
-            });
+            cmd.pre_exec(move || libc::_exit(call().min(255)));
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(cmd.status());
-        });
-        let status = match rx.recv_timeout(OPERATION_DEADLINE) {
-            Ok(status) => status.context("a process entering the target")?,
-            Err(_) => bail!("a system call in the target: no result within {OPERATION_DEADLINE:?}"),
-        };
+        let status = bounded("a system call in the target", move || cmd.status())?
+            .context("a process entering the target")?;
         Ok(match status.code() {
             Some(0) => Access::Ok(String::new()),
             Some(libc::EPERM) => Access::Denied,
@@ -394,20 +366,10 @@ impl Target {
             // SAFETY: only async-signal-safe system calls, then _exit.
             unsafe {
                 cmd.pre_exec(move || {
-                    let open = |p: &CString| match libc::open(
-                        p.as_ptr(),
-                        libc::O_RDONLY | libc::O_CLOEXEC,
-                    ) {
-                        fd if fd >= 0 => {
-                            libc::close(fd);
-                            0
-                        }
-                        _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(-1),
-                    };
                     let (mut refused, mut opened) = (0u32, 0u32);
                     for _ in 0..opens {
-                        refused += u32::from(open(&denied) == libc::EPERM);
-                        opened += u32::from(open(&allowed) == 0);
+                        refused += u32::from(open_close(&denied, libc::O_RDONLY) == libc::EPERM);
+                        opened += u32::from(open_close(&allowed, libc::O_RDONLY) == 0);
                     }
                     let mut counts = [0u8; 8];
                     counts[..4].copy_from_slice(&refused.to_ne_bytes());
@@ -459,6 +421,42 @@ impl Drop for Target {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `f` on a thread of its own and waits for it at most [`OPERATION_DEADLINE`]:
+/// opening a target's root, spawning a process that enters it and reading a guarded file
+/// all wait on the agent's answer, which a broken agent never gives.
+pub fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(OPERATION_DEADLINE) {
+        Ok(v) => Ok(v),
+        Err(_) => bail!("{what}: no result within {OPERATION_DEADLINE:?}"),
+    }
+}
+
+/// The errno of a system call's result `r`, 0 if it worked. Async-signal-safe.
+fn errno_of(r: libc::c_int) -> libc::c_int {
+    match r {
+        r if r < 0 => std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(255),
+        _ => 0,
+    }
+}
+
+/// Opens `path` with `flags` and closes it: the open's errno, 0 if it worked.
+/// Async-signal-safe.
+fn open_close(path: &std::ffi::CStr, flags: libc::c_int) -> libc::c_int {
+    // SAFETY: a NUL-terminated path; the descriptor is ours to close.
+    errno_of(unsafe {
+        match libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) {
+            fd if fd >= 0 => libc::close(fd),
+            r => r,
+        }
+    })
 }
 
 /// A command that enters process `pid`'s mount namespace and root when spawned.
