@@ -150,16 +150,9 @@ impl PinnedProcess {
         self.pidfd.as_fd()
     }
 
-    /// Whether the process has not exited: its pidfd is not readable yet.
+    /// Whether the process has not exited.
     pub fn runs(&self) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd, no wait.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        n == 0
+        runs(self.pidfd.as_fd())
     }
 
     /// Opens `name` in the process's `/proc` directory (O_PATH and `extra`).
@@ -192,6 +185,18 @@ impl PinnedProcess {
     pub fn root(&self) -> Option<FileId> {
         self.dir.root()
     }
+}
+
+/// Whether the process behind `pidfd` has not exited: its pidfd is not readable yet.
+pub fn runs(pidfd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 0
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {

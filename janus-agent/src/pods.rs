@@ -216,7 +216,13 @@ pub fn rooted(pid: i32) -> bool {
 
 /// Process `pid`, when it runs in `container`'s cgroup in pod `pod_uid`'s.
 pub fn member(pid: i32, container: &ContainerId, pod_uid: &str) -> Option<Member> {
-    let p = read_proc(ProcDir::open("/proc", pid).ok()?)?;
+    member_of(ProcDir::open("/proc", pid).ok()?, container, pod_uid)
+}
+
+/// [`member`], for the process `dir` was opened for.
+pub fn member_of(dir: ProcDir, container: &ContainerId, pod_uid: &str) -> Option<Member> {
+    let pid = dir.pid();
+    let p = read_proc(dir)?;
     let inside = p.cgroups.iter().any(|path| {
         pod_of(path)
             .is_some_and(|(uid, leaf)| uid == pod_uid && leaf.is_some_and(|l| container.is_leaf(l)))

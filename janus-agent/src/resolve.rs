@@ -421,18 +421,6 @@ pub fn open_path(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A target process and its parent: the owner that `autoAllowOwner` lets through.
-pub fn parent_pid(pid: i32) -> Result<i32, ResolveError> {
-    let stat = std::fs::read(format!("/proc/{pid}/stat"))
-        .map_err(|error| ResolveError::Stat { pid, error })?;
-    stat_fields(&stat)
-        .map(|(ppid, _)| ppid)
-        .ok_or_else(|| ResolveError::Stat {
-            pid,
-            error: io::Error::new(io::ErrorKind::InvalidData, "no ppid field"),
-        })
-}
-
 /// The parent PID and the start time (ticks since boot) of a `/proc/PID/stat`.
 pub fn stat_fields(stat: &[u8]) -> Option<(i32, u64)> {
     // The command name may contain anything, ')' included: the fields start after the last.

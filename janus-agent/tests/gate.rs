@@ -33,6 +33,39 @@ fn pod(name: &str) -> (PathBuf, Root, String) {
     (dir, root, uid)
 }
 
+/// Sends `req` over a connection a child process made and exited after; the gate's answer.
+fn request_from_exited_peer(socket: &Path, req: &janus_agent::hook::Request) -> String {
+    use nix::sys::socket::{connect, socket as new_socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let fd = new_socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let addr = nix::sys::socket::UnixAddr::new(socket).unwrap();
+    // SAFETY: the child only connects and exits, both async-signal-safe.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let code = i32::from(connect(fd.as_raw_fd(), &addr).is_err());
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).unwrap();
+            assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+        }
+    }
+    let mut stream = std::os::unix::net::UnixStream::from(fd);
+    let mut line = serde_json::to_vec(req).unwrap();
+    line.push(b'\n');
+    stream.write_all(&line).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    answer
+}
+
 /// An agent serving the gate, with its metrics; (agent, client, metrics address, socket).
 async fn agent(
     dir: &Path,
@@ -207,6 +240,12 @@ async fn the_gate_guards_only_a_process_of_the_named_container() {
         answer.reason.contains("not a process its runtime set up"),
         "{answer:?}"
     );
+
+    // A connection whose connecting process is gone (the hook's PID free to be given
+    // again) when its request is read: refused, whoever holds the socket now.
+    let answer = request_from_exited_peer(&socket, &theirs);
+    assert!(answer.contains("\"start\":false"), "{answer}");
+    assert!(answer.contains("exited before its request"), "{answer}");
 
     // Another node's word is refused.
     let mut other = word(&uid, &[], &[]);

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -17,9 +18,9 @@ use prost::Message;
 
 use super::{target_key, Guards, HeldContainer};
 use crate::hook::{self, Answer, Request, Ungated};
-use crate::pin::PinnedProcess;
+use crate::pin::{self, PinnedProcess, ProcDir};
 use crate::pods::{self, ContainerId};
-use crate::resolve::{self, TargetRoot};
+use crate::resolve::TargetRoot;
 use crate::state::Phase;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -165,8 +166,8 @@ impl Guards {
     }
 
     /// The gate's answer for the container `req` names, counted.
-    pub fn admit(&self, req: &Request) -> Answer {
-        let (outcome, answer) = match self.admit_in(req) {
+    pub fn admit(&self, req: &Request, named: ProcDir) -> Answer {
+        let (outcome, answer) = match self.admit_in(req, named) {
             Ok(None) => ("no_guard", Answer::started("")),
             Ok(Some(n)) => {
                 tracing::info!(pod = %req.pod_uid, container = %req.container_id, guards = n, "start gate: container guarded before it runs");
@@ -194,7 +195,7 @@ impl Guards {
     }
 
     /// How many guards now hold the container, or why it is not guarded.
-    fn admit_in(&self, req: &Request) -> Result<Option<usize>, Failure> {
+    fn admit_in(&self, req: &Request, named: ProcDir) -> Result<Option<usize>, Failure> {
         let refuse = |reason: String| Failure {
             reason,
             start: false,
@@ -204,8 +205,10 @@ impl Guards {
             .parse()
             .map_err(|e| refuse(format!("container_id: {e}")))?;
         // The process is the named container's, in the named pod, before any answer: the
-        // annotations it came by are the runtime's copy of what the pod's author wrote.
-        let member = pods::member(req.pid, &id, &req.pod_uid).ok_or_else(|| {
+        // annotations it came by are the runtime's copy of what the pod's author wrote. Read
+        // through the directory the sibling check read, so the process checked is the one
+        // pinned.
+        let member = pods::member_of(named, &id, &req.pod_uid).ok_or_else(|| {
             refuse(format!(
                 "pid {} is not a process of container {id} in pod {}",
                 req.pid, req.pod_uid
@@ -526,7 +529,7 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 
 fn answer(stream: UnixStream, guards: &Guards) {
     let mut answer = match read_request(&stream) {
-        Ok(req) => guards.admit(&req),
+        Ok((req, named)) => guards.admit(&req, named),
         Err(reason) => {
             tracing::warn!(%reason, "start gate: a request refused");
             Answer {
@@ -547,7 +550,8 @@ fn answer(stream: UnixStream, guards: &Guards) {
     }
 }
 
-fn read_request(stream: &UnixStream) -> Result<Request, String> {
+/// The request, and the `/proc` directory of the process it names.
+fn read_request(stream: &UnixStream) -> Result<(Request, ProcDir), String> {
     let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| format!("peer credentials: {e}"))?;
     if peer.uid() != 0 {
@@ -576,14 +580,15 @@ fn read_request(stream: &UnixStream) -> Result<Request, String> {
     }
     // The runtime runs its hooks beside the container's init, both its children, in its
     // own root: a process that asks for another's container (one of a running container,
-    // or a root in a pod with the socket mounted) is neither.
-    let parents = (
-        resolve::parent_pid(peer.pid()),
-        resolve::parent_pid(req.pid),
-    );
-    let siblings = matches!(parents, (Ok(a), Ok(b)) if a == b)
-        && resolve::process_root(peer.pid()).is_some()
-        && resolve::process_root(peer.pid()) == resolve::process_root(req.pid);
+    // or a root in a pod with the socket mounted) is neither. Both are read through their
+    // `/proc` directories, never by PID again: a PID given to another process later is
+    // not what was checked.
+    let hook = peer_dir(stream, peer.pid())?;
+    let named = ProcDir::open("/proc", req.pid).map_err(|e| format!("pid {}: {e}", req.pid))?;
+    let parents = (hook.stat(), named.stat());
+    let siblings = matches!(parents, (Ok((a, _)), Ok((b, _))) if a == b)
+        && hook.root().is_some()
+        && hook.root() == named.root();
     if !siblings {
         return Err(format!(
             "pid {}: not a process its runtime set up beside this hook (pid {})",
@@ -591,5 +596,29 @@ fn read_request(stream: &UnixStream) -> Result<Request, String> {
             peer.pid()
         ));
     }
-    Ok(req)
+    Ok((req, named))
+}
+
+/// The connected hook's `/proc` directory: opened by the PID its credentials carry, while
+/// the pidfd the kernel took of it at connect time says it runs. While it runs its PID is
+/// no one else's, so the directory is the hook's.
+fn peer_dir(stream: &UnixStream, pid: i32) -> Result<ProcDir, String> {
+    use nix::errno::Errno;
+    let gone = || format!("hook pid {pid}: exited before its request was read");
+    let pidfd = match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd) {
+        Ok(fd) => Some(fd),
+        // Before Linux 6.5 there is no such pidfd: the PID alone, as the kernel gave it.
+        Err(Errno::ENOPROTOOPT) => None,
+        Err(Errno::ESRCH | Errno::EINVAL) => return Err(gone()),
+        Err(e) => return Err(format!("hook pid {pid}: its pidfd: {e}")),
+    };
+    let runs = || pidfd.as_ref().is_none_or(|fd| pin::runs(fd.as_fd()));
+    if !runs() {
+        return Err(gone());
+    }
+    let dir = ProcDir::open("/proc", pid).map_err(|e| format!("hook pid {pid}: {e}"))?;
+    if !runs() {
+        return Err(gone());
+    }
+    Ok(dir)
 }
