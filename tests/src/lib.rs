@@ -6,6 +6,8 @@
 //! - [`agent`]: `janus-agent guard` as a real process, its decision lines and metrics;
 //!   [`api`]: requests to `janus-agent serve`'s gRPC API, as the controller makes them.
 //! - [`cgroups`]: pods laid out in cgroup v2 as the kubelet lays them out (the VM).
+//! - [`containerd`]: containers run by containerd 1.6 from a spec as its CRI plugin would
+//!   complete it; [`cri`]: pods run through containerd 1.7's CRI, as the kubelet runs them.
 //! - [`scenarios`]: the table of guards, files and expected answers every backend passes.
 //! - [`bench`] and [`floor`]: the benchmark, and the minimal fanotify listener it compares
 //!   the agent with; [`scale`]: the node-scale benchmark (1,000 containers);
@@ -19,6 +21,7 @@ pub mod api;
 pub mod bench;
 pub mod cgroups;
 pub mod containerd;
+pub mod cri;
 pub mod floor;
 pub mod isolate;
 pub mod scale;
