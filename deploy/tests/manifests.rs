@@ -944,3 +944,37 @@ fn the_runtimes_hook_configurations_name_the_binary_the_daemonset_installs() {
     let config = std::fs::read_to_string(repo.join("containerd/config.toml")).unwrap();
     assert!(config.contains(r#"base_runtime_spec = "/etc/containerd/janus-base-spec.json""#));
 }
+
+/// The NRI component: the agent registers at the runtime's NRI socket, mounted from the
+/// node at the same path, and the hook it adds is the binary the init container installs.
+#[test]
+fn the_nri_component_wires_the_gate_through_the_runtime() {
+    let objs = documents(&render::kustomize("examples/nri").unwrap()).unwrap();
+    let (ds, a) = agent(&objs);
+    let argv = std::iter::once("janus-agent".to_owned()).chain(args(&a));
+    let Ok(Agent::Serve(serve)) = Agent::try_parse_from(argv) else {
+        panic!("the agent's args do not parse: {:?}", args(&a))
+    };
+    let socket = serve.nri.nri_socket.expect("--nri-socket");
+    assert_eq!(socket, std::path::Path::new("/var/run/nri/nri.sock"));
+    assert_eq!(
+        serve.nri.nri_hook,
+        std::path::Path::new(HOOK_DIR).join("janus-agent")
+    );
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let mount = a
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| socket.starts_with(&m.mount_path))
+        .expect("the NRI socket's directory mounted");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let host = volume.host_path.as_ref().expect("a hostPath");
+    assert_eq!(host.path, mount.mount_path);
+    assert_eq!(host.type_.as_deref(), Some("Directory"));
+}

@@ -8,6 +8,7 @@ pub mod fanotify;
 pub mod hook;
 pub mod http;
 pub mod metrics;
+pub mod nri;
 pub mod pin;
 pub mod pods;
 pub mod process;

@@ -21,7 +21,7 @@ enum Command {
     Guard(janus_agent::standalone::GuardArgs),
     /// Serve the gRPC API (janus.agent.v1) through which the controller places guards on
     /// this node's pods.
-    Serve(janus_agent::serve::ServeArgs),
+    Serve(Box<janus_agent::serve::ServeArgs>),
     /// The start gate, as an OCI runtime hook (createRuntime): reads the container's state on
     /// stdin and exits 0 once the node's agent guards the container (docs/operations.md).
     Hook(janus_agent::hook::HookArgs),
@@ -57,7 +57,7 @@ fn main() -> std::process::ExitCode {
         // Before any thread starts: setns changes the calling thread only.
         Command::Serve(args) => janus_agent::pods::join_host_cgroup_namespace()
             .map_err(anyhow::Error::from)
-            .and_then(|()| on_runtime(cli.log_format, || janus_agent::serve::run(args))),
+            .and_then(|()| on_runtime(cli.log_format, || janus_agent::serve::run(*args))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub bpf_fallbacks: IntCounterVec,
     pub cgroup_watch_failed: IntGauge,
     pub gate: IntCounterVec,
+    pub nri_registered: IntGauge,
+    pub nri_containers: IntCounterVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -221,6 +223,22 @@ impl Metrics {
         for outcome in GATE_OUTCOMES {
             gate.with_label_values(&[outcome]);
         }
+        let nri_registered = register(
+            &r,
+            IntGauge::new(
+                "janus_nri_registered",
+                "1 while the agent is registered with the runtime as an NRI plugin (--nri-socket): containers created while it is 0 get no start gate's hook from it.",
+            )
+            .expect("valid metric"),
+        );
+        let nri_containers = counter(
+            "janus_nri_containers_total",
+            "Containers the runtime told the NRI plugin of, by outcome: hook_added (the start gate's hook added to its spec), hook_present (its spec had it already).",
+            &["outcome"],
+        );
+        for outcome in ["hook_added", "hook_present"] {
+            nri_containers.with_label_values(&[outcome]);
+        }
         for (backend, kind) in [
             ("fanotify", "mark"),
             ("fanotify", "watch"),
@@ -254,6 +272,8 @@ impl Metrics {
             bpf_fallbacks,
             cgroup_watch_failed,
             gate,
+            nri_registered,
+            nri_containers,
             decisions,
             internal_errors,
             overflows,

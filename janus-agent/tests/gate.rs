@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use janus_api::agent_v1::agent_client::AgentClient;
-use janus_api::agent_v1::{BoundPod, SetPodsRequest};
 use janus_tests::agent::{http_get, sum_series, Serve};
 use janus_tests::containerd::GatedSpec;
 use janus_tests::scenarios::populate;
@@ -86,21 +85,6 @@ fn gate_total(metrics: std::net::SocketAddr, outcome: &str) -> f64 {
     sum_series(&body, &format!("janus_gate_total{{outcome=\"{outcome}\"}}"))
 }
 
-/// The pod `uid` in namespace `default`, selected by `guards`, failing closed.
-fn word(uid: &str, guards: &[&str], closed_namespaces: &[&str]) -> SetPodsRequest {
-    SetPodsRequest {
-        pods: vec![BoundPod {
-            uid: uid.into(),
-            namespace: "default".into(),
-            name: "web-0".into(),
-            guards: guards.iter().map(|g| g.to_string()).collect(),
-            start_on_failure: false,
-        }],
-        closed_namespaces: closed_namespaces.iter().map(|n| n.to_string()).collect(),
-        node: "node-a".into(),
-    }
-}
-
 /// Runs container `id` of pod `uid` through containerd, gated by the agent at `socket`, its
 /// first instruction reading the denied file: whether it succeeded, and what it printed.
 fn first_read(dir: &Path, root: &Root, id: &str, uid: &str, socket: &Path) -> (bool, String) {
@@ -118,7 +102,10 @@ async fn every_start_behind_the_gate_has_its_first_read_refused() {
     // Pushed at scheduling: the guard is held before any container of the pod exists.
     let apply = support::apply("default", "gate", &uid, &[], DENY_SECRET);
     client.apply_guard(apply).await.unwrap();
-    client.set_pods(word(&uid, &["gate"], &[])).await.unwrap();
+    client
+        .set_pods(support::word(&uid, &["gate"], &[]))
+        .await
+        .unwrap();
 
     // Through containerd, from the base spec a node gets.
     let argv = [BUSYBOX, "cat", "/data/secret"];
@@ -146,7 +133,10 @@ async fn every_start_behind_the_gate_has_its_first_read_refused() {
 async fn a_pod_with_no_guard_starts_at_once_and_reads() {
     let (dir, root, uid) = pod("no-guard");
     let (_agent, mut client, metrics, socket) = agent(&dir, &[]).await;
-    client.set_pods(word(&uid, &[], &[])).await.unwrap();
+    client
+        .set_pods(support::word(&uid, &[], &[]))
+        .await
+        .unwrap();
     let id = format!("gate-free-{}", std::process::id());
     let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
     assert!(success, "{output}");
@@ -158,7 +148,10 @@ async fn a_guard_that_does_not_arrive_keeps_the_container_from_starting() {
     let (dir, root, uid) = pod("late-guard");
     let (_agent, mut client, metrics, socket) = agent(&dir, &["--gate-within-secs", "1"]).await;
     // The controller says the pod has a guard, and never pushes it.
-    client.set_pods(word(&uid, &["gate"], &[])).await.unwrap();
+    client
+        .set_pods(support::word(&uid, &["gate"], &[]))
+        .await
+        .unwrap();
     let id = format!("gate-late-{}", std::process::id());
     let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
     assert!(!success, "the container ran:\n{output}");
@@ -175,7 +168,7 @@ async fn a_pod_the_controller_never_named_fails_as_its_namespace_does() {
     let (_agent, mut client, metrics, socket) = agent(&dir, &["--gate-within-secs", "1"]).await;
     // Another pod named; `default` has a guard that fails closed.
     client
-        .set_pods(word("some-other-pod", &[], &["default"]))
+        .set_pods(support::word("some-other-pod", &[], &["default"]))
         .await
         .unwrap();
     let id = format!("gate-unnamed-{}", std::process::id());
@@ -184,7 +177,7 @@ async fn a_pod_the_controller_never_named_fails_as_its_namespace_does() {
     assert!(output.contains("no word from the controller"), "{output}");
     // In a namespace with no such guard it starts, and is counted.
     client
-        .set_pods(word("some-other-pod", &[], &[]))
+        .set_pods(support::word("some-other-pod", &[], &[]))
         .await
         .unwrap();
     let (success, output) = first_read(&dir, &root, &id, &uid, &socket);
@@ -199,7 +192,10 @@ async fn the_gate_guards_only_a_process_of_the_named_container() {
     let (_agent, mut client, _metrics, socket) = agent(&dir, &[]).await;
     let apply = support::apply("default", "gate", &uid, &[], DENY_SECRET);
     client.apply_guard(apply).await.unwrap();
-    client.set_pods(word(&uid, &["gate"], &[])).await.unwrap();
+    client
+        .set_pods(support::word(&uid, &["gate"], &[]))
+        .await
+        .unwrap();
     // A request naming a process that is not the container's (this test's): refused, and
     // nothing is guarded on it.
     let req = janus_agent::hook::Request {
@@ -248,7 +244,7 @@ async fn the_gate_guards_only_a_process_of_the_named_container() {
     assert!(answer.contains("exited before its request"), "{answer}");
 
     // Another node's word is refused.
-    let mut other = word(&uid, &[], &[]);
+    let mut other = support::word(&uid, &[], &[]);
     other.node = "node-b".into();
     let refused = client.set_pods(other).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
@@ -321,7 +317,10 @@ async fn a_start_the_agent_could_not_answer_is_recorded_and_counted() {
 async fn a_restarted_agent_gates_by_the_word_it_kept() {
     let (dir, root, uid) = pod("kept-word");
     let (before, mut client, _, _) = agent(&dir, &["--gate-within-secs", "1"]).await;
-    client.set_pods(word(&uid, &[], &[])).await.unwrap();
+    client
+        .set_pods(support::word(&uid, &[], &[]))
+        .await
+        .unwrap();
     drop(before);
     // The controller has not told the new agent anything yet.
     let (_after, _client, metrics, socket) = agent(&dir, &["--gate-within-secs", "1"]).await;

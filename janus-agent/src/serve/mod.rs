@@ -62,6 +62,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub gate: gate::GateArgs,
     #[command(flatten)]
+    pub nri: crate::nri::NriArgs,
+    #[command(flatten)]
     pub enforce: crate::agent::EnforceArgs,
     #[command(flatten)]
     pub tls: tls::TlsArgs,
@@ -836,7 +838,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "-".into())
     });
-    let agent = Arc::new(Agent::new(metrics, log, node.clone(), &args.enforce)?);
+    let agent = Arc::new(Agent::new(
+        metrics.clone(),
+        log,
+        node.clone(),
+        &args.enforce,
+    )?);
     let guards = Arc::new(Guards::new(
         agent.clone(),
         node,
@@ -847,6 +854,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     guards.load_word();
     guards.count_ungated();
     gate::serve(&args.gate.gate_socket, guards.clone())?;
+    crate::nri::spawn(&args.nri, &args.gate, metrics).context("starting the NRI plugin")?;
     let result = serve(&args, tls, agent.clone(), guards, shutdown).await;
     agent.shutdown();
     writer.finish();

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use janus_api::agent_v1::ApplyGuardRequest;
+use janus_api::agent_v1::{ApplyGuardRequest, BoundPod, SetPodsRequest};
 use janus_tests::containerd::Container;
 use janus_tests::scenarios::populate;
 use janus_tests::target::{Access, Root, BUSYBOX};
@@ -186,4 +186,19 @@ pub async fn applied(
         .into_inner()
         .status
         .unwrap()
+}
+
+/// The pod `uid` in namespace `default`, selected by `guards`, failing closed.
+pub fn word(uid: &str, guards: &[&str], closed_namespaces: &[&str]) -> SetPodsRequest {
+    SetPodsRequest {
+        pods: vec![BoundPod {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: "web-0".into(),
+            guards: guards.iter().map(|g| g.to_string()).collect(),
+            start_on_failure: false,
+        }],
+        closed_namespaces: closed_namespaces.iter().map(|n| n.to_string()).collect(),
+        node: "node-a".into(),
+    }
 }
