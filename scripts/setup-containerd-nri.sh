@@ -59,6 +59,7 @@ CONF
     # Its own shim first in PATH; setsid: the daemon outlives this script.
     PATH="$PREFIX/usr/bin:$PATH" setsid "$PREFIX/usr/bin/containerd" --config "$RUN/config.toml" \
         >>"$LOG" 2>&1 </dev/null &
+    echo $! >"$RUN/containerd.pid" # for the test that restarts it
     deadline=$((SECONDS + 30))
     until ctr version >/dev/null 2>&1 && [ -S "$RUN/nri.sock" ]; do
         if [ "$SECONDS" -ge "$deadline" ]; then

@@ -122,4 +122,49 @@ async fn pods_run_through_nri_have_their_first_read_refused() {
     assert_eq!(metric(metrics, added), f64::from(STARTS));
     let guarded = r#"janus_gate_total{outcome="guarded"}"#;
     assert_eq!(metric(metrics, guarded), f64::from(STARTS));
+
+    // The runtime restarts: the agent says it is not registered, registers again once the
+    // runtime is back, and the next start is gated again.
+    stop_containerd();
+    wait::until("the agent to see containerd go", STARTUP, || {
+        (metric(metrics, "janus_nri_registered") == 0.0).then_some(())
+    })
+    .unwrap();
+    let setup = std::process::Command::new("bash")
+        .arg(cri::NRI_SETUP)
+        .status()
+        .unwrap();
+    assert!(setup.success());
+    wait::until("the agent to register again", STARTUP, || {
+        (metric(metrics, "janus_nri_registered") == 1.0).then_some(())
+    })
+    .unwrap();
+    let mut pod = Pod::run(containerd, &uid, "nri-again", &dir.join("logs"))
+        .await
+        .unwrap();
+    let (code, output) = pod
+        .run_to_exit("app", 0, &READ, &[(&data, "/data")])
+        .await
+        .unwrap();
+    pod.remove().await.unwrap();
+    assert!(
+        code != 0 && output.contains("Operation not permitted"),
+        "(exit {code}) {output}"
+    );
+    assert_eq!(metric(metrics, guarded), f64::from(STARTS + 1));
+}
+
+/// Stops the NRI containerd (SIGTERM) and waits until it is gone.
+fn stop_containerd() {
+    let pid: i32 = std::fs::read_to_string(cri::NRI_CONTAINERD_PID)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait::until("containerd to stop", STARTUP, || {
+        nix::sys::signal::kill(pid, None).is_err().then_some(())
+    })
+    .unwrap();
 }

@@ -349,6 +349,12 @@ impl RuntimeClient {
 pub const NRI_CONTAINERD: &str = "/run/janus-test/containerd-nri/containerd.sock";
 pub const NRI_SOCKET: &str = "/run/janus-test/containerd-nri/nri.sock";
 pub const IMAGE: &str = "janus.test/busybox:1";
+/// Its PID, and the script that (re)starts it.
+pub const NRI_CONTAINERD_PID: &str = "/run/janus-test/containerd-nri/containerd.pid";
+pub const NRI_SETUP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../scripts/setup-containerd-nri.sh"
+);
 
 /// How long a container may take from its creation to its end.
 const RUN_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
