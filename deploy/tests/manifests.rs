@@ -976,5 +976,5 @@ fn the_nri_component_wires_the_gate_through_the_runtime() {
         .unwrap();
     let host = volume.host_path.as_ref().expect("a hostPath");
     assert_eq!(host.path, mount.mount_path);
-    assert_eq!(host.type_.as_deref(), Some("Directory"));
+    assert_eq!(host.type_.as_deref(), Some("DirectoryOrCreate"));
 }

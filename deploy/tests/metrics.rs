@@ -77,6 +77,8 @@ async fn queried_metrics_exist_on_a_running_agent() {
     let policy = Arc::new(janus_api::GuardPolicy::from_guard(&guard).unwrap());
 
     let metrics = Arc::new(Metrics::new());
+    // As on an agent wired through NRI, whose alert is among those checked.
+    metrics.register_nri();
     let (log, writer) = decisions::start(Box::new(std::io::sink()), Default::default());
     let agent = Arc::new(
         Agent::new(

@@ -223,19 +223,21 @@ impl Metrics {
         for outcome in GATE_OUTCOMES {
             gate.with_label_values(&[outcome]);
         }
-        let nri_registered = register(
-            &r,
-            IntGauge::new(
-                "janus_nri_registered",
-                "1 while the agent is registered with the runtime as an NRI plugin (--nri-socket): containers created while it is 0 get no start gate's hook from it.",
-            )
-            .expect("valid metric"),
-        );
-        let nri_containers = counter(
-            "janus_nri_containers_total",
-            "Containers the runtime told the NRI plugin of, by outcome: hook_added (the start gate's hook added to its spec), hook_present (its spec had it already).",
+        // Registered by `register_nri`, on an agent wired through NRI only: a gauge at 0
+        // means a plugin not registered, not one never asked for.
+        let nri_registered = IntGauge::new(
+            "janus_nri_registered",
+            "1 while the agent is registered with the runtime as an NRI plugin (--nri-socket): containers created while it is 0 get no start gate's hook from it.",
+        )
+        .expect("valid metric");
+        let nri_containers = IntCounterVec::new(
+            Opts::new(
+                "janus_nri_containers_total",
+                "Containers the runtime told the NRI plugin of, by outcome: hook_added (the start gate's hook added to its spec), hook_present (its spec had it already).",
+            ),
             &["outcome"],
-        );
+        )
+        .expect("valid metric");
         for outcome in ["hook_added", "hook_present"] {
             nri_containers.with_label_values(&[outcome]);
         }
@@ -286,6 +288,12 @@ impl Metrics {
             denials,
             guards,
         }
+    }
+
+    /// Exposes the NRI plugin's metrics: on an agent started with `--nri-socket`.
+    pub fn register_nri(&self) {
+        register(&self.registry, self.nri_registered.clone());
+        register(&self.registry, self.nri_containers.clone());
     }
 
     pub fn render(&self) -> String {

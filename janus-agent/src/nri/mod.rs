@@ -48,9 +48,10 @@ pub enum NriError {
     Wire(#[from] WireError),
     #[error("the runtime refused the plugin: {0}")]
     Refused(String),
-    #[error("runtime {0:?}: the hook knows the annotations of containerd and CRI-O only")]
-    UnknownRuntime(String),
 }
+
+/// gRPC's code for a request that does not decode.
+const INVALID_ARGUMENT: i32 = 3;
 
 impl From<prost::DecodeError> for NriError {
     fn from(e: prost::DecodeError) -> NriError {
@@ -73,6 +74,7 @@ pub fn spawn(args: &NriArgs, gate: &GateArgs, metrics: Arc<Metrics>) -> std::io:
     let Some(socket) = args.nri_socket.clone() else {
         return Ok(());
     };
+    metrics.register_nri();
     // The hook asks this agent, on the node's paths: the agent's own must be the same
     // (hostPath mounts at the same place).
     let hook_args = [
@@ -106,6 +108,9 @@ struct Plugin {
 }
 
 /// A method's answer, or its error status; and whether the runtime is done with the plugin.
+/// An error status fails only that call (for CreateContainer, the runtime does not create
+/// the container), where a closed connection would let the runtime go on without the
+/// plugin.
 type Reply = (Result<Vec<u8>, wire::Status>, bool);
 
 impl Plugin {
@@ -115,15 +120,21 @@ impl Plugin {
             match UnixStream::connect(socket) {
                 Ok(stream) => {
                     unreachable_told = false;
-                    match self.session(Trunk::new(stream)) {
-                        Ok(()) => {
+                    let session = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.session(Trunk::new(stream))
+                    }));
+                    self.metrics.nri_registered.set(0);
+                    match session {
+                        Ok(Ok(())) => {
                             tracing::warn!(socket = %socket.display(), "NRI: the runtime shut the plugin down; containers created until it registers again are not gated")
                         }
-                        Err(e) => {
+                        Ok(Err(e)) => {
                             tracing::error!(socket = %socket.display(), error = %e, "NRI: the plugin's connection ended; containers created until it registers again are not gated")
                         }
+                        Err(_) => {
+                            tracing::error!(socket = %socket.display(), "NRI: the plugin failed (a bug); registering again")
+                        }
                     }
-                    self.metrics.nri_registered.set(0);
                 }
                 Err(e) if !unreachable_told => {
                     tracing::error!(socket = %socket.display(), error = %e, "NRI: cannot reach the runtime; trying again every second, containers are not gated through NRI meanwhile");
@@ -155,13 +166,12 @@ impl Plugin {
                     if let Some(status) = response.status.filter(|s| s.code != 0) {
                         return Err(NriError::Refused(status.message));
                     }
-                    self.metrics.nri_registered.set(1);
-                    tracing::info!(index = %self.index, hook = %self.hook, "NRI: registered; every new container gets the start gate's hook");
+                    tracing::info!(index = %self.index, hook = %self.hook, "NRI: registered");
                 }
                 (PLUGIN_CONN, REQUEST) => {
                     let call = wire::Request::decode(message.body.as_slice())?;
                     tracing::debug!(service = %call.service, method = %call.method, "NRI: call");
-                    let (reply, done) = self.call(&call.service, &call.method, &call.payload)?;
+                    let (reply, done) = self.call(&call.service, &call.method, &call.payload);
                     let response = match reply {
                         Ok(payload) => wire::Response {
                             status: None,
@@ -188,45 +198,73 @@ impl Plugin {
     }
 
     /// Answers one of the runtime's calls.
-    fn call(&mut self, service: &str, method: &str, payload: &[u8]) -> Result<Reply, NriError> {
-        let empty = || api::Empty {}.encode_to_vec();
-        let method = if service == api::PLUGIN_SERVICE {
-            method
-        } else {
-            ""
+    fn call(&mut self, service: &str, method: &str, payload: &[u8]) -> Reply {
+        let answer = match self.answer(service, method, payload) {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::error!(method, error = %e, "NRI: a call that does not decode; refused");
+                let status = wire::Status {
+                    code: INVALID_ARGUMENT,
+                    message: format!("janus: {method}: {e}"),
+                };
+                return (Err(status), false);
+            }
         };
-        Ok(match method {
+        match answer {
+            Some(payload) => (Ok(payload), method == "Shutdown"),
+            None => {
+                let status = wire::Status {
+                    code: wire::UNIMPLEMENTED,
+                    message: format!("janus: no method {service}/{method}"),
+                };
+                (Err(status), false)
+            }
+        }
+    }
+
+    /// The answer to a method of the plugin's service; None for any other.
+    fn answer(
+        &mut self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+    ) -> Result<Option<Vec<u8>>, prost::DecodeError> {
+        if service != api::PLUGIN_SERVICE {
+            return Ok(None);
+        }
+        Ok(Some(match method {
             "Configure" => {
                 let req = api::ConfigureRequest::decode(payload)?;
+                // CRI-O's annotations for CRI-O; containerd's for containerd, whatever name
+                // it gives (2.0.0 to 2.0.3 say "v2").
                 self.runtime = match req.runtime_name.as_str() {
-                    "containerd" => Runtime::Containerd,
                     "cri-o" | "crio" => Runtime::CriO,
-                    other => return Err(NriError::UnknownRuntime(other.to_owned())),
+                    "containerd" => Runtime::Containerd,
+                    other => {
+                        tracing::warn!(runtime = other, "NRI: a runtime of another name; its hook reads containerd's annotations");
+                        Runtime::Containerd
+                    }
                 };
                 tracing::info!(runtime = %req.runtime_name, version = %req.runtime_version, "NRI: configured");
                 let events = 1 << (api::CREATE_CONTAINER - 1);
-                (Ok(api::ConfigureResponse { events }.encode_to_vec()), false)
+                api::ConfigureResponse { events }.encode_to_vec()
             }
             "Synchronize" => {
                 // Running containers are guarded as they are found; only new ones are gated.
                 let req = api::SynchronizeRequest::decode(payload)?;
-                let more = req.more;
-                (Ok(api::SynchronizeResponse { more }.encode_to_vec()), false)
+                if !req.more {
+                    self.metrics.nri_registered.set(1);
+                    tracing::info!(hook = %self.hook, "NRI: synchronized; every new container gets the start gate's hook");
+                }
+                api::SynchronizeResponse { more: req.more }.encode_to_vec()
             }
             "CreateContainer" => {
                 let req = api::CreateContainerRequest::decode(payload)?;
-                (Ok(self.adjust(&req).encode_to_vec()), false)
+                self.adjust(&req).encode_to_vec()
             }
-            "Shutdown" => (Ok(empty()), true),
-            "StateChange" => (Ok(empty()), false),
-            other => {
-                let status = wire::Status {
-                    code: wire::UNIMPLEMENTED,
-                    message: format!("janus: no method {service}/{other}"),
-                };
-                (Err(status), false)
-            }
-        })
+            "Shutdown" | "StateChange" => api::Empty {}.encode_to_vec(),
+            _ => return Ok(None),
+        }))
     }
 
     /// The container with the start gate's hook, unless its spec has it already (the base
@@ -239,7 +277,7 @@ impl Plugin {
             .create_runtime
             .iter()
             .chain(&hooks.prestart)
-            .any(|h| h.path == self.hook);
+            .any(|h| h.path == self.hook && h.args.get(1).is_some_and(|a| a == "hook"));
         let outcome = if present {
             "hook_present"
         } else {
@@ -314,6 +352,7 @@ mod tests {
         // prestart): the gate is not asked twice.
         let theirs = Hook {
             path: "/opt/janus/bin/janus-agent".into(),
+            args: vec!["janus-agent".into(), "hook".into()],
             ..Hook::default()
         };
         for present in [
@@ -341,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn configure_subscribes_to_creations_and_refuses_an_unknown_runtime() {
+    fn configure_subscribes_to_creations_and_a_bad_call_fails_alone() {
         let mut p = plugin(Runtime::Containerd);
         let configure = |name: &str| {
             api::ConfigureRequest {
@@ -350,19 +389,33 @@ mod tests {
             }
             .encode_to_vec()
         };
-        let (reply, done) = p
-            .call(api::PLUGIN_SERVICE, "Configure", &configure("cri-o"))
-            .unwrap();
+        let (reply, done) = p.call(api::PLUGIN_SERVICE, "Configure", &configure("cri-o"));
         let events = api::ConfigureResponse::decode(reply.unwrap().as_slice())
             .unwrap()
             .events;
         assert_eq!((events, done), (1 << 3, false));
-        assert!(p.runtime == Runtime::CriO);
-        let refused = p.call(api::PLUGIN_SERVICE, "Configure", &configure("podman"));
-        assert!(matches!(refused, Err(NriError::UnknownRuntime(n)) if n == "podman"));
-        let (reply, _) = p.call("other.Service", "Configure", &[]).unwrap();
+        assert_eq!(p.runtime, Runtime::CriO);
+        // containerd 2.0.0 to 2.0.3 name themselves "v2": containerd's annotations.
+        p.call(api::PLUGIN_SERVICE, "Configure", &configure("v2"))
+            .0
+            .unwrap();
+        assert_eq!(p.runtime, Runtime::Containerd);
+        // Registered once the runtime has told all it had to.
+        let sync = |more| api::SynchronizeRequest { more }.encode_to_vec();
+        p.call(api::PLUGIN_SERVICE, "Synchronize", &sync(true))
+            .0
+            .unwrap();
+        assert_eq!(p.metrics.nri_registered.get(), 0);
+        p.call(api::PLUGIN_SERVICE, "Synchronize", &sync(false))
+            .0
+            .unwrap();
+        assert_eq!(p.metrics.nri_registered.get(), 1);
+        // A creation that does not decode is refused, not let through: an error status,
+        // and the connection stays.
+        let (reply, done) = p.call(api::PLUGIN_SERVICE, "CreateContainer", &[0xff, 0xff]);
+        assert_eq!((reply.unwrap_err().code, done), (INVALID_ARGUMENT, false));
+        let (reply, _) = p.call("other.Service", "Configure", &[]);
         assert_eq!(reply.unwrap_err().code, wire::UNIMPLEMENTED);
-        let (_, done) = p.call(api::PLUGIN_SERVICE, "Shutdown", &[]).unwrap();
-        assert!(done);
+        assert!(p.call(api::PLUGIN_SERVICE, "Shutdown", &[]).1);
     }
 }

@@ -21,6 +21,9 @@ const FRAME_HEADER: usize = 8;
 const MESSAGE_HEADER: usize = 10;
 /// ttrpc's largest message body.
 const MESSAGE_MAX: usize = 4 << 20;
+/// The largest frame sent: the runtime's ttrpc reads through a 4 KiB buffer, and its
+/// multiplexer refuses (and closes everything on) a frame larger than the room left in it.
+const FRAME_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -102,6 +105,12 @@ impl Trunk {
             if len > MESSAGE_HEADER + MESSAGE_MAX {
                 return Err(WireError::TooLarge(len));
             }
+            if conn != PLUGIN_CONN && conn != RUNTIME_CONN {
+                // No one reads it (as the runtime's own multiplexer drops it): skipped, not
+                // kept.
+                io::copy(&mut (&self.stream).take(len as u64), &mut io::sink())?;
+                continue;
+            }
             let bytes = self.pending.entry(conn).or_default();
             let at = bytes.len();
             bytes.resize(at + len, 0);
@@ -109,15 +118,21 @@ impl Trunk {
         }
     }
 
-    /// Sends `body` as one message on logical connection `conn`, in one frame.
+    /// Sends `body` as one message on logical connection `conn`, in frames of at most
+    /// [`FRAME_MAX`] bytes.
     pub fn send(&mut self, conn: u32, stream: u32, kind: u8, body: &[u8]) -> io::Result<()> {
-        let mut out = Vec::with_capacity(FRAME_HEADER + MESSAGE_HEADER + body.len());
-        out.extend(conn.to_be_bytes());
-        out.extend(((MESSAGE_HEADER + body.len()) as u32).to_be_bytes());
-        out.extend((body.len() as u32).to_be_bytes());
-        out.extend(stream.to_be_bytes());
-        out.extend([kind, 0]);
-        out.extend(body);
+        let mut message = Vec::with_capacity(MESSAGE_HEADER + body.len());
+        message.extend((body.len() as u32).to_be_bytes());
+        message.extend(stream.to_be_bytes());
+        message.extend([kind, 0]);
+        message.extend(body);
+        let mut out =
+            Vec::with_capacity(message.len() + FRAME_HEADER * message.len().div_ceil(FRAME_MAX));
+        for chunk in message.chunks(FRAME_MAX) {
+            out.extend(conn.to_be_bytes());
+            out.extend((chunk.len() as u32).to_be_bytes());
+            out.extend(chunk);
+        }
         self.stream.write_all(&out)
     }
 }
@@ -187,6 +202,42 @@ mod tests {
                 (PLUGIN_CONN, message(3, REQUEST, b"cut!!")),
             ]
         );
+    }
+
+    #[test]
+    fn a_long_message_goes_in_small_frames_and_unknown_connections_are_skipped() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut raw = a.try_clone().unwrap();
+        // Frames for a connection nobody opened: read past, never kept.
+        for _ in 0..3 {
+            let mut frame = 7u32.to_be_bytes().to_vec();
+            frame.extend(5u32.to_be_bytes());
+            frame.extend(b"junk!");
+            raw.write_all(&frame).unwrap();
+        }
+        let body = vec![7u8; 3 * FRAME_MAX];
+        let mut sender = Trunk::new(a);
+        sender.send(PLUGIN_CONN, 5, RESPONSE, &body).unwrap();
+        drop(sender);
+        drop(raw);
+        // As the runtime's reader sees them: no frame over FRAME_MAX.
+        let mut bytes = Vec::new();
+        (&b).read_to_end(&mut bytes).unwrap();
+        let mut rest = &bytes[3 * 13..];
+        let mut frames = 0;
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[4..8].try_into().unwrap()) as usize;
+            assert!(len <= FRAME_MAX);
+            rest = &rest[FRAME_HEADER + len..];
+            frames += 1;
+        }
+        assert_eq!(frames, (MESSAGE_HEADER + body.len()).div_ceil(FRAME_MAX));
+        let (mut w, r) = UnixStream::pair().unwrap();
+        w.write_all(&bytes).unwrap();
+        let mut receiver = Trunk::new(r);
+        let (conn, message) = receiver.next().unwrap();
+        assert_eq!((conn, message.stream, message.body), (PLUGIN_CONN, 5, body));
+        assert!(receiver.pending.keys().all(|c| *c == PLUGIN_CONN));
     }
 
     #[test]
