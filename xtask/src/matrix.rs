@@ -29,8 +29,10 @@ pub const MATRIX: &[Platform] = &[
         series: None,
         cgroup: "v1",
         layouts: "containerd 1.6 and runc (`ctr run --cgroup`, and `ctr run --config` from the \
-                  start gate's base spec; the cgroupfs driver's paths)",
-        fanotify: "kernel tests, scenario table, `serve`, the start gate, benchmarks",
+                  start gate's base spec; the cgroupfs driver's paths), and beside it containerd \
+                  1.7 with NRI, pods run through its CRI",
+        fanotify: "kernel tests, scenario table, `serve`, the start gate (base spec and NRI), \
+                   benchmarks",
         bpf: "refused by the kernel (EPERM): the fallback to fanotify",
         table_in_ci: true,
     },
