@@ -33,9 +33,10 @@ pub struct EnforceArgs {
     /// Enforcement backend: BPF LSM where the kernel allows it (auto), or one of them.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
-    /// Threads answering the node's one fanotify group. Two answer two openers faster than
-    /// the least listener can with one (BENCHMARKS.md).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    /// Threads answering the node's one fanotify group, each with a thread beside it that
+    /// names, closes and logs what it answered. One reads the largest batches: more answer
+    /// fewer events per system call (BENCHMARKS.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub answer_threads: u8,
     #[command(flatten)]
     pub bpf_capacity: bpf::Capacity,

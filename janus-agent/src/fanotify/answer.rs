@@ -1,10 +1,14 @@
 //! The answering thread: reads the agent's permission group, finds whose access each event
 //! is ([`Registry`]), decides it for every target that guards it and answers, all events of
-//! one read with one `writev`. It only decides and replies: `statx` and `readlink` on the
-//! event's descriptor, no open of any guarded file, no logging, no lock but read locks.
+//! one read with one `writev`. It only decides and replies: `statx` (and `readlink` for an
+//! object it does not know) on the event's descriptor, no open of any guarded file, no
+//! logging, no lock but read locks. What follows an answer (reading names for the log,
+//! closing the descriptors, the log lines) is its settling thread's, on the other core
+//! while it reads the next events.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -93,8 +97,16 @@ pub struct Answerer {
 #[derive(Default)]
 struct Batch {
     responses: Vec<libc::fanotify_response>,
-    /// Each event's descriptor, closed once answered, and when the event was taken up.
-    held: Vec<(OwnedFd, Instant)>,
+    /// When each event was taken up.
+    started: Vec<Instant>,
+    settle: Settle,
+}
+
+/// What follows a batch's answer, for the settling thread.
+#[derive(Default)]
+struct Settle {
+    /// Each event's descriptor, closed once its name is read.
+    held: Vec<OwnedFd>,
     logs: Vec<Entry>,
     /// Lines about objects decided by identity, whose name (for `{via}`) is read once the
     /// kernel has its answer: (index in `logs`, index in `held`, the target, whether the
@@ -102,8 +114,35 @@ struct Batch {
     names: Vec<(usize, usize, Arc<TargetShared>, bool)>,
 }
 
+/// Batches answered and not yet settled, at most: past it the answering thread waits, so
+/// that descriptors do not pile up behind a settling thread that cannot keep up. Room for
+/// far more than a [`GATHER`] of the busiest answering brings.
+const SETTLE_QUEUE: usize = 4096;
+/// How long the settling thread lets batches gather after it has settled all it had,
+/// before it waits on the queue again: an answering thread wakes it only while it waits,
+/// and that wake (a futex call, a context switch) costs about a decision's worth of CPU.
+const GATHER: std::time::Duration = std::time::Duration::from_micros(200);
+
 impl Answerer {
+    /// Answers until the group is stopped and drained, then waits for its settling thread.
     pub fn run(&self) {
+        let (to_settle, settles) = sync_channel(SETTLE_QUEUE);
+        let log = self.log.clone();
+        let settler = std::thread::Builder::new()
+            .name("fanotify-settle".into())
+            .spawn(move || settle(&settles, &log))
+            .expect("spawning a thread");
+        self.answer(|batch| {
+            // Only a settling thread that panicked is gone: the batch is settled here.
+            if let Err(gone) = to_settle.send(batch) {
+                drop(gone.0.held);
+            }
+        });
+        drop(to_settle);
+        let _ = settler.join();
+    }
+
+    fn answer(&self, mut settle: impl FnMut(Settle)) {
         let mut buf = AlignedBuf::boxed();
         let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
         let mut batch = Batch::default();
@@ -132,44 +171,20 @@ impl Answerer {
             };
             let registry = self.registry.read().expect("registry lock").clone();
             for event in events {
-                self.answer(event, me, &registry, &links, &mut path, &mut batch);
+                self.decide_event(event, me, &registry, &links, &mut path, &mut batch);
             }
-            self.answer_batch(&mut batch, &links, &mut path);
-        }
-    }
-
-    /// Answers the batch in one system call, then names, closes, measures and logs.
-    fn answer_batch(&self, batch: &mut Batch, links: &FdLinks, path: &mut [u8]) {
-        let failed = self.perm.respond_all(&batch.responses);
-        batch.responses.clear();
-        if failed > 0 {
-            self.metrics
-                .response_errors
-                .with_label_values(&[BACKEND])
-                .inc_by(failed as u64);
-        }
-        // Reading a path through procfs costs as much as the rest of a decision: for an
-        // object decided by identity it is only for the log, so it waits until the
-        // process has its answer.
-        for (log, held, t, deleted) in batch.names.drain(..) {
-            let Ok(n) = links.path_into(batch.held[held].0.as_fd(), path) else {
-                continue;
-            };
-            let name = rendered(&path[..n], deleted);
-            let entry = &mut batch.logs[log];
-            if let Some(r) = t.root.to_container(name) {
-                if name[r.clone()] != entry.path[..] {
-                    entry.name = Some(name[r].to_vec());
-                }
+            let failed = self.perm.respond_all(&batch.responses);
+            batch.responses.clear();
+            if failed > 0 {
+                self.metrics
+                    .response_errors
+                    .with_label_values(&[BACKEND])
+                    .inc_by(failed as u64);
             }
-        }
-        for (fd, started) in batch.held.drain(..) {
-            drop(fd);
-            self.latency.observe(started.elapsed().as_secs_f64());
-        }
-        // Only now, with every event of the batch answered, does anything go to the log.
-        for entry in batch.logs.drain(..) {
-            self.log.send(entry);
+            for started in batch.started.drain(..) {
+                self.latency.observe(started.elapsed().as_secs_f64());
+            }
+            settle(std::mem::take(&mut batch.settle));
         }
     }
 
@@ -180,7 +195,7 @@ impl Answerer {
             .inc();
     }
 
-    fn answer(
+    fn decide_event(
         &self,
         ev: RawEvent,
         me: i32,
@@ -231,7 +246,8 @@ impl Answerer {
             self.perm
                 .response(fd.as_fd(), verdict == Verdict::Allow, audit),
         );
-        batch.held.push((fd, started));
+        batch.started.push(started);
+        batch.settle.held.push(fd);
     }
 
     /// Decides for every target the access belongs to; any deny refuses it.
@@ -283,11 +299,11 @@ impl Answerer {
             let path = d.path.into_bytes();
             if known {
                 // Its descriptor is pushed right after this returns.
-                batch
-                    .names
-                    .push((batch.logs.len(), batch.held.len(), t.clone(), deleted));
+                let settle = &mut batch.settle;
+                let at = (settle.logs.len(), settle.held.len());
+                settle.names.push((at.0, at.1, t.clone(), deleted));
             }
-            batch.logs.push(Entry {
+            batch.settle.logs.push(Entry {
                 ctx: t.ctx.clone(),
                 verdict: v,
                 event,
@@ -303,6 +319,71 @@ impl Answerer {
             });
         }
         (verdict, audit)
+    }
+}
+
+/// The settling thread: for each answered batch, reads the names of objects decided by
+/// identity (for `{via}`: reading a path through procfs costs as much as the rest of a
+/// decision, and it is only for the log), closes the descriptors and sends the lines.
+fn settle(batches: &Receiver<Settle>, log: &LogSender) {
+    let links = FdLinks::open();
+    let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
+    let mut answered = Vec::new();
+    while let Ok(first) = batches.recv() {
+        let mut next = Some(first);
+        while let Some(batch) = next {
+            settle_batch(batch, &links, &mut path, log, &mut answered);
+            next = batches.try_recv().ok();
+        }
+        close_all(&mut answered);
+        std::thread::sleep(GATHER);
+    }
+}
+
+/// Names one batch's objects decided by identity and sends its lines; its descriptors go
+/// to `answered`.
+fn settle_batch(
+    mut batch: Settle,
+    links: &FdLinks,
+    path: &mut [u8],
+    log: &LogSender,
+    answered: &mut Vec<OwnedFd>,
+) {
+    for (line, held, t, deleted) in batch.names.drain(..) {
+        let Ok(n) = links.path_into(batch.held[held].as_fd(), path) else {
+            continue;
+        };
+        let name = rendered(&path[..n], deleted);
+        let entry = &mut batch.logs[line];
+        if let Some(r) = t.root.to_container(name) {
+            if name[r.clone()] != entry.path[..] {
+                entry.name = Some(name[r].to_vec());
+            }
+        }
+    }
+    answered.append(&mut batch.held);
+    for entry in batch.logs {
+        log.send(entry);
+    }
+}
+
+/// Closes `fds`, each run of consecutive numbers with one `close_range`: the kernel gives
+/// events the lowest free numbers, so the descriptors of successive events mostly are.
+fn close_all(fds: &mut Vec<OwnedFd>) {
+    let mut raw: Vec<i32> = fds.drain(..).map(IntoRawFd::into_raw_fd).collect();
+    raw.sort_unstable();
+    for run in raw.chunk_by(|a, b| *b == *a + 1) {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        // SAFETY: every number from `first` to `last` is a descriptor of `run`, ours to
+        // close: no other is in that range.
+        let ranged =
+            run.len() > 1 && unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } == 0;
+        if !ranged {
+            for fd in run {
+                // SAFETY: ours, closed once.
+                drop(unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+        }
     }
 }
 
