@@ -634,8 +634,8 @@ impl Report {
             rows.push(TargetRow {
                 what: format!("agent decisions/s vs floor, {threads} openers"),
                 value: format!("{pct:.1}%"),
-                target: "≥ 80%",
-                pass: pct >= 80.0,
+                target: "≥ 90%",
+                pass: pct >= 90.0,
             });
         }
         // Each setup's unguarded median is first divided by the control's from the same

@@ -115,9 +115,10 @@ struct Settle {
 }
 
 /// Batches answered and not yet settled, at most: past it the answering thread waits, so
-/// that descriptors do not pile up behind a settling thread that cannot keep up. Room for
-/// far more than a [`GATHER`] of the busiest answering brings.
-const SETTLE_QUEUE: usize = 4096;
+/// that descriptors do not pile up behind a settling thread that cannot keep up (each
+/// holds one, and a process runs out of them). Room for what a [`GATHER`] of answering
+/// brings at 100,000 events a second, one per batch.
+const SETTLE_QUEUE: usize = 64;
 /// How long the settling thread lets batches gather after it has settled all it had,
 /// before it waits on the queue again: an answering thread wakes it only while it waits,
 /// and that wake (a futex call, a context switch) costs about a decision's worth of CPU.
@@ -349,9 +350,19 @@ fn settle_batch(
     log: &LogSender,
     answered: &mut Vec<OwnedFd>,
 ) {
+    // One event's lines (a line per target that decided it) come together: its name is
+    // read once.
+    let mut read: Option<(usize, usize)> = None;
     for (line, held, t, deleted) in batch.names.drain(..) {
-        let Ok(n) = links.path_into(batch.held[held].as_fd(), path) else {
-            continue;
+        let n = match read {
+            Some((h, n)) if h == held => n,
+            _ => {
+                let Ok(n) = links.path_into(batch.held[held].as_fd(), path) else {
+                    continue;
+                };
+                read = Some((held, n));
+                n
+            }
         };
         let name = rendered(&path[..n], deleted);
         let entry = &mut batch.logs[line];
