@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -114,11 +115,11 @@ struct Settle {
     names: Vec<(usize, usize, Arc<TargetShared>, bool)>,
 }
 
-/// Batches answered and not yet settled, at most: past it the answering thread waits, so
-/// that descriptors do not pile up behind a settling thread that cannot keep up (each
-/// holds one, and a process runs out of them). Room for what a [`GATHER`] of answering
-/// brings at 100,000 events a second, one per batch.
-const SETTLE_QUEUE: usize = 64;
+/// Descriptors answered and not yet closed by the settling thread, at most: past it (a
+/// settling thread that cannot keep up), the answering thread settles a batch itself, so
+/// that they do not pile up (each event holds one, and a process runs out of them); its
+/// lines may then come before those of batches still queued.
+const MAX_HELD: usize = 1024;
 /// How long the settling thread lets batches gather after it has settled all it had,
 /// before it waits on the queue again: an answering thread wakes it only while it waits,
 /// and that wake (a futex call, a context switch) costs about a decision's worth of CPU.
@@ -127,17 +128,29 @@ const GATHER: std::time::Duration = std::time::Duration::from_micros(200);
 impl Answerer {
     /// Answers until the group is stopped and drained, then waits for its settling thread.
     pub fn run(&self) {
-        let (to_settle, settles) = sync_channel(SETTLE_QUEUE);
-        let log = self.log.clone();
-        let settler = std::thread::Builder::new()
-            .name("fanotify-settle".into())
-            .spawn(move || settle(&settles, &log))
-            .expect("spawning a thread");
-        self.answer(|batch| {
-            // Only a settling thread that panicked is gone: the batch is settled here.
-            if let Err(gone) = to_settle.send(batch) {
-                drop(gone.0.held);
+        let held = Arc::new(AtomicUsize::new(0));
+        let (to_settle, settles) = sync_channel(MAX_HELD);
+        let settler = {
+            let (log, held) = (self.log.clone(), held.clone());
+            std::thread::Builder::new()
+                .name("fanotify-settle".into())
+                .spawn(move || settle(&settles, &log, &held))
+                .expect("spawning a thread")
+        };
+        let links = FdLinks::open();
+        let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
+        let mut answered = Vec::new();
+        self.answer(|mut batch| {
+            let n = batch.held.len();
+            if held.fetch_add(n, Ordering::Relaxed) + n <= MAX_HELD {
+                match to_settle.try_send(batch) {
+                    Ok(()) => return,
+                    Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) => batch = b,
+                }
             }
+            held.fetch_sub(n, Ordering::Relaxed);
+            settle_batch(batch, &links, &mut path, &self.log, &mut answered);
+            close_all(&mut answered);
         });
         drop(to_settle);
         let _ = settler.join();
@@ -326,7 +339,7 @@ impl Answerer {
 /// The settling thread: for each answered batch, reads the names of objects decided by
 /// identity (for `{via}`: reading a path through procfs costs as much as the rest of a
 /// decision, and it is only for the log), closes the descriptors and sends the lines.
-fn settle(batches: &Receiver<Settle>, log: &LogSender) {
+fn settle(batches: &Receiver<Settle>, log: &LogSender, held: &AtomicUsize) {
     let links = FdLinks::open();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
     let mut answered = Vec::new();
@@ -336,7 +349,9 @@ fn settle(batches: &Receiver<Settle>, log: &LogSender) {
             settle_batch(batch, &links, &mut path, log, &mut answered);
             next = batches.try_recv().ok();
         }
+        let closed = answered.len();
         close_all(&mut answered);
+        held.fetch_sub(closed, Ordering::Relaxed);
         std::thread::sleep(GATHER);
     }
 }
