@@ -52,7 +52,7 @@ impl EnforceArgs {
     pub fn fanotify() -> EnforceArgs {
         EnforceArgs {
             backend: BackendChoice::Fanotify,
-            answer_threads: 2,
+            answer_threads: 1,
             bpf_capacity: bpf::Capacity::default(),
             decision_format: DecisionFormat::Text,
         }

@@ -98,8 +98,8 @@ pub struct Answerer {
 #[derive(Default)]
 struct Batch {
     responses: Vec<libc::fanotify_response>,
-    /// When each event was taken up.
-    started: Vec<Instant>,
+    /// How many events it had.
+    events: usize,
     settle: Settle,
 }
 
@@ -130,19 +130,27 @@ impl Answerer {
     pub fn run(&self) {
         let held = Arc::new(AtomicUsize::new(0));
         let (to_settle, settles) = sync_channel(MAX_HELD);
-        let settler = {
+        let spawned = {
             let (log, held) = (self.log.clone(), held.clone());
             std::thread::Builder::new()
                 .name("fanotify-settle".into())
                 .spawn(move || settle(&settles, &log, &held))
-                .expect("spawning a thread")
+        };
+        let settler = match spawned {
+            Ok(settler) => Some(settler),
+            Err(e) => {
+                tracing::error!(error = %e, "no settling thread: the answering thread settles every batch itself");
+                None
+            }
         };
         let links = FdLinks::open();
         let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
         let mut answered = Vec::new();
         self.answer(|mut batch| {
             let n = batch.held.len();
-            if held.fetch_add(n, Ordering::Relaxed) + n <= MAX_HELD {
+            // A batch alone is taken whatever its size: at most one read's events.
+            let before = held.fetch_add(n, Ordering::Relaxed);
+            if settler.is_some() && (before == 0 || before + n <= MAX_HELD) {
                 match to_settle.try_send(batch) {
                     Ok(()) => return,
                     Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) => batch = b,
@@ -153,7 +161,11 @@ impl Answerer {
             close_all(&mut answered);
         });
         drop(to_settle);
-        let _ = settler.join();
+        if let Some(Err(_)) = settler.map(|s| s.join()) {
+            tracing::error!(
+                "the settling thread failed: the lines of the batches it held are lost"
+            );
+        }
     }
 
     fn answer(&self, mut settle: impl FnMut(Settle)) {
@@ -183,6 +195,7 @@ impl Answerer {
                     continue;
                 }
             };
+            let read_at = Instant::now();
             let registry = self.registry.read().expect("registry lock").clone();
             for event in events {
                 self.decide_event(event, me, &registry, &links, &mut path, &mut batch);
@@ -195,8 +208,10 @@ impl Answerer {
                     .with_label_values(&[BACKEND])
                     .inc_by(failed as u64);
             }
-            for started in batch.started.drain(..) {
-                self.latency.observe(started.elapsed().as_secs_f64());
+            // Each event waited for those read before it.
+            let waited = read_at.elapsed().as_secs_f64();
+            for _ in 0..std::mem::take(&mut batch.events) {
+                self.latency.observe(waited);
             }
             settle(std::mem::take(&mut batch.settle));
         }
@@ -218,7 +233,6 @@ impl Answerer {
         path: &mut [u8],
         batch: &mut Batch,
     ) {
-        let started = Instant::now();
         if ev.is_overflow() {
             self.metrics.overflows.with_label_values(&["perm"]).inc();
             return;
@@ -260,7 +274,7 @@ impl Answerer {
             self.perm
                 .response(fd.as_fd(), verdict == Verdict::Allow, audit),
         );
-        batch.started.push(started);
+        batch.events += 1;
         batch.settle.held.push(fd);
     }
 
@@ -347,11 +361,11 @@ fn settle(batches: &Receiver<Settle>, log: &LogSender, held: &AtomicUsize) {
         let mut next = Some(first);
         while let Some(batch) = next {
             settle_batch(batch, &links, &mut path, log, &mut answered);
+            let closed = answered.len();
+            close_all(&mut answered);
+            held.fetch_sub(closed, Ordering::Relaxed);
             next = batches.try_recv().ok();
         }
-        let closed = answered.len();
-        close_all(&mut answered);
-        held.fetch_sub(closed, Ordering::Relaxed);
         std::thread::sleep(GATHER);
     }
 }
@@ -379,6 +393,10 @@ fn settle_batch(
                 n
             }
         };
+        // Unlinked since it was decided: the kernel's mark of it is not part of the name.
+        let deleted = deleted
+            || (path[..n].ends_with(DELETED)
+                && resolve::statx(batch.held[held].as_fd()).is_ok_and(|st| st.stx_nlink == 0));
         let name = rendered(&path[..n], deleted);
         let entry = &mut batch.logs[line];
         if let Some(r) = t.root.to_container(name) {
@@ -413,10 +431,13 @@ fn close_all(fds: &mut Vec<OwnedFd>) {
     }
 }
 
+/// What the kernel appends to the path of an open file with no name left.
+const DELETED: &[u8] = b" (deleted)";
+
 /// A path as the kernel renders an open file's, without the mark of a file with no name left.
 fn rendered(path: &[u8], deleted: bool) -> &[u8] {
     if deleted {
-        path.strip_suffix(b" (deleted)").unwrap_or(path)
+        path.strip_suffix(DELETED).unwrap_or(path)
     } else {
         path
     }

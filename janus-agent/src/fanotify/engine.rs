@@ -1,6 +1,6 @@
-//! The fanotify backend's threads for the whole agent: some answer the permission group
-//! ([`super::answer`]; a read takes the events it gets, so two threads answer two openers at
-//! once), one places and follows every target's marks. Targets come and go by
+//! The fanotify backend's threads for the whole agent: one (or `--answer-threads`) answers
+//! the permission group, with a settling thread beside it ([`super::answer`]), one places
+//! and follows every target's marks. Targets come and go by
 //! commands to the marker thread; neither thread is per target, and neither is the kernel
 //! state, so a node's thousand containers cost one group and one inotify instance.
 

@@ -12,6 +12,9 @@ use janus_api::{Event, EventSet};
 
 /// The size we read events in; one read then takes up to ~2,700 permission events.
 pub const READ_BUFFER: usize = 64 * 1024;
+/// The most answers one `writev` carries, and so the most permission events one read
+/// takes: a read's events are answered with one system call.
+pub const RESPONSES_PER_WRITE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {
@@ -207,8 +210,10 @@ impl PermGroup {
             .map_err(FanotifyError::Mark)
     }
 
+    /// Reads at most [`RESPONSES_PER_WRITE`] events: their answers go in one `writev`.
     pub fn read<'b>(&self, buf: &'b mut AlignedBuf) -> io::Result<EventIter<'b>> {
-        read_into(self.fan.as_fd(), buf)
+        const MOST: usize = RESPONSES_PER_WRITE * size_of::<libc::fanotify_event_metadata>();
+        read_into(self.fan.as_fd(), &mut buf.0[..MOST])
     }
 
     /// Removes every inode mark of the group.
@@ -250,7 +255,7 @@ impl PermGroup {
     /// and every waiting opener is woken before any of them can take the CPU from us.
     /// A refused record ends the writev there; it is counted and the rest written again.
     pub fn respond_all(&self, responses: &[libc::fanotify_response]) -> usize {
-        const CHUNK: usize = 64;
+        const CHUNK: usize = RESPONSES_PER_WRITE;
         const RECORD: usize = size_of::<libc::fanotify_response>();
         let mut failed = 0;
         let mut rest = responses;
@@ -313,14 +318,14 @@ impl AlignedBuf {
     }
 }
 
-fn read_into<'b>(fd: BorrowedFd<'_>, buf: &'b mut AlignedBuf) -> io::Result<EventIter<'b>> {
+fn read_into<'b>(fd: BorrowedFd<'_>, buf: &'b mut [u8]) -> io::Result<EventIter<'b>> {
     // SAFETY: reading into a buffer we own, of the length we pass.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.0.as_mut_ptr().cast(), buf.0.len()) };
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(EventIter {
-        buf: &buf.0[..n as usize],
+        buf: &buf[..n as usize],
     })
 }
 
