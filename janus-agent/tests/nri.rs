@@ -64,19 +64,16 @@ async fn pods_run_through_nri_have_their_first_read_refused() {
     let (dir, data) = scratch("gated");
     let uid = format!("6a7e0000-aaaa-4000-8000-{:012x}", std::process::id());
     let containerd = Path::new(cri::NRI_CONTAINERD);
+    let logs = dir.join("logs");
+    let mounts = [(data.as_path(), "/data")];
 
     // The control: the guard held, the agent not registered over NRI. Nothing gates the
     // start, and the first read wins.
     {
         let (_agent, metrics) = agent(&dir, &uid, &[]).await;
-        let mut pod = Pod::run(containerd, &uid, "nri-ungated", &dir.join("logs"))
+        let (code, output) = Pod::once(containerd, &uid, "nri-ungated", &logs, &READ, &mounts)
             .await
             .unwrap();
-        let (code, output) = pod
-            .run_to_exit("app", 0, &READ, &[(&data, "/data")])
-            .await
-            .unwrap();
-        pod.remove().await.unwrap();
         assert!(
             code == 0 && output.contains("the secret"),
             "(exit {code}) {output}"
@@ -100,7 +97,7 @@ async fn pods_run_through_nri_have_their_first_read_refused() {
         || (metric(metrics, "janus_nri_registered") == 1.0).then_some(()),
     )
     .unwrap();
-    let mut pod = Pod::run(containerd, &uid, "nri-gated", &dir.join("logs"))
+    let mut pod = Pod::run(containerd, &uid, "nri-gated", &logs)
         .await
         .unwrap();
     // An init container, then an app container restarted again and again, as the kubelet
@@ -109,7 +106,7 @@ async fn pods_run_through_nri_have_their_first_read_refused() {
     for i in 0..STARTS {
         let (name, attempt) = if i == 0 { ("init", 0) } else { ("app", i) };
         let (code, output) = pod
-            .run_to_exit(name, attempt, &READ, &[(&data, "/data")])
+            .run_to_exit(name, attempt, &READ, &mounts)
             .await
             .unwrap();
         assert!(
@@ -139,14 +136,9 @@ async fn pods_run_through_nri_have_their_first_read_refused() {
         (metric(metrics, "janus_nri_registered") == 1.0).then_some(())
     })
     .unwrap();
-    let mut pod = Pod::run(containerd, &uid, "nri-again", &dir.join("logs"))
+    let (code, output) = Pod::once(containerd, &uid, "nri-again", &logs, &READ, &mounts)
         .await
         .unwrap();
-    let (code, output) = pod
-        .run_to_exit("app", 0, &READ, &[(&data, "/data")])
-        .await
-        .unwrap();
-    pod.remove().await.unwrap();
     assert!(
         code != 0 && output.contains("Operation not permitted"),
         "(exit {code}) {output}"

@@ -487,6 +487,21 @@ impl Pod {
         }
     }
 
+    /// A pod of one container, run to its end ([`Pod::run_to_exit`]) and removed.
+    pub async fn once(
+        socket: &Path,
+        uid: &str,
+        name: &str,
+        logs: &Path,
+        command: &[&str],
+        mounts: &[(&Path, &str)],
+    ) -> Result<(i32, String)> {
+        let mut pod = Pod::run(socket, uid, name, logs).await?;
+        let ran = pod.run_to_exit("app", 0, command, mounts).await;
+        pod.remove().await?;
+        ran
+    }
+
     /// Stops and removes the pod's sandbox.
     pub async fn remove(mut self) -> Result<()> {
         let pod_sandbox_id = self.id.clone();
