@@ -21,6 +21,11 @@ log() { printf 'setup-containerd-nri: %s\n' "$*" >&2; }
 ctr() { "$PREFIX/usr/bin/ctr" --address "$SOCKET" "$@"; }
 
 bash "$(dirname "$0")/setup-containerd.sh" # runc and busybox-static
+if ! command -v curl >/dev/null; then
+    log "installing curl"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends curl ca-certificates
+fi
 if ! [ -x "$PREFIX/usr/bin/containerd" ]; then
     tmp=$(mktemp -d)
     log "fetching $URL"
