@@ -98,8 +98,6 @@ pub struct Answerer {
 #[derive(Default)]
 struct Batch {
     responses: Vec<libc::fanotify_response>,
-    /// How many events it had.
-    events: usize,
     settle: Settle,
 }
 
@@ -145,7 +143,6 @@ impl Answerer {
         };
         let links = FdLinks::open();
         let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
-        let mut answered = Vec::new();
         self.answer(|mut batch| {
             let n = batch.held.len();
             // A batch alone is taken whatever its size: at most one read's events.
@@ -157,8 +154,7 @@ impl Answerer {
                 }
             }
             held.fetch_sub(n, Ordering::Relaxed);
-            settle_batch(batch, &links, &mut path, &self.log, &mut answered);
-            close_all(&mut answered);
+            settle_batch(batch, &links, &mut path, &self.log);
         });
         drop(to_settle);
         if let Some(Err(_)) = settler.map(|s| s.join()) {
@@ -208,9 +204,9 @@ impl Answerer {
                     .with_label_values(&[BACKEND])
                     .inc_by(failed as u64);
             }
-            // Each event waited for those read before it.
+            // Each event (each holds a descriptor) waited for those read before it.
             let waited = read_at.elapsed().as_secs_f64();
-            for _ in 0..std::mem::take(&mut batch.events) {
+            for _ in 0..batch.settle.held.len() {
                 self.latency.observe(waited);
             }
             settle(std::mem::take(&mut batch.settle));
@@ -274,7 +270,6 @@ impl Answerer {
             self.perm
                 .response(fd.as_fd(), verdict == Verdict::Allow, audit),
         );
-        batch.events += 1;
         batch.settle.held.push(fd);
     }
 
@@ -328,8 +323,8 @@ impl Answerer {
             if known {
                 // Its descriptor is pushed right after this returns.
                 let settle = &mut batch.settle;
-                let at = (settle.logs.len(), settle.held.len());
-                settle.names.push((at.0, at.1, t.clone(), deleted));
+                let line = (settle.logs.len(), settle.held.len(), t.clone(), deleted);
+                settle.names.push(line);
             }
             batch.settle.logs.push(Entry {
                 ctx: t.ctx.clone(),
@@ -356,13 +351,10 @@ impl Answerer {
 fn settle(batches: &Receiver<Settle>, log: &LogSender, held: &AtomicUsize) {
     let links = FdLinks::open();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
-    let mut answered = Vec::new();
     while let Ok(first) = batches.recv() {
         let mut next = Some(first);
         while let Some(batch) = next {
-            settle_batch(batch, &links, &mut path, log, &mut answered);
-            let closed = answered.len();
-            close_all(&mut answered);
+            let closed = settle_batch(batch, &links, &mut path, log);
             held.fetch_sub(closed, Ordering::Relaxed);
             next = batches.try_recv().ok();
         }
@@ -370,15 +362,9 @@ fn settle(batches: &Receiver<Settle>, log: &LogSender, held: &AtomicUsize) {
     }
 }
 
-/// Names one batch's objects decided by identity and sends its lines; its descriptors go
-/// to `answered`.
-fn settle_batch(
-    mut batch: Settle,
-    links: &FdLinks,
-    path: &mut [u8],
-    log: &LogSender,
-    answered: &mut Vec<OwnedFd>,
-) {
+/// Names one batch's objects decided by identity, closes its descriptors and sends its
+/// lines; how many descriptors it closed.
+fn settle_batch(mut batch: Settle, links: &FdLinks, path: &mut [u8], log: &LogSender) -> usize {
     // One event's lines (a line per target that decided it) come together: its name is
     // read once.
     let mut read: Option<(usize, usize)> = None;
@@ -405,16 +391,18 @@ fn settle_batch(
             }
         }
     }
-    answered.append(&mut batch.held);
+    let closed = batch.held.len();
+    close_all(batch.held);
     for entry in batch.logs {
         log.send(entry);
     }
+    closed
 }
 
 /// Closes `fds`, each run of consecutive numbers with one `close_range`: the kernel gives
 /// events the lowest free numbers, so the descriptors of successive events mostly are.
-fn close_all(fds: &mut Vec<OwnedFd>) {
-    let mut raw: Vec<i32> = fds.drain(..).map(IntoRawFd::into_raw_fd).collect();
+fn close_all(fds: Vec<OwnedFd>) {
+    let mut raw: Vec<i32> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
     raw.sort_unstable();
     for run in raw.chunk_by(|a, b| *b == *a + 1) {
         let (first, last) = (run[0], run[run.len() - 1]);

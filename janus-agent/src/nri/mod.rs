@@ -260,7 +260,7 @@ impl Plugin {
             }
             "CreateContainer" => {
                 let req = api::CreateContainerRequest::decode(payload)?;
-                self.adjust(&req).encode_to_vec()
+                self.adjust(req).encode_to_vec()
             }
             "Shutdown" | "StateChange" => api::Empty {}.encode_to_vec(),
             _ => return Ok(None),
@@ -269,9 +269,9 @@ impl Plugin {
 
     /// The container with the start gate's hook, unless its spec has it already (the base
     /// spec or hooks.d wiring as well): the gate is asked once per container.
-    fn adjust(&self, req: &api::CreateContainerRequest) -> api::CreateContainerResponse {
-        let container = req.container.clone().unwrap_or_default();
-        let pod = req.pod.clone().unwrap_or_default();
+    fn adjust(&self, req: api::CreateContainerRequest) -> api::CreateContainerResponse {
+        let container = req.container.unwrap_or_default();
+        let pod = req.pod.unwrap_or_default();
         let hooks = container.hooks.unwrap_or_default();
         let present = hooks
             .create_runtime
@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn a_container_gets_the_hook_once_and_cri_o_s_names_its_runtime() {
         let containerd = plugin(Runtime::Containerd);
-        let hooks = added(&containerd.adjust(&create(None)));
+        let hooks = added(&containerd.adjust(create(None)));
         assert_eq!(hooks.len(), 1);
         assert_eq!(hooks[0].path, "/opt/janus/bin/janus-agent");
         assert_eq!(hooks[0].args, ["janus-agent", "hook"]);
@@ -365,7 +365,7 @@ mod tests {
                 ..Hooks::default()
             },
         ] {
-            assert_eq!(containerd.adjust(&create(Some(present))).adjust, None);
+            assert_eq!(containerd.adjust(create(Some(present))).adjust, None);
         }
         let counted = |outcome: &str| {
             containerd
@@ -375,7 +375,7 @@ mod tests {
                 .get()
         };
         assert_eq!((counted("hook_added"), counted("hook_present")), (1, 2));
-        let hooks = added(&plugin(Runtime::CriO).adjust(&create(None)));
+        let hooks = added(&plugin(Runtime::CriO).adjust(create(None)));
         assert_eq!(hooks[0].args, ["janus-agent", "hook", "--runtime", "cri-o"]);
     }
 
