@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use janus_deploy::render::{self, documents, find, VARIANTS};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Service};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Service, Volume, VolumeMount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
@@ -134,6 +134,20 @@ fn controller(objs: &[Value]) -> (Deployment, Container) {
     (d, c)
 }
 
+/// The volume of `pod` that `mount` mounts.
+fn volume_of<'a>(pod: &'a PodSpec, mount: &VolumeMount) -> &'a Volume {
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| {
+            panic!(
+                "no volume {} for the mount at {}",
+                mount.name, mount.mount_path
+            )
+        })
+}
+
 fn args(c: &Container) -> Vec<String> {
     c.args.clone().unwrap_or_default()
 }
@@ -228,14 +242,11 @@ fn agent_daemonset_has_what_the_agent_needs_and_no_more() {
                 read_only,
                 "{variant}: {path} read-only"
             );
-            let vol = pod
-                .volumes
-                .iter()
-                .flatten()
-                .find(|v| v.name == m.name)
-                .unwrap();
             assert_eq!(
-                vol.host_path.as_ref().map(|h| h.path.as_str()),
+                volume_of(&pod, m)
+                    .host_path
+                    .as_ref()
+                    .map(|h| h.path.as_str()),
                 Some(path),
                 "{variant}: {path} is the host's"
             );
@@ -244,7 +255,7 @@ fn agent_daemonset_has_what_the_agent_needs_and_no_more() {
         // binary where deploy/runtime's configurations name it, put there by the init
         // container.
         let host_of = |mount: &str| {
-            let name = &c
+            let m = c
                 .volume_mounts
                 .iter()
                 .flatten()
@@ -255,15 +266,11 @@ fn agent_daemonset_has_what_the_agent_needs_and_no_more() {
                         .flat_map(|i| i.volume_mounts.iter().flatten()),
                 )
                 .find(|m| mount.starts_with(&m.mount_path))
-                .unwrap_or_else(|| panic!("{variant}: nothing mounted at {mount}"))
-                .name;
-            let vol = pod
-                .volumes
-                .iter()
-                .flatten()
-                .find(|v| &v.name == name)
-                .unwrap();
-            vol.host_path.as_ref().map(|h| h.path.clone())
+                .unwrap_or_else(|| panic!("{variant}: nothing mounted at {mount}"));
+            volume_of(&pod, m)
+                .host_path
+                .as_ref()
+                .map(|h| h.path.clone())
         };
         let argv = std::iter::once("janus-agent".to_owned()).chain(args(&c));
         let Ok(Agent::Serve(serve)) = Agent::try_parse_from(argv) else {
@@ -968,13 +975,10 @@ fn the_nri_component_wires_the_gate_through_the_runtime() {
         .flatten()
         .find(|m| socket.starts_with(&m.mount_path))
         .expect("the NRI socket's directory mounted");
-    let volume = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .unwrap();
-    let host = volume.host_path.as_ref().expect("a hostPath");
+    let host = volume_of(&pod, mount)
+        .host_path
+        .as_ref()
+        .expect("a hostPath");
     assert_eq!(host.path, mount.mount_path);
     assert_eq!(host.type_.as_deref(), Some("DirectoryOrCreate"));
 }
