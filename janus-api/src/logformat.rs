@@ -257,6 +257,16 @@ fn known(bytes: Option<&[u8]>, out: &mut String) {
 /// line and paragraph separators and bidi or zero-width format characters become `\xNN`, a
 /// backslash `\\` and a quote `\'`.
 pub fn escape_into(bytes: &[u8], out: &mut String) {
+    // Most names are printable ASCII with neither of the escaped two: copied whole.
+    if bytes
+        .iter()
+        .all(|b| (0x20..0x7f).contains(b) && *b != b'\\' && *b != b'\'')
+    {
+        if let Ok(plain) = std::str::from_utf8(bytes) {
+            out.push_str(plain);
+            return;
+        }
+    }
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
@@ -351,6 +361,20 @@ mod tests {
             assert_eq!(p, path);
             assert_eq!(n.as_deref(), name);
             assert_eq!(rest, " (web-1:node-a) team=a");
+        }
+    }
+
+    #[test]
+    fn only_printable_ascii_passes_unescaped() {
+        for b in 0..=u8::MAX {
+            let mut out = String::new();
+            escape_into(&[b'a', b, b'z'], &mut out);
+            let plain = (0x20..0x7f).contains(&b) && b != b'\\' && b != b'\'';
+            if plain {
+                assert_eq!(out.as_bytes(), [b'a', b, b'z'], "byte {b:#04x}");
+            } else {
+                assert!(out.starts_with("a\\") && out.ends_with('z'), "byte {b:#04x}: {out}");
+            }
         }
     }
 

@@ -6,13 +6,13 @@
 //! closing the descriptors, the log lines) is its settling thread's, on the other core
 //! while it reads the next events.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use foldhash::HashMap;
 use janus_api::{Event, Verdict};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::EventFd;
@@ -118,6 +118,8 @@ struct Settle {
 /// that they do not pile up (each event holds one, and a process runs out of them); its
 /// lines may then come before those of batches still queued.
 const MAX_HELD: usize = 1024;
+/// Emptied batches kept for reuse, at most: as many as are in flight at a time, mostly.
+const SPARES: usize = 8;
 /// How long the settling thread lets batches gather after it has settled all it had,
 /// before it waits on the queue again: an answering thread wakes it only while it waits,
 /// and that wake (a futex call, a context switch) costs about a decision's worth of CPU.
@@ -128,11 +130,14 @@ impl Answerer {
     pub fn run(&self) {
         let held = Arc::new(AtomicUsize::new(0));
         let (to_settle, settles) = sync_channel(MAX_HELD);
+        // Settled batches come back emptied, their buffers kept: a batch's vectors are
+        // then not allocated on this thread and freed on the other at every read.
+        let (to_reuse, reuse) = sync_channel(SPARES);
         let spawned = {
             let (log, held) = (self.log.clone(), held.clone());
             std::thread::Builder::new()
                 .name("fanotify-settle".into())
-                .spawn(move || settle(&settles, &log, &held))
+                .spawn(move || settle(&settles, &to_reuse, &log, &held))
         };
         let settler = match spawned {
             Ok(settler) => Some(settler),
@@ -149,12 +154,13 @@ impl Answerer {
             let before = held.fetch_add(n, Ordering::Relaxed);
             if settler.is_some() && (before == 0 || before + n <= MAX_HELD) {
                 match to_settle.try_send(batch) {
-                    Ok(()) => return,
+                    Ok(()) => return reuse.try_recv().unwrap_or_default(),
                     Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) => batch = b,
                 }
             }
             held.fetch_sub(n, Ordering::Relaxed);
-            settle_batch(batch, &links, &mut path, &self.log);
+            settle_batch(&mut batch, &links, &mut path, &self.log);
+            batch
         });
         drop(to_settle);
         if let Some(Err(_)) = settler.map(|s| s.join()) {
@@ -164,7 +170,9 @@ impl Answerer {
         }
     }
 
-    fn answer(&self, mut settle: impl FnMut(Settle)) {
+    /// Answers every read's events; `settle` takes what follows an answer and gives back
+    /// an empty `Settle` for the next read.
+    fn answer(&self, mut settle: impl FnMut(Settle) -> Settle) {
         let mut buf = AlignedBuf::boxed();
         let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
         let mut batch = Batch::default();
@@ -209,7 +217,7 @@ impl Answerer {
             for _ in 0..batch.settle.held.len() {
                 self.latency.observe(waited);
             }
-            settle(std::mem::take(&mut batch.settle));
+            batch.settle = settle(std::mem::take(&mut batch.settle));
         }
     }
 
@@ -348,14 +356,21 @@ impl Answerer {
 /// The settling thread: for each answered batch, reads the names of objects decided by
 /// identity (for `{via}`: reading a path through procfs costs as much as the rest of a
 /// decision, and it is only for the log), closes the descriptors and sends the lines.
-fn settle(batches: &Receiver<Settle>, log: &LogSender, held: &AtomicUsize) {
+fn settle(
+    batches: &Receiver<Settle>,
+    reuse: &SyncSender<Settle>,
+    log: &LogSender,
+    held: &AtomicUsize,
+) {
     let links = FdLinks::open();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
     while let Ok(first) = batches.recv() {
         let mut next = Some(first);
-        while let Some(batch) = next {
-            let closed = settle_batch(batch, &links, &mut path, log);
+        while let Some(mut batch) = next {
+            let closed = settle_batch(&mut batch, &links, &mut path, log);
             held.fetch_sub(closed, Ordering::Relaxed);
+            // Dropped here when enough are waiting already.
+            let _ = reuse.try_send(batch);
             next = batches.try_recv().ok();
         }
         std::thread::sleep(GATHER);
@@ -363,8 +378,8 @@ fn settle(batches: &Receiver<Settle>, log: &LogSender, held: &AtomicUsize) {
 }
 
 /// Names one batch's objects decided by identity, closes its descriptors and sends its
-/// lines; how many descriptors it closed.
-fn settle_batch(mut batch: Settle, links: &FdLinks, path: &mut [u8], log: &LogSender) -> usize {
+/// lines, leaving it empty; how many descriptors it closed.
+fn settle_batch(batch: &mut Settle, links: &FdLinks, path: &mut [u8], log: &LogSender) -> usize {
     // One event's lines (a line per target that decided it) come together: its name is
     // read once.
     let mut read: Option<(usize, usize)> = None;
@@ -392,17 +407,15 @@ fn settle_batch(mut batch: Settle, links: &FdLinks, path: &mut [u8], log: &LogSe
         }
     }
     let closed = batch.held.len();
-    close_all(batch.held);
-    for entry in batch.logs {
-        log.send(entry);
-    }
+    close_all(&mut batch.held);
+    log.send_all(batch.logs.drain(..));
     closed
 }
 
 /// Closes `fds`, each run of consecutive numbers with one `close_range`: the kernel gives
 /// events the lowest free numbers, so the descriptors of successive events mostly are.
-fn close_all(fds: Vec<OwnedFd>) {
-    let mut raw: Vec<i32> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+fn close_all(fds: &mut Vec<OwnedFd>) {
+    let mut raw: Vec<i32> = fds.drain(..).map(IntoRawFd::into_raw_fd).collect();
     raw.sort_unstable();
     for run in raw.chunk_by(|a, b| *b == *a + 1) {
         let (first, last) = (run[0], run[run.len() - 1]);
