@@ -301,7 +301,7 @@ fn measure(inside: &Inside, setup: Setup, opts: &Options) -> Result<RoundFigures
     if setup != Setup::None {
         for &threads in &opts.threads {
             f.rate
-                .push((threads, rate(inside, ALLOWED, threads, opts.duration)?));
+                .push((threads, rate(inside, ALLOWED, threads, opts.duration, &[])?));
         }
     }
     Ok(f)
@@ -429,22 +429,31 @@ pub(crate) fn expect(refused: bool, denied: bool, path: &CStr) -> Result<()> {
     Ok(())
 }
 
-/// Opens per second of `path` by `threads` openers inside the target for `duration`.
-pub(crate) fn rate(inside: &Inside, path: &str, threads: usize, duration: Duration) -> Result<f64> {
+/// Opens per second of `path` by `threads` openers inside the target for `duration`, opener
+/// `i` pinned to `cpus[i % cpus.len()]` (unpinned if `cpus` is empty).
+pub(crate) fn rate(
+    inside: &Inside,
+    path: &str,
+    threads: usize,
+    duration: Duration,
+    cpus: &[usize],
+) -> Result<f64> {
     let path = CString::new(path)?;
     let start = Barrier::new(threads + 1);
     let stop = AtomicBool::new(false);
     let total = AtomicU64::new(0);
     let elapsed = std::thread::scope(|s| -> Result<Duration> {
         let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let entered = inside.enter();
+            .map(|i| {
+                let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+                let (start, stop, total, path) = (&start, &stop, &total, &path);
+                s.spawn(move || -> Result<()> {
+                    let entered = inside.enter().and_then(|()| pin(0, cpu));
                     start.wait();
                     entered?;
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        expect(open_close(&path)?, false, &path)?;
+                        expect(open_close(path)?, false, path)?;
                         n += 1;
                     }
                     total.fetch_add(n, Ordering::Relaxed);

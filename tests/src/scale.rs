@@ -2,7 +2,8 @@
 //! 10 guards × N/10 containers, against the floor (a minimal fanotify listener marking the
 //! same inodes) in the same run. Per setup: the time until every target is enforced, the
 //! kernel marks and the agent's RSS, every container's deny and allow checked, decisions
-//! per second on one container with 2 and 4 openers, and the guarded open's latency with
+//! per second on one container with 2 and 4 openers (unpinned, then with the listener's
+//! threads and the openers on one core, and on two), and the guarded open's latency with
 //! opener and listener pinned to the same core and to different ones.
 
 use std::ffi::CString;
@@ -75,8 +76,8 @@ struct Figures {
     rss_kib: Option<u64>,
     /// Kernel memory of the agent's BPF maps (their `memlock`), under BPF.
     bpf_map_kib: Option<u64>,
-    /// (openers, decisions/s)
-    rates: Vec<(usize, f64)>,
+    /// (placement, openers, decisions/s)
+    rates: Vec<(Placement, usize, f64)>,
     /// Median open+close ns of the guarded-allowed file: same core, cross core.
     same_core: f64,
     cross_core: f64,
@@ -191,7 +192,12 @@ pub fn run(o: &Options) -> Result<Report> {
                     // BPF decides in the opener's own context: no listener to pin.
                     let fanotify = o.backend == "fanotify";
                     let tids = if fanotify {
-                        bench::threads_named(&agent.pid().to_string(), "fanotify-answer")?
+                        let pid = agent.pid().to_string();
+                        let mut tids = Vec::new();
+                        for name in AGENT_LISTENER {
+                            tids.extend(bench::threads_named(&pid, name)?);
+                        }
+                        tids
                     } else {
                         Vec::new()
                     };
@@ -259,28 +265,69 @@ fn check_every(insides: &[Inside], guards: usize) -> Result<()> {
     })
 }
 
-/// Rates with 2 and 4 openers (the listener unpinned), then the latency with the opener and
-/// the listener's threads `listener` on one core, and on two.
-fn measure(inside: &Inside, listener: &[i32], o: &Options) -> Result<Figures> {
-    let mut f = Figures::default();
-    for threads in [2, 4] {
-        f.rates
-            .push((threads, bench::rate(inside, ALLOWED, threads, o.duration)?));
-    }
-    let median_ns = |listener_cpu: usize| -> Result<f64> {
-        for tid in listener {
-            bench::pin(*tid, Some(listener_cpu))?;
+/// The agent's threads that do a decision's work: the counterpart of the floor's one thread.
+const AGENT_LISTENER: [&str; 3] = ["fanotify-answer", "fanotify-settle", "decision-log"];
+
+/// Where the threads of a rate measurement run. Unpinned, the scheduler's placement of
+/// two openers and a listener on two cores moves a rate by half between identical runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Wherever the scheduler puts them.
+    Free,
+    /// The listener's threads and the openers on one core: a decision's whole CPU cost,
+    /// listener's and opener's, bounds the rate.
+    OneCore,
+    /// The listener's threads on one core, the openers on the other.
+    CrossCore,
+}
+
+impl Placement {
+    const ALL: [Placement; 3] = [Placement::Free, Placement::OneCore, Placement::CrossCore];
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Free => "",
+            Placement::OneCore => ", one core",
+            Placement::CrossCore => ", cross core",
         }
-        let mut ns = bench::latencies(inside, &[(ALLOWED, false)], o.iterations, Some(0))?;
+    }
+
+    /// The openers' CPUs, the listener's being CPU 0 when pinned.
+    fn openers(self) -> &'static [usize] {
+        match self {
+            Placement::Free => &[],
+            Placement::OneCore => &[0],
+            Placement::CrossCore => &[1],
+        }
+    }
+}
+
+/// Rates with 2 and 4 openers in each placement, then the latency of one opener on the
+/// listener's core and on the other, the listener's threads `listener` on CPU 0.
+fn measure(inside: &Inside, listener: &[i32], o: &Options) -> Result<Figures> {
+    let pin_listener = |cpu: Option<usize>| -> Result<()> {
+        for tid in listener {
+            bench::pin(*tid, cpu)?;
+        }
+        Ok(())
+    };
+    let mut f = Figures::default();
+    for placement in Placement::ALL {
+        pin_listener((placement != Placement::Free).then_some(0))?;
+        for threads in [2, 4] {
+            let r = bench::rate(inside, ALLOWED, threads, o.duration, placement.openers())?;
+            f.rates.push((placement, threads, r));
+        }
+    }
+    let median_ns = |opener_cpu: usize| -> Result<f64> {
+        let mut ns = bench::latencies(inside, &[(ALLOWED, false)], o.iterations, Some(opener_cpu))?;
         ns[0].sort_unstable();
         Ok(bench::percentile(&ns[0], 0.5))
     };
     f.same_core = median_ns(0)?;
     f.cross_core = median_ns(1)?;
     // Unpinned again for whatever follows.
-    for tid in listener {
-        bench::pin(*tid, None)?;
-    }
+    pin_listener(None)?;
     Ok(f)
 }
 
@@ -327,9 +374,12 @@ impl Report {
         (!v.is_empty()).then(|| bench::median(v))
     }
 
-    fn rate(&self, setup: Setup, threads: usize) -> Option<f64> {
+    fn rate(&self, setup: Setup, placement: Placement, threads: usize) -> Option<f64> {
         self.median(setup, |f| {
-            f.rates.iter().find(|(t, _)| *t == threads).map(|(_, r)| *r)
+            f.rates
+                .iter()
+                .find(|(p, t, _)| (*p, *t) == (placement, threads))
+                .map(|(_, _, r)| *r)
         })
     }
 
@@ -341,14 +391,20 @@ impl Report {
             (Setup::Agent1, Setup::Floor1),
             (Setup::AgentN, Setup::FloorN),
         ] {
-            for threads in [2, 4] {
-                let (Some(a), Some(f)) = (self.rate(agent, threads), self.rate(floor, threads))
-                else {
+            for (placement, threads) in Placement::ALL.into_iter().flat_map(|p| [(p, 2), (p, 4)]) {
+                let (Some(a), Some(f)) = (
+                    self.rate(agent, placement, threads),
+                    self.rate(floor, placement, threads),
+                ) else {
                     continue;
                 };
                 let pct = 100.0 * a / f;
                 rows.push((
-                    format!("{} decisions/s vs floor, {threads} openers", agent.name(n)),
+                    format!(
+                        "{} decisions/s vs floor, {threads} openers{}",
+                        agent.name(n),
+                        placement.name()
+                    ),
                     format!("{pct:.1}%"),
                     "≥ 90%",
                     pct >= 90.0,
@@ -384,12 +440,12 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<46} {:<28} {:>12}",
+            "{:<50} {:<28} {:>12}",
             "measurement", "setup", "median"
         );
         let mut row = |what: &str, setup: Setup, v: Option<f64>, unit: &str| {
             if let Some(v) = v {
-                let _ = writeln!(out, "{what:<46} {:<28} {v:>12.0}{unit}", setup.name(n));
+                let _ = writeln!(out, "{what:<50} {:<28} {v:>12.0}{unit}", setup.name(n));
             }
         };
         for setup in [Setup::Agent1, Setup::AgentN, Setup::AgentTen] {
@@ -418,14 +474,16 @@ impl Report {
                 "",
             );
         }
-        for threads in [2, 4] {
-            for setup in Setup::ALL {
-                row(
-                    &format!("decisions/s, {threads} openers"),
-                    setup,
-                    self.rate(setup, threads),
-                    "",
-                );
+        for placement in Placement::ALL {
+            for threads in [2, 4] {
+                for setup in Setup::ALL {
+                    row(
+                        &format!("decisions/s, {threads} openers{}", placement.name()),
+                        setup,
+                        self.rate(setup, placement, threads),
+                        "",
+                    );
+                }
             }
         }
         for (what, pick) in [
@@ -446,7 +504,7 @@ impl Report {
         for (what, value, target, pass) in self.targets() {
             let _ = writeln!(
                 out,
-                "{what:<60} {target:<10} {value:>10} {}",
+                "{what:<68} {target:<10} {value:>10} {}",
                 if pass { "PASS" } else { "FAIL" }
             );
         }
