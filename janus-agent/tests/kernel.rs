@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use janus_tests::agent::{Agent, AgentConfig, STARTUP};
-use janus_tests::bench;
 use janus_tests::scenarios::{guard_yaml, populate, Runner};
 use janus_tests::target::{Access, Root, Target, BUSYBOX};
 use janus_tests::wait;
@@ -476,74 +475,6 @@ fn parallel_openers_are_all_answered() {
     });
     assert_eq!(agent.metric("janus_response_errors_total").unwrap(), 0.0);
     assert_eq!(agent.metric("janus_internal_errors_total").unwrap(), 0.0);
-    assert!(agent.stop().unwrap().success());
-}
-
-/// The settling thread runs at idle priority, so that no answer waits behind it on a shared
-/// core: starved of CPU, it delays lines and loses none.
-#[test]
-fn a_starved_settling_thread_loses_no_line() {
-    const ROUNDS: usize = 300;
-    let (_root, target, agent) = guarded(
-        "starved-settler",
-        "  - deny: [/data]\n    allow: [/data/public]\n    events: [open]\n",
-    );
-    let pid = agent.pid().to_string();
-    let thread = |name| bench::threads_named(&pid, name).unwrap()[0];
-    // The scheduling policy: field 41 of the thread's stat, 39 after the command's ")".
-    let policy = |tid: i32| -> i32 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        fields[38].parse().unwrap()
-    };
-    let (settler, answerer) = (thread("fanotify-settle"), thread("fanotify-answer"));
-    assert_eq!(policy(settler), libc::SCHED_IDLE);
-    assert_eq!(policy(answerer), libc::SCHED_OTHER);
-    // A busy thread of normal priority on the settling thread's only CPU.
-    let cpu = std::thread::available_parallelism().map_or(1, usize::from) - 1;
-    bench::pin(settler, Some(cpu)).unwrap();
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            bench::pin(0, Some(cpu)).unwrap();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::hint::spin_loop();
-            }
-        });
-        let script = format!(
-            "i=0; while [ $i -lt {ROUNDS} ]; do /bin/busybox cat /data/secret; /bin/busybox cat /data/public; i=$((i+1)); done 2>&1"
-        );
-        let mut cmd = target.command(&[BUSYBOX, "sh", "-c", &script]).unwrap();
-        let out = janus_tests::target::bounded("the openers", move || cmd.output());
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let out = out.unwrap().unwrap();
-        assert!(out.status.success(), "{}", out.status);
-        let out = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.matches("Operation not permitted").count(), ROUNDS);
-        assert_eq!(out.matches("public").count(), ROUNDS);
-    });
-    let count = |prefix: &str| {
-        agent
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with(prefix))
-            .count()
-    };
-    wait::until("a line for every decision", Duration::from_secs(20), || {
-        (count("<DENY> OPEN_PERM file '/data/secret'") == ROUNDS
-            && count("<ALLOW> OPEN_PERM file '/data/public'") == ROUNDS)
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}: {} lines", agent.lines().len()));
-    assert_eq!(
-        agent.metric("janus_log_lines_dropped_total").unwrap_or(0.0),
-        0.0
-    );
     assert!(agent.stop().unwrap().success());
 }
 

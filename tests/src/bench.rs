@@ -514,7 +514,7 @@ fn new_dir_window(inside: &Inside, host_root: &OwnedFd, dir: &str) -> Result<Dur
 /// Pins thread `tid` (0: the calling thread) to `cpu`, or lets it run anywhere again
 /// (`None`): on two cores, where the scheduler puts listener and opener decides a round
 /// trip's latency as much as the listener does.
-pub fn pin(tid: i32, cpu: Option<usize>) -> Result<()> {
+pub(crate) fn pin(tid: i32, cpu: Option<usize>) -> Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     let all = std::thread::available_parallelism().map_or(1, usize::from);
@@ -528,7 +528,7 @@ pub fn pin(tid: i32, cpu: Option<usize>) -> Result<()> {
 
 /// The threads of process `pid` named `name` (their `comm`), once one has named itself (a
 /// new thread sets its own name as it starts).
-pub fn threads_named(pid: &str, name: &str) -> Result<Vec<i32>> {
+pub(crate) fn threads_named(pid: &str, name: &str) -> Result<Vec<i32>> {
     crate::wait::until(
         &format!("a thread {name:?} in process {pid}"),
         Duration::from_secs(5),

@@ -3,8 +3,8 @@
 //! one read with one `writev`. It only decides and replies: `statx` (and `readlink` for an
 //! object it does not know) on the event's descriptor, no open of any guarded file, no
 //! logging, no lock but read locks. What follows an answer (reading names for the log,
-//! closing the descriptors, the log lines) is its settling thread's, at idle priority: on
-//! the other core while it reads the next events, or on its own while it waits.
+//! closing the descriptors, the log lines) is its settling thread's, on the other core
+//! while it reads the next events.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -353,24 +353,15 @@ impl Answerer {
     }
 }
 
-/// The settling thread, at idle priority: for each answered batch, reads the names of
-/// objects decided by identity (for `{via}`: reading a path through procfs costs as much
-/// as the rest of a decision, and it is only for the log), closes the descriptors and
-/// sends the lines.
+/// The settling thread: for each answered batch, reads the names of objects decided by
+/// identity (for `{via}`: reading a path through procfs costs as much as the rest of a
+/// decision, and it is only for the log), closes the descriptors and sends the lines.
 fn settle(
     batches: &Receiver<Settle>,
     reuse: &SyncSender<Settle>,
     log: &LogSender,
     held: &AtomicUsize,
 ) {
-    // Idle priority: on a shared core the answering thread's wake preempts it at once, so
-    // no answer waits behind names being read for the log. Starved of CPU, its queue fills
-    // and the answering thread settles batches itself (`MAX_HELD`): lines wait, none is lost.
-    let idle = libc::sched_param { sched_priority: 0 };
-    // SAFETY: changes only the calling thread's policy, with a valid parameter.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "the settling thread keeps the normal priority");
-    }
     let links = FdLinks::open();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
     while let Ok(first) = batches.recv() {
