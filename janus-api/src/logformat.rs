@@ -373,7 +373,10 @@ mod tests {
             if plain {
                 assert_eq!(out.as_bytes(), [b'a', b, b'z'], "byte {b:#04x}");
             } else {
-                assert!(out.starts_with("a\\") && out.ends_with('z'), "byte {b:#04x}: {out}");
+                assert!(
+                    out.starts_with("a\\") && out.ends_with('z'),
+                    "byte {b:#04x}: {out}"
+                );
             }
         }
     }

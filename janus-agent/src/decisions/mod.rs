@@ -130,11 +130,20 @@ pub struct Entry {
     pub mode: Mode,
 }
 
-/// When a record was handed over: after the answer, so the answer never waits for a clock.
+/// When a record's access was seen: the writer tells a reused PID from its process by it.
 #[derive(Clone, Copy)]
-struct Stamp {
+pub struct Stamp {
     wall: SystemTime,
     boot: Duration,
+}
+
+impl Stamp {
+    pub fn now() -> Stamp {
+        Stamp {
+            wall: SystemTime::now(),
+            boot: process::since_boot(),
+        }
+    }
 }
 
 struct Stamped {
@@ -155,17 +164,14 @@ pub struct LogSender {
 }
 
 impl LogSender {
+    /// Hands over a record stamped now: after the answer, so the answer never waits for a
+    /// clock.
     pub fn send(&self, entry: Entry) {
-        self.send_all([entry]);
+        self.send_stamped(entry, Stamp::now());
     }
 
-    /// Hands over records answered together: they share one stamp (a clock read costs as
-    /// much as handing a record over).
-    pub fn send_all(&self, entries: impl IntoIterator<Item = Entry>) {
-        let at = Stamp {
-            wall: SystemTime::now(),
-            boot: process::since_boot(),
-        };
+    /// Hands over records whose accesses were seen together, at `at`.
+    pub fn send_all(&self, at: Stamp, entries: impl IntoIterator<Item = Entry>) {
         for entry in entries {
             self.send_stamped(entry, at);
         }

@@ -6,13 +6,13 @@
 //! closing the descriptors, the log lines) is its settling thread's, on the other core
 //! while it reads the next events.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use foldhash::HashMap;
 use janus_api::{Event, Verdict};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::EventFd;
@@ -20,7 +20,7 @@ use prometheus::Histogram;
 
 use super::group::{event_of, AlignedBuf, PermGroup, RawEvent};
 use super::target::{TargetShared, BACKEND};
-use crate::decisions::{Entry, LogSender};
+use crate::decisions::{Entry, LogSender, Stamp};
 use crate::metrics::Metrics;
 use crate::resolve::{self, FileId};
 use janus_api::logformat::Process;
@@ -104,6 +104,8 @@ struct Batch {
 /// What follows a batch's answer, for the settling thread.
 #[derive(Default)]
 struct Settle {
+    /// When its events were read: its lines' time, however late they are settled.
+    at: Option<Stamp>,
     /// Each event's descriptor, closed once its name is read.
     held: Vec<OwnedFd>,
     logs: Vec<Entry>,
@@ -200,6 +202,7 @@ impl Answerer {
                 }
             };
             let read_at = Instant::now();
+            batch.settle.at = Some(Stamp::now());
             let registry = self.registry.read().expect("registry lock").clone();
             for event in events {
                 self.decide_event(event, me, &registry, &links, &mut path, &mut batch);
@@ -408,7 +411,8 @@ fn settle_batch(batch: &mut Settle, links: &FdLinks, path: &mut [u8], log: &LogS
     }
     let closed = batch.held.len();
     close_all(&mut batch.held);
-    log.send_all(batch.logs.drain(..));
+    let at = batch.at.take().unwrap_or_else(Stamp::now);
+    log.send_all(at, batch.logs.drain(..));
     closed
 }
 

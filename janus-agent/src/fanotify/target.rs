@@ -2,7 +2,7 @@
 //! ([`TargetShared`], its [`View`]) and what the marker thread keeps to place and follow the
 //! marks ([`Marker`]).
 
-use foldhash::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, RwLock};
 
