@@ -4,7 +4,8 @@
 //! object it does not know) on the event's descriptor, no open of any guarded file, no
 //! logging, no lock but read locks. What follows an answer (reading names for the log,
 //! closing the descriptors, the log lines) is its settling thread's, on the other core
-//! while it reads the next events.
+//! while it reads the next events; on a shared core, the settling thread yields to events
+//! waiting before each name it reads.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -136,10 +137,10 @@ impl Answerer {
         // then not allocated on this thread and freed on the other at every read.
         let (to_reuse, reuse) = sync_channel(SPARES);
         let spawned = {
-            let (log, held) = (self.log.clone(), held.clone());
+            let (log, held, perm) = (self.log.clone(), held.clone(), self.perm.clone());
             std::thread::Builder::new()
                 .name("fanotify-settle".into())
-                .spawn(move || settle(&settles, &to_reuse, &log, &held))
+                .spawn(move || settle(&settles, &to_reuse, &log, &held, &perm))
         };
         let settler = match spawned {
             Ok(settler) => Some(settler),
@@ -161,7 +162,7 @@ impl Answerer {
                 }
             }
             held.fetch_sub(n, Ordering::Relaxed);
-            settle_batch(&mut batch, &links, &mut path, &self.log);
+            settle_batch(&mut batch, &links, &mut path, &self.log, None);
             batch
         });
         drop(to_settle);
@@ -364,13 +365,14 @@ fn settle(
     reuse: &SyncSender<Settle>,
     log: &LogSender,
     held: &AtomicUsize,
+    perm: &PermGroup,
 ) {
     let links = FdLinks::open();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
     while let Ok(first) = batches.recv() {
         let mut next = Some(first);
         while let Some(mut batch) = next {
-            let closed = settle_batch(&mut batch, &links, &mut path, log);
+            let closed = settle_batch(&mut batch, &links, &mut path, log, Some(perm));
             held.fetch_sub(closed, Ordering::Relaxed);
             // Dropped here when enough are waiting already.
             let _ = reuse.try_send(batch);
@@ -381,8 +383,15 @@ fn settle(
 }
 
 /// Names one batch's objects decided by identity, closes its descriptors and sends its
-/// lines, leaving it empty; how many descriptors it closed.
-fn settle_batch(batch: &mut Settle, links: &FdLinks, path: &mut [u8], log: &LogSender) -> usize {
+/// lines, leaving it empty; how many descriptors it closed. On the settling thread, it
+/// makes way for the events waiting in `answering` before each name.
+fn settle_batch(
+    batch: &mut Settle,
+    links: &FdLinks,
+    path: &mut [u8],
+    log: &LogSender,
+    answering: Option<&PermGroup>,
+) -> usize {
     // One event's lines (a line per target that decided it) come together: its name is
     // read once.
     let mut read: Option<(usize, usize)> = None;
@@ -390,6 +399,9 @@ fn settle_batch(batch: &mut Settle, links: &FdLinks, path: &mut [u8], log: &LogS
         let n = match read {
             Some((h, n)) if h == held => n,
             _ => {
+                if let Some(perm) = answering {
+                    make_way(perm);
+                }
                 let Ok(n) = links.path_into(batch.held[held].as_fd(), path) else {
                     continue;
                 };
@@ -414,6 +426,16 @@ fn settle_batch(batch: &mut Settle, links: &FdLinks, path: &mut [u8], log: &LogS
     let at = batch.at.take().unwrap_or_else(Stamp::now);
     log.send_all(at, batch.logs.drain(..));
     closed
+}
+
+/// Lets events waiting in `perm` be answered first: on a core the answering thread shares,
+/// a batch's names would otherwise hold it while they wait.
+fn make_way(perm: &PermGroup) {
+    let mut fds = [PollFd::new(perm.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+        // SAFETY: no arguments; it only lets other threads run.
+        unsafe { libc::sched_yield() };
+    }
 }
 
 /// Closes `fds`, each run of consecutive numbers with one `close_range`: the kernel gives
