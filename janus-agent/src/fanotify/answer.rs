@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -132,15 +132,18 @@ impl Answerer {
     /// Answers until the group is stopped and drained, then waits for its settling thread.
     pub fn run(&self) {
         let held = Arc::new(AtomicUsize::new(0));
+        // The CPU this thread last read on: the settling thread makes way only there.
+        let cpu = Arc::new(AtomicI32::new(-1));
         let (to_settle, settles) = sync_channel(MAX_HELD);
         // Settled batches come back emptied, their buffers kept: a batch's vectors are
         // then not allocated on this thread and freed on the other at every read.
         let (to_reuse, reuse) = sync_channel(SPARES);
         let spawned = {
-            let (log, held, perm) = (self.log.clone(), held.clone(), self.perm.clone());
+            let (log, held) = (self.log.clone(), held.clone());
+            let answering = (self.perm.clone(), cpu.clone());
             std::thread::Builder::new()
                 .name("fanotify-settle".into())
-                .spawn(move || settle(&settles, &to_reuse, &log, &held, &perm))
+                .spawn(move || settle(&settles, &to_reuse, &log, &held, &answering))
         };
         let settler = match spawned {
             Ok(settler) => Some(settler),
@@ -151,7 +154,7 @@ impl Answerer {
         };
         let links = FdLinks::open();
         let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
-        self.answer(|mut batch| {
+        self.answer(&cpu, |mut batch| {
             let n = batch.held.len();
             // A batch alone is taken whatever its size: at most one read's events.
             let before = held.fetch_add(n, Ordering::Relaxed);
@@ -175,7 +178,7 @@ impl Answerer {
 
     /// Answers every read's events; `settle` takes what follows an answer and gives back
     /// an empty `Settle` for the next read.
-    fn answer(&self, mut settle: impl FnMut(Settle) -> Settle) {
+    fn answer(&self, cpu: &AtomicI32, mut settle: impl FnMut(Settle) -> Settle) {
         let mut buf = AlignedBuf::boxed();
         let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
         let mut batch = Batch::default();
@@ -204,6 +207,8 @@ impl Answerer {
             };
             let read_at = Instant::now();
             batch.settle.at = Some(Stamp::now());
+            // SAFETY: no arguments.
+            cpu.store(unsafe { libc::sched_getcpu() }, Ordering::Relaxed);
             let registry = self.registry.read().expect("registry lock").clone();
             for event in events {
                 self.decide_event(event, me, &registry, &links, &mut path, &mut batch);
@@ -365,14 +370,14 @@ fn settle(
     reuse: &SyncSender<Settle>,
     log: &LogSender,
     held: &AtomicUsize,
-    perm: &PermGroup,
+    answering: &(Arc<PermGroup>, Arc<AtomicI32>),
 ) {
     let links = FdLinks::open();
     let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
     while let Ok(first) = batches.recv() {
         let mut next = Some(first);
         while let Some(mut batch) = next {
-            let closed = settle_batch(&mut batch, &links, &mut path, log, Some(perm));
+            let closed = settle_batch(&mut batch, &links, &mut path, log, Some(answering));
             held.fetch_sub(closed, Ordering::Relaxed);
             // Dropped here when enough are waiting already.
             let _ = reuse.try_send(batch);
@@ -384,13 +389,13 @@ fn settle(
 
 /// Names one batch's objects decided by identity, closes its descriptors and sends its
 /// lines, leaving it empty; how many descriptors it closed. On the settling thread, it
-/// makes way for the events waiting in `answering` before each name.
+/// makes way for the answering thread (its group, the CPU it last read on) before each name.
 fn settle_batch(
     batch: &mut Settle,
     links: &FdLinks,
     path: &mut [u8],
     log: &LogSender,
-    answering: Option<&PermGroup>,
+    answering: Option<&(Arc<PermGroup>, Arc<AtomicI32>)>,
 ) -> usize {
     // One event's lines (a line per target that decided it) come together: its name is
     // read once.
@@ -399,8 +404,8 @@ fn settle_batch(
         let n = match read {
             Some((h, n)) if h == held => n,
             _ => {
-                if let Some(perm) = answering {
-                    make_way(perm);
+                if let Some((perm, cpu)) = answering {
+                    make_way(perm, cpu);
                 }
                 let Ok(n) = links.path_into(batch.held[held].as_fd(), path) else {
                     continue;
@@ -428,9 +433,14 @@ fn settle_batch(
     closed
 }
 
-/// Lets events waiting in `perm` be answered first: on a core the answering thread shares,
-/// a batch's names would otherwise hold it while they wait.
-fn make_way(perm: &PermGroup) {
+/// Lets events waiting in `perm` be answered first when this thread runs where the
+/// answering thread last read (`cpu`): a batch's names would otherwise hold that core while
+/// they wait. Elsewhere it would only give its core away.
+fn make_way(perm: &PermGroup, cpu: &AtomicI32) {
+    // SAFETY: no arguments.
+    if unsafe { libc::sched_getcpu() } != cpu.load(Ordering::Relaxed) {
+        return;
+    }
     let mut fds = [PollFd::new(perm.as_fd(), PollFlags::POLLIN)];
     if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
         // SAFETY: no arguments; it only lets other threads run.
