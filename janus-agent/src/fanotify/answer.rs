@@ -152,9 +152,7 @@ impl Answerer {
                 None
             }
         };
-        let links = FdLinks::open();
-        let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
-        self.answer(&cpu, |mut batch| {
+        self.answer(&cpu, |mut batch, links, path| {
             let n = batch.held.len();
             // A batch alone is taken whatever its size: at most one read's events.
             let before = held.fetch_add(n, Ordering::Relaxed);
@@ -165,7 +163,7 @@ impl Answerer {
                 }
             }
             held.fetch_sub(n, Ordering::Relaxed);
-            settle_batch(&mut batch, &links, &mut path, &self.log, None);
+            settle_batch(&mut batch, links, path, &self.log, None);
             batch
         });
         drop(to_settle);
@@ -176,9 +174,14 @@ impl Answerer {
         }
     }
 
-    /// Answers every read's events; `settle` takes what follows an answer and gives back
-    /// an empty `Settle` for the next read.
-    fn answer(&self, cpu: &AtomicI32, mut settle: impl FnMut(Settle) -> Settle) {
+    /// Answers every read's events; `settle` takes what follows an answer (with this
+    /// thread's `/proc/self/fd` and path buffer, should it settle it here) and gives back an
+    /// empty `Settle` for the next read.
+    fn answer(
+        &self,
+        cpu: &AtomicI32,
+        mut settle: impl FnMut(Settle, &FdLinks, &mut [u8]) -> Settle,
+    ) {
         let mut buf = AlignedBuf::boxed();
         let mut path = vec![0u8; libc::PATH_MAX as usize * 2];
         let mut batch = Batch::default();
@@ -226,7 +229,7 @@ impl Answerer {
             for _ in 0..batch.settle.held.len() {
                 self.latency.observe(waited);
             }
-            batch.settle = settle(std::mem::take(&mut batch.settle));
+            batch.settle = settle(std::mem::take(&mut batch.settle), &links, &mut path);
         }
     }
 
