@@ -448,7 +448,10 @@ pub(crate) fn rate(
                 let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
                 let (start, stop, total, path) = (&start, &stop, &total, &path);
                 s.spawn(move || -> Result<()> {
-                    let entered = inside.enter().and_then(|()| pin(0, cpu));
+                    let entered = inside.enter().and_then(|()| match cpu {
+                        Some(_) => pin(0, cpu),
+                        None => Ok(()),
+                    });
                     start.wait();
                     entered?;
                     let mut n = 0u64;
