@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use janus_tests::agent::{Agent, AgentConfig, STARTUP};
+use janus_tests::agent::{decision_lines, Agent, AgentConfig, STARTUP};
 use janus_tests::scenarios::{guard_yaml, populate, Runner};
 use janus_tests::target::{Access, Root, Target, BUSYBOX};
 use janus_tests::wait;
@@ -419,15 +419,64 @@ fn modify_is_refused_loudly_under_fanotify() {
 
 #[test]
 fn parallel_openers_are_all_answered() {
-    const OPENERS: usize = 4;
-    const ROUNDS: usize = 150;
+    parallel_openers("parallel-openers");
+}
+
+/// The agent and the openers on one CPU, as under a cpuset of one CPU: the settling thread
+/// runs only where the answering thread does, and makes way for it. No line is lost or
+/// doubled, no descriptor left open.
+#[test]
+fn parallel_openers_on_one_cpu_are_all_answered_and_logged() {
+    let cpu = |set: &libc::cpu_set_t| {
+        // SAFETY: a valid set of the size we pass, for this thread.
+        let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(set), set) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    };
+    // SAFETY: cpu_set_t is plain data; the kernel fills it, CPU_SET writes within it.
+    let (mut before, mut one): (libc::cpu_set_t, libc::cpu_set_t) = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of_val(&before), &mut before),
+            0
+        );
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|c| libc::CPU_ISSET(*c, &before))
+            .expect("a CPU this thread may run on");
+        libc::CPU_SET(first, &mut one);
+    }
+    // The agent and the openers are this thread's children: they inherit its CPU.
+    cpu(&one);
+    let lines = parallel_openers("parallel-openers-one-cpu");
+    cpu(&before);
+    assert_eq!(lines, 2 * OPENERS * ROUNDS);
+}
+
+/// How many descriptors process `pid` holds of `/data/secret` and `/data/public`.
+fn files_held(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|p| p.ends_with("data/secret") || p.ends_with("data/public"))
+        .count()
+}
+
+const OPENERS: usize = 4;
+const ROUNDS: usize = 150;
+
+/// `OPENERS` processes each open a denied and an allowed file `ROUNDS` times: every open
+/// is answered and counted, and every event's descriptor closed. How many decision lines
+/// the agent wrote.
+fn parallel_openers(guard: &str) -> usize {
     let (_root, target, agent) = guarded(
-        "parallel-openers",
+        guard,
         "  - deny: [/data]\n    allow: [/data/public]\n    events: [open]\n",
     );
     let script = format!(
         "i=0; while [ $i -lt {ROUNDS} ]; do /bin/busybox cat /data/secret; /bin/busybox cat /data/public; i=$((i+1)); done 2>&1"
     );
+    let held_before = files_held(agent.pid());
     let children: Vec<_> = (0..OPENERS)
         .map(|_| {
             target
@@ -456,7 +505,6 @@ fn parallel_openers_are_all_answered() {
         assert_eq!(out.matches("public").count(), ROUNDS);
     }
     let total = (OPENERS * ROUNDS) as f64;
-    let guard = "parallel-openers";
     wait::until(
         "every decision to be counted",
         Duration::from_secs(5),
@@ -475,7 +523,23 @@ fn parallel_openers_are_all_answered() {
     });
     assert_eq!(agent.metric("janus_response_errors_total").unwrap(), 0.0);
     assert_eq!(agent.metric("janus_internal_errors_total").unwrap(), 0.0);
+    assert_eq!(agent.metric("janus_log_lines_dropped_total").unwrap(), 0.0);
+    // Every event's descriptor is closed once the events stop.
+    wait::until(
+        "the agent to close the events' descriptors",
+        Duration::from_secs(5),
+        || (files_held(agent.pid()) == held_before).then_some(()),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} held, {held_before} before",
+            files_held(agent.pid())
+        )
+    });
     assert!(agent.stop().unwrap().success());
+    // Written out in full once it has stopped.
+    let dir = std::env::temp_dir().join("janus-kernel-tests").join(guard);
+    decision_lines(&dir.join("agent")).len()
 }
 
 #[test]
