@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use janus_tests::agent::{decision_lines, Agent, AgentConfig, STARTUP};
+use janus_tests::agent::{Agent, AgentConfig, STARTUP};
 use janus_tests::scenarios::{guard_yaml, populate, Runner};
 use janus_tests::target::{Access, Root, Target, BUSYBOX};
 use janus_tests::wait;
@@ -536,10 +536,8 @@ fn parallel_openers(guard: &str) -> usize {
             files_held(agent.pid())
         )
     });
-    assert!(agent.stop().unwrap().success());
     // Written out in full once it has stopped.
-    let dir = std::env::temp_dir().join("janus-kernel-tests").join(guard);
-    decision_lines(&dir.join("agent")).len()
+    agent.finish().unwrap().lines().count()
 }
 
 #[test]
