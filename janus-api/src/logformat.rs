@@ -83,7 +83,16 @@ enum Piece {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogTemplate {
     pieces: Vec<Piece>,
+    /// The specifiers among `pieces`, a bit each: asked of every decision.
+    used: u32,
 }
+
+/// `spec`'s bit in [`LogTemplate`]'s `used`.
+const fn bit(spec: Specifier) -> u32 {
+    1 << spec as u32
+}
+
+const _: () = assert!(SPECIFIERS.len() <= u32::BITS as usize);
 
 impl Default for LogTemplate {
     fn default() -> Self {
@@ -169,11 +178,15 @@ impl LogTemplate {
         if !literal.is_empty() {
             pieces.push(Piece::Literal(literal));
         }
-        Ok(LogTemplate { pieces })
+        let used = pieces.iter().fold(0, |used, p| match p {
+            Piece::Spec(s) => used | bit(*s),
+            Piece::Literal(_) => used,
+        });
+        Ok(LogTemplate { pieces, used })
     }
 
     pub fn uses(&self, spec: Specifier) -> bool {
-        self.pieces.contains(&Piece::Spec(spec))
+        self.used & bit(spec) != 0
     }
 
     /// Appends the line for `r` to `out`, without a newline or trailing blanks (the
@@ -432,5 +445,16 @@ mod tests {
             .map(|(list, _)| list.split('|').collect::<Vec<_>>())
             .expect("the pattern lists the specifiers");
         assert_eq!(listed, names);
+    }
+
+    #[test]
+    fn a_template_uses_exactly_the_specifiers_it_names() {
+        for (name, spec) in SPECIFIERS {
+            let t = LogTemplate::parse(&format!("{{{{x}}}} {{{name}}}")).unwrap();
+            for (_, other) in SPECIFIERS {
+                assert_eq!(t.uses(other), other == spec, "{{{name}}} uses {other:?}");
+            }
+        }
+        assert!(!LogTemplate::parse("{{via}}").unwrap().uses(Specifier::Via));
     }
 }
