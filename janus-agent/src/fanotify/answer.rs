@@ -7,7 +7,6 @@
 //! while it reads the next events; on a shared core, the settling thread yields to events
 //! waiting before each name it reads.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -21,6 +20,7 @@ use prometheus::Histogram;
 
 use super::group::{event_of, AlignedBuf, PermGroup, RawEvent};
 use super::target::{TargetShared, BACKEND};
+use super::FastMap;
 use crate::decisions::{Entry, LogSender, Stamp};
 use crate::metrics::Metrics;
 use crate::resolve::{self, FileId};
@@ -31,13 +31,13 @@ use janus_api::logformat::Process;
 #[derive(Default)]
 pub struct Registry {
     /// By the mount the file was reached through: a container's own mounts.
-    by_mount: HashMap<u64, Vec<Arc<TargetShared>>>,
+    by_mount: FastMap<u64, Vec<Arc<TargetShared>>>,
     /// By root directory: a process of the container in a mount namespace of its own
     /// making reaches files through copies of its mounts, but keeps its root.
-    by_root: HashMap<FileId, Vec<Arc<TargetShared>>>,
+    by_root: FastMap<FileId, Vec<Arc<TargetShared>>>,
     /// By PID namespace, for targets that have one: such a process may also have changed its
     /// root, but stays in its container's PID namespace or one nested in it.
-    by_pid_ns: HashMap<u64, Vec<Arc<TargetShared>>>,
+    by_pid_ns: FastMap<u64, Vec<Arc<TargetShared>>>,
     /// Whether any target can answer deny: what an event that cannot even be attributed
     /// gets.
     any_deny: bool,

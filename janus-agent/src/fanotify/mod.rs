@@ -7,6 +7,11 @@
 //! with the guarded path it was marked under: an event is decided by the object's identity,
 //! not its current name, and for the container whose access it is.
 
+/// The answering thread's maps, asked on every decision and keyed by numbers the kernel
+/// assigns (mount IDs, inodes): a fast hash, seeded per process, rather than SipHash.
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 mod answer;
 pub(crate) mod created;
 mod engine;

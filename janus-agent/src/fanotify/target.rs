@@ -12,6 +12,7 @@ use janus_api::{Event, GuardPath, GuardPolicy, RuleSet, Verdict};
 use super::group::{perm_mask, FanotifyError};
 use super::marks::{MarkTable, TargetId};
 use super::tree::{Failure, Found, Walk};
+use super::{FastMap, FastSet};
 use crate::decisions::LogContext;
 use crate::metrics::{DecisionCounters, Metrics};
 use crate::pin::PinnedProcess;
@@ -40,10 +41,10 @@ pub struct View {
     /// The rules as written: for files whose reads and page faults raise pre-content
     /// events (`pre_content`), where `access` is decided where it happens.
     pub exact: RuleSet,
-    pub pre_content: HashSet<FileId>,
+    pub pre_content: FastSet<FileId>,
     /// Every object marked for this target, with the guarded path it was marked under (more
     /// than one for a file with several names in guarded trees).
-    pub objects: HashMap<FileId, Vec<GuardPath>>,
+    pub objects: FastMap<FileId, Vec<GuardPath>>,
     /// Marked directories by the path they have now, as the container sees it: an entry
     /// made in one after it moved is decided under the directory's guarded path until its
     /// own mark is placed.
