@@ -196,6 +196,52 @@ fn names_that_are_not_utf8() {
     assert!(agent.stop().unwrap().success());
 }
 
+/// A guarded file renamed in the container and opened by its new name, decided by identity
+/// by an agent writing `format` (`--decision-format`): the deny line or record.
+fn renamed_and_opened(test: &str, format: &str) -> String {
+    let dir = workdir(test);
+    let root = Root::new(&dir, "root").unwrap();
+    populate(&root).unwrap();
+    let target = Target::start(&root).unwrap();
+    // A format without `{via}`: the name the file was reached by is not shown.
+    let guard = guard_yaml(
+        test,
+        "  - deny: [/data/secret]\n    events: [open]\n  logFormat: \"<{response}> {event} '{path}' ({pod})\"\n",
+    );
+    let (extra, pids) = (
+        [FANOTIFY, &["--decision-format", format][..]].concat(),
+        [target.pid()],
+    );
+    let cfg = AgentConfig {
+        extra: &extra,
+        ..config(test, &guard, &pids)
+    };
+    let agent = Agent::start(&cfg, &dir.join("agent")).unwrap();
+    let moved = target
+        .exec(&[BUSYBOX, "mv", "/data/secret", "/data/moved"])
+        .unwrap();
+    assert!(matches!(moved, Access::Ok(_)), "{moved:?}");
+    assert_eq!(target.cat("/data/moved").unwrap(), Access::Denied);
+    let lines = agent.finish().unwrap();
+    let denied: Vec<&str> = (lines.lines())
+        .filter(|l| l.starts_with("<DENY>") || l.contains(r#""verdict":"deny""#))
+        .collect();
+    assert_eq!(denied.len(), 1, "{lines}");
+    denied[0].to_owned()
+}
+
+#[test]
+fn a_format_without_via_does_not_show_the_name_and_json_always_does() {
+    assert_eq!(
+        renamed_and_opened("no-via-text", "text"),
+        "<DENY> OPEN_PERM '/data/secret' (web-1)"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&renamed_and_opened("no-via-json", "json")).unwrap();
+    assert_eq!(record["path"], "/data/secret", "{record}");
+    assert_eq!(record["name"], "/data/moved", "{record}");
+}
+
 /// Inodes the agent's fanotify groups hold marks on, as the kernel lists them.
 fn marked_inodes(pid: i32) -> Vec<u64> {
     let mut inodes = Vec::new();

@@ -161,9 +161,18 @@ enum Message {
 #[derive(Clone)]
 pub struct LogSender {
     tx: SyncSender<Message>,
+    format: DecisionFormat,
 }
 
 impl LogSender {
+    /// Whether `guard`'s records show the name an object was reached by, where it is not
+    /// its guarded path (`{via}`; JSON's `name` always): a backend that must read that name
+    /// for each decision (through procfs, as much CPU as the rest of the decision) reads it
+    /// only then.
+    pub fn shows_name(&self, guard: &GuardPolicy) -> bool {
+        self.format == DecisionFormat::Json || guard.log_format.uses(Specifier::Via)
+    }
+
     /// Hands over a record stamped now: after the answer, so the answer never waits for a
     /// clock.
     pub fn send(&self, entry: Entry) {
@@ -222,7 +231,10 @@ pub fn start(out: Box<dyn Write + Send>, format: DecisionFormat) -> (LogSender, 
         .name("decision-log".into())
         .spawn(move || write_loop(rx, out, format))
         .expect("spawning the log thread");
-    let sender = LogSender { tx: tx.clone() };
+    let sender = LogSender {
+        tx: tx.clone(),
+        format,
+    };
     (sender, LogWriter { tx, thread })
 }
 

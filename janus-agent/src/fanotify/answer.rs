@@ -110,7 +110,7 @@ struct Settle {
     /// Each event's descriptor, closed once its name is read.
     held: Vec<OwnedFd>,
     logs: Vec<Entry>,
-    /// Lines about objects decided by identity, whose name (for `{via}`) is read once the
+    /// Lines about objects decided by identity that show the name (`{via}`), read once the
     /// kernel has its answer: (index in `logs`, index in `held`, the target, whether the
     /// object has no name left).
     names: Vec<(usize, usize, Arc<TargetShared>, bool)>,
@@ -340,7 +340,7 @@ impl Answerer {
             }
             audit |= t.guard().subjects[d.decision.subject].audit;
             let path = d.path.into_bytes();
-            if known {
+            if known && self.log.shows_name(t.guard()) {
                 // Its descriptor is pushed right after this returns.
                 let settle = &mut batch.settle;
                 let line = (settle.logs.len(), settle.held.len(), t.clone(), deleted);
