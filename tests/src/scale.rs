@@ -29,6 +29,8 @@ pub struct Options {
     pub workdir: PathBuf,
     /// The agent's `--backend`: `fanotify`, or `bpf` (in the VM) to size the BPF maps.
     pub backend: String,
+    /// The guards' `logFormat`; None: the default, which shows the name after ` via `.
+    pub log_format: Option<String>,
 }
 
 /// Guards of the 10-guard setup: guard `k` denies `/data/s<k>` and allows `/data/public`.
@@ -87,13 +89,15 @@ pub struct Report {
     containers: usize,
     rounds: usize,
     backend: String,
+    log_format: Option<String>,
     figures: Vec<(Setup, Vec<Figures>)>,
 }
 
-fn guard_docs(k: usize) -> String {
+fn guard_docs(k: usize, log_format: Option<&str>) -> String {
+    let format = log_format.map_or(String::new(), |f| format!("  logFormat: {f:?}\n"));
     guard_yaml(
         &format!("g{k}"),
-        &format!("  - deny: [/data/s{k}]\n    allow: [{ALLOWED}]\n    events: [open]\n"),
+        &format!("  - deny: [/data/s{k}]\n    allow: [{ALLOWED}]\n    events: [open]\n{format}"),
     )
 }
 
@@ -120,9 +124,10 @@ pub fn run(o: &Options) -> Result<Report> {
     eprintln!("janus-scale-bench: {n} containers started");
     let insides: Vec<Inside> = targets.iter().map(Inside::of).collect::<Result<_>>()?;
     let pids: Vec<i32> = targets.iter().map(Target::pid).collect();
-    let one_guard = guard_docs(0);
+    let log_format = o.log_format.as_deref();
+    let one_guard = guard_docs(0, log_format);
     let ten_guards: String = (0..GUARDS)
-        .map(guard_docs)
+        .map(|k| guard_docs(k, log_format))
         .collect::<Vec<_>>()
         .join("---\n");
     let marks = |roots: &[Root]| -> Vec<FloorMark> {
@@ -234,6 +239,7 @@ pub fn run(o: &Options) -> Result<Report> {
         containers: n,
         rounds: o.rounds,
         backend: o.backend.clone(),
+        log_format: o.log_format.clone(),
         figures,
     })
 }
@@ -432,10 +438,12 @@ impl Report {
     pub fn render(&self) -> String {
         let n = self.containers;
         let mut out = String::new();
+        let format =
+            (self.log_format.as_ref()).map_or(String::new(), |f| format!(", logFormat {f:?}"));
         let _ = writeln!(
             out,
-            "janus-scale-bench: {n} containers, {} rounds, agent --backend {}; figures are \
-             medians over rounds",
+            "janus-scale-bench: {n} containers, {} rounds, agent --backend {}{format}; figures \
+             are medians over rounds",
             self.rounds, self.backend
         );
         let _ = writeln!(

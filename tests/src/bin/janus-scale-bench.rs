@@ -1,6 +1,6 @@
 //! The node-scale benchmark: `janus-scale-bench --agent PATH [--containers N] [--rounds N]
-//! [--iterations N] [--seconds S] [--workdir DIR] [--backend fanotify|bpf]`. Prints one table; exits 1 when the agent
-//! misses a target, 2 on bad arguments.
+//! [--iterations N] [--seconds S] [--workdir DIR] [--backend fanotify|bpf] [--log-format F]`.
+//! Prints one table; exits 1 when the agent misses a target, 2 on bad arguments.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use janus_tests::scale::{self, Options};
 
 const USAGE: &str = "usage: janus-scale-bench --agent PATH [--containers N] [--rounds N] \
-    [--iterations N] [--seconds S] [--workdir DIR] [--backend fanotify|bpf]";
+    [--iterations N] [--seconds S] [--workdir DIR] [--backend fanotify|bpf] [--log-format F]";
 
 fn parse() -> Result<Options> {
     let mut o = Options {
@@ -21,6 +21,7 @@ fn parse() -> Result<Options> {
         duration: Duration::from_millis(500),
         workdir: std::env::temp_dir(),
         backend: "fanotify".into(),
+        log_format: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -35,6 +36,7 @@ fn parse() -> Result<Options> {
             }
             "--workdir" => o.workdir = PathBuf::from(value()?),
             "--backend" => o.backend = value()?,
+            "--log-format" => o.log_format = Some(value()?),
             other => bail!("unknown argument {other:?}"),
         }
     }
