@@ -197,16 +197,16 @@ fn names_that_are_not_utf8() {
 }
 
 /// A guarded file renamed in the container and opened by its new name, decided by identity
-/// by an agent writing `format` (`--decision-format`): the deny line or record.
-fn renamed_and_opened(test: &str, format: &str) -> String {
+/// by an agent writing `format` (`--decision-format`) with the guard's `log_format`: the
+/// deny line or record.
+fn renamed_and_opened(test: &str, format: &str, log_format: &str) -> String {
     let dir = workdir(test);
     let root = Root::new(&dir, "root").unwrap();
     populate(&root).unwrap();
     let target = Target::start(&root).unwrap();
-    // A format without `{via}`: the name the file was reached by is not shown.
     let guard = guard_yaml(
         test,
-        "  - deny: [/data/secret]\n    events: [open]\n  logFormat: \"<{response}> {event} '{path}' ({pod})\"\n",
+        &format!("  - deny: [/data/secret]\n    events: [open]\n  logFormat: {log_format:?}\n"),
     );
     let (extra, pids) = (
         [FANOTIFY, &["--decision-format", format][..]].concat(),
@@ -231,13 +231,20 @@ fn renamed_and_opened(test: &str, format: &str) -> String {
 }
 
 #[test]
-fn a_format_without_via_does_not_show_the_name_and_json_always_does() {
+fn the_name_reached_by_is_shown_where_the_format_asks_for_it() {
+    // Not asked for: the agent does not read it.
+    let without = "<{response}> {event} '{path}' ({pod})";
     assert_eq!(
-        renamed_and_opened("no-via-text", "text"),
+        renamed_and_opened("no-via-text", "text", without),
         "<DENY> OPEN_PERM '/data/secret' (web-1)"
     );
+    assert_eq!(
+        renamed_and_opened("name-text", "text", "<{response}> '{path}' as '{name}'"),
+        "<DENY> '/data/secret' as '/data/moved'"
+    );
+    // A JSON record has every field, whatever the guard's format.
     let record: serde_json::Value =
-        serde_json::from_str(&renamed_and_opened("no-via-json", "json")).unwrap();
+        serde_json::from_str(&renamed_and_opened("no-via-json", "json", without)).unwrap();
     assert_eq!(record["path"], "/data/secret", "{record}");
     assert_eq!(record["name"], "/data/moved", "{record}");
 }

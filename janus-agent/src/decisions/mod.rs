@@ -165,12 +165,14 @@ pub struct LogSender {
 }
 
 impl LogSender {
-    /// Whether `guard`'s records show the name an object was reached by, where it is not
-    /// its guarded path (`{via}`; JSON's `name` always): a backend that must read that name
-    /// for each decision (through procfs, as much CPU as the rest of the decision) reads it
-    /// only then.
+    /// Whether `guard`'s records show the name an object was reached by (`{via}`,
+    /// `{name}`; JSON's `name` always): a backend that must read that name for each
+    /// decision (through procfs, as much CPU as the rest of the decision) reads it only then.
     pub fn shows_name(&self, guard: &GuardPolicy) -> bool {
-        self.format == DecisionFormat::Json || guard.log_format.uses(Specifier::Via)
+        let template = &guard.log_format;
+        self.format == DecisionFormat::Json
+            || template.uses(Specifier::Via)
+            || template.uses(Specifier::Name)
     }
 
     /// Hands over a record stamped now: after the answer, so the answer never waits for a
