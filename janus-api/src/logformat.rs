@@ -92,7 +92,14 @@ const fn bit(spec: Specifier) -> u32 {
     1 << spec as u32
 }
 
-const _: () = assert!(SPECIFIERS.len() <= u32::BITS as usize);
+// Every specifier a template can hold (only those in SPECIFIERS parse) has a bit.
+const _: () = {
+    let mut i = 0;
+    while i < SPECIFIERS.len() {
+        assert!((SPECIFIERS[i].1 as u32) < u32::BITS);
+        i += 1;
+    }
+};
 
 impl Default for LogTemplate {
     fn default() -> Self {

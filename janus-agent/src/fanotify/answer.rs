@@ -110,8 +110,8 @@ struct Settle {
     /// Each event's descriptor, closed once its name is read.
     held: Vec<OwnedFd>,
     logs: Vec<Entry>,
-    /// Lines about objects decided by identity that show the name (`{via}`), read once the
-    /// kernel has its answer: (index in `logs`, index in `held`, the target, whether the
+    /// Lines about objects decided by identity that show the name (`{via}`, `{name}`, JSON),
+    /// read once the kernel has its answer: (index in `logs`, index in `held`, the target, whether the
     /// object has no name left).
     names: Vec<(usize, usize, Arc<TargetShared>, bool)>,
 }
@@ -366,8 +366,8 @@ impl Answerer {
 }
 
 /// The settling thread: for each answered batch, reads the names of objects decided by
-/// identity (for `{via}`: reading a path through procfs costs as much as the rest of a
-/// decision, and it is only for the log), closes the descriptors and sends the lines.
+/// identity whose lines show them (reading a path through procfs costs as much as the rest
+/// of a decision, and it is only for the log), closes the descriptors and sends the lines.
 fn settle(
     batches: &Receiver<Settle>,
     reuse: &SyncSender<Settle>,
