@@ -41,12 +41,22 @@ fn config<'a>(name: &'a str, guard: &'a str, pids: &'a [i32]) -> AgentConfig<'a>
 
 /// A populated root, a target in it, and an agent guarding the target with `subjects`.
 fn guarded(test: &str, subjects: &str) -> (Root, Target, Agent) {
+    guarded_with(test, subjects, FANOTIFY)
+}
+
+/// [`guarded`], the agent started with `extra` after `guard ...`.
+fn guarded_with(test: &str, subjects: &str, extra: &[&str]) -> (Root, Target, Agent) {
     let dir = workdir(test);
     let root = Root::new(&dir, "root").unwrap();
     populate(&root).unwrap();
     let target = Target::start(&root).unwrap();
     let guard = guard_yaml(test, subjects);
-    let agent = Agent::start(&config(test, &guard, &[target.pid()]), &dir.join("agent")).unwrap();
+    let pids = [target.pid()];
+    let cfg = AgentConfig {
+        extra,
+        ..config(test, &guard, &pids)
+    };
+    let agent = Agent::start(&cfg, &dir.join("agent")).unwrap();
     (root, target, agent)
 }
 
@@ -200,23 +210,11 @@ fn names_that_are_not_utf8() {
 /// by an agent writing `format` (`--decision-format`) with the guard's `log_format`: the
 /// deny line or record.
 fn renamed_and_opened(test: &str, format: &str, log_format: &str) -> String {
-    let dir = workdir(test);
-    let root = Root::new(&dir, "root").unwrap();
-    populate(&root).unwrap();
-    let target = Target::start(&root).unwrap();
-    let guard = guard_yaml(
+    let (_root, target, agent) = guarded_with(
         test,
         &format!("  - deny: [/data/secret]\n    events: [open]\n  logFormat: {log_format:?}\n"),
+        &[FANOTIFY, &["--decision-format", format][..]].concat(),
     );
-    let (extra, pids) = (
-        [FANOTIFY, &["--decision-format", format][..]].concat(),
-        [target.pid()],
-    );
-    let cfg = AgentConfig {
-        extra: &extra,
-        ..config(test, &guard, &pids)
-    };
-    let agent = Agent::start(&cfg, &dir.join("agent")).unwrap();
     let moved = target
         .exec(&[BUSYBOX, "mv", "/data/secret", "/data/moved"])
         .unwrap();
