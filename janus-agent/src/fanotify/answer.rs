@@ -111,8 +111,8 @@ struct Settle {
     held: Vec<OwnedFd>,
     logs: Vec<Entry>,
     /// Lines about objects decided by identity that show the name (`{via}`, `{name}`, JSON),
-    /// read once the kernel has its answer: (index in `logs`, index in `held`, the target, whether the
-    /// object has no name left).
+    /// read once the kernel has its answer: (index in `logs`, index in `held`, the target,
+    /// whether the object has no name left).
     names: Vec<(usize, usize, Arc<TargetShared>, bool)>,
 }
 
