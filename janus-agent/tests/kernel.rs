@@ -370,11 +370,7 @@ fn a_path_that_cannot_be_enforced_fails_the_target_until_it_can() {
 fn removed_directories_are_forgotten() {
     let (root, _target, agent) = guarded("removed-dirs", "  - deny: [/data]\n    events: [open]\n");
     let marks = || agent.metric("janus_marks{").unwrap();
-    let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
-            .unwrap()
-            .count()
-    };
+    let fds = || agent.fd_links().unwrap().len();
     let (marks_before, fds_before) = (marks(), fds());
     const N: usize = 300;
     for i in 0..N {
@@ -503,12 +499,9 @@ fn parallel_openers_on_one_cpu_are_all_answered_and_logged() {
     assert_eq!(lines, 2 * OPENERS * ROUNDS);
 }
 
-/// How many descriptors process `pid` holds of `/data/secret` and `/data/public`.
-fn files_held(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+/// How many descriptors the agent holds of `/data/secret` and `/data/public`.
+fn files_held(agent: &Agent) -> usize {
+    (agent.fd_links().unwrap().iter())
         .filter(|p| p.ends_with("data/secret") || p.ends_with("data/public"))
         .count()
 }
@@ -527,7 +520,7 @@ fn parallel_openers(guard: &str) -> usize {
     let script = format!(
         "i=0; while [ $i -lt {ROUNDS} ]; do /bin/busybox cat /data/secret; /bin/busybox cat /data/public; i=$((i+1)); done 2>&1"
     );
-    let held_before = files_held(agent.pid());
+    let held_before = files_held(&agent);
     let children: Vec<_> = (0..OPENERS)
         .map(|_| {
             target
@@ -579,14 +572,9 @@ fn parallel_openers(guard: &str) -> usize {
     wait::until(
         "the agent to close the events' descriptors",
         Duration::from_secs(5),
-        || (files_held(agent.pid()) == held_before).then_some(()),
+        || (files_held(&agent) == held_before).then_some(()),
     )
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: {} held, {held_before} before",
-            files_held(agent.pid())
-        )
-    });
+    .unwrap_or_else(|e| panic!("{e}: {} held, {held_before} before", files_held(&agent)));
     // Written out in full once it has stopped.
     agent.finish().unwrap().lines().count()
 }

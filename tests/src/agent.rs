@@ -83,6 +83,18 @@ impl Agent {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
+    /// What the agent's descriptors name now (`/proc/PID/fd`'s links): its files, and its
+    /// kernel objects (`anon_inode:[fanotify]`, `anon_inode:inotify`).
+    pub fn fd_links(&self) -> Result<Vec<PathBuf>> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let fds = fs::read_dir(&dir).with_context(|| format!("listing {dir}"))?;
+        // A descriptor closed between the listing and its read is not held now.
+        Ok(fds
+            .flatten()
+            .filter_map(|fd| fs::read_link(fd.path()).ok())
+            .collect())
+    }
+
     /// The decision lines written so far.
     pub fn lines(&self) -> Vec<String> {
         decision_lines(&self.dir)
